@@ -1,0 +1,79 @@
+"""Loading and saving weights without ever running code from a file.
+
+`.safetensors` files hold raw tensors only. PyTorch files are read with `torch.load(weights_only=True)`,
+whose unpickler accepts tensors and plain containers and refuses any other global, so a pickle that
+carries code is rejected before anything in it runs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+from .params import Params
+
+MAX_CHECKPOINT_BYTES = 2 * 1024**3  # files over this are refused (a start network on CIFAR is ~45-80 MB)
+
+
+def save_weights(params: Params, path: str | Path, buffers: dict | None = None) -> None:
+    """Write params (and BatchNorm buffers as 'buffer:NAME') to .safetensors, atomically."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in params.items()}
+    tensors.update({f"buffer:{k}": v.detach().contiguous().cpu() for k, v in (buffers or {}).items()})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def read_tensors(path: str | Path, max_bytes: int = MAX_CHECKPOINT_BYTES) -> dict[str, torch.Tensor]:
+    """Every tensor in a .safetensors or PyTorch state-dict file, read safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise CheckpointError(f"{path}: {size / 1e6:.0f} MB is over the {max_bytes / 1e6:.0f} MB limit for weights")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise CheckpointError(f"{path}: not a readable .safetensors file ({err})") from err
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for code-carrying pickles, others for truncated files
+        reason = str(err).split("\n")[0]
+        raise CheckpointError(f"{path}: refused to load: only plain tensors are accepted, and this file "
+                              f"is not a plain state dict ({type(err).__name__}: {reason})") from err
+    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), got {type(loaded).__name__}")
+    return loaded
+
+
+def match_params(tensors: dict[str, torch.Tensor], like: Params, source: str = "checkpoint",
+                 buffers: dict | None = None) -> tuple[Params, dict]:
+    """(params, buffers) taken from `tensors`, keyed and shaped like the model's; names the first mismatch."""
+    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    params = {}
+    for name, ref in like.items():
+        if name not in tensors:
+            raise CheckpointError(f"{source}: missing tensor {name!r} (shape {tuple(ref.shape)}) for this model")
+        value = tensors[name]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}, "
+                                  f"the model expects {tuple(ref.shape)}")
+        params[name] = value.to(dtype=ref.dtype, device=ref.device)
+    new_buffers = dict(buffers or {})
+    for name, ref in (buffers or {}).items():
+        value = tensors.get(f"buffer:{name}", tensors.get(name))
+        if value is not None and tuple(value.shape) == tuple(ref.shape):
+            new_buffers[name] = value.to(dtype=ref.dtype, device=ref.device)
+    known = set(like) | {f"buffer:{k}" for k in (buffers or {})} | set(buffers or {})
+    unexpected = sorted(set(tensors) - known)
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} (is it for another model?)")
+    return params, new_buffers

@@ -1,0 +1,178 @@
+"""Frozen settings for a walk. Changing a setting means building a new walker (see walker.py).
+
+Every dataclass validates itself on construction and raises `ConfigError(setting, given, allowed)`,
+so the CLI, the app and the Python API share one set of checks and one wording.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+GOALS = ("sparsify", "new-task", "connect")
+SOLVERS = ("constrained", "penalty")
+METRICS = ("fisher", "logit")
+LINEAR_SOLVERS = ("auto", "kernel", "cg")
+NEW_TASKS = ("permuted", "split")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _check_positive(obj, name: str, *, allow_zero: bool = False, integer: bool = False) -> None:
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0) and (not integer or float(value).is_integer())
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        raise ConfigError(name.replace("_", "-"), value, f"{kind} {'>= 0' if allow_zero else '> 0'}")
+
+
+def _check_choice(obj, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ConfigError(name.replace("_", "-"), value, ", ".join(choices))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # digits, moons, circles, spirals, mnist, fashion-mnist, cifar10, cifar100
+    root: str | None = None  # folder holding torchvision datasets (MNIST/..., cifar-10-batches-py, ...)
+    download: bool = False  # let torchvision download into `root` when the files are missing
+    split_seed: int = 0  # the train/test split is fixed by this, not by the run's seed
+    n_train: int | None = None  # use only the first n training examples (after shuffling by split_seed)
+
+    def __post_init__(self):
+        from .data import DATASETS
+
+        _check_choice(self, "name", DATASETS)
+        if self.n_train is not None:
+            _check_positive(self, "n_train", integer=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"  # mlp, lenet5, vgg11, vgg16, resnet18
+    hidden: tuple[int, ...] = (128, 128)  # mlp only: hidden widths
+
+    def __post_init__(self):
+        from .models import MODEL_NAMES
+
+        _check_choice(self, "name", MODEL_NAMES)
+        if not self.hidden or any(not isinstance(w, int) or w <= 0 for w in self.hidden):
+            raise ConfigError("hidden", self.hidden, "one or more positive integer widths")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How start networks are trained (Adam, seeded); part of their cache key."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+
+    def __post_init__(self):
+        _check_positive(self, "epochs", integer=True)
+        _check_positive(self, "batch_size", integer=True)
+        _check_positive(self, "lr")
+
+
+@dataclass(frozen=True)
+class GoalConfig:
+    kind: str = "sparsify"
+    target_sparsity: float = 0.9  # s: fraction of prunable weights set to zero
+    new_task: str = "permuted"  # permuted | split (classes 0-4 then 5-9, one head)
+    memory_size: int = 500  # new task: task-A inputs kept for the metric and the anchor
+    tolerance: float = 0.01  # sparsify/connect: done when ||w - target|| < tolerance
+
+    def __post_init__(self):
+        _check_choice(self, "kind", GOALS)
+        s = self.target_sparsity
+        if not (isinstance(s, (int, float)) and 0 < s < 1):
+            raise ConfigError("target-sparsity", s, "a number strictly between 0 and 1")
+        _check_choice(self, "new_task", NEW_TASKS)
+        _check_positive(self, "memory_size", integer=True)
+        _check_positive(self, "tolerance")
+
+
+@dataclass(frozen=True)
+class WalkConfig:
+    """One step rule and its knobs. Paper symbols in the comments (method.md §3-4)."""
+
+    solver: str = "constrained"  # constrained: argmin θᵀgθ − β⟨θ,v⟩, ‖θ‖ ≤ ε; penalty: normalised ∇(D + λh)
+    max_step_norm: float = 0.05  # ε: Euclidean length of every step
+    goal_weight: float = 1.0  # β (constrained) or λ (penalty): strength of the goal's pull
+    restoring_weight: float = 0.1  # ρ (constrained only): weight of -∇(restoring loss) added to v
+    metric: str = "fisher"  # fisher (output probabilities) or logit (raw outputs)
+    probe_size: int = 16  # N: inputs on which g = JᵀJ is evaluated, redrawn every step
+    batch_size: int = 200  # inputs for the restoring loss and the goal's gradient
+    linear_solver: str = "auto"  # kernel: exact via K = JJᵀ; cg: conjugate gradients; auto picks
+    cg_iters: int = 10
+    damping: float = 1e-3  # μ for the cg solver (kernel solves for μ exactly)
+    n_steps: int = 2000  # most steps a run takes; the walk stops earlier when the goal is reached
+
+    def __post_init__(self):
+        _check_choice(self, "solver", SOLVERS)
+        _check_positive(self, "max_step_norm")
+        _check_positive(self, "goal_weight", allow_zero=True)
+        _check_positive(self, "restoring_weight", allow_zero=True)
+        _check_choice(self, "metric", METRICS)
+        _check_positive(self, "probe_size", integer=True)
+        _check_positive(self, "batch_size", integer=True)
+        _check_choice(self, "linear_solver", LINEAR_SOLVERS)
+        _check_positive(self, "cg_iters", integer=True)
+        _check_positive(self, "damping")
+        _check_positive(self, "n_steps", integer=True)
+
+
+# Tuned on digits (see BENCHMARKS.md): the values each (goal, solver) pair starts from.
+WALK_DEFAULTS: dict[tuple[str, str], dict] = {
+    ("sparsify", "constrained"): dict(max_step_norm=0.1, goal_weight=1.0, restoring_weight=1.0),
+    ("sparsify", "penalty"): dict(max_step_norm=0.01, goal_weight=0.1),
+    ("new-task", "constrained"): dict(max_step_norm=0.05, goal_weight=1.0, restoring_weight=1.0, n_steps=400),
+    ("new-task", "penalty"): dict(max_step_norm=0.01, goal_weight=1.0, n_steps=1500),
+    ("connect", "constrained"): dict(max_step_norm=0.05, goal_weight=1.0, restoring_weight=1.0),
+    ("connect", "penalty"): dict(max_step_norm=0.01, goal_weight=1.0),
+}
+
+
+def default_walk(goal: str, solver: str, **overrides) -> WalkConfig:
+    """The tuned WalkConfig for a goal and step rule; `overrides` that are None are ignored."""
+    if (goal, solver) not in WALK_DEFAULTS:
+        GoalConfig(kind=goal)
+        WalkConfig(solver=solver)
+    values = {**WALK_DEFAULTS[(goal, solver)], **{k: v for k, v in overrides.items() if v is not None}}
+    return WalkConfig(solver=solver, **values)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    goal: GoalConfig = field(default_factory=GoalConfig)
+    walk: WalkConfig = field(default_factory=WalkConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0  # start network (and for connect, seed+1 gives the second) and the walk's batches
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+
+    def __post_init__(self):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError("seed", self.seed, "an integer >= 0")
+        _check_choice(self, "device", DEVICES)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        model = dict(d.get("model", {}))
+        if "hidden" in model:
+            model["hidden"] = tuple(model["hidden"])
+        return cls(
+            goal=GoalConfig(**d.get("goal", {})), walk=WalkConfig(**d.get("walk", {})),
+            data=DataConfig(**d.get("data", {})), model=ModelConfig(**model),
+            train=TrainConfig(**d.get("train", {})), seed=d.get("seed", 0), device=d.get("device", "auto"),
+        )
+
+    def replace(self, **changes) -> RunConfig:
+        return dataclasses.replace(self, **changes)

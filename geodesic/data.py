@@ -1,0 +1,187 @@
+"""Datasets held in memory as tensors, and the tasks derived from them.
+
+The embedded default (scikit-learn's 8x8 digits) and the 2-D toy sets need no network. torchvision's
+MNIST, Fashion-MNIST and CIFAR read their usual files from `DataConfig.root` and download only when
+asked to (`download=True`). Your own tensors: `from_tensors`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import DataError
+
+TOY_SETS = ("moons", "circles", "spirals")
+TORCHVISION_SETS = {  # name -> (torchvision class, folder it reads under root, channel mean, channel std)
+    "mnist": ("MNIST", "MNIST/raw", (0.1307,), (0.3081,)),
+    "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw", (0.2860,), (0.3530,)),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("CIFAR100", "cifar-100-python", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+DATASETS = ("digits", *TOY_SETS, *TORCHVISION_SETS)
+
+
+@dataclass(frozen=True)
+class Split:
+    x: Tensor  # (n, *input_shape), float32
+    y: Tensor  # (n,), int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: Tensor) -> Split:
+        return Split(self.x[index], self.y[index])
+
+    def to(self, device) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification task: train and test splits with labels in [0, n_classes)."""
+
+    name: str
+    train: Split
+    test: Split
+    n_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    def to(self, device) -> Dataset:
+        return Dataset(self.name, self.train.to(device), self.test.to(device), self.n_classes)
+
+
+def from_tensors(x_train, y_train, x_test, y_test, name: str = "custom", n_classes: int | None = None) -> Dataset:
+    """Wrap your own tensors (or arrays) as a Dataset; labels must be integers 0..n_classes-1."""
+    xs = [torch.as_tensor(x, dtype=torch.float32) for x in (x_train, x_test)]
+    ys = [torch.as_tensor(y).long() for y in (y_train, y_test)]
+    if len(xs[0]) != len(ys[0]) or len(xs[1]) != len(ys[1]):
+        raise DataError(f"{name}: inputs and labels differ in length "
+                        f"(train {len(xs[0])} vs {len(ys[0])}, test {len(xs[1])} vs {len(ys[1])})")
+    n_classes = int(max(ys[0].max(), ys[1].max())) + 1 if n_classes is None else n_classes
+    return Dataset(name, Split(xs[0], ys[0]), Split(xs[1], ys[1]), n_classes)
+
+
+def _stratified(x: np.ndarray, y: np.ndarray, name: str, seed: int, test_fraction: float = 0.2) -> Dataset:
+    from sklearn.model_selection import train_test_split
+
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
+    return from_tensors(x_tr, y_tr, x_te, y_te, name=name)
+
+
+def spirals(n_samples: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two interleaved Archimedean spirals in 2-D (scikit-learn has moons and circles, not spirals)."""
+    rng = np.random.default_rng(seed)
+    n_half = n_samples // 2
+    t = np.sqrt(rng.uniform(0, 1, n_half)) * 3 * math.pi  # sqrt: even density along the arm
+    arm = np.stack([t * np.cos(t), t * np.sin(t)], axis=1) / (3 * math.pi)
+    x = np.concatenate([arm, -arm]) + noise * rng.standard_normal((2 * n_half, 2))
+    return x.astype(np.float32), np.repeat([0, 1], n_half)
+
+
+def _toy(name: str, seed: int) -> Dataset:
+    from sklearn import datasets as skd
+
+    if name == "moons":
+        x, y = skd.make_moons(n_samples=1000, noise=0.2, random_state=seed)
+    elif name == "circles":
+        x, y = skd.make_circles(n_samples=1000, noise=0.1, factor=0.5, random_state=seed)
+    else:
+        x, y = spirals(1000, noise=0.03, seed=seed)
+    x = (x - x.mean(0)) / x.std(0)
+    return _stratified(x.astype(np.float32), y, name, seed)
+
+
+def _torchvision(name: str, root: str | None, download: bool) -> Dataset:
+    import torchvision
+
+    cls_name, folder, mean, std = TORCHVISION_SETS[name]
+    if root is None:
+        raise DataError(f"{name} needs a data folder: pass root (CLI: --data-root DIR) holding {folder}/, "
+                        "or add --download to fetch it there when online")
+    root_path = Path(root).expanduser()
+    if not download and not root_path.is_dir():
+        raise DataError(f"{name}: data folder {root_path} does not exist; expected {root_path / folder}/ "
+                        "with torchvision's files, or add --download to fetch them when online")
+    cls = getattr(torchvision.datasets, cls_name)
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root_path), train=train, download=download)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted..."
+            raise DataError(f"{name}: could not read {'train' if train else 'test'} files under "
+                            f"{root_path / folder}/ ({err}). Copy torchvision's {name} files there, or add "
+                            "--download to fetch them when online.") from err
+        except Exception as err:  # truncated or foreign files fail deep inside the readers
+            raise DataError(f"{name}: files under {root_path / folder}/ are corrupt ({type(err).__name__}: "
+                            f"{err}). Delete them and download again.") from err
+        data = torch.as_tensor(np.asarray(ds.data))
+        x = data.float().div(255.0)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (n, C, H, W)
+        x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        splits.append(Split(x.contiguous(), torch.as_tensor(np.asarray(ds.targets)).long()))
+    n_classes = 100 if name == "cifar100" else 10
+    return Dataset(name, splits[0], splits[1], n_classes)
+
+
+def load_dataset(config) -> Dataset:
+    """The dataset a `DataConfig` names, with its seeded split (and an optional training subset)."""
+    from sklearn.datasets import load_digits
+
+    if config.name == "digits":
+        digits = load_digits()
+        dataset = _stratified((digits.data / 16.0).astype(np.float32), digits.target, "digits", config.split_seed)
+    elif config.name in TOY_SETS:
+        dataset = _toy(config.name, config.split_seed)
+    elif config.name in TORCHVISION_SETS:
+        dataset = _torchvision(config.name, config.root, config.download)
+    else:
+        raise DataError(f"unknown dataset {config.name!r}; known: {', '.join(DATASETS)}")
+    if config.n_train is not None and config.n_train < len(dataset.train):
+        g = torch.Generator().manual_seed(config.split_seed)
+        keep = torch.randperm(len(dataset.train), generator=g)[: config.n_train]
+        dataset = Dataset(dataset.name, dataset.train.subset(keep), dataset.test, dataset.n_classes)
+    return dataset
+
+
+# ---- derived tasks -----------------------------------------------------------------------------
+
+def permuted(dataset: Dataset, seed: int) -> Dataset:
+    """Task B of the *permuted* protocol: the same labels, every input's features shuffled by one
+    fixed permutation drawn from `seed` (domain-incremental)."""
+    n_features = int(np.prod(dataset.input_shape))
+    perm = torch.randperm(n_features, generator=torch.Generator().manual_seed(seed))
+
+    def shuffle(split: Split) -> Split:
+        flat = split.x.reshape(len(split), -1)[:, perm]
+        return Split(flat.reshape(split.x.shape), split.y)
+
+    return Dataset(f"{dataset.name}-permuted", shuffle(dataset.train), shuffle(dataset.test), dataset.n_classes)
+
+
+def split_classes(dataset: Dataset, classes: tuple[int, ...], suffix: str) -> Dataset:
+    """Only the examples of `classes`, labels unchanged (one shared head: class-incremental)."""
+    wanted = torch.tensor(classes)
+
+    def keep(split: Split) -> Split:
+        return split.subset(torch.isin(split.y, wanted).nonzero().squeeze(1))
+
+    return Dataset(f"{dataset.name}-{suffix}", keep(dataset.train), keep(dataset.test), dataset.n_classes)
+
+
+def task_pair(dataset: Dataset, protocol: str, seed: int) -> tuple[Dataset, Dataset]:
+    """(task A, task B) for the new-task goal."""
+    if protocol == "permuted":
+        return dataset, permuted(dataset, seed=10_000 + seed)
+    if protocol == "split":
+        half = dataset.n_classes // 2
+        return (split_classes(dataset, tuple(range(half)), f"0-{half - 1}"),
+                split_classes(dataset, tuple(range(half, dataset.n_classes)), f"{half}-{dataset.n_classes - 1}"))
+    raise DataError(f"unknown new-task protocol {protocol!r}; known: permuted, split")

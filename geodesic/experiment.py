@@ -1,0 +1,101 @@
+"""From settings to a ready walker: data, tasks, network, trained start network(s), goal.
+
+This is the one place that turns a RunConfig into objects; the CLI, the app and the benchmark all
+call `build`. Researchers with their own network and tensors build a Walker directly (README).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import RunConfig
+from .data import Dataset, load_dataset, task_pair
+from .goals import Connect, Goal, NewTask, Sparsify, memory_indices
+from .models import Network, build_network
+from .params import Params
+from .training import start_network
+from .walker import Walker
+
+Progress = Callable[[str, float], None]  # (what is happening, fraction done)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; an unavailable device is an error."""
+    from .errors import ConfigError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "auto or cpu (no CUDA GPU is visible to PyTorch here)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", name, "auto or cpu (Apple's MPS is not available here)")
+    return torch.device(name)
+
+
+@dataclass
+class Experiment:
+    config: RunConfig
+    device: torch.device
+    network: Network
+    tasks: dict[str, Dataset]  # "A" (the start network's task) and, for new-task, "B"
+    start: Params
+    end: Params | None  # connect: network B
+    goal: Goal
+    walker: Walker
+    buffers: dict  # BatchNorm statistics shared by the goal and the walker
+
+
+def build(config: RunConfig, progress: Progress | None = None, start: Params | None = None) -> Experiment:
+    """Everything a walk needs. Start networks come from the cache or are trained (reported to `progress`).
+
+    `start`: weights to start from instead of a trained network (e.g. loaded with --init).
+    """
+    report = progress or (lambda what, frac: None)
+    device = resolve_device(config.device)
+    report("loading data", 0.0)
+    dataset = load_dataset(config.data)
+    goal_cfg = config.goal
+    if goal_cfg.kind == "new-task":
+        task_a, task_b = task_pair(dataset, goal_cfg.new_task, config.seed)
+        tasks = {"A": task_a.to(device), "B": task_b.to(device)}
+    else:
+        tasks = {"A": dataset.to(device)}
+    network = build_network(config.model, dataset.input_shape, dataset.n_classes).to(device)
+    data_key = {**dataclasses.asdict(config.data), "task": tasks["A"].name}
+    data_key.pop("root"), data_key.pop("download")
+
+    def trained(seed: int, label: str) -> tuple[Params, dict]:
+        return start_network(network, tasks["A"], data_key, config.model, config.train, seed,
+                             progress=lambda frac: report(f"training {label} (seed {seed})", frac))
+
+    buffers = dict(network.buffers)
+    if start is None:
+        start, start_buffers = trained(config.seed, "start network")
+        buffers.update(start_buffers)
+    end = None
+
+    def model_fn(params: Params, x: torch.Tensor) -> torch.Tensor:
+        return network.apply(params, x, buffers)
+
+    train_a = tasks["A"].train
+    common = dict(metric_kind=config.walk.metric, tolerance=goal_cfg.tolerance, tasks=tasks)
+    if goal_cfg.kind == "sparsify":
+        goal: Goal = Sparsify(model_fn, start, train_a.x, prunable=network.prunable,
+                              target_sparsity=goal_cfg.target_sparsity, **common)
+    elif goal_cfg.kind == "new-task":
+        memory = train_a.x[memory_indices(tasks["A"], goal_cfg.memory_size, config.seed).to(device)]
+        goal = NewTask(model_fn, start, memory, task_b=tasks["B"], **common)
+    else:
+        end, _ = trained(config.seed + 1, "second network")
+        goal = Connect(model_fn, start, train_a.x, end_params=end, labels=train_a.y, **common)
+    report("ready", 1.0)
+    walker = Walker(network, start, goal, config.walk, tasks, seed=config.seed, buffers=buffers,
+                    bn_inputs=train_a.x[:1024] if network.has_batchnorm else None)
+    return Experiment(config, device, network, tasks, start, end, goal, walker, buffers)

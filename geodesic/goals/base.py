@@ -1,0 +1,78 @@
+"""The small interface every goal implements. A goal says where the walk should go (v_goal = −∇h),
+what pulls it back onto equivalent networks (the restoring loss R), where the metric is evaluated
+(the probe), and when it has arrived. The step rules and the walker know nothing else about goals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..data import Dataset
+from ..measures import FUNCTION_DISTANCES, ModelFn
+from ..params import Params
+
+
+def draw(generator: torch.Generator, n_available: int, n: int) -> Tensor:
+    """n indices in [0, n_available), without replacement when possible."""
+    if n >= n_available:
+        return torch.randperm(n_available, generator=generator)
+    return torch.randperm(n_available, generator=generator)[:n]
+
+
+@dataclass
+class Batch:
+    """Indices drawn for one step: into the anchor inputs and, for new-task, into task B."""
+
+    anchor: Tensor
+    task_b: Tensor | None = None
+
+
+class Goal:
+    name: str = "goal"
+    is_point_target: bool = False  # a weight vector to reach (the step shrinks near it, then snaps)
+
+    def __init__(self, model_fn: ModelFn, anchor_params: Params, anchor_inputs: Tensor, tasks: dict[str, Dataset],
+                 metric_kind: str, tolerance: float):
+        self.model_fn = model_fn
+        self.tasks = tasks
+        self.anchor_inputs = anchor_inputs  # where the metric is evaluated and the function is kept
+        self.function_distance = FUNCTION_DISTANCES[metric_kind]
+        self.tolerance = tolerance
+        with torch.no_grad():
+            self.anchor_logits = model_fn(anchor_params, anchor_inputs)  # f(x; w0), frozen
+        self.n_outputs = self.anchor_logits.shape[-1]
+
+    # -- drawing data ------------------------------------------------------------------------------
+    def sample(self, generator: torch.Generator, batch_size: int) -> Batch:
+        return Batch(draw(generator, len(self.anchor_inputs), batch_size).to(self.anchor_inputs.device))
+
+    def probe(self, generator: torch.Generator, n: int) -> Tensor:
+        return self.anchor_inputs[draw(generator, len(self.anchor_inputs), n).to(self.anchor_inputs.device)]
+
+    # -- what the step rules use ------------------------------------------------------------------------
+    def direction(self, params: Params, batch: Batch) -> Params:
+        """v_goal = −∇h(w): the direction the goal alone wants."""
+        raise NotImplementedError
+
+    def restoring_loss(self, params: Params, batch: Batch) -> Tensor:
+        """R(w): Σ over the batch of D(f(x; w), f(x; w0)), the distance to the start network's outputs."""
+        index = batch.anchor
+        return self.function_distance(self.model_fn(params, self.anchor_inputs[index]), self.anchor_logits[index]).sum()
+
+    # -- progress ---------------------------------------------------------------------------------------
+    def distance(self, params: Params) -> float:
+        """How far the goal still is (‖w − target‖, or the new task's loss)."""
+        raise NotImplementedError
+
+    def is_done(self, params: Params) -> bool:
+        return False
+
+    def finish(self, params: Params) -> Params:
+        """The point the walk ends on once done (projected or snapped); `params` by default."""
+        return params
+
+    def extra_measures(self, params: Params) -> dict[str, float]:
+        """Goal-specific numbers recorded at every step (e.g. prune-now accuracy)."""
+        return {}

@@ -1,0 +1,52 @@
+"""New task (continual learning): learn task B while keeping the start network's outputs on a memory
+of task-A inputs. The metric and the anchor both live on that memory."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import grad
+
+from ..data import Dataset
+from ..params import Params, scale
+from .base import Batch, Goal, draw
+
+
+class NewTask(Goal):
+    name = "new-task"
+
+    def __init__(self, *args, task_b: Dataset, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task_b = task_b
+        self._monitor = torch.arange(min(500, len(task_b.train)), device=task_b.train.y.device)
+
+    def sample(self, generator: torch.Generator, batch_size: int) -> Batch:
+        batch = super().sample(generator, batch_size)
+        batch.task_b = draw(generator, len(self.task_b.train), batch_size).to(self.task_b.train.y.device)
+        return batch
+
+    def task_loss(self, params: Params, index: Tensor) -> Tensor:
+        """h(w): mean task-B cross-entropy on the drawn examples."""
+        split = self.task_b.train
+        return F.cross_entropy(self.model_fn(params, split.x[index]), split.y[index])
+
+    def direction(self, params: Params, batch: Batch) -> Params:
+        return scale(grad(self.task_loss)(params, batch.task_b), -1.0)
+
+    @torch.no_grad()
+    def distance(self, params: Params) -> float:
+        """Task-B training loss on a fixed subset (a training split: the test split stays unseen)."""
+        return float(self.task_loss(params, self._monitor))
+
+
+def memory_indices(task_a: Dataset, memory_size: int, seed: int) -> Tensor:
+    """A seeded, class-balanced memory of task-A training examples (at most memory_size of them)."""
+    g = torch.Generator().manual_seed(20_000 + seed)
+    labels = task_a.train.y.cpu()
+    classes = labels.unique()
+    per_class = max(memory_size // len(classes), 1)
+    chosen = []
+    for c in classes:
+        members = (labels == c).nonzero().squeeze(1)
+        chosen.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+    return torch.cat(chosen)[:memory_size]

@@ -1,0 +1,79 @@
+"""What a point of a path is worth: loss, accuracy, sparsity, and distances between functions.
+
+("metric" in this project means only the pullback metric g; see metric.py.)
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .params import Params
+
+ModelFn = Callable[[Params, Tensor], Tensor]  # (params, inputs) -> logits (n, C)
+
+
+def bhattacharyya(logits: Tensor, anchor_logits: Tensor) -> Tensor:
+    """D_B(p, q) = -log Σ_c sqrt(p_c q_c) per input (shape (n,)); ≈ θᵀFθ/8 to second order."""
+    log_bc = torch.logsumexp(0.5 * (F.log_softmax(logits, -1) + F.log_softmax(anchor_logits, -1)), dim=-1)
+    return -log_bc
+
+
+def squared_logit_distance(logits: Tensor, anchor_logits: Tensor) -> Tensor:
+    """½‖f(x; w) − f(x; w0)‖² per input: the distance whose Hessian is the logit metric."""
+    return 0.5 * (logits - anchor_logits).pow(2).sum(-1)
+
+
+FUNCTION_DISTANCES = {"fisher": bhattacharyya, "logit": squared_logit_distance}
+
+
+@torch.no_grad()
+def evaluate(model_fn: ModelFn, params: Params, x: Tensor, y: Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in [0, 1]) of `params` on (x, y)."""
+    total_loss, n_correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        logits = model_fn(params, x[start:start + batch_size])
+        target = y[start:start + batch_size]
+        total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
+        n_correct += int((logits.argmax(-1) == target).sum())
+    return total_loss / max(len(y), 1), n_correct / max(len(y), 1)
+
+
+@torch.no_grad()
+def true_class_probability(model_fn: ModelFn, params: Params, x: Tensor, y: Tensor) -> Tensor:
+    """p(true class) per example: one row of the per-example heat map."""
+    return F.softmax(model_fn(params, x), -1).gather(1, y[:, None]).squeeze(1)
+
+
+def count_zeros(params: Params, names: tuple[str, ...]) -> tuple[int, int]:
+    """(exact zeros, total) among the named tensors."""
+    n_zero = sum(int((params[k] == 0).sum()) for k in names)
+    return n_zero, sum(params[k].numel() for k in names)
+
+
+def sparsity(params: Params, names: tuple[str, ...]) -> float:
+    """Fraction of exact zeros among the prunable weights."""
+    n_zero, total = count_zeros(params, names)
+    return n_zero / total if total else 0.0
+
+
+def magnitude_prune(params: Params, names: tuple[str, ...], target_sparsity: float) -> Params:
+    """A copy of `params` with the fraction `target_sparsity` of smallest-|w| weights among `names`
+    set to zero, ranked globally over all of them (the sparsify goal's moving target)."""
+    flat = torch.cat([params[k].reshape(-1).abs() for k in names])
+    n_prune = int(target_sparsity * flat.numel())
+    out = dict(params)
+    if n_prune == 0:
+        return out
+    # The k smallest by index (not by threshold) so ties cannot prune more or fewer than asked.
+    order = torch.argsort(flat, stable=True)[:n_prune]
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[order] = False
+    start = 0
+    for k in names:
+        n = params[k].numel()
+        out[k] = params[k] * keep[start:start + n].view_as(params[k])
+        start += n
+    return out

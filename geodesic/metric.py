@@ -1,0 +1,129 @@
+"""The pullback metric g(w) = (1/N) Σ_i J_iᵀ H_i J_i on a probe batch, never formed as a matrix.
+
+J_i = ∂f(x_i; w)/∂w is the C×n Jacobian of the outputs for input i. H_i is the identity for the
+*logit* metric and diag(p_i) − p_i p_iᵀ (p_i = softmax of the logits) for the output *Fisher* metric,
+which ignores a shift of all logits. θᵀgθ ≈ how far the outputs move under a small step θ.
+
+Everything is built from two products:
+  metric_vector_product:  v → Jv (jvp, forward mode) → H(Jv) → Jᵀ(H Jv) (vjp, reverse mode)
+  jacobian:               the N·C×n matrix L with g = LᵀL (per-sample Jacobians, whitened by H^½),
+                          for exact solves and spectra when N·C is small.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import jacrev, jvp, vjp, vmap
+
+from .measures import ModelFn
+from .params import Params, dot, flatten, unflatten
+
+
+@dataclass
+class PullbackMetric:
+    """g = JᵀHJ/N for `model_fn` on the probe `inputs` (N inputs). `kind` is 'logit' or 'fisher'."""
+
+    model_fn: ModelFn
+    inputs: Tensor
+    kind: str = "fisher"
+
+    @property
+    def n_probe(self) -> int:
+        return len(self.inputs)
+
+    def _output_weight(self, logits: Tensor, u: Tensor) -> Tensor:
+        """H u per input: u for the logit metric, p∘u − p(pᵀu) for the Fisher metric."""
+        if self.kind == "logit":
+            return u
+        p = F.softmax(logits.detach(), -1)
+        return p * u - p * (p * u).sum(-1, keepdim=True)
+
+    def _forward(self, params: Params) -> Tensor:
+        return self.model_fn(params, self.inputs)
+
+    def output_change(self, tangent_vec: Params, base_point: Params) -> tuple[Tensor, Tensor]:
+        """(logits at base_point, J·tangent_vec) with one jvp; both (N, C)."""
+        return jvp(self._forward, (base_point,), (tangent_vec,))
+
+    def metric_vector_product(self, tangent_vec: Params, base_point: Params) -> Params:
+        """g·v without forming g: one jvp, the output weighting, one vjp."""
+        logits, jv = self.output_change(tangent_vec, base_point)  # v → Jv            (N, C)
+        hjv = self._output_weight(logits, jv) / self.n_probe        # Jv → H Jv / N     (N, C)
+        _, pullback = vjp(self._forward, base_point)
+        (gv,) = pullback(hjv)                                       # → Jᵀ H J v / N    (params)
+        return gv
+
+    def inner_product(self, tangent_vec_a: Params, tangent_vec_b: Params, base_point: Params) -> Tensor:
+        """⟨a, b⟩_g = (1/N) Σ_i (J_i a)ᵀ H_i (J_i b): two jvps, no vjp."""
+        logits, ja = self.output_change(tangent_vec_a, base_point)
+        jb = ja if tangent_vec_b is tangent_vec_a else self.output_change(tangent_vec_b, base_point)[1]
+        return (ja * self._output_weight(logits, jb)).sum() / self.n_probe
+
+    def squared_norm(self, tangent_vec: Params, base_point: Params) -> Tensor:
+        """θᵀgθ: the functional length² of a step."""
+        return self.inner_product(tangent_vec, tangent_vec, base_point)
+
+    def jacobian(self, base_point: Params) -> Tensor:
+        """L (N·C × n, float, flattened in the key order of base_point) with g = LᵀL.
+
+        Row (i, c) is the c-th row of H_i^½ J_i / √N. For the Fisher metric H_i^½ = (I − s sᵀ) diag(s)
+        with s = √p_i: (I − s sᵀ) is a projection because ‖s‖ = 1, so its square is H_i.
+        """
+        def single(params: Params, x: Tensor) -> Tensor:
+            return self.model_fn(params, x[None])[0]
+
+        per_sample = vmap(jacrev(single), in_dims=(None, 0))(base_point, self.inputs)  # {k: (N, C, *shape)}
+        n, c = self.n_probe, next(iter(per_sample.values())).shape[1]
+        jac = torch.cat([per_sample[k].reshape(n, c, -1) for k in base_point], dim=2)  # (N, C, n_params)
+        if self.kind == "fisher":
+            with torch.no_grad():
+                s = F.softmax(self._forward(base_point), -1).sqrt()  # (N, C)
+            sj = s[:, :, None] * jac                                  # diag(s) J
+            jac = sj - s[:, :, None] * (s[:, None, :] @ sj)          # (I − s sᵀ) diag(s) J
+        return jac.reshape(n * c, -1) / self.n_probe ** 0.5
+
+    def spectrum(self, base_point: Params, n_eigenvalues: int = 50) -> np.ndarray:
+        """The top eigenvalues of g, largest first.
+
+        Exact from the small kernel L Lᵀ (same non-zero eigenvalues as g = LᵀL) when N·C ≤ 4096,
+        otherwise by Lanczos (scipy's eigsh) on g·v products.
+        """
+        n_params = sum(v.numel() for v in base_point.values())
+        n_rows = self.n_probe * self._forward(base_point).shape[-1]
+        if n_rows <= 4096:
+            jac = self.jacobian(base_point).double()
+            eigenvalues = torch.linalg.eigvalsh(jac @ jac.T).flip(0).clamp_min(0).cpu().numpy()
+            return eigenvalues[:n_eigenvalues]
+        from scipy.sparse.linalg import LinearOperator, eigsh
+
+        def matvec(v: np.ndarray) -> np.ndarray:
+            tangent = unflatten(torch.as_tensor(v, dtype=torch.float32, device=self.inputs.device), base_point)
+            return flatten(self.metric_vector_product(tangent, base_point)).double().cpu().numpy()
+
+        op = LinearOperator((n_params, n_params), matvec=matvec, dtype=np.float64)
+        k = min(n_eigenvalues, n_rows - 1, n_params - 2)
+        return np.sort(eigsh(op, k=k, which="LM", return_eigenvectors=False))[::-1].clip(min=0)
+
+
+def conjugate_gradient(matvec, rhs: Params, n_iters: int, tol: float = 1e-6) -> Params:
+    """x ≈ A⁻¹ rhs for a symmetric positive definite A given only as `matvec` (Params → Params)."""
+    x = {k: torch.zeros_like(v) for k, v in rhs.items()}
+    r = dict(rhs)
+    p = dict(rhs)
+    rr = dot(r, r)
+    rr0 = rr
+    for _ in range(n_iters):
+        if rr <= tol ** 2 * rr0:
+            break
+        ap = matvec(p)
+        alpha = rr / dot(p, ap)
+        x = {k: x[k] + alpha * p[k] for k in x}
+        r = {k: r[k] - alpha * ap[k] for k in r}
+        rr_new = dot(r, r)
+        p = {k: r[k] + (rr_new / rr) * p[k] for k in p}
+        rr = rr_new
+    return x

@@ -1,0 +1,177 @@
+"""Networks as pure functions of their parameters.
+
+`Network` keeps an `nn.Module` only for its structure; every forward pass goes through
+`torch.func.functional_call(module, (params, buffers), x)`, so the weights being walked are
+a plain `Params` dict that the engine owns, never the module's own tensors.
+VGG and ResNet come from torchvision, adapted to 32x32 inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .params import Params, clone
+
+MODEL_NAMES = ("mlp", "lenet5", "vgg11", "vgg16", "resnet18")
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear-ReLU blocks of the given widths, then a Linear head."""
+
+    def __init__(self, n_inputs: int, hidden: tuple[int, ...], n_classes: int):
+        super().__init__()
+        widths = (n_inputs, *hidden)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(w_in, w_out), nn.ReLU()]
+        layers.append(nn.Linear(widths[-1], n_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (ReLU, max-pool) for 1- or 3-channel 28x28 or 32x32 images."""
+
+    def __init__(self, in_channels: int, image_size: int, n_classes: int):
+        super().__init__()
+        pad = 2 if image_size == 28 else 0  # 28x28 is padded to the classic 32x32
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, n_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+def _vgg(name: str, in_channels: int, n_classes: int) -> nn.Module:
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None, num_classes=n_classes)
+    if in_channels != 3:
+        model.features[0] = nn.Conv2d(in_channels, 64, 3, padding=1)
+    # 32x32 inputs leave 512x1x1 after five max-pools: drop the 7x7 pool and the 4096-wide head.
+    model.avgpool = nn.Flatten()
+    model.classifier = nn.Linear(512, n_classes)
+    return model
+
+
+def _resnet18(in_channels: int, n_classes: int) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None, num_classes=n_classes)
+    # CIFAR-style stem: a 3x3 stride-1 conv and no max-pool keep resolution on 32x32 inputs.
+    model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_module(config: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    name = config.name
+    if name == "mlp":
+        return MLP(int(torch.tensor(input_shape).prod()), tuple(config.hidden), n_classes)
+    if len(input_shape) != 3:
+        raise ConfigError("model", name, f"'mlp' for flat inputs of shape {input_shape}; "
+                          f"{name} needs images (channels, height, width)")
+    channels, height, _ = input_shape
+    if name == "lenet5":
+        if height not in (28, 32):
+            raise ConfigError("model", name, "lenet5 needs 28x28 or 32x32 images")
+        return LeNet5(channels, height, n_classes)
+    if height != 32 and name != "lenet5":
+        raise ConfigError("model", name, f"{name} is adapted to 32x32 images; got {height}x{height}")
+    if name in ("vgg11", "vgg16"):
+        return _vgg(name, channels, n_classes)
+    if name == "resnet18":
+        return _resnet18(channels, n_classes)
+    raise ConfigError("model", name, ", ".join(MODEL_NAMES))
+
+
+@dataclass
+class Network:
+    """A model as a pure function `apply(params, x, buffers) -> logits` plus what the engine needs to know.
+
+    `prunable` lists the weights of Linear and Conv layers (biases and normalisation are not pruned).
+    `buffers` holds BatchNorm running statistics (empty for models without BatchNorm); a walker keeps its
+    own copy because moving the weights makes them stale.
+    """
+
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    n_classes: int
+    prunable: tuple[str, ...]
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules())
+
+    def apply(self, params: Params, x: Tensor, buffers: dict[str, Tensor] | None = None) -> Tensor:
+        return functional_call(self.module, (params, self.buffers if buffers is None else buffers), (x,))
+
+    def init_params(self, seed: int) -> Params:
+        """Fresh initial weights drawn from `seed` without touching the global RNG."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for m in self.module.modules():
+                if hasattr(m, "reset_parameters") and m is not self.module:
+                    m.reset_parameters()
+            return clone(dict(self.module.named_parameters()))
+
+    def to(self, device: torch.device) -> Network:
+        self.module.to(device)
+        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        return self
+
+
+def build_network(config: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> Network:
+    module = build_module(config, input_shape, n_classes).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    prunable = tuple(
+        f"{name}.weight" if name else "weight"
+        for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    )
+    buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
+    return Network(module, tuple(input_shape), n_classes, prunable, buffers)
+
+
+@torch.no_grad()
+def recompute_batchnorm(network: Network, params: Params, inputs: Tensor, batch_size: int = 256) -> dict[str, Tensor]:
+    """Fresh BatchNorm statistics for `params`: a cumulative average over `inputs` in train mode.
+
+    Returns new buffers (the network's own are untouched); models without BatchNorm get theirs back.
+    """
+    if not network.has_batchnorm:
+        return network.buffers
+    module = network.module
+    saved_momentum = {}
+    buffers = {k: v.clone() for k, v in network.buffers.items()}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            saved_momentum[name] = m.momentum
+            m.momentum = None  # cumulative moving average over the batches below
+            prefix = f"{name}." if name else ""
+            buffers[prefix + "running_mean"].zero_()
+            buffers[prefix + "running_var"].fill_(1.0)
+            buffers[prefix + "num_batches_tracked"].zero_()
+    module.train()
+    try:
+        for start in range(0, len(inputs), batch_size):
+            functional_call(module, (params, buffers), (inputs[start:start + batch_size],))
+    finally:
+        module.eval()
+        for name, m in module.named_modules():
+            if name in saved_momentum:
+                m.momentum = saved_momentum[name]
+    return buffers

@@ -1,0 +1,82 @@
+"""Params = dict[str, Tensor]: a point in weight space, or a tangent vector at one.
+
+Every helper here is a pure function of its arguments and returns new tensors, so a
+walk never mutates a point it has handed out (records and the dashboard may still
+hold it). Keys and shapes of tangent vectors match the point they live at.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+
+
+def zeros_like(params: Params) -> Params:
+    return {k: torch.zeros_like(v) for k, v in params.items()}
+
+
+def clone(params: Params) -> Params:
+    """A detached copy that owns its storage (safe to keep as a frozen anchor)."""
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
+def add(a: Params, b: Params, alpha: float = 1.0) -> Params:
+    """a + alpha * b."""
+    return {k: a[k] + alpha * b[k] for k in a}
+
+
+def sub(a: Params, b: Params) -> Params:
+    return {k: a[k] - b[k] for k in a}
+
+
+def scale(a: Params, factor: float | Tensor) -> Params:
+    return {k: factor * v for k, v in a.items()}
+
+
+def dot(a: Params, b: Params) -> Tensor:
+    """Euclidean inner product <a, b> summed over every tensor (a 0-d tensor)."""
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def norm(a: Params) -> Tensor:
+    return dot(a, a).clamp_min(0).sqrt()
+
+
+def cosine(a: Params, b: Params) -> float:
+    """cos(a, b); 0 when either is the zero vector."""
+    denom = float(norm(a) * norm(b))
+    return float(dot(a, b)) / denom if denom > 0 else 0.0
+
+
+def flatten(a: Params, keys: Iterable[str] | None = None) -> Tensor:
+    """One 1-D tensor of every entry, in key order (the order of `a` unless `keys` is given)."""
+    keys = list(a) if keys is None else list(keys)
+    return torch.cat([a[k].reshape(-1) for k in keys])
+
+
+def unflatten(flat: Tensor, like: Params) -> Params:
+    """Inverse of `flatten` for the keys and shapes of `like`."""
+    out, start = {}, 0
+    for k, v in like.items():
+        out[k] = flat[start:start + v.numel()].view_as(v)
+        start += v.numel()
+    return out
+
+
+def numel(a: Params) -> int:
+    return sum(v.numel() for v in a.values())
+
+
+def apply(fn: Callable[[Tensor], Tensor], a: Params) -> Params:
+    return {k: fn(v) for k, v in a.items()}
+
+
+def to(a: Params, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Params:
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in a.items()}
+
+
+def is_finite(a: Params) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in a.values())

@@ -1,0 +1,138 @@
+"""Records of a walk: one PathPoint per step (method.md §6), an append-only PathRecord, and the
+weights along the path for projections and branching."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .params import Params, flatten
+
+
+@dataclass(frozen=True)
+class PathPoint:
+    """Everything recorded at one point of a path. Step 0 is the start network."""
+
+    step: int
+    step_size: float  # ε in force for this step
+    step_norm: float  # ‖θ‖
+    functional_step: float  # θᵀgθ on the step's probe
+    euclidean_length: float  # Σ‖θ‖ so far
+    functional_length: float  # Σ√(θᵀgθ) so far
+    drift: float  # mean D(f_w, f_w0) on a fixed held-out probe
+    alignment: float  # cos(θ, v_goal)
+    loss: dict[str, float]  # test cross-entropy per task
+    accuracy: dict[str, float]  # test accuracy per task, in [0, 1]
+    sparsity: float  # exact zeros among prunable weights
+    goal_distance: float  # ‖w − target‖, or the new task's training loss
+    step_seconds: float  # wall time of the step rule
+    extra: dict[str, float] = field(default_factory=dict)  # goal-specific, e.g. prune_now_accuracy/A
+    event: str = ""  # "start", "step size 0.1 -> 0.05", "projected", "snapped", "branched from 12", ...
+
+    def to_row(self) -> dict[str, float | int | str]:
+        """A flat row: dicts become columns such as 'accuracy/A'."""
+        row = {k: v for k, v in dataclasses.asdict(self).items() if not isinstance(v, dict)}
+        for name in ("loss", "accuracy"):
+            row.update({f"{name}/{task}": value for task, value in getattr(self, name).items()})
+        row.update(self.extra)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict) -> PathPoint:
+        plain = {f.name: row[f.name] for f in dataclasses.fields(cls) if f.name in row}
+        grouped: dict[str, dict[str, float]] = {"loss": {}, "accuracy": {}, "extra": {}}
+        for key, value in row.items():
+            if "/" in key and not (isinstance(value, float) and np.isnan(value)):
+                head, task = key.split("/", 1)
+                target = grouped[head] if head in ("loss", "accuracy") else grouped["extra"]
+                target[task if head in ("loss", "accuracy") else key] = float(value)
+        plain["step"] = int(plain["step"])
+        plain["event"] = plain.get("event") or ""
+        return cls(**plain, **grouped)
+
+
+class WeightTrace:
+    """The weights at every recorded point, as float32 rows (for PCA/UMAP and exact branching).
+
+    Models up to `max_dims` parameters are kept exactly. Larger ones keep a count sketch (each weight
+    added with a random sign into one of `max_dims` buckets): inner products and distances between
+    points are preserved in expectation, which is what a PCA of the path needs, but exact branching
+    then needs a saved checkpoint.
+    """
+
+    def __init__(self, n_params: int, max_dims: int = 131_072, seed: int = 0):
+        self.n_params = n_params
+        self.is_exact = n_params <= max_dims
+        self.rows: list[np.ndarray] = []
+        if not self.is_exact:
+            g = torch.Generator().manual_seed(seed)
+            self._bucket = torch.randint(0, max_dims, (n_params,), generator=g)
+            self._sign = torch.randint(0, 2, (n_params,), generator=g).float() * 2 - 1
+            self._dims = max_dims
+
+    def vector(self, params: Params) -> np.ndarray:
+        flat = flatten(params).detach().float().cpu()
+        if self.is_exact:
+            return flat.numpy().copy()
+        return torch.zeros(self._dims).index_add_(0, self._bucket, flat * self._sign).numpy()
+
+    def append(self, params: Params) -> None:
+        self.rows.append(self.vector(params))
+
+    def truncate(self, n_rows: int) -> None:
+        del self.rows[n_rows:]
+
+    def matrix(self) -> np.ndarray:
+        return np.stack(self.rows) if self.rows else np.zeros((0, 0), np.float32)
+
+
+class PathRecord:
+    """Append-only list of PathPoints with a table view; saves to Parquet and loads back."""
+
+    def __init__(self, points: list[PathPoint] | None = None):
+        self.points: list[PathPoint] = list(points or [])
+
+    def append(self, point: PathPoint) -> None:
+        self.points.append(point)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, i: int) -> PathPoint:
+        return self.points[i]
+
+    @property
+    def last(self) -> PathPoint:
+        return self.points[-1]
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([p.to_row() for p in self.points])
+
+    def min_accuracy(self) -> dict[str, float]:
+        tasks = self.points[0].accuracy
+        return {t: min(p.accuracy[t] for p in self.points) for t in tasks}
+
+    def save(self, path: str | Path) -> None:
+        """Write the table as Parquet atomically (a crash mid-write leaves the previous file)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        self.to_frame().to_parquet(tmp, index=False)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PathRecord:
+        frame = pd.read_parquet(path)
+        return cls([PathPoint.from_row(row) for row in frame.to_dict("records")])
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """JSON written atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    tmp.replace(path)

@@ -1,0 +1,123 @@
+"""The two step rules. Each maps (params, goal, batch) to a step θ and what it cost the function.
+
+*constrained* (method.md §3): θ* = argmin_θ θᵀgθ − β⟨θ, v⟩ subject to ‖θ‖ ≤ ε, with
+    v = v_goal − ρ ∇R(w)      (R: the goal's restoring loss, which pulls the walk back onto the
+                               set of equivalent networks; v_goal normalised for point targets)
+    θ* = (β/2)(g + μI)⁻¹ v    with μ ≥ 0 such that ‖θ*‖ = ε.
+  Solved exactly through the N·C×N·C kernel (linear_solver='kernel') or by conjugate gradients on
+  g·v products with a fixed damping μ and a rescale to length ε (linear_solver='cg').
+
+*penalty* (method.md §4, the authors' functionally invariant path):
+    u = ∇R(w) − λ v_goal,   θ = −ε u / ‖u‖
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import brentq
+from torch import Tensor
+from torch.func import grad
+
+from .config import WalkConfig
+from .metric import PullbackMetric, conjugate_gradient
+from .params import Params, add, flatten, norm, scale, unflatten, zeros_like
+
+
+@dataclass
+class Step:
+    """One step of a walk, before it is taken."""
+
+    tangent_vec: Params  # θ
+    goal_direction: Params  # v_goal: what the goal alone wants (for cos(θ, v))
+    functional_step: float  # θᵀgθ on this step's probe
+    damping: float | None = None  # μ the constrained step used (None for the penalty walk)
+
+
+def trust_region_kernel(jac: Tensor, v: Tensor, goal_weight: float, radius: float) -> tuple[Tensor, float]:
+    """(θ, μ) with θ = (β/2)(LᵀL + μI)⁻¹ v and ‖θ‖ = radius (μ = 0 if the pseudo-inverse step fits).
+
+    jac: L, (m, n) with g = LᵀL and m ≪ n. Works in the m-dimensional row space of L: with
+    K = L Lᵀ = U Λ Uᵀ, the eigenvectors of g with non-zero eigenvalues are V = Lᵀ U Λ^-½, so
+    v = V c + v_⊥ with c = Λ^-½ Uᵀ L v, and
+        θ(μ) = (β/2) [ v/μ + V diag(1/(Λ+μ) − 1/μ) c ],
+        ‖θ(μ)‖² = (β/2)² [ Σ c²/(λ+μ)² + ‖v_⊥‖²/μ² ],   decreasing in μ (solved for by Brent's method).
+    """
+    if goal_weight == 0:
+        return torch.zeros_like(v), math.inf
+    half_beta = goal_weight / 2
+    kernel = (jac @ jac.T).double()
+    lam, u = torch.linalg.eigh(kernel)
+    keep = lam > lam.max().clamp_min(1e-30) * 1e-9
+    lam, u = lam[keep], u[:, keep]
+    jv = (jac @ v).double()
+    c = (u.T @ jv) / lam.sqrt()
+    perp2 = max(float(v.double().pow(2).sum() - c.pow(2).sum()), 0.0)
+    lam_np, c2 = lam.cpu().numpy(), c.pow(2).cpu().numpy()
+
+    def excess(log_mu: float) -> float:
+        mu = math.exp(log_mu)
+        return half_beta**2 * (np.sum(c2 / (lam_np + mu) ** 2) + perp2 / mu**2) - radius**2
+
+    min_norm2 = half_beta**2 * np.sum(c2 / lam_np**2) if perp2 <= 1e-12 * max(float(c2.sum()), 1e-30) else math.inf
+    if min_norm2 <= radius**2:  # v lies in the row space and the pseudo-inverse step fits: μ = 0
+        coef = c / lam
+        theta = half_beta * (jac.T.double() @ (u @ (coef / lam.sqrt())))
+        return theta.to(v.dtype), 0.0
+    lo, hi = math.log(1e-12), math.log(1e12)
+    if excess(hi) > 0:  # ε is tiny against β‖v‖: a plain gradient step of length ε
+        return v * (radius / v.norm()), math.inf
+    mu = math.exp(brentq(excess, lo, hi, xtol=1e-10))
+    coef = (1 / (lam + mu) - 1 / mu) * c
+    theta = half_beta * (v.double() / mu + jac.T.double() @ (u @ (coef / lam.sqrt())))
+    return theta.to(v.dtype), mu
+
+
+def _goal_and_restoring(params: Params, goal, batch, restoring_weight: float) -> tuple[Params, Params]:
+    v_goal = goal.direction(params, batch)
+    if restoring_weight == 0:
+        return v_goal, zeros_like(params)
+    return v_goal, grad(lambda p: goal.restoring_loss(p, batch))(params)
+
+
+def constrained_step(params: Params, goal, batch, probe: Tensor, config: WalkConfig, radius: float,
+                     model_fn) -> Step:
+    """The paper's step: metric-aware, length `radius` (ε, or less near a point target)."""
+    metric = PullbackMetric(model_fn, probe, config.metric)
+    v_goal, grad_restoring = _goal_and_restoring(params, goal, batch, config.restoring_weight)
+    if goal.is_point_target:
+        v_goal = scale(v_goal, 1 / max(float(norm(v_goal)), 1e-12))
+    v = add(v_goal, grad_restoring, alpha=-config.restoring_weight)
+    n_params = sum(t.numel() for t in params.values())
+    n_rows = len(probe) * goal.n_outputs
+    use_kernel = config.linear_solver == "kernel" or (
+        config.linear_solver == "auto" and n_rows <= 2048 and n_rows * n_params <= 5e7)
+    if use_kernel:
+        jac = metric.jacobian(params)
+        theta_flat, mu = trust_region_kernel(jac, flatten(v), config.goal_weight, radius)
+        functional_step = float((jac @ theta_flat).pow(2).sum())
+        return Step(unflatten(theta_flat, params), v_goal, functional_step, mu)
+    mu = config.damping
+    x = conjugate_gradient(lambda t: add(metric.metric_vector_product(t, params), t, alpha=mu), v, config.cg_iters)
+    theta = scale(x, config.goal_weight / 2)
+    length = float(norm(theta))
+    if length > radius:
+        theta = scale(theta, radius / length)
+    return Step(theta, v_goal, float(metric.squared_norm(theta, params)), mu)
+
+
+def penalty_step(params: Params, goal, batch, probe: Tensor, config: WalkConfig, radius: float,
+                 model_fn) -> Step:
+    """The authors' walk: a normalised gradient step on R(w) + λ h(w), length `radius`."""
+    v_goal, grad_restoring = _goal_and_restoring(params, goal, batch, 1.0)
+    u = add(grad_restoring, v_goal, alpha=-config.goal_weight)
+    length = float(norm(u))
+    theta = zeros_like(params) if length == 0 else scale(u, -radius / length)
+    # θᵀgθ is recorded for comparison with the constrained step (one jvp on the probe).
+    functional_step = float(PullbackMetric(model_fn, probe, config.metric).squared_norm(theta, params))
+    return Step(theta, v_goal, functional_step, None)
+
+
+STEP_RULES = {"constrained": constrained_step, "penalty": penalty_step}

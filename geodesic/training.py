@@ -1,0 +1,77 @@
+"""Start networks: trained by the engine from a seed, cached on disk by their settings."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import match_params, read_tensors, save_weights
+from .config import ModelConfig, TrainConfig
+from .data import Dataset
+from .models import Network
+from .params import Params, clone
+
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """$GEODESIC_CACHE, else ~/.cache/geodesic."""
+    return Path(os.environ.get("GEODESIC_CACHE", Path.home() / ".cache" / "geodesic"))
+
+
+def train(network: Network, params: Params, dataset: Dataset, config: TrainConfig, seed: int,
+          progress: Callable[[float], None] | None = None) -> tuple[Params, dict]:
+    """(trained params, BatchNorm buffers): Adam on cross-entropy, batches shuffled by `seed`."""
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    buffers = {k: v.clone() for k, v in network.buffers.items()}
+    optimizer = torch.optim.Adam(params.values(), lr=config.lr)
+    g = torch.Generator().manual_seed(seed)
+    x, y = dataset.train.x, dataset.train.y
+    network.module.train()
+    try:
+        for epoch in range(config.epochs):
+            order = torch.randperm(len(y), generator=g).to(y.device)
+            for start in range(0, len(y), config.batch_size):
+                index = order[start:start + config.batch_size]
+                loss = F.cross_entropy(network.apply(params, x[index], buffers), y[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if progress:
+                progress((epoch + 1) / config.epochs)
+    finally:
+        network.module.eval()
+    return clone(params), buffers
+
+
+def _cache_key(dataset_key: dict, model: ModelConfig, config: TrainConfig, seed: int) -> str:
+    payload = {"data": dataset_key, "model": dataclasses.asdict(model), "train": dataclasses.asdict(config),
+               "seed": seed, "version": CACHE_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def start_network(network: Network, dataset: Dataset, dataset_key: dict, model: ModelConfig, config: TrainConfig,
+                  seed: int, progress: Callable[[float], None] | None = None) -> tuple[Params, dict]:
+    """Trained (params, buffers) for these settings: read from the cache, or trained and cached.
+
+    `dataset_key` identifies the data (config and task) so that different tasks never share an entry.
+    """
+    path = cache_dir() / f"start-{_cache_key(dataset_key, model, config, seed)}.safetensors"
+    init = network.init_params(seed)
+    device = next(iter(init.values())).device
+    if path.is_file():
+        try:
+            params, buffers = match_params(read_tensors(path), init, str(path), network.buffers)
+            return {k: v.to(device) for k, v in params.items()}, buffers
+        except Exception:
+            path.unlink(missing_ok=True)  # a corrupt cache entry is retrained, never trusted
+    params, buffers = train(network, init, dataset, config, seed, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(params, path, buffers)
+    return params, buffers
