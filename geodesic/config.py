@@ -127,7 +127,7 @@ class WalkConfig:
 
 # Tuned on digits (see BENCHMARKS.md): the values each (goal, solver) pair starts from.
 WALK_DEFAULTS: dict[tuple[str, str], dict] = {
-    ("sparsify", "constrained"): dict(max_step_norm=0.1, goal_weight=1.0, restoring_weight=1.0),
+    ("sparsify", "constrained"): dict(max_step_norm=0.2, goal_weight=0.003, restoring_weight=0.3),
     ("sparsify", "penalty"): dict(max_step_norm=0.01, goal_weight=0.1),
     ("new-task", "constrained"): dict(max_step_norm=0.05, goal_weight=1.0, restoring_weight=1.0, n_steps=400),
     ("new-task", "penalty"): dict(max_step_norm=0.01, goal_weight=1.0, n_steps=1500),

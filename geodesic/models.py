@@ -175,3 +175,17 @@ def recompute_batchnorm(network: Network, params: Params, inputs: Tensor, batch_
             if name in saved_momentum:
                 m.momentum = saved_momentum[name]
     return buffers
+
+
+def network_from_module(module: nn.Module, input_shape: tuple[int, ...] | None = None,
+                        n_classes: int | None = None) -> tuple[Network, Params]:
+    """(Network, its current params) for your own nn.Module: the weights are copied out, the module
+    keeps only its structure. Linear and Conv2d weights are prunable."""
+    params = clone(dict(module.named_parameters()))
+    module = module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    prunable = tuple(f"{name}.weight" if name else "weight"
+                     for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
+    return Network(module, tuple(input_shape or ()), n_classes or 0, prunable, buffers), params

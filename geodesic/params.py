@@ -80,3 +80,14 @@ def to(a: Params, device: torch.device | str | None = None, dtype: torch.dtype |
 
 def is_finite(a: Params) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in a.values())
+
+
+def flush_subnormal(a: Params) -> Params:
+    """Entries smaller in magnitude than the dtype's smallest normal number set to exactly zero.
+
+    Weights walked toward zero otherwise pass through subnormal floats, which slow CPU math about
+    tenfold (measured: a 270-step sparsify walk took 107 s instead of 11 s). torch.set_flush_denormal
+    only reaches threads created after it is called, so the weights themselves are flushed.
+    """
+    return {k: torch.where(v.abs() < torch.finfo(v.dtype).tiny, torch.zeros_like(v), v)
+            if v.is_floating_point() else v for k, v in a.items()}

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.func import grad
 
 from .config import WalkConfig
+from .errors import WalkDiverged
 from .metric import PullbackMetric, conjugate_gradient
 from .params import Params, add, flatten, norm, scale, unflatten, zeros_like
 
@@ -49,6 +50,8 @@ def trust_region_kernel(jac: Tensor, v: Tensor, goal_weight: float, radius: floa
         return torch.zeros_like(v), math.inf
     half_beta = goal_weight / 2
     kernel = (jac @ jac.T).double()
+    if not (torch.isfinite(kernel).all() and torch.isfinite(v).all()):
+        raise WalkDiverged("the metric or the goal direction is not finite")
     lam, u = torch.linalg.eigh(kernel)
     keep = lam > lam.max().clamp_min(1e-30) * 1e-9
     lam, u = lam[keep], u[:, keep]

@@ -20,7 +20,7 @@ from .errors import ConfigError, WalkDiverged
 from .goals import Goal
 from .measures import evaluate, sparsity
 from .models import Network, recompute_batchnorm
-from .params import Params, add, clone, cosine, is_finite, norm
+from .params import Params, add, clone, cosine, flush_subnormal, is_finite, norm
 from .path import PathPoint, PathRecord, WeightTrace
 from .step import STEP_RULES
 
@@ -79,10 +79,14 @@ class Walker:
         radius = cfg.max_step_norm
         if self.goal.is_point_target:  # never overshoot a point target
             radius = min(radius, self.goal.distance(self.params))
-        step = STEP_RULES[cfg.solver](self.params, self.goal, batch, probe, cfg, radius, self.model_fn)
-        new_params = add(self.params, step.tangent_vec)
+        try:
+            step = STEP_RULES[cfg.solver](self.params, self.goal, batch, probe, cfg, radius, self.model_fn)
+            new_params = flush_subnormal(add(self.params, step.tangent_vec))
+            diverged = not (is_finite(new_params) and math.isfinite(step.functional_step))
+        except WalkDiverged:
+            diverged = True
         step_seconds = time.perf_counter() - t0
-        if not (is_finite(new_params) and math.isfinite(step.functional_step)):
+        if diverged:
             self.is_done, self.stop_reason = True, f"step {self.n_steps + 1} was not finite; kept step {self.n_steps}"
             raise WalkDiverged(f"the walk diverged: {self.stop_reason}. Try a smaller step size (ε) "
                                "or goal weight.")

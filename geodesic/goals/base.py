@@ -44,6 +44,21 @@ class Goal:
             self.anchor_logits = model_fn(anchor_params, anchor_inputs)  # f(x; w0), frozen
         self.n_outputs = self.anchor_logits.shape[-1]
 
+    @classmethod
+    def for_network(cls, network, params: Params, data: Dataset, metric_kind: str = "fisher",
+                    tolerance: float = 0.01, **goal_kwargs) -> Goal:
+        """The goal for `network` starting at `params`, anchored on `data`'s training inputs (Python API)."""
+        buffers = network.buffers
+
+        def model_fn(p: Params, x: Tensor) -> Tensor:
+            return network.apply(p, x, buffers)
+
+        return cls._for_network(model_fn, network, params, data, metric_kind, tolerance, **goal_kwargs)
+
+    @classmethod
+    def _for_network(cls, model_fn, network, params, data, metric_kind, tolerance, **goal_kwargs):
+        return cls(model_fn, params, data.train.x, {"A": data}, metric_kind, tolerance, **goal_kwargs)
+
     # -- drawing data ------------------------------------------------------------------------------
     def sample(self, generator: torch.Generator, batch_size: int) -> Batch:
         return Batch(draw(generator, len(self.anchor_inputs), batch_size).to(self.anchor_inputs.device))

@@ -22,6 +22,11 @@ class Connect(Goal):
         self.end_params = clone(end_params)
         self.labels = labels  # labels of anchor_inputs (task A's training split)
 
+    @classmethod
+    def _for_network(cls, model_fn, network, params, data, metric_kind, tolerance, **goal_kwargs):
+        return cls(model_fn, params, data.train.x, {"A": data}, metric_kind, tolerance,
+                   labels=data.train.y, **goal_kwargs)
+
     def direction(self, params: Params, batch: Batch) -> Params:
         return sub(self.end_params, params)  # v = w_B − w
 

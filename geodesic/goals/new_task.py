@@ -20,6 +20,12 @@ class NewTask(Goal):
         self.task_b = task_b
         self._monitor = torch.arange(min(500, len(task_b.train)), device=task_b.train.y.device)
 
+    @classmethod
+    def _for_network(cls, model_fn, network, params, data, metric_kind, tolerance, task_b: Dataset,
+                     memory_size: int = 500, seed: int = 0):
+        memory = data.train.x[memory_indices(data, memory_size, seed).to(data.train.x.device)]
+        return cls(model_fn, params, memory, {"A": data, "B": task_b}, metric_kind, tolerance, task_b=task_b)
+
     def sample(self, generator: torch.Generator, batch_size: int) -> Batch:
         batch = super().sample(generator, batch_size)
         batch.task_b = draw(generator, len(self.task_b.train), batch_size).to(self.task_b.train.y.device)

@@ -16,6 +16,11 @@ class Sparsify(Goal):
         self.prunable = prunable
         self.target_sparsity = target_sparsity
 
+    @classmethod
+    def _for_network(cls, model_fn, network, params, data, metric_kind, tolerance, **goal_kwargs):
+        return cls(model_fn, params, data.train.x, {"A": data}, metric_kind, tolerance,
+                   prunable=network.prunable, **goal_kwargs)
+
     def target(self, params: Params) -> Params:
         """w_sparse: the fraction s of smallest |w| among prunable weights set to zero, globally."""
         return magnitude_prune(params, self.prunable, self.target_sparsity)

@@ -1,0 +1,168 @@
+"""Command line: `python -m geodesic run --goal sparsify --dataset digits --out runs/demo`.
+
+A contract (the benchmark, the dashboard and outside checks rely on it): it writes DIR/summary.json,
+DIR/steps.parquet, DIR/config.json and DIR/weights/final.safetensors. Bad settings exit with status 2
+and a one-line message naming the setting; a diverging walk exits with status 3 keeping its last
+finite point on disk.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import GOALS, METRICS, NEW_TASKS, SOLVERS, DataConfig, GoalConfig, ModelConfig, RunConfig, TrainConfig, \
+    default_walk
+from .data import DATASETS
+from .errors import ConfigError, GeodesicError, WalkDiverged
+from .models import MODEL_NAMES
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse already exits 2; keep the message on one line, no usage dump
+        self.exit(2, f"geodesic: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m geodesic", description="Walk trained networks through weight space.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="walk a network toward a goal and save the run")
+    run.add_argument("--goal", choices=GOALS, help="sparsify, new-task or connect (required unless --resume)")
+    run.add_argument("--dataset", default="digits", choices=DATASETS)
+    run.add_argument("--data-root", help="folder of torchvision datasets (mnist, fashion-mnist, cifar10/100)")
+    run.add_argument("--download", action="store_true", help="download a torchvision dataset into --data-root")
+    run.add_argument("--out", help="folder to write the run to (created; required unless --resume)")
+    run.add_argument("--resume", metavar="DIR", help="continue the saved run in DIR")
+    run.add_argument("--model", default="mlp", choices=MODEL_NAMES)
+    run.add_argument("--hidden", default="128,128", help="mlp hidden widths, comma-separated (default 128,128)")
+    run.add_argument("--solver", default="constrained", choices=SOLVERS, help="step rule")
+    run.add_argument("--step-size", type=float, help="ε, the length of every step (default: tuned per goal)")
+    run.add_argument("--goal-weight", type=float, help="β (constrained) or λ (penalty)")
+    run.add_argument("--restoring-weight", type=float, help="ρ, the pull back onto equivalent networks (constrained)")
+    run.add_argument("--metric", choices=METRICS, help="fisher (probabilities) or logit (raw outputs)")
+    run.add_argument("--probe-size", type=int, help="N, inputs the metric is evaluated on each step")
+    run.add_argument("--batch-size", type=int, help="inputs for the restoring loss and the goal's gradient")
+    run.add_argument("--n-steps", type=int, help="most steps to take (stops earlier at the goal)")
+    run.add_argument("--seed", type=int, default=0, help="start network and batches; connect uses seed and seed+1")
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    run.add_argument("--target-sparsity", type=float, default=0.9, help="sparsify: fraction of weights to zero")
+    run.add_argument("--tolerance", type=float, default=0.01, help="sparsify/connect: done within this distance")
+    run.add_argument("--new-task", default="permuted", choices=NEW_TASKS, help="new-task protocol")
+    run.add_argument("--memory-size", type=int, default=500, help="new-task: task-A inputs kept")
+    run.add_argument("--epochs", type=int, default=30, help="training epochs of the start network(s)")
+    run.add_argument("--init", metavar="PATH", help="start from these weights (.safetensors or a state dict)")
+    run.add_argument("--save-every", type=int, default=0, help="also keep the weights of every k-th step")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise ConfigError("hidden", text, "comma-separated positive integers, e.g. 128,128") from None
+    return widths
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    if args.goal is None:
+        raise ConfigError("goal", None, ", ".join(GOALS))
+    walk = default_walk(args.goal, args.solver, max_step_norm=args.step_size, goal_weight=args.goal_weight,
+                        restoring_weight=args.restoring_weight, metric=args.metric, probe_size=args.probe_size,
+                        batch_size=args.batch_size, n_steps=args.n_steps)
+    return RunConfig(
+        goal=GoalConfig(kind=args.goal, target_sparsity=args.target_sparsity, new_task=args.new_task,
+                        memory_size=args.memory_size, tolerance=args.tolerance),
+        walk=walk, data=DataConfig(name=args.dataset, root=args.data_root, download=args.download),
+        model=ModelConfig(name=args.model, hidden=_hidden(args.hidden)), train=TrainConfig(epochs=args.epochs),
+        seed=args.seed, device=args.device)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from .checkpoint import match_params, read_tensors
+    from .experiment import build
+    from .store import RunStore, load_run, restore_walker
+    from .summary import summarize
+
+    t0 = time.perf_counter()
+    if args.resume:
+        out = Path(args.resume)
+        config, state, record = load_run(out)
+        start_path = out / "weights" / "start.safetensors"
+    else:
+        if not args.out:
+            raise ConfigError("out", None, "a folder to write the run to")
+        config = config_from_args(args)
+        out = Path(args.out)
+        start_path = Path(args.init) if args.init else None
+    if args.save_every < 0:
+        raise ConfigError("save-every", args.save_every, "an integer >= 0")
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(what: str, fraction: float) -> None:
+        if bar is not None:
+            bar.set_description_str(f"{what} {fraction:.0%}")
+
+    start = None
+    if start_path is not None:  # check the file against the model before any training happens
+        from .data import load_dataset
+        from .models import build_network
+
+        dataset = load_dataset(config.data)
+        net = build_network(config.model, dataset.input_shape, dataset.n_classes)
+        start, _ = match_params(read_tensors(start_path), net.init_params(config.seed), str(start_path), net.buffers)
+    experiment = build(config, progress=progress, start=start)
+    store = RunStore(out, save_every=args.save_every)
+    if args.resume:
+        restore_walker(experiment, out, state, record)
+        if args.n_steps:
+            experiment.walker.config = experiment.walker.config.__class__(
+                **{**experiment.walker.config.__dict__, "n_steps": args.n_steps})
+    store.begin(experiment)
+    walker = experiment.walker
+    n_steps = walker.config.n_steps if args.resume is None or args.n_steps else walker.config.n_steps
+    if bar is not None:
+        bar.reset(total=n_steps)
+        bar.set_description_str(f"{config.goal.kind} ({config.walk.solver})")
+    status = 0
+    try:
+        for point in walker.run(n_steps):
+            store.after_step(experiment)
+            if bar is not None:
+                acc = " ".join(f"{k}={v:.3f}" for k, v in point.accuracy.items())
+                bar.set_postfix_str(f"acc {acc} sparsity={point.sparsity:.3f} dist={point.goal_distance:.3g}")
+                bar.update(1)
+    except WalkDiverged as err:
+        print(f"geodesic: {err}", file=sys.stderr)
+        status = 3
+    except KeyboardInterrupt:
+        print("geodesic: interrupted; the run is saved and can be continued with --resume", file=sys.stderr)
+        status = 130
+    finally:
+        if bar is not None:
+            bar.close()
+        summary = summarize(experiment, wall_seconds=time.perf_counter() - t0)
+        store.finish(experiment, summary)
+    if not args.quiet:
+        end = summary["end"]
+        line = " ".join(f"{k}={v:.4f}" for k, v in end["test_accuracy"].items())
+        extra = f" error_barrier={summary['error_barrier']:.4f} (straight line {summary['linear_error_barrier']:.4f})" \
+            if "error_barrier" in summary else ""
+        print(f"{summary['steps']} steps, {summary['wall_seconds']:.1f} s: test accuracy {line}, "
+              f"sparsity {end['sparsity']:.3f}{extra} -> {out}", file=sys.stderr)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except GeodesicError as err:
+        print(f"geodesic: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,110 @@
+"""The run store: a walk saved as it goes, so nothing but the steps since the last flush can be lost.
+
+    DIR/config.json            the RunConfig the walk was built from
+    DIR/state.json             step, stop reason, the walk settings in force (step size may have changed)
+    DIR/steps.parquet          the per-step table (readable by pandas at any moment)
+    DIR/weights/start.safetensors, last.safetensors (+ generator state), step-NNNNNN.safetensors, final.safetensors
+    DIR/summary.json           written when the walk stops
+
+Every file is written to a temporary name and renamed, so a crash or kill -9 mid-write leaves the
+previous good version in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import match_params, read_tensors, save_weights
+from .config import RunConfig, WalkConfig
+from .errors import CheckpointError
+from .experiment import Experiment
+from .path import PathRecord, WeightTrace, write_json
+
+
+class RunStore:
+    def __init__(self, directory: str | Path, flush_seconds: float = 2.0, save_every: int = 0):
+        self.directory = Path(directory)
+        self.flush_seconds = flush_seconds
+        self.save_every = save_every  # also keep the weights of every k-th step (0: none)
+        self._last_flush = 0.0
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.directory / "weights"
+
+    def begin(self, experiment: Experiment) -> None:
+        """Create the folder and write the settings and the start weights."""
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.directory / "config.json", experiment.config.to_dict())
+        if not (self.weights_dir / "start.safetensors").exists():
+            save_weights(experiment.start, self.weights_dir / "start.safetensors", experiment.buffers)
+        self.flush(experiment, force=True)
+
+    def after_step(self, experiment: Experiment) -> None:
+        walker = experiment.walker
+        if self.save_every and walker.n_steps % self.save_every == 0:
+            save_weights(walker.params, self.weights_dir / f"step-{walker.n_steps:06d}.safetensors", walker.buffers)
+        self.flush(experiment)
+
+    def flush(self, experiment: Experiment, force: bool = False) -> None:
+        """Write the table, the last weights and the state (at most every flush_seconds unless forced)."""
+        now = time.monotonic()
+        if not force and now - self._last_flush < self.flush_seconds:
+            return
+        walker = experiment.walker
+        walker.record.save(self.directory / "steps.parquet")
+        weights = dict(walker.params)
+        weights["state:generator"] = walker.generator.get_state()
+        save_weights(weights, self.weights_dir / "last.safetensors", walker.buffers)
+        write_json(self.directory / "state.json", {
+            "step": walker.n_steps, "is_done": walker.is_done, "stop_reason": walker.stop_reason,
+            "walk": dataclasses.asdict(walker.config)})
+        self._last_flush = now
+
+    def finish(self, experiment: Experiment, summary: dict) -> None:
+        self.flush(experiment, force=True)
+        save_weights(experiment.walker.params, self.weights_dir / "final.safetensors", experiment.walker.buffers)
+        write_json(self.directory / "summary.json", summary)
+
+
+def load_run(directory: str | Path) -> tuple[RunConfig, dict, PathRecord]:
+    """(config, state, record) of a saved run; a clear error if the folder is not one."""
+    directory = Path(directory)
+    try:
+        config = RunConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        state = json.loads((directory / "state.json").read_text())
+        record = PathRecord.load(directory / "steps.parquet")
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{directory} is not a saved run: {Path(err.filename).name} is missing") from err
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"{directory}: a run file is unreadable ({err})") from err
+    return config, state, record
+
+
+def restore_walker(experiment: Experiment, directory: str | Path, state: dict, record: PathRecord) -> None:
+    """Put the saved walk's position, history, settings and randomness back into experiment.walker."""
+    walker = experiment.walker
+    tensors = read_tensors(Path(directory) / "weights" / "last.safetensors")
+    generator_state = tensors.pop("state:generator", None)
+    params, buffers = match_params(tensors, walker.params, "last.safetensors", walker.buffers)
+    n_saved = len(record)
+    if record.last.step != state["step"]:  # the table was flushed after the weights: cut it back
+        record = PathRecord([p for p in record.points if p.step <= state["step"]])
+    if not record.points or record.last.step != state["step"]:
+        raise CheckpointError(f"{directory}: steps.parquet ({n_saved} rows) does not reach step {state['step']}")
+    walker.params = params
+    walker.buffers.update(buffers)
+    walker.config = WalkConfig(**state["walk"])
+    walker.record = record
+    walker.trace = WeightTrace(walker.trace.n_params, seed=walker.seed)
+    for _ in record.points:  # earlier weights are not stored: the trace restarts from here
+        walker.trace.append(params)
+    walker._euclidean_length = record.last.euclidean_length
+    walker._functional_length = record.last.functional_length
+    walker.is_done, walker.stop_reason = state["is_done"], state["stop_reason"]
+    if generator_state is not None:
+        walker.generator.set_state(generator_state.to(torch.uint8))

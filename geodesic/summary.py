@@ -1,0 +1,39 @@
+"""The numbers a finished (or paused) walk is judged by: summary.json's contents."""
+from __future__ import annotations
+
+from .baselines import barrier, straight_line
+from .experiment import Experiment
+
+
+def summarize(experiment: Experiment, wall_seconds: float) -> dict:
+    """start/end accuracy and sparsity, the lowest accuracy along the path, and for connect the
+    error and loss barriers of the walk beside those of the straight line (21-point α grid)."""
+    cfg, walker = experiment.config, experiment.walker
+    record = walker.record
+    first, last = record[0], record.last
+
+    def point(p) -> dict:
+        return {"test_accuracy": dict(p.accuracy), "test_loss": dict(p.loss), "sparsity": p.sparsity,
+                **({"prune_now_accuracy": {k.split("/", 1)[1]: v for k, v in p.extra.items()}} if p.extra else {})}
+
+    summary = {
+        "goal": cfg.goal.kind, "dataset": cfg.data.name, "model": cfg.model.name, "solver": cfg.walk.solver,
+        "new_task": cfg.goal.new_task if cfg.goal.kind == "new-task" else None,
+        "target_sparsity": cfg.goal.target_sparsity if cfg.goal.kind == "sparsify" else None,
+        "seed": cfg.seed, "device": str(experiment.device), "steps": last.step,
+        "reached_goal": walker.stop_reason == "goal reached", "stop_reason": walker.stop_reason,
+        "wall_seconds": wall_seconds, "step_seconds_mean": (
+            sum(p.step_seconds for p in record.points[1:]) / max(len(record) - 1, 1)),
+        "start": point(first), "end": point(last), "min_test_accuracy": record.min_accuracy(),
+        "euclidean_length": last.euclidean_length, "functional_length": last.functional_length,
+    }
+    if cfg.goal.kind == "connect":
+        errors = [1 - p.accuracy["A"] for p in record.points]
+        losses = [p.loss["A"] for p in record.points]
+        line = straight_line(walker.model_fn, experiment.start, experiment.end, experiment.tasks["A"], n_points=21)
+        summary.update(
+            error_barrier=barrier(errors), loss_barrier=barrier(losses),
+            linear_error_barrier=barrier(1 - line["accuracy"]), linear_loss_barrier=barrier(line["loss"]),
+            linear_min_test_accuracy=float(line["accuracy"].min()),
+        )
+    return summary

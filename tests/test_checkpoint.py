@@ -1,0 +1,63 @@
+"""Weights load without running code from the file; mismatches name the tensor; big files are refused."""
+import pickle
+
+import pytest
+import torch
+
+from geodesic.checkpoint import match_params, read_tensors, save_weights
+from geodesic.errors import CheckpointError
+
+
+class _WritesAFile:
+    """Unpickling this would create a file: the attack a code-carrying checkpoint makes."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_pickle_carrying_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"w": _WritesAFile(str(marker))}, f)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        read_tensors(path)
+    assert not marker.exists()
+
+
+def test_state_dict_and_safetensors_round_trip(tmp_path):
+    params = {"a.weight": torch.randn(3, 2), "a.bias": torch.randn(3)}
+    torch.save(params, tmp_path / "w.pt")
+    save_weights(params, tmp_path / "w.safetensors")
+    for name in ("w.pt", "w.safetensors"):
+        loaded, _ = match_params(read_tensors(tmp_path / name), params)
+        assert all(torch.equal(loaded[k], params[k]) for k in params)
+
+
+def test_mismatches_name_the_first_bad_tensor(tmp_path):
+    like = {"a.weight": torch.zeros(3, 2), "a.bias": torch.zeros(3)}
+    with pytest.raises(CheckpointError, match=r"'a.weight' has shape \(2, 2\), the model expects \(3, 2\)"):
+        match_params({"a.weight": torch.zeros(2, 2), "a.bias": torch.zeros(3)}, like)
+    with pytest.raises(CheckpointError, match="missing tensor 'a.bias'"):
+        match_params({"a.weight": torch.zeros(3, 2)}, like)
+    with pytest.raises(CheckpointError, match="unexpected tensor 'b.weight'"):
+        match_params({"a.weight": torch.zeros(3, 2), "a.bias": torch.zeros(3), "b.weight": torch.zeros(1)}, like)
+
+
+def test_truncated_and_oversized_files_are_refused(tmp_path):
+    save_weights({"w": torch.randn(100)}, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable .safetensors"):
+        read_tensors(tmp_path / "cut.safetensors")
+    torch.save({"w": torch.randn(100)}, tmp_path / "w.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "w.pt").read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="refused to load"):
+        read_tensors(tmp_path / "cut.pt")
+    with pytest.raises(CheckpointError, match="over the"):
+        read_tensors(tmp_path / "w.safetensors", max_bytes=10)
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_tensors(tmp_path / "absent.pt")

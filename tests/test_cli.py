@@ -1,0 +1,87 @@
+"""The CLI contract: files written, summary fields, exit status 2 on bad settings, --resume."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def geodesic(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "geodesic", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_sparsify_run_writes_the_contract_files(tmp_path):
+    out = tmp_path / "run"
+    result = geodesic("run", "--goal", "sparsify", "--dataset", "digits", "--out", str(out), "--epochs", "10",
+                      "--target-sparsity", "0.5", "--quiet")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("goal", "dataset", "model", "solver", "steps", "wall_seconds", "start", "end", "min_test_accuracy"):
+        assert key in summary
+    assert summary["end"]["sparsity"] >= 0.5 and summary["reached_goal"]
+    assert set(summary["end"]["test_accuracy"]) == {"A"}
+    table = pd.read_parquet(out / "steps.parquet")
+    assert len(table) == summary["steps"] + 1 and "accuracy/A" in table and "functional_step" in table
+    assert (out / "config.json").exists() and (out / "weights" / "final.safetensors").exists()
+
+
+def test_connect_summary_has_both_barriers(tmp_path):
+    out = tmp_path / "connect"
+    result = geodesic("run", "--goal", "connect", "--out", str(out), "--epochs", "10", "--n-steps", "5", "--quiet")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["linear_error_barrier"] > 0 and "error_barrier" in summary
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--goal", "sparsify", "--target-sparsity", "1.5"], "target-sparsity: got 1.5"),
+    (["--goal", "sparsify", "--step-size", "0"], "max-step-norm: got 0.0"),
+    (["--goal", "sparsify", "--step-size", "-0.1"], "max-step-norm: got -0.1"),
+    (["--goal", "connect", "--probe-size", "0"], "probe-size: got 0"),
+    (["--goal", "sparsify", "--hidden", "12,x"], "hidden: got '12,x'"),
+    (["--goal", "teleport"], "invalid choice: 'teleport'"),
+    (["--goal", "sparsify", "--dataset", "mnist", "--data-root", "/nonexistent"], "does not exist"),
+    (["--goal", "sparsify", "--seed", "-1"], "seed: got -1"),
+    (["--goal", "sparsify", "--init", "/nonexistent.pt"], "no such file"),
+])
+def test_bad_settings_exit_2_with_a_message_and_no_traceback(tmp_path, args, fragment):
+    result = geodesic("run", "--out", str(tmp_path / "x"), "--quiet", *args, timeout=120)
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_continues_a_saved_walk(tmp_path):
+    out = tmp_path / "run"
+    first = geodesic("run", "--goal", "sparsify", "--out", str(out), "--epochs", "10", "--n-steps", "4", "--quiet")
+    assert first.returncode == 0, first.stderr
+    again = geodesic("run", "--resume", str(out), "--n-steps", "3", "--quiet")
+    assert again.returncode == 0, again.stderr
+    table = pd.read_parquet(out / "steps.parquet")
+    assert table["step"].tolist() == list(range(8))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 7
+
+
+def test_init_loads_a_state_dict_and_rejects_a_wrong_one(tmp_path):
+    import torch
+
+    from geodesic.config import ModelConfig
+    from geodesic.models import build_network
+
+    net = build_network(ModelConfig(), (64,), 10)
+    good = net.init_params(5)
+    torch.save(good, tmp_path / "good.pt")
+    bad = dict(good)
+    bad["layers.1.weight"] = torch.zeros(3, 3)
+    torch.save(bad, tmp_path / "bad.pt")
+    ok = geodesic("run", "--goal", "sparsify", "--out", str(tmp_path / "a"), "--init", str(tmp_path / "good.pt"),
+                  "--n-steps", "2", "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    refused = geodesic("run", "--goal", "sparsify", "--out", str(tmp_path / "b"), "--init", str(tmp_path / "bad.pt"),
+                       "--quiet")
+    assert refused.returncode == 2 and "'layers.1.weight' has shape (3, 3)" in refused.stderr

@@ -1,0 +1,96 @@
+"""The walker: one step per call, recorded events, branching, divergence, and the Python API."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from geodesic import Sparsify, WalkConfig, Walker, from_tensors, network_from_module
+from geodesic.config import GoalConfig, RunConfig, TrainConfig, default_walk
+from geodesic.errors import ConfigError, WalkDiverged
+from geodesic.experiment import build
+from geodesic.params import flatten
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    config = RunConfig(goal=GoalConfig(kind="sparsify"), train=TrainConfig(epochs=10),
+                       walk=default_walk("sparsify", "constrained", n_steps=50))
+    return build(config)
+
+
+def test_step_adds_exactly_one_point_with_every_field(experiment):
+    walker = build(experiment.config).walker
+    assert len(walker.record) == 1 and walker.record[0].event == "start"
+    point = walker.step()
+    assert len(walker.record) == 2 and point.step == 1
+    assert 0 < point.step_norm <= walker.config.max_step_norm + 1e-6
+    assert point.euclidean_length == pytest.approx(point.step_norm)
+    assert point.functional_length == pytest.approx(math.sqrt(point.functional_step))
+    assert -1 <= point.alignment <= 1 and point.drift >= 0
+    assert set(point.accuracy) == {"A"} and "prune_now_accuracy/A" in point.extra
+    row = walker.record.to_frame().iloc[-1]
+    assert row["accuracy/A"] == point.accuracy["A"]
+
+
+def test_changing_the_step_size_is_a_recorded_event(experiment):
+    walker = build(experiment.config).walker
+    walker.step()
+    walker.set_step_size(0.02)
+    point = walker.step()
+    assert point.event == f"step size {experiment.config.walk.max_step_norm:g} -> 0.02" and point.step_size == 0.02
+    assert point.step_norm <= 0.02 + 1e-7
+    assert walker.step().event == ""
+    with pytest.raises(ConfigError, match="max-step-norm"):
+        walker.set_step_size(-1.0)
+    assert walker.config.max_step_norm == 0.02  # a refused change keeps the walk as it was
+
+
+def test_branch_starts_from_a_recorded_point_and_keeps_history(experiment):
+    walker = build(experiment.config).walker
+    for _ in walker.run(4):
+        pass
+    child = walker.branch(2, walker.config.__class__(**{**walker.config.__dict__, "max_step_norm": 0.05}))
+    assert len(child.record) == 3
+    torch.testing.assert_close(flatten(child.params), torch.as_tensor(walker.trace.rows[2]))
+    point = child.step()
+    assert point.step == 3 and point.event == "branched from step 2"
+    assert len(walker.record) == 5  # the parent is untouched
+    with pytest.raises(ConfigError):
+        walker.branch(99)
+
+
+def test_non_finite_step_stops_the_walk_and_keeps_the_last_finite_point(experiment):
+    walker = build(experiment.config).walker
+    walker.step()
+    before = {k: v.clone() for k, v in walker.params.items()}
+    first = next(iter(walker.params))
+    walker.params[first] = walker.params[first].clone()
+    walker.params[first][0, 0] = float("nan")  # inject a NaN weight
+    with pytest.raises(WalkDiverged, match="not finite"):
+        walker.step()
+    assert walker.is_done and len(walker.record) == 2
+    assert all(torch.equal(before[k], walker.params[k]) for k in before if k != first)
+
+
+def test_python_api_walks_your_own_module_and_tensors():
+    """What the README shows a researcher: an nn.Module and tensors, no CLI, no config files."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 10, generator=gen)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    data = from_tensors(x[:300], y[:300], x[300:], y[300:])
+    module = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(module(data.train.x), data.train.y).backward()
+        opt.step()
+    net, params = network_from_module(module)
+    goal = Sparsify.for_network(net, params, data, target_sparsity=0.5)
+    walker = Walker(net, params, goal, WalkConfig(max_step_norm=0.1, goal_weight=0.003, restoring_weight=0.3),
+                    tasks={"A": data})
+    for _ in walker.run(300):
+        pass
+    assert walker.stop_reason == "goal reached"
+    assert walker.record.last.sparsity >= 0.5
+    assert walker.record.last.accuracy["A"] >= walker.record[0].accuracy["A"] - 0.05
