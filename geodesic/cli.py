@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--solver", default="constrained", choices=SOLVERS, help="step rule")
     run.add_argument("--step-size", type=float, help="ε, the length of every step (default: tuned per goal)")
     run.add_argument("--goal-weight", type=float, help="β (constrained) or λ (penalty)")
+    run.add_argument("--goal-weight-growth", type=float, help="penalty walk: λ grows by this factor per step")
     run.add_argument("--restoring-weight", type=float, help="ρ, the pull back onto equivalent networks (constrained)")
     run.add_argument("--metric", choices=METRICS, help="fisher (probabilities) or logit (raw outputs)")
     run.add_argument("--probe-size", type=int, help="N, inputs the metric is evaluated on each step")
@@ -47,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="start network and batches; connect uses seed and seed+1")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     run.add_argument("--target-sparsity", type=float, default=0.9, help="sparsify: fraction of weights to zero")
-    run.add_argument("--tolerance", type=float, default=0.01, help="sparsify/connect: done within this distance")
+    run.add_argument("--tolerance", type=float, help="sparsify/connect: done within this distance "
+                     "(default 0.01 for sparsify, 0.1 for connect)")
     run.add_argument("--new-task", default="permuted", choices=NEW_TASKS, help="new-task protocol")
     run.add_argument("--memory-size", type=int, default=500, help="new-task: task-A inputs kept")
     run.add_argument("--epochs", type=int, default=30, help="training epochs of the start network(s)")
@@ -69,7 +71,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.goal is None:
         raise ConfigError("goal", None, ", ".join(GOALS))
     walk = default_walk(args.goal, args.solver, max_step_norm=args.step_size, goal_weight=args.goal_weight,
-                        restoring_weight=args.restoring_weight, metric=args.metric, probe_size=args.probe_size,
+                        restoring_weight=args.restoring_weight, goal_weight_growth=args.goal_weight_growth, metric=args.metric, probe_size=args.probe_size,
                         batch_size=args.batch_size, n_steps=args.n_steps)
     return RunConfig(
         goal=GoalConfig(kind=args.goal, target_sparsity=args.target_sparsity, new_task=args.new_task,

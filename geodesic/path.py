@@ -20,6 +20,7 @@ class PathPoint:
 
     step: int
     step_size: float  # ε in force for this step
+    goal_weight: float  # β or λ in force for this step
     step_norm: float  # ‖θ‖
     functional_step: float  # θᵀgθ on the step's probe
     euclidean_length: float  # Σ‖θ‖ so far

@@ -63,8 +63,15 @@ class Walker:
         return self.network.apply(params, x, self.buffers)
 
     @property
+    def goal_weight(self) -> float:
+        """β or λ in force for the next step (λ grows by goal_weight_growth per step in the penalty walk)."""
+        cfg = self.config
+        growth = cfg.goal_weight_growth if cfg.solver == "penalty" else 1.0
+        return cfg.goal_weight * growth ** self.n_steps
+
+    @property
     def n_steps(self) -> int:
-        return self.record.last.step
+        return self.record.last.step if self.record.points else 0
 
     # -- walking -----------------------------------------------------------------------------------------
     def step(self) -> PathPoint:
@@ -80,6 +87,8 @@ class Walker:
         if self.goal.is_point_target:  # never overshoot a point target
             radius = min(radius, self.goal.distance(self.params))
         try:
+            if cfg.solver == "penalty" and cfg.goal_weight_growth != 1.0:
+                cfg = dataclasses.replace(cfg, goal_weight=self.goal_weight)
             step = STEP_RULES[cfg.solver](self.params, self.goal, batch, probe, cfg, radius, self.model_fn)
             new_params = flush_subnormal(add(self.params, step.tangent_vec))
             diverged = not (is_finite(new_params) and math.isfinite(step.functional_step))
@@ -157,7 +166,7 @@ class Walker:
             losses[name], accuracies[name] = evaluate(self.model_fn, params, x, y)
         drift = float(self.goal.function_distance(self.model_fn(params, self._drift_probe), self._drift_anchor).mean())
         return PathPoint(
-            step=step, step_size=self.config.max_step_norm, step_norm=step_norm, functional_step=functional_step,
+            step=step, step_size=self.config.max_step_norm, goal_weight=self.goal_weight, step_norm=step_norm, functional_step=functional_step,
             euclidean_length=self._euclidean_length, functional_length=self._functional_length, drift=drift,
             alignment=alignment, loss=losses, accuracy=accuracies,
             sparsity=sparsity(params, self.network.prunable), goal_distance=self.goal.distance(params),

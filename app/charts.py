@@ -1,0 +1,212 @@
+"""Pure plotly builders: plain tables and arrays in, figures out. No Streamlit, no tensors.
+
+`runs` arguments are lists of (label, frame) so branches and compared runs share every chart.
+Events (step-size changes, branches, projection) are drawn as vertical dotted lines on step axes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04"]
+Runs = list[tuple[str, pd.DataFrame]]
+
+
+def _layout(fig: go.Figure, title: str, height: int = 340) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=15)), height=height, template="plotly_white",
+                      margin=dict(l=50, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.2),
+                      uirevision="keep")  # keep zoom and legend state across live refreshes
+    return fig
+
+
+def _events(fig: go.Figure, frame: pd.DataFrame, row: int | None = None, col: int | None = None) -> None:
+    if "event" not in frame:
+        return
+    for step, event in frame.loc[frame["event"].fillna("") != "", ["step", "event"]].itertuples(index=False):
+        if event == "start":
+            continue
+        kwargs = dict(row=row, col=col) if row else {}
+        fig.add_vline(x=step, line=dict(color="#64748b", dash="dot", width=1), **kwargs)
+        fig.add_annotation(x=step, y=1, yref="y domain" if not row else f"y{'' if row == 1 else row} domain",
+                           text=event, showarrow=False, textangle=-90, xanchor="right", yanchor="top",
+                           font=dict(size=10, color="#475569"))
+
+
+def _tasks(frame: pd.DataFrame, prefix: str) -> list[str]:
+    return [c.split("/", 1)[1] for c in frame.columns if c.startswith(prefix + "/")]
+
+
+def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
+    """Test accuracy per task (top) and test loss (bottom) along the path, with baselines overlaid."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.62, 0.38])
+    for i, (label, frame) in enumerate(runs):
+        color = PALETTE[i % len(PALETTE)]
+        for j, task in enumerate(_tasks(frame, "accuracy")):
+            dash = ["solid", "dash", "dot"][j % 3]
+            fig.add_trace(go.Scatter(x=frame["step"], y=100 * frame[f"accuracy/{task}"], name=f"{label}: task {task}",
+                                     line=dict(color=color, dash=dash)), row=1, col=1)
+            fig.add_trace(go.Scatter(x=frame["step"], y=frame[f"loss/{task}"], name=f"{label}: loss {task}",
+                                     line=dict(color=color, dash=dash), showlegend=False), row=2, col=1)
+        for task in _tasks(frame, "prune_now_accuracy"):
+            fig.add_trace(go.Scatter(x=frame["step"], y=100 * frame[f"prune_now_accuracy/{task}"],
+                                     name=f"{label}: prune now ({task})", line=dict(color=color, width=1),
+                                     opacity=0.5), row=1, col=1)
+        if i == 0:
+            _events(fig, frame, row=1, col=1)
+    for name, value in (baselines or {}).get("lines", {}).items():
+        fig.add_hline(y=100 * value, line=dict(color="#0f172a", dash="dash", width=1), row=1, col=1,
+                      annotation_text=f"{name}: {100 * value:.1f}%", annotation_position="bottom right")
+    for name, curve in (baselines or {}).get("curves", {}).items():
+        for task in _tasks(curve, "accuracy"):
+            fig.add_trace(go.Scatter(x=curve["step"], y=100 * curve[f"accuracy/{task}"], name=f"{name}: task {task}",
+                                     line=dict(color="#0f172a", dash="dashdot", width=1.5)), row=1, col=1)
+    fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1)
+    fig.update_yaxes(title_text="test loss", row=2, col=1)
+    fig.update_xaxes(title_text="step", row=2, col=1)
+    return _layout(fig, "Accuracy and loss along the path", height=460)
+
+
+def path_projection(coords: dict[str, np.ndarray], title: str, axis_labels: list[str],
+                    steps: dict[str, np.ndarray], residual: dict[str, np.ndarray] | None = None,
+                    goal_point: np.ndarray | None = None, contour: dict | None = None) -> go.Figure:
+    """The path in 2-D or 3-D (coords[label]: (n, 2|3)); start, current and goal marked.
+
+    residual[label]: ‖w − proj(w)‖ per point, shown as colour and hover (what the projection loses).
+    contour: {"a", "b", "loss"} drawn behind a 2-D path and labelled as the loss on that plane."""
+    dims = next(iter(coords.values())).shape[1] if coords else 2
+    fig = go.Figure()
+    if contour is not None and dims == 2:
+        fig.add_trace(go.Contour(x=contour["a"], y=contour["b"], z=contour["loss"], colorscale="Greys", opacity=0.5,
+                                 name="test loss on this plane", showscale=True,
+                                 colorbar=dict(title="loss on plane", x=1.02), contours=dict(showlabels=True)))
+    for i, (label, xyz) in enumerate(coords.items()):
+        color = PALETTE[i % len(PALETTE)]
+        hover = [f"step {s}" + (f"<br>residual {r:.3g}" if residual else "")
+                 for s, r in zip(steps[label], residual[label] if residual else np.zeros(len(xyz)))]
+        marker = dict(size=4, color=color)
+        if residual:
+            marker = dict(size=5, color=residual[label], colorscale="Viridis", showscale=(i == 0),
+                          colorbar=dict(title="residual", x=1.12 if contour else 1.0))
+        scatter = go.Scatter3d if dims == 3 else go.Scatter
+        axes = dict(x=xyz[:, 0], y=xyz[:, 1], **({"z": xyz[:, 2]} if dims == 3 else {}))
+        fig.add_trace(scatter(**axes, mode="lines+markers", name=label, line=dict(color=color), marker=marker,
+                              text=hover, hoverinfo="text"))
+        for idx, name, symbol in ((0, "start", "circle-open" if dims == 3 else "star"),
+                                  (-1, "current", "diamond")):
+            point = dict(x=[xyz[idx, 0]], y=[xyz[idx, 1]], **({"z": [xyz[idx, 2]]} if dims == 3 else {}))
+            fig.add_trace(scatter(**point, mode="markers", name=f"{label}: {name}",
+                                  marker=dict(size=12 if dims == 2 else 6, color=color, symbol=symbol,
+                                              line=dict(color="black", width=1)), showlegend=(i == 0)))
+    if goal_point is not None:
+        gp = dict(x=[goal_point[0]], y=[goal_point[1]], **({"z": [goal_point[2]]} if dims == 3 else {}))
+        (go.Scatter3d if dims == 3 else go.Scatter)
+        fig.add_trace((go.Scatter3d if dims == 3 else go.Scatter)(**gp, mode="markers", name="goal",
+                                                                   marker=dict(size=12 if dims == 2 else 6,
+                                                                               color="black", symbol="x")))
+    if dims == 3:
+        fig.update_layout(scene=dict(xaxis_title=axis_labels[0], yaxis_title=axis_labels[1],
+                                     zaxis_title=axis_labels[2]))
+    else:
+        fig.update_xaxes(title_text=axis_labels[0])
+        fig.update_yaxes(title_text=axis_labels[1])
+    return _layout(fig, title, height=440)
+
+
+def step_lengths(runs: Runs) -> go.Figure:
+    """Functional step √(θᵀgθ) against Euclidean step ‖θ‖ (left) and cumulative lengths (right)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("per step", "cumulative"))
+    for i, (label, frame) in enumerate(runs):
+        color = PALETTE[i % len(PALETTE)]
+        steps = frame.iloc[1:]
+        fig.add_trace(go.Scatter(x=steps["step_norm"], y=np.sqrt(steps["functional_step"].clip(lower=0)),
+                                 mode="markers", name=f"{label}", marker=dict(color=color, size=5, opacity=0.6),
+                                 text=[f"step {s}" for s in steps["step"]]), row=1, col=1)
+        fig.add_trace(go.Scatter(x=frame["step"], y=frame["euclidean_length"], name=f"{label}: Σ‖θ‖",
+                                 line=dict(color=color)), row=1, col=2)
+        fig.add_trace(go.Scatter(x=frame["step"], y=frame["functional_length"], name=f"{label}: Σ√(θᵀgθ)",
+                                 line=dict(color=color, dash="dash")), row=1, col=2)
+    fig.update_xaxes(title_text="Euclidean step ‖θ‖", row=1, col=1)
+    fig.update_yaxes(title_text="functional step √(θᵀgθ)", row=1, col=1)
+    fig.update_xaxes(title_text="step", row=1, col=2)
+    fig.update_yaxes(title_text="path length", row=1, col=2)
+    return _layout(fig, "Large weight moves, small output moves", height=360)
+
+
+def sparsity_and_distance(runs: Runs) -> go.Figure:
+    """Sparsity against accuracy (with prune-now accuracy), and distance to the goal against step."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs sparsity", "distance to goal"))
+    for i, (label, frame) in enumerate(runs):
+        color = PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Scatter(x=100 * frame["sparsity"], y=100 * frame["accuracy/A"], mode="lines+markers",
+                                 name=f"{label}: accuracy", line=dict(color=color), marker=dict(size=3)), row=1, col=1)
+        if "prune_now_accuracy/A" in frame:
+            fig.add_trace(go.Scatter(x=frame["step"], y=100 * frame["prune_now_accuracy/A"],
+                                     name=f"{label}: prune-now accuracy (vs step)", line=dict(color=color, dash="dot"),
+                                     xaxis="x3", visible="legendonly"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=frame["step"], y=frame["goal_distance"], name=f"{label}: distance",
+                                 line=dict(color=color)), row=1, col=2)
+    fig.update_xaxes(title_text="sparsity (%)", row=1, col=1)
+    fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1)
+    fig.update_xaxes(title_text="step", row=1, col=2)
+    fig.update_yaxes(title_text="‖w − target‖ or task-B loss", type="log", row=1, col=2)
+    return _layout(fig, "Sparsity and distance to the goal", height=360)
+
+
+def accuracy_vs_alpha(runs: list[tuple[str, np.ndarray, np.ndarray]], line: pd.DataFrame | None) -> go.Figure:
+    """Connect: test accuracy against position α ∈ [0, 1] for the walk(s) and the straight line."""
+    fig = go.Figure()
+    for i, (label, alpha, accuracy) in enumerate(runs):
+        fig.add_trace(go.Scatter(x=alpha, y=100 * accuracy, name=f"{label}: walk", line=dict(color=PALETTE[i])))
+    if line is not None:
+        fig.add_trace(go.Scatter(x=line["alpha"], y=100 * line["accuracy"], name="straight line",
+                                 line=dict(color="#0f172a", dash="dash"), mode="lines+markers"))
+    fig.update_xaxes(title_text="position along the path α (by Euclidean length)")
+    fig.update_yaxes(title_text="test accuracy (%)")
+    return _layout(fig, "Connect: the walk against the straight line")
+
+
+def per_task_accuracy(runs: Runs, baseline: pd.DataFrame | None = None) -> go.Figure:
+    """New task: accuracy on every task against step, naive fine-tuning overlaid."""
+    fig = go.Figure()
+    for i, (label, frame) in enumerate(runs):
+        for j, task in enumerate(_tasks(frame, "accuracy")):
+            fig.add_trace(go.Scatter(x=frame["step"], y=100 * frame[f"accuracy/{task}"], name=f"{label}: {task}",
+                                     line=dict(color=PALETTE[(2 * i + j) % len(PALETTE)])))
+    if baseline is not None:
+        for task in _tasks(baseline, "accuracy"):
+            fig.add_trace(go.Scatter(x=baseline["step"], y=100 * baseline[f"accuracy/{task}"],
+                                     name=f"naive fine-tuning: {task}", line=dict(color="#0f172a", dash="dash")))
+    fig.update_xaxes(title_text="step (fine-tuning: optimiser steps)")
+    fig.update_yaxes(title_text="test accuracy (%)")
+    return _layout(fig, "New task: every task along the path")
+
+
+def heatmap(steps: np.ndarray, probs: np.ndarray) -> go.Figure:
+    """Rows: networks along the path; columns: test examples; cell: p(true class)."""
+    fig = go.Figure(go.Heatmap(z=probs, y=[str(s) for s in steps], colorscale="RdYlGn", zmin=0, zmax=1,
+                               colorbar=dict(title="p(true)"), hovertemplate="step %{y}, example %{x}: %{z:.2f}"))
+    fig.update_xaxes(title_text="test example (sorted by the start network's confidence)")
+    fig.update_yaxes(title_text="step", type="category", autorange="reversed")
+    return _layout(fig, "Per-example probability of the true class", height=420)
+
+
+def spectrum(eigenvalues: np.ndarray, probe_size: int, n_params: int) -> go.Figure:
+    fig = go.Figure(go.Scatter(x=np.arange(1, len(eigenvalues) + 1), y=np.maximum(eigenvalues, 1e-12),
+                               mode="lines+markers"))
+    fig.update_yaxes(type="log", title_text="eigenvalue of g")
+    fig.update_xaxes(title_text="rank")
+    return _layout(fig, f"Metric spectrum at the current point (probe of {probe_size} inputs; "
+                        f"rank ≤ N·C of {n_params:,} directions)")
+
+
+def decision_boundary(grid: dict) -> go.Figure:
+    fig = go.Figure(go.Contour(x=grid["x"], y=grid["y"], z=grid["p"], colorscale="RdBu", zmin=0, zmax=1,
+                               contours=dict(start=0, end=1, size=0.1), colorbar=dict(title="p(class 1)")))
+    pts, labels = grid["points"], grid["labels"]
+    for c, color in ((0, "#b91c1c"), (1, "#1d4ed8")):
+        mask = labels == c
+        fig.add_trace(go.Scatter(x=pts[mask, 0], y=pts[mask, 1], mode="markers", name=f"class {c}",
+                                 marker=dict(size=4, color=color, line=dict(color="white", width=0.5))))
+    return _layout(fig, "Decision boundary of the current network", height=420)

@@ -1,0 +1,153 @@
+"""Widgets that turn into a RunConfig (and back into a shareable URL). Plain values in, plain values out.
+
+Numbers are not clamped by the widgets: a wrong value reaches the engine's own checks, whose message is
+shown next to the control, and the walk on screen is kept.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from geodesic.config import GOALS, NEW_TASKS, SOLVERS, DataConfig, GoalConfig, ModelConfig, RunConfig, TrainConfig, \
+    WALK_DEFAULTS, default_walk
+from geodesic.data import DATASETS, TORCHVISION_SETS
+from geodesic.errors import ConfigError
+from geodesic.models import MODEL_NAMES
+
+# widget key -> (query parameter, type); the URL reproduces the set-up
+URL_FIELDS = {
+    "goal": ("goal", str), "dataset": ("dataset", str), "model": ("model", str), "solver": ("solver", str),
+    "step_size": ("eps", float), "goal_weight": ("beta", float), "restoring_weight": ("rho", float),
+    "probe_size": ("probe", int), "seed": ("seed", int), "device": ("device", str),
+    "target_sparsity": ("sparsity", float), "new_task": ("protocol", str), "memory_size": ("memory", int),
+}
+# engine setting (as ConfigError names it) -> widget key, so a message lands next to its control
+SETTING_TO_WIDGET = {"max-step-norm": "step_size", "goal-weight": "goal_weight", "restoring-weight": "restoring_weight",
+                     "probe-size": "probe_size", "seed": "seed", "target-sparsity": "target_sparsity",
+                     "memory-size": "memory_size", "device": "device", "data": "data_root", "model": "model"}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _walk_defaults(goal: str, solver: str) -> dict:
+    walk = default_walk(goal, solver)
+    return {"step_size": walk.max_step_norm, "goal_weight": walk.goal_weight,
+            "restoring_weight": walk.restoring_weight, "probe_size": walk.probe_size}
+
+
+def init_widgets() -> None:
+    """Seed widget values once per session: URL parameters first, then the engine's defaults."""
+    if st.session_state.get("_widgets_ready"):
+        return
+    params = st.query_params
+    values = {"goal": "sparsify", "dataset": "digits", "model": "mlp", "solver": "constrained", "seed": 0,
+              "device": "auto", "target_sparsity": 0.9, "new_task": "permuted", "memory_size": 500, "data_root": ""}
+    for key, (name, cast) in URL_FIELDS.items():
+        if name in params and key in ("goal", "solver"):
+            values[key] = params[name]
+    goal = values["goal"] if values["goal"] in GOALS else "sparsify"
+    solver = values["solver"] if values["solver"] in SOLVERS else "constrained"
+    values.update(goal=goal, solver=solver, **_walk_defaults(goal, solver))
+    for key, (name, cast) in URL_FIELDS.items():
+        if name in params:
+            try:
+                values[key] = cast(params[name])
+            except ValueError:
+                st.session_state.setdefault("_url_errors", []).append(f"URL parameter {name}={params[name]!r} "
+                                                                      f"is not a {cast.__name__}; default used")
+    choices = {"dataset": DATASETS, "model": MODEL_NAMES, "device": DEVICES, "new_task": NEW_TASKS}
+    for key, allowed in choices.items():
+        if values[key] not in allowed:
+            st.session_state.setdefault("_url_errors", []).append(f"URL parameter for {key}: {values[key]!r} is not "
+                                                                  f"one of {', '.join(allowed)}; default used")
+            values[key] = {"dataset": "digits", "model": "mlp", "device": "auto", "new_task": "permuted"}[key]
+    for key, value in values.items():
+        st.session_state[key] = value
+    st.session_state["_widgets_ready"] = True
+
+
+def _reset_walk_fields() -> None:
+    """Goal or step rule changed: load the tuned defaults for the new pair."""
+    ss = st.session_state
+    if (ss.goal, ss.solver) in WALK_DEFAULTS:
+        for key, value in _walk_defaults(ss.goal, ss.solver).items():
+            ss[key] = value
+
+
+def _message(errors: dict[str, str], key: str) -> None:
+    if key in errors:
+        st.error(errors[key], icon="⚠️")
+
+
+def sidebar(errors: dict[str, str], device_in_use: str | None) -> bool:
+    """Draw the set-up controls; True when the user asked for a new walk with them."""
+    ss = st.session_state
+    st.header("Set up a walk")
+    st.selectbox("Goal", GOALS, key="goal", on_change=_reset_walk_fields,
+                 help="sparsify: reach a target sparsity; new-task: learn task B keeping A; "
+                      "connect: walk from network A to network B")
+    st.selectbox("Dataset", DATASETS, key="dataset")
+    if ss.dataset in TORCHVISION_SETS:
+        st.text_input("Data folder (torchvision layout)", key="data_root")
+    _message(errors, "data_root")
+    st.selectbox("Model", MODEL_NAMES, key="model")
+    _message(errors, "model")
+    st.radio("Step rule", SOLVERS, key="solver", horizontal=True, on_change=_reset_walk_fields,
+             help="constrained: argmin θᵀgθ − β⟨θ,v⟩ with ‖θ‖ ≤ ε; penalty: the authors' normalised gradient walk")
+    st.number_input("Step size ε", key="step_size", format="%.4f", step=0.01)
+    _message(errors, "step_size")
+    label = "Goal weight β" if ss.solver == "constrained" else "Goal weight λ"
+    st.number_input(label, key="goal_weight", format="%.4f", step=0.001)
+    _message(errors, "goal_weight")
+    if ss.solver == "constrained":
+        st.number_input("Restoring weight ρ", key="restoring_weight", format="%.3f", step=0.05)
+        _message(errors, "restoring_weight")
+    st.number_input("Probe size N", key="probe_size", step=4)
+    _message(errors, "probe_size")
+    if ss.goal == "sparsify":
+        st.number_input("Target sparsity", key="target_sparsity", format="%.3f", step=0.05)
+        _message(errors, "target_sparsity")
+    elif ss.goal == "new-task":
+        st.selectbox("Protocol", NEW_TASKS, key="new_task",
+                     help="permuted: task B permutes every input (domain-incremental); split: classes 0-4 then 5-9 "
+                          "with one head (class-incremental)")
+        st.number_input("Memory of task-A inputs", key="memory_size", step=50)
+        _message(errors, "memory_size")
+    else:
+        st.caption(f"Network B is trained like A from seed {ss.seed + 1 if isinstance(ss.seed, int) else '?'}.")
+    st.number_input("Seed", key="seed", step=1)
+    _message(errors, "seed")
+    st.selectbox("Device", DEVICES, key="device")
+    if device_in_use:
+        st.caption(f"in use: **{device_in_use}**")
+    _message(errors, "device")
+    _message(errors, "other")
+    return st.button("Start a new walk with these settings", type="primary", width="stretch")
+
+
+def config_from_widgets() -> RunConfig:
+    """The RunConfig the widgets describe; raises ConfigError naming the setting."""
+    ss = st.session_state
+    walk = default_walk(ss.goal, ss.solver, max_step_norm=ss.step_size, goal_weight=ss.goal_weight,
+                        restoring_weight=ss.restoring_weight if ss.solver == "constrained" else None,
+                        probe_size=ss.probe_size)
+    root = ss.get("data_root") or None
+    if ss.dataset in TORCHVISION_SETS and not root:
+        raise ConfigError("data", ss.dataset, "a data folder holding torchvision's files for this dataset")
+    return RunConfig(goal=GoalConfig(kind=ss.goal, target_sparsity=ss.target_sparsity, new_task=ss.new_task,
+                                     memory_size=ss.memory_size),
+                     walk=walk, data=DataConfig(name=ss.dataset, root=root), model=ModelConfig(name=ss.model),
+                     train=TrainConfig(), seed=ss.seed, device=ss.device)
+
+
+def widget_for(err: ConfigError) -> str:
+    return SETTING_TO_WIDGET.get(err.setting, "other")
+
+
+def write_url(config: RunConfig, teach: bool) -> None:
+    """Put the set-up in the URL (never a file path: data folders stay out of links)."""
+    st.query_params.from_dict({
+        "goal": config.goal.kind, "dataset": config.data.name, "model": config.model.name,
+        "solver": config.walk.solver, "eps": f"{config.walk.max_step_norm:g}", "beta": f"{config.walk.goal_weight:g}",
+        "rho": f"{config.walk.restoring_weight:g}", "probe": str(config.walk.probe_size), "seed": str(config.seed),
+        "device": config.device, "sparsity": f"{config.goal.target_sparsity:g}", "protocol": config.goal.new_task,
+        "memory": str(config.goal.memory_size), **({"teach": "1"} if teach else {}),
+    })

@@ -1,0 +1,14 @@
+"""geodesic dashboard: a router only. Views live in app/views/, one idea each."""
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run app/streamlit_app.py` from anywhere
+
+from app.views import explore, learn  # noqa: E402
+
+st.set_page_config(page_title="geodesic", page_icon="🧭", layout="wide")
+pages = [st.Page(explore.render, title="Explore", icon="🧭", url_path="explore", default=True),
+         st.Page(learn.render, title="Learn", icon="📐", url_path="learn")]
+st.navigation(pages).run()

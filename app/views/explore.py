@@ -1,0 +1,307 @@
+"""Explore: set up a walk, drive it (Step, Run/Pause, Reset, ε mid-walk, branch) and watch it live."""
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from app import charts, controls, session
+from geodesic import analysis
+from geodesic.errors import ConfigError, GeodesicError
+from geodesic.experiment import build
+from geodesic.projection import fit_pca, trustworthiness, umap_embed
+
+REFRESH_SECONDS = 0.5
+VIEWS = ("Overview", "Path", "Steps", "Examples", "Metric", "Boundary", "Data")
+PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
+
+
+def _build(config) -> None:
+    """Build a walk (training start networks if needed, with progress) and show it."""
+    bar = st.progress(0.0, text="preparing the walk")
+
+    def progress(what: str, fraction: float) -> None:
+        bar.progress(min(max(fraction, 0.0), 1.0), text=what)
+
+    experiment = build(config, progress=progress)
+    bar.progress(1.0, text="computing the baselines")
+    baselines = analysis.goal_baselines(experiment)
+    bar.empty()
+    session.install(experiment, baselines)
+
+
+def _start_walk(config) -> None:
+    s = session.state()
+    try:
+        _build(config)
+        controls.write_url(config, teach=st.query_params.get("teach") == "1")
+    except ConfigError as err:
+        s.errors = {controls.widget_for(err): str(err)}
+    except GeodesicError as err:  # data folder missing or corrupt, bad weights: keep the current walk
+        s.errors = {"data_root" if "data" in str(err).lower() else "other": str(err)}
+
+
+def _runs(s) -> list[tuple[str, object]]:
+    return [(b.label, b.walker.record.to_frame()) for b in s.branches]
+
+
+def _baseline_overlays(s) -> dict:
+    b = s.baselines
+    if "one_shot_accuracy" in b:
+        return {"lines": {"one-shot pruning": b["one_shot_accuracy"],
+                          f"masked fine-tuning ({b['masked_fine_tune_steps']} steps)": b["masked_fine_tune_accuracy"]}}
+    if "naive_fine_tune" in b:
+        return {"curves": {"naive fine-tuning": b["naive_fine_tune"]}}
+    return {}
+
+
+def _overview(s, runs) -> None:
+    st.plotly_chart(charts.accuracy_and_loss(runs, _baseline_overlays(s)), config=PLOT_CONFIG, key="acc")
+    goal = s.config.goal.kind
+    if goal == "sparsify":
+        st.plotly_chart(charts.sparsity_and_distance(runs), config=PLOT_CONFIG, key="sparsity")
+    elif goal == "new-task":
+        st.plotly_chart(charts.per_task_accuracy(runs, s.baselines.get("naive_fine_tune")), config=PLOT_CONFIG,
+                        key="tasks")
+    else:
+        walks = [(label, analysis.path_position(f), f["accuracy/A"].to_numpy()) for label, f in runs]
+        st.plotly_chart(charts.accuracy_vs_alpha(walks, s.baselines.get("straight_line")), config=PLOT_CONFIG,
+                        key="alpha")
+
+
+def _path(s, runs) -> None:
+    walker = s.walker
+    rows = {b.label: b.walker.trace.matrix() for b in s.branches}
+    steps = {label: frame["step"].to_numpy() for label, frame in runs}
+    main_rows = rows[s.branches[0].label]
+    c1, c2, c3 = st.columns([1, 1, 2])
+    dims = c1.radio("Dimensions", (2, 3), horizontal=True, key="pca_dims")
+    if c2.button("Refit PCA basis", help="The basis is fitted once and frozen so axes don't jump; refit here"):
+        s.basis = None
+    if s.basis is None and len(main_rows) >= 3:
+        s.basis = fit_pca(main_rows, n_components=3)
+    if s.basis is None:
+        st.info("The path needs at least 3 points for a projection: press Step or Run.")
+        return
+    basis = s.basis
+    projected = {label: basis.project(r) for label, r in rows.items()}
+    coords = {label: p[0][:, :dims] for label, p in projected.items()}
+    residual = {label: p[1] for label, p in projected.items()}
+    ev = basis.explained_variance_ratio
+    c3.caption(f"Basis fitted on {basis.n_fitted} points; explained variance PC1 {100 * ev[0]:.1f}%, "
+               f"PC2 {100 * ev[1]:.1f}%, PC3 {100 * ev[2]:.1f}%. Colour = residual ‖w − proj(w)‖ "
+               "(distance of each point from the plotted subspace).")
+    goal_point = None
+    end = getattr(s.experiment, "end", None)
+    if end is not None:
+        goal_point = basis.project(walker.trace.vector(end)[None])[0][0, :dims]
+    labels = [f"PC{i + 1} ({100 * ev[i]:.1f}%)" for i in range(dims)]
+    if dims == 2 and st.toggle("Loss contour behind the path (loss on this plane, ~1 s)", key="contour_on"):
+        xy = np.concatenate(list(coords.values()))
+        pad = 0.25 * (xy.max(0) - xy.min(0) + 1e-6)
+        extent = np.array([xy[:, 0].min() - pad[0], xy[:, 0].max() + pad[0], xy[:, 1].min() - pad[1],
+                           xy[:, 1].max() + pad[1]])
+        if s.contour is None or s.contour.get("basis") is not basis or st.button("Recompute contour"):
+            s.contour = {"basis": basis, **analysis.loss_on_plane(walker, basis, extent, resolution=15)}
+    contour = s.contour if dims == 2 and st.session_state.get("contour_on") else None
+    st.plotly_chart(charts.path_projection(coords, f"Path in weight space: PCA ({dims}-D)", labels, steps, residual,
+                                           goal_point, contour), config=PLOT_CONFIG, key="pca")
+    with st.expander("UMAP (on demand)"):
+        u1, u2, u3 = st.columns(3)
+        n_neighbors = u1.number_input("n_neighbors", value=15, min_value=2, max_value=200, key="umap_nn")
+        min_dist = u2.number_input("min_dist", value=0.1, min_value=0.0, max_value=1.0, step=0.05, key="umap_md")
+        umap_dims = u3.radio("Dimensions", (2, 3), horizontal=True, key="umap_dims")
+        if st.button("Compute UMAP of the path", help="The first UMAP in a process compiles (about 20-30 s)"):
+            with st.spinner("UMAP: compiling on first use, then fitting"):
+                try:
+                    emb = umap_embed(main_rows, umap_dims, int(n_neighbors), float(min_dist))
+                    s.umap = {"coords": emb, "steps": steps[s.branches[0].label][: len(emb)],
+                              "trust": trustworthiness(main_rows, emb), "params": (n_neighbors, min_dist)}
+                except ValueError as err:
+                    st.warning(str(err))
+        if s.umap is not None:
+            st.caption(f"UMAP of {len(s.umap['coords'])} points (n_neighbors={s.umap['params'][0]}, "
+                       f"min_dist={s.umap['params'][1]}); trustworthiness {s.umap['trust']:.3f} "
+                       "(1 = every local neighbourhood kept). UMAP distances are not weight-space distances.")
+            d = s.umap["coords"].shape[1]
+            st.plotly_chart(charts.path_projection({"main": s.umap["coords"]}, f"Path: UMAP ({d}-D)",
+                                                   [f"UMAP {i + 1}" for i in range(d)], {"main": s.umap["steps"]}),
+                            config=PLOT_CONFIG, key="umap")
+
+
+def _examples(s) -> None:
+    steps, probs = analysis.true_class_heatmap(s.walker)
+    st.plotly_chart(charts.heatmap(steps, probs), config=PLOT_CONFIG, key="heat")
+
+
+def _metric(s) -> None:
+    c1, c2 = st.columns([1, 3])
+    probe = c1.number_input("Probe size for the spectrum", value=64, min_value=2, max_value=512, key="spec_probe")
+    if c2.button("Compute the spectrum at the current point"):
+        with st.spinner("eigenvalues of g"):
+            s.spectrum = {"values": analysis.spectrum(s.walker, int(probe)), "probe": int(probe),
+                          "step": s.walker.n_steps}
+    if s.spectrum:
+        n_params = s.walker.trace.n_params
+        st.caption(f"Computed at step {s.spectrum['step']}.")
+        st.plotly_chart(charts.spectrum(s.spectrum["values"], s.spectrum["probe"], n_params), config=PLOT_CONFIG,
+                        key="spectrum")
+
+
+def _boundary(s) -> None:
+    if s.walker.tasks["A"].train.x.shape[1:] != (2,):
+        st.info("The decision boundary is drawn for the 2-D toy datasets (moons, circles, spirals).")
+        return
+    st.plotly_chart(charts.decision_boundary(analysis.decision_grid(s.walker)), config=PLOT_CONFIG, key="boundary")
+
+
+def _data(s, runs) -> None:
+    frame = runs[s.active][1]
+    st.dataframe(frame.tail(200), width="stretch", height=260)
+    c1, c2, c3, c4 = st.columns(4)
+    name = f"geodesic-{s.config.goal.kind}-{s.config.walk.solver}-step{s.walker.n_steps}"
+    c1.download_button("Table (CSV)", analysis.table_bytes(frame, "csv"), f"{name}.csv", "text/csv")
+    c2.download_button("Table (Parquet)", analysis.table_bytes(frame, "parquet"), f"{name}.parquet")
+    c3.download_button("Weights (.safetensors)", analysis.weights_bytes(s.walker), f"{name}.safetensors")
+    fig = charts.accuracy_and_loss(runs, _baseline_overlays(s))
+    c4.download_button("Accuracy chart (HTML)", fig.to_html(include_plotlyjs="cdn"), f"{name}-accuracy.html",
+                       "text/html")
+    st.caption("Every chart's toolbar also saves it as PNG (camera icon).")
+
+
+def _status(s) -> None:
+    walker = s.walker
+    last = walker.record.last
+    cols = st.columns(5)
+    cols[0].metric("step", last.step)
+    for i, (task, acc) in enumerate(list(last.accuracy.items())[:2]):
+        start = walker.record[0].accuracy[task]
+        cols[1 + i].metric(f"accuracy {task}", f"{100 * acc:.1f}%", f"{100 * (acc - start):+.1f} pts")
+    cols[3].metric("sparsity", f"{100 * last.sparsity:.1f}%")
+    cols[4].metric("distance to goal", f"{last.goal_distance:.3g}")
+    if s.runner.error:
+        st.error(s.runner.error)
+    elif walker.is_done:
+        st.success(f"Stopped: {walker.stop_reason}.")
+
+
+def _live(s) -> None:
+    """Charts and status; re-run every REFRESH_SECONDS while the walk runs (a fragment, not a loop)."""
+    running = s.runner.is_running
+    if running:
+        s.runner.grant(s.steps_per_refresh)
+    elif st.session_state.get("_was_running"):  # the walk stopped by itself: stop the timer
+        st.session_state["_was_running"] = False
+        st.rerun(scope="app")
+    _status(s)
+    view = st.session_state.get("view", VIEWS[0])
+    with s.runner.lock:  # a consistent snapshot: no step lands while the record is read
+        runs = _runs(s)
+    if view == "Overview":
+        _overview(s, runs)
+    elif view == "Path":
+        _path(s, runs)
+    elif view == "Steps":
+        st.plotly_chart(charts.step_lengths(runs), config=PLOT_CONFIG, key="steps")
+    elif view == "Examples":
+        _examples(s)
+    elif view == "Metric":
+        _metric(s)
+    elif view == "Boundary":
+        _boundary(s)
+    else:
+        _data(s, runs)
+
+
+def _drive(s, teach: bool) -> None:
+    """Step / Run / Pause / Reset, ε mid-walk, branching."""
+    walker = s.walker
+    c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 2, 2])
+    if c1.button("Step", width="stretch", disabled=walker.is_done):
+        s.runner.step_once()
+    if s.runner.is_running:
+        if c2.button("Pause", width="stretch", type="primary"):
+            s.runner.pause()
+            st.session_state["_was_running"] = False
+            st.rerun()
+    elif c2.button("Run", width="stretch", type="primary", disabled=walker.is_done):
+        s.runner.run()
+        st.session_state["_was_running"] = True
+        st.rerun()
+    if c3.button("Reset", width="stretch", help="Back to the start network with the same settings"):
+        _start_walk(s.config)
+        st.rerun()
+    s.steps_per_refresh = c4.slider("Steps per refresh", 1, 50, s.steps_per_refresh,
+                                    help=f"The page refreshes every {REFRESH_SECONDS} s while running")
+    with c5.popover("Step size ε now", width="stretch"):
+        new_eps = st.number_input("ε from the next step on", value=float(walker.config.max_step_norm), format="%.4f",
+                                  key="eps_now")
+        if st.button("Apply to this walk"):
+            try:
+                with s.runner.lock:
+                    walker.set_step_size(new_eps)
+                st.toast(f"ε = {new_eps:g} from step {walker.n_steps + 1} (marked on the charts)")
+            except ConfigError as err:
+                st.error(str(err))
+    if teach:
+        return
+    with st.expander("Rewind and branch"):
+        b1, b2, b3 = st.columns([2, 2, 1])
+        at = b1.number_input("Branch from step", min_value=0, max_value=max(walker.n_steps, 0),
+                             value=max(walker.n_steps // 2, 0), key="branch_at")
+        b2.caption("The branch uses the step rule, ε, β/λ, ρ and probe size now in the sidebar.")
+        if b3.button("Branch"):
+            try:
+                config = controls.config_from_widgets()
+                with s.runner.lock:
+                    child = walker.branch(int(at), config.walk)
+                session.add_branch(child, f"branch {len(s.branches)} @ {int(at)}")
+                st.rerun()
+            except ConfigError as err:
+                st.error(str(err))
+        if len(s.branches) > 1:
+            labels = [b.label for b in s.branches]
+            choice = st.radio("Walk that steps", range(len(labels)), format_func=labels.__getitem__,
+                              index=s.active, horizontal=True)
+            session.select_branch(choice)
+
+
+def render() -> None:
+    s = session.state()
+    teach = st.query_params.get("teach") == "1"
+    controls.init_widgets()
+    for message in st.session_state.pop("_url_errors", []):
+        st.warning(message)
+    if not teach:
+        with st.sidebar:
+            device = str(s.experiment.device) if s.experiment else None
+            if controls.sidebar(s.errors, device):
+                try:
+                    config = controls.config_from_widgets()
+                except ConfigError as err:
+                    s.errors = {controls.widget_for(err): str(err)}
+                    st.rerun()
+                else:
+                    _start_walk(config)
+                    st.rerun()
+    if s.experiment is None:
+        try:
+            config = controls.config_from_widgets()
+        except ConfigError as err:
+            s.errors = {controls.widget_for(err): str(err)}
+            st.error(f"The settings in the link are not valid: {err}")
+            return
+        _start_walk(config)
+        if s.experiment is None:
+            st.error(next(iter(s.errors.values()), "Could not start the walk."))
+            return
+    cfg = s.config
+    st.title("geodesic")
+    st.caption(f"**{cfg.goal.kind}** on **{cfg.data.name}** with **{cfg.model.name}**, {cfg.walk.solver} step rule "
+               f"(ε={s.walker.config.max_step_norm:g}, {'β' if cfg.walk.solver == 'constrained' else 'λ'}="
+               f"{cfg.walk.goal_weight:g}), seed {cfg.seed}, device {s.experiment.device}"
+               + (f"; scenario: {cfg.goal.new_task}" if cfg.goal.kind == "new-task" else ""))
+    _drive(s, teach)
+    available = [v for v in VIEWS if v != "Boundary" or s.walker.tasks["A"].train.x.shape[1:] == (2,)]
+    st.segmented_control("View", available, key="view", default=available[0], label_visibility="collapsed")
+    interval = REFRESH_SECONDS if s.runner.is_running else None
+    st.fragment(run_every=interval)(_live)(s)

@@ -1,0 +1,48 @@
+"""Learn: what the metric is, why short paths keep the function, what the step rules solve, and what
+each chart shows, beside live figures of the walk on the Explore page."""
+from __future__ import annotations
+
+import streamlit as st
+
+from app import charts, session
+
+
+def render() -> None:
+    s = session.state()
+    st.title("How a functionally invariant walk works")
+    st.markdown("A trained network is one point **w** in weight space. Most directions there barely change what "
+                "the network computes. Measure length by how far the **outputs** move and the short paths connect "
+                "networks that compute (almost) the same function.")
+    st.subheader("1. The metric")
+    st.latex(r"g(w) = \frac{1}{N}\sum_{i=1}^{N} J_i^\top J_i,\qquad J_i = \frac{\partial f(x_i; w)}{\partial w}")
+    st.latex(r"\theta^\top g\,\theta \;\approx\; \frac{1}{N}\sum_i \lVert f(x_i; w+\theta) - f(x_i; w)\rVert^2")
+    st.markdown("With N probe inputs and C outputs, g has rank at most N·C, far below the number of weights: "
+                "almost every direction is flat on the probe. g is never built; g·v is one forward-mode and one "
+                "reverse-mode product (jvp then vjp). The output-Fisher variant weights the outputs by "
+                r"$\mathrm{diag}(p) - pp^\top$ and ignores a shift of all logits.")
+    st.subheader("2. The step rules")
+    st.latex(r"\theta^* = \arg\min_\theta\; \theta^\top g\,\theta - \beta\langle\theta, v\rangle"
+             r"\quad\text{s.t.}\ \lVert\theta\rVert \le \varepsilon"
+             r"\qquad\Rightarrow\qquad \theta^* = \tfrac{\beta}{2}(g + \mu I)^{-1} v")
+    st.markdown("μ is solved for so that ‖θ‖ = ε: small β keeps only the flat parts of the goal direction v "
+                "(natural-gradient-like), large β gives a plain gradient step. A restoring term pulls the walk "
+                "back onto equivalent networks. The authors' **penalty walk** instead takes normalised gradient "
+                "steps on the distance to the start network's outputs plus λ times the goal:")
+    st.latex(r"u = \nabla_w \sum_{x\in B} D_B\big(p(x;w),\,p(x;w_0)\big) + \lambda\,\nabla h(w),\qquad "
+             r"w \leftarrow w - \varepsilon\, u/\lVert u\rVert")
+    st.subheader("3. Reading the charts")
+    st.markdown("- **Overview**: accuracy per task and loss along the path, baselines dashed; vertical dotted lines "
+                "mark step-size changes and branches.\n"
+                "- **Path**: the weights projected with PCA (basis frozen until you refit) or UMAP; colour is what "
+                "the projection loses.\n"
+                "- **Steps**: functional step √(θᵀgθ) against Euclidean step ‖θ‖ — big weight moves, small output "
+                "moves, which is the point of the method.\n"
+                "- **Examples**: each row a network along the path, each column a test example, colour the "
+                "probability of the true class.\n"
+                "- **Metric**: the spectrum of g; a fast drop shows how few directions the probe constrains.")
+    if s.walker is not None and len(s.walker.record) > 1:
+        st.subheader("Live: the walk on the Explore page")
+        runs = [(b.label, b.walker.record.to_frame()) for b in s.branches]
+        st.plotly_chart(charts.step_lengths(runs), key="learn_steps")
+    else:
+        st.info("Take a few steps on the Explore page to see live figures here.")

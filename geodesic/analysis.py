@@ -1,0 +1,123 @@
+"""Plain arrays and tables about a walk, for the dashboard and notebooks (the app does no tensor math).
+
+Each function takes engine objects and returns numpy arrays, pandas frames or plain numbers.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .baselines import fine_tune, masked_fine_tune, one_shot_prune, straight_line
+from .experiment import Experiment
+from .measures import evaluate, true_class_probability
+from .metric import PullbackMetric
+from .params import unflatten
+from .projection import PCABasis
+from .walker import Walker
+
+
+def params_at(walker: Walker, index: int):
+    """The weights of recorded point `index` (exact traces only)."""
+    device = next(iter(walker.params.values())).device
+    return unflatten(torch.as_tensor(walker.trace.rows[index]).to(device), walker.params)
+
+
+def true_class_heatmap(walker: Walker, n_networks: int = 40, n_examples: int = 120) -> tuple[np.ndarray, np.ndarray]:
+    """(steps (r,), p(true class) (r, n_examples)): networks along the path × task-A test examples.
+
+    Examples are ordered by the start network's confidence, so forgetting shows as a moving edge."""
+    task = walker.tasks["A"].test
+    x, y = task.x[:n_examples], task.y[:n_examples]
+    n_points = len(walker.trace.rows)
+    rows = np.unique(np.linspace(0, n_points - 1, min(n_networks, n_points)).round().astype(int))
+    probs = np.stack([true_class_probability(walker.model_fn, params_at(walker, i), x, y).cpu().numpy() for i in rows])
+    order = np.argsort(-probs[0], kind="stable")
+    steps = np.array([walker.record[i].step for i in rows])
+    return steps, probs[:, order]
+
+
+def spectrum(walker: Walker, probe_size: int = 64, n_eigenvalues: int = 50) -> np.ndarray:
+    """Top eigenvalues of g at the current point on a fixed probe: the first probe_size anchor inputs."""
+    probe = walker.goal.anchor_inputs[:probe_size]
+    return PullbackMetric(walker.model_fn, probe, walker.config.metric).spectrum(walker.params, n_eigenvalues)
+
+
+def decision_grid(walker: Walker, resolution: int = 80, padding: float = 0.5) -> dict[str, np.ndarray]:
+    """For 2-D inputs: p(class 1) on a grid covering the training data, plus the data itself."""
+    train = walker.tasks["A"].train
+    x = train.x.cpu().numpy()
+    lo, hi = x.min(0) - padding, x.max(0) + padding
+    xs, ys = np.linspace(lo[0], hi[0], resolution), np.linspace(lo[1], hi[1], resolution)
+    grid = torch.as_tensor(np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2), dtype=torch.float32)
+    with torch.no_grad():
+        probs = torch.softmax(walker.model_fn(walker.params, grid.to(train.x.device)), -1)[:, 1]
+    return {"x": xs, "y": ys, "p": probs.cpu().numpy().reshape(resolution, resolution), "points": x,
+            "labels": train.y.cpu().numpy()}
+
+
+def loss_on_plane(walker: Walker, basis: PCABasis, extent: np.ndarray, resolution: int = 15) -> dict[str, np.ndarray]:
+    """Task-A test loss at points of the PCA plane (mean + a·pc1 + b·pc2), on a resolution² grid.
+
+    This is the loss on that plane, not at the path's points (which lie off the plane by their residual)."""
+    task = walker.tasks["A"].test
+    a_values = np.linspace(extent[0], extent[1], resolution)
+    b_values = np.linspace(extent[2], extent[3], resolution)
+    device = next(iter(walker.params.values())).device
+    mean = torch.as_tensor(basis.mean, dtype=torch.float32, device=device)
+    pc1, pc2 = (torch.as_tensor(basis.components[i], dtype=torch.float32, device=device) for i in range(2))
+    losses = np.zeros((resolution, resolution))
+    for i, b in enumerate(b_values):
+        for j, a in enumerate(a_values):
+            point = unflatten(mean + float(a) * pc1 + float(b) * pc2, walker.params)
+            losses[i, j] = evaluate(walker.model_fn, point, task.x, task.y)[0]
+    return {"a": a_values, "b": b_values, "loss": losses}
+
+
+def goal_baselines(experiment: Experiment, budget_steps: int | None = None) -> dict:
+    """What the walk is compared with on the dashboard, at a matched number of forward+backward passes.
+
+    sparsify: one-shot pruning and masked fine-tuning (accuracy numbers); new-task: naive fine-tuning
+    on task B (a per-step table of accuracy on every task); connect: the straight line on a 21-point α grid.
+    """
+    cfg, walker = experiment.config, experiment.walker
+    budget = budget_steps or cfg.walk.n_steps
+    task_a = experiment.tasks["A"]
+    if cfg.goal.kind == "sparsify":
+        s = cfg.goal.target_sparsity
+        _, tuned = masked_fine_tune(walker.model_fn, experiment.start, experiment.network.prunable, s, task_a,
+                                    n_steps=min(budget, 500), seed=cfg.seed)
+        return {"one_shot_accuracy": one_shot_prune(walker.model_fn, experiment.start, experiment.network.prunable,
+                                                    s, task_a),
+                "masked_fine_tune_accuracy": tuned, "masked_fine_tune_steps": min(budget, 500)}
+    if cfg.goal.kind == "new-task":
+        n = min(budget, 600)
+        _, history = fine_tune(walker.model_fn, experiment.start, experiment.tasks["B"], n, cfg.seed,
+                               eval_tasks=experiment.tasks, eval_every=max(n // 30, 1))
+        return {"naive_fine_tune": pd.DataFrame(history)}
+    line = straight_line(walker.model_fn, experiment.start, experiment.end, task_a, n_points=21)
+    return {"straight_line": pd.DataFrame(line)}
+
+
+def weights_bytes(walker: Walker) -> bytes:
+    """The current weights as a .safetensors file's bytes (loads with safetensors.torch.load)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous().cpu() for k, v in walker.params.items()})
+
+
+def table_bytes(frame: pd.DataFrame, fmt: str) -> bytes:
+    """The per-step table as CSV or Parquet bytes."""
+    if fmt == "csv":
+        return frame.to_csv(index=False).encode()
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def path_position(frame: pd.DataFrame) -> np.ndarray:
+    """α ∈ [0, 1] of each point: cumulative Euclidean length over the total."""
+    length = frame["euclidean_length"].to_numpy()
+    return length / length[-1] if len(length) and length[-1] > 0 else np.zeros(len(length))
