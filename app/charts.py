@@ -84,7 +84,7 @@ def path_projection(coords: dict[str, np.ndarray], title: str, axis_labels: list
     for i, (label, xyz) in enumerate(coords.items()):
         color = PALETTE[i % len(PALETTE)]
         hover = [f"step {s}" + (f"<br>residual {r:.3g}" if residual else "")
-                 for s, r in zip(steps[label], residual[label] if residual else np.zeros(len(xyz)))]
+                 for s, r in zip(steps[label], residual[label] if residual else np.zeros(len(xyz)), strict=False)]
         marker = dict(size=4, color=color)
         if residual:
             marker = dict(size=5, color=residual[label], colorscale="Viridis", showscale=(i == 0),
@@ -101,7 +101,6 @@ def path_projection(coords: dict[str, np.ndarray], title: str, axis_labels: list
                                               line=dict(color="black", width=1)), showlegend=(i == 0)))
     if goal_point is not None:
         gp = dict(x=[goal_point[0]], y=[goal_point[1]], **({"z": [goal_point[2]]} if dims == 3 else {}))
-        (go.Scatter3d if dims == 3 else go.Scatter)
         fig.add_trace((go.Scatter3d if dims == 3 else go.Scatter)(**gp, mode="markers", name="goal",
                                                                    marker=dict(size=12 if dims == 2 else 6,
                                                                                color="black", symbol="x")))

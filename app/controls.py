@@ -7,8 +7,18 @@ from __future__ import annotations
 
 import streamlit as st
 
-from geodesic.config import GOALS, NEW_TASKS, SOLVERS, DataConfig, GoalConfig, ModelConfig, RunConfig, TrainConfig, \
-    WALK_DEFAULTS, default_walk
+from geodesic.config import (
+    GOALS,
+    NEW_TASKS,
+    SOLVERS,
+    WALK_DEFAULTS,
+    DataConfig,
+    GoalConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    default_walk,
+)
 from geodesic.data import DATASETS, TORCHVISION_SETS
 from geodesic.errors import ConfigError
 from geodesic.models import MODEL_NAMES
@@ -40,7 +50,7 @@ def init_widgets() -> None:
     params = st.query_params
     values = {"goal": "sparsify", "dataset": "digits", "model": "mlp", "solver": "constrained", "seed": 0,
               "device": "auto", "target_sparsity": 0.9, "new_task": "permuted", "memory_size": 500, "data_root": ""}
-    for key, (name, cast) in URL_FIELDS.items():
+    for key, (name, _) in URL_FIELDS.items():
         if name in params and key in ("goal", "solver"):
             values[key] = params[name]
     goal = values["goal"] if values["goal"] in GOALS else "sparsify"

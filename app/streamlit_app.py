@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run a
 
 from app.views import explore, learn  # noqa: E402
 
-st.set_page_config(page_title="geodesic", page_icon="🧭", layout="wide")
-pages = [st.Page(explore.render, title="Explore", icon="🧭", url_path="explore", default=True),
-         st.Page(learn.render, title="Learn", icon="📐", url_path="learn")]
+st.set_page_config(page_title="geodesic", page_icon=":material/explore:", layout="wide")
+pages = [st.Page(explore.render, title="Explore", icon=":material/explore:", url_path="explore", default=True),
+         st.Page(learn.render, title="Learn", icon=":material/school:", url_path="learn")]
 st.navigation(pages).run()

@@ -12,8 +12,18 @@ import sys
 import time
 from pathlib import Path
 
-from .config import GOALS, METRICS, NEW_TASKS, SOLVERS, DataConfig, GoalConfig, ModelConfig, RunConfig, TrainConfig, \
-    default_walk
+from .config import (
+    GOALS,
+    METRICS,
+    NEW_TASKS,
+    SOLVERS,
+    DataConfig,
+    GoalConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    default_walk,
+)
 from .data import DATASETS
 from .errors import ConfigError, GeodesicError, WalkDiverged
 from .models import MODEL_NAMES
@@ -71,7 +81,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.goal is None:
         raise ConfigError("goal", None, ", ".join(GOALS))
     walk = default_walk(args.goal, args.solver, max_step_norm=args.step_size, goal_weight=args.goal_weight,
-                        restoring_weight=args.restoring_weight, goal_weight_growth=args.goal_weight_growth, metric=args.metric, probe_size=args.probe_size,
+                        restoring_weight=args.restoring_weight, goal_weight_growth=args.goal_weight_growth,
+                        metric=args.metric, probe_size=args.probe_size,
                         batch_size=args.batch_size, n_steps=args.n_steps)
     return RunConfig(
         goal=GoalConfig(kind=args.goal, target_sparsity=args.target_sparsity, new_task=args.new_task,

@@ -27,7 +27,7 @@ class MLP(nn.Module):
         super().__init__()
         widths = (n_inputs, *hidden)
         layers: list[nn.Module] = [nn.Flatten()]
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
+        for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
             layers += [nn.Linear(w_in, w_out), nn.ReLU()]
         layers.append(nn.Linear(widths[-1], n_classes))
         self.layers = nn.Sequential(*layers)

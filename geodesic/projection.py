@@ -53,7 +53,8 @@ def umap_embed(rows: np.ndarray, n_components: int = 2, n_neighbors: int = 15, m
     import umap
 
     reducer = umap.UMAP(n_components=n_components, n_neighbors=max(2, min(n_neighbors, len(rows) - 1)),
-                        min_dist=min_dist, metric=metric, random_state=seed, init="random" if len(rows) < 10 else "spectral")
+                        min_dist=min_dist, metric=metric, random_state=seed,
+                        init="random" if len(rows) < 10 else "spectral")
     return reducer.fit_transform(np.asarray(rows, dtype=np.float32))
 
 

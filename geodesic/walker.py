@@ -164,9 +164,11 @@ class Walker:
         for name, task in self.tasks.items():
             x, y = task.test.x[: self.n_eval], task.test.y[: self.n_eval]
             losses[name], accuracies[name] = evaluate(self.model_fn, params, x, y)
-        drift = float(self.goal.function_distance(self.model_fn(params, self._drift_probe), self._drift_anchor).mean())
+        logits = self.model_fn(params, self._drift_probe)
+        drift = float(self.goal.function_distance(logits, self._drift_anchor).mean())
         return PathPoint(
-            step=step, step_size=self.config.max_step_norm, goal_weight=self.goal_weight, step_norm=step_norm, functional_step=functional_step,
+            step=step, step_size=self.config.max_step_norm, goal_weight=self.goal_weight, step_norm=step_norm,
+            functional_step=functional_step,
             euclidean_length=self._euclidean_length, functional_length=self._functional_length, drift=drift,
             alignment=alignment, loss=losses, accuracy=accuracies,
             sparsity=sparsity(params, self.network.prunable), goal_distance=self.goal.distance(params),

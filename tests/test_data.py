@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from geodesic.config import DataConfig
-from geodesic.data import from_tensors, load_dataset, permuted, split_classes, spirals, task_pair
+from geodesic.data import from_tensors, load_dataset, permuted, spirals, split_classes, task_pair
 from geodesic.errors import ConfigError, DataError
 
 
