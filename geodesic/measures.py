@@ -67,10 +67,9 @@ def magnitude_prune(params: Params, names: tuple[str, ...], target_sparsity: flo
     out = dict(params)
     if n_prune == 0:
         return out
-    # The k smallest by index (not by threshold) so ties cannot prune more or fewer than asked.
-    order = torch.argsort(flat, stable=True)[:n_prune]
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    keep[order] = False
+    # Keep exactly the n − k largest by index (not by threshold), so ties cannot prune more or fewer than asked.
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat, flat.numel() - n_prune, sorted=False).indices] = True
     start = 0
     for k in names:
         n = params[k].numel()

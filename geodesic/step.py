@@ -33,7 +33,7 @@ class Step:
 
     tangent_vec: Params  # θ
     goal_direction: Params  # v_goal: what the goal alone wants (for cos(θ, v))
-    functional_step: float  # θᵀgθ on this step's probe
+    functional_step: float | None  # θᵀgθ on this step's probe (None: the rule did not need it)
     damping: float | None = None  # μ the constrained step used (None for the penalty walk)
 
 
@@ -118,9 +118,7 @@ def penalty_step(params: Params, goal, batch, probe: Tensor, config: WalkConfig,
     u = add(grad_restoring, v_goal, alpha=-config.goal_weight)
     length = float(norm(u))
     theta = zeros_like(params) if length == 0 else scale(u, -radius / length)
-    # θᵀgθ is recorded for comparison with the constrained step (one jvp on the probe).
-    functional_step = float(PullbackMetric(model_fn, probe, config.metric).squared_norm(theta, params))
-    return Step(theta, v_goal, functional_step, None)
+    return Step(theta, v_goal, None, None)  # θᵀgθ is not part of this rule: the walker measures it
 
 
 STEP_RULES = {"constrained": constrained_step, "penalty": penalty_step}

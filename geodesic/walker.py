@@ -19,6 +19,7 @@ from .data import Dataset
 from .errors import ConfigError, WalkDiverged
 from .goals import Goal
 from .measures import evaluate, sparsity
+from .metric import PullbackMetric
 from .models import Network, recompute_batchnorm
 from .params import Params, add, clone, cosine, flush_subnormal, is_finite, norm
 from .path import PathPoint, PathRecord, WeightTrace
@@ -91,10 +92,14 @@ class Walker:
                 cfg = dataclasses.replace(cfg, goal_weight=self.goal_weight)
             step = STEP_RULES[cfg.solver](self.params, self.goal, batch, probe, cfg, radius, self.model_fn)
             new_params = flush_subnormal(add(self.params, step.tangent_vec))
-            diverged = not (is_finite(new_params) and math.isfinite(step.functional_step))
+            step_seconds = time.perf_counter() - t0
+            functional_step = step.functional_step
+            if functional_step is None:  # measured (one jvp on the step's probe), not part of the rule's cost
+                metric = PullbackMetric(self.model_fn, probe, cfg.metric)
+                functional_step = float(metric.squared_norm(step.tangent_vec, self.params))
+            diverged = not (is_finite(new_params) and math.isfinite(functional_step))
         except WalkDiverged:
-            diverged = True
-        step_seconds = time.perf_counter() - t0
+            diverged, step_seconds = True, time.perf_counter() - t0
         if diverged:
             self.is_done, self.stop_reason = True, f"step {self.n_steps + 1} was not finite; kept step {self.n_steps}"
             raise WalkDiverged(f"the walk diverged: {self.stop_reason}. Try a smaller step size (ε) "
@@ -107,12 +112,12 @@ class Walker:
         moved = {k: new_params[k] - self.params[k] for k in new_params}  # the step actually taken
         step_norm = float(norm(moved))
         self._euclidean_length += step_norm
-        self._functional_length += math.sqrt(max(step.functional_step, 0.0))
+        self._functional_length += math.sqrt(max(functional_step, 0.0))
         self.params = new_params
         if self.network.has_batchnorm and self.bn_inputs is not None:
             self.buffers.update(recompute_batchnorm(self.network, self.params, self.bn_inputs))
         point = self._measure(new_params, step=self.n_steps + 1, step_norm=step_norm,
-                              functional_step=step.functional_step, alignment=cosine(moved, step.goal_direction),
+                              functional_step=functional_step, alignment=cosine(moved, step.goal_direction),
                               step_seconds=step_seconds, event=event)
         if not all(math.isfinite(v) for v in point.loss.values()):
             self.is_done, self.stop_reason = True, f"loss at step {point.step} is not finite"
