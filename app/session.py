@@ -36,7 +36,7 @@ class AppState:
     contour: dict | None = None
     errors: dict[str, str] = field(default_factory=dict)  # setting -> message shown next to its control
     notice: str = ""
-    steps_per_refresh: int = 12
+    steps_per_refresh: int = 20
 
     @property
     def walker(self):
@@ -53,7 +53,7 @@ def install(experiment: Experiment, baselines: dict) -> None:
     """Show a freshly built walk (the previous one's runner is closed)."""
     s = state()
     if s.runner is not None:
-        s.runner.close()
+        s.runner.pause()
     s.config, s.experiment, s.baselines = experiment.config, experiment, baselines
     s.branches = [Branch("main", experiment.walker)]
     s.active = 0

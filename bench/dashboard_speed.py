@@ -24,6 +24,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--port", type=int, default=8599)
+    parser.add_argument("--view", default="Overview", help="which view is open while the walk runs")
+    parser.add_argument("--query", default="", help="URL query for the set-up, e.g. solver=penalty")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -44,13 +46,17 @@ def main() -> None:
                                                            viewport={"width": 1400, "height": 1000})
             page = context.new_page()
             t_open = time.perf_counter()
-            page.goto(url)
+            page.goto(f"{url}/?{args.query}" if args.query else url)
             page.locator(".js-plotly-plot").first.wait_for(timeout=180_000)
             first_paint = time.perf_counter() - t_open
+            if args.view != "Overview":
+                page.get_by_text(args.view, exact=True).click()
+                page.wait_for_timeout(1500)
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_role("button", name="Pause", exact=True).wait_for(timeout=30_000)
-            read = "() => { const el = document.querySelector('.js-plotly-plot');" \
-                   " return el && el._fullData ? el._fullData[0].x.length : 0; }"
+            # The step counter shown by the page (the first st.metric), read as the page renders it.
+            read = "() => { const el = document.querySelector('[data-testid=stMetricValue]');" \
+                   " return el ? parseInt(el.innerText) : 0; }"
             samples, t0 = [], time.perf_counter()
             while time.perf_counter() - t0 < args.seconds:
                 samples.append((time.perf_counter() - t0, page.evaluate(read)))
@@ -63,7 +69,7 @@ def main() -> None:
     points = [n for _, n in samples]
     refreshes = sum(1 for a, b in zip(points, points[1:], strict=False) if b != a)
     elapsed = samples[-1][0] - samples[0][0]
-    result = {"first_paint_seconds": round(first_paint, 2), "seconds": round(elapsed, 1),
+    result = {"query": args.query, "view": args.view, "first_paint_seconds": round(first_paint, 2), "seconds": round(elapsed, 1),
               "steps": points[-1] - points[0], "steps_per_second": round((points[-1] - points[0]) / elapsed, 1),
               "chart_refreshes_per_second": round(refreshes / elapsed, 2)}
     print(json.dumps(result))

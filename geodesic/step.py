@@ -49,7 +49,7 @@ def trust_region_kernel(jac: Tensor, v: Tensor, goal_weight: float, radius: floa
     if goal_weight == 0:
         return torch.zeros_like(v), math.inf
     half_beta = goal_weight / 2
-    kernel = (jac @ jac.T).double()
+    kernel = (jac @ jac.T).double()  # (m, m); float32 products are accurate enough for m ≤ a few thousand
     if not (torch.isfinite(kernel).all() and torch.isfinite(v).all()):
         raise WalkDiverged("the metric or the goal direction is not finite")
     lam, u = torch.linalg.eigh(kernel)
@@ -65,16 +65,17 @@ def trust_region_kernel(jac: Tensor, v: Tensor, goal_weight: float, radius: floa
         return half_beta**2 * (np.sum(c2 / (lam_np + mu) ** 2) + perp2 / mu**2) - radius**2
 
     min_norm2 = half_beta**2 * np.sum(c2 / lam_np**2) if perp2 <= 1e-12 * max(float(c2.sum()), 1e-30) else math.inf
+    # Products with the big L stay in its own precision; only the small m×m algebra is in float64.
     if min_norm2 <= radius**2:  # v lies in the row space and the pseudo-inverse step fits: μ = 0
         coef = c / lam
-        theta = half_beta * (jac.T.double() @ (u @ (coef / lam.sqrt())))
+        theta = half_beta * (jac.T @ (u @ (coef / lam.sqrt())).to(jac.dtype))
         return theta.to(v.dtype), 0.0
     lo, hi = math.log(1e-12), math.log(1e12)
     if excess(hi) > 0:  # ε is tiny against β‖v‖: a plain gradient step of length ε
         return v * (radius / v.norm()), math.inf
     mu = math.exp(brentq(excess, lo, hi, xtol=1e-10))
     coef = (1 / (lam + mu) - 1 / mu) * c
-    theta = half_beta * (v.double() / mu + jac.T.double() @ (u @ (coef / lam.sqrt())))
+    theta = half_beta * (v / mu + jac.T @ (u @ (coef / lam.sqrt())).to(jac.dtype))
     return theta.to(v.dtype), mu
 
 

@@ -53,10 +53,7 @@ def test_run_then_pause(app):
     assert any(b.label == "Pause" for b in app.button)
     runner = app.session_state["geodesic"].runner
     assert runner.is_running
-    runner.grant(5)  # what each live refresh does
-    deadline = time.time() + 30
-    while len(walker(app).record) < 4 and time.time() < deadline:
-        time.sleep(0.05)
+    assert runner.advance(5, max_seconds=30) == 5  # what each live refresh does
     button(app, "Pause").click().run()
     assert not runner.is_running
     n = len(walker(app).record)

@@ -159,12 +159,14 @@ def _data(s, runs) -> None:
     st.dataframe(frame.tail(200), width="stretch", height=260)
     c1, c2, c3, c4 = st.columns(4)
     name = f"geodesic-{s.config.goal.kind}-{s.config.walk.solver}-step{s.walker.n_steps}"
-    c1.download_button("Table (CSV)", analysis.table_bytes(frame, "csv"), f"{name}.csv", "text/csv")
-    c2.download_button("Table (Parquet)", analysis.table_bytes(frame, "parquet"), f"{name}.parquet")
-    c3.download_button("Weights (.safetensors)", analysis.weights_bytes(s.walker), f"{name}.safetensors")
-    fig = charts.accuracy_and_loss(runs, _baseline_overlays(s))
-    c4.download_button("Accuracy chart (HTML)", fig.to_html(include_plotlyjs="cdn"), f"{name}-accuracy.html",
-                       "text/html")
+    # Callables: the files are made when a button is clicked, not on every live refresh.
+    walker, overlays = s.walker, _baseline_overlays(s)
+    c1.download_button("Table (CSV)", lambda: analysis.table_bytes(frame, "csv"), f"{name}.csv", "text/csv")
+    c2.download_button("Table (Parquet)", lambda: analysis.table_bytes(frame, "parquet"), f"{name}.parquet")
+    c3.download_button("Weights (.safetensors)", lambda: analysis.weights_bytes(walker), f"{name}.safetensors")
+    c4.download_button("Accuracy chart (HTML)",
+                       lambda: charts.accuracy_and_loss(runs, overlays).to_html(include_plotlyjs="cdn"),
+                       f"{name}-accuracy.html", "text/html")
     st.caption("Every chart's toolbar also saves it as PNG (camera icon).")
 
 
@@ -187,15 +189,14 @@ def _status(s) -> None:
 def _live(s) -> None:
     """Charts and status; re-run every REFRESH_SECONDS while the walk runs (a fragment, not a loop)."""
     running = s.runner.is_running
-    if running:
-        s.runner.grant(s.steps_per_refresh)
+    if running:  # this refresh's slice of the walk; the rest of the interval is for drawing
+        s.runner.advance(s.steps_per_refresh, max_seconds=0.6 * REFRESH_SECONDS)
     elif st.session_state.get("_was_running"):  # the walk stopped by itself: stop the timer
         st.session_state["_was_running"] = False
         st.rerun(scope="app")
     _status(s)
     view = st.session_state.get("view", VIEWS[0])
-    with s.runner.lock:  # a consistent snapshot: no step lands while the record is read
-        runs = _runs(s)
+    runs = _runs(s)
     if view == "Overview":
         _overview(s, runs)
     elif view == "Path":
@@ -237,8 +238,7 @@ def _drive(s, teach: bool) -> None:
                                   key="eps_now")
         if st.button("Apply to this walk"):
             try:
-                with s.runner.lock:
-                    walker.set_step_size(new_eps)
+                walker.set_step_size(new_eps)
                 st.toast(f"ε = {new_eps:g} from step {walker.n_steps + 1} (marked on the charts)")
             except ConfigError as err:
                 st.error(str(err))
@@ -252,8 +252,7 @@ def _drive(s, teach: bool) -> None:
         if b3.button("Branch"):
             try:
                 config = controls.config_from_widgets()
-                with s.runner.lock:
-                    child = walker.branch(int(at), config.walk)
+                child = walker.branch(int(at), config.walk)
                 session.add_branch(child, f"branch {len(s.branches)} @ {int(at)}")
                 st.rerun()
             except ConfigError as err:
