@@ -6,9 +6,10 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run app/streamlit_app.py` from anywhere
 
-from app.views import explore, learn  # noqa: E402
+from app.views import explore, learn, runs  # noqa: E402
 
 st.set_page_config(page_title="geodesic", page_icon=":material/explore:", layout="wide")
 pages = [st.Page(explore.render, title="Explore", icon=":material/explore:", url_path="explore", default=True),
+         st.Page(runs.render, title="Runs", icon=":material/folder_open:", url_path="runs"),
          st.Page(learn.render, title="Learn", icon=":material/school:", url_path="learn")]
 st.navigation(pages).run()

@@ -41,9 +41,9 @@ def main() -> None:
             except OSError:
                 time.sleep(0.5)
         with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
-            context = p.chromium.launch_persistent_context(profile, executable_path=shutil.which("chromium"),
-                                                           args=FLAGS, headless=True,
-                                                           viewport={"width": 1400, "height": 1000})
+            context = p.chromium.launch_persistent_context(
+                profile, executable_path=shutil.which("chromium"), args=FLAGS, headless=True,
+                viewport={"width": 1400, "height": 1000})
             page = context.new_page()
             t_open = time.perf_counter()
             page.goto(f"{url}/?{args.query}" if args.query else url)
@@ -69,7 +69,8 @@ def main() -> None:
     points = [n for _, n in samples]
     refreshes = sum(1 for a, b in zip(points, points[1:], strict=False) if b != a)
     elapsed = samples[-1][0] - samples[0][0]
-    result = {"query": args.query, "view": args.view, "first_paint_seconds": round(first_paint, 2), "seconds": round(elapsed, 1),
+    result = {"query": args.query, "view": args.view, "first_paint_seconds": round(first_paint, 2),
+              "seconds": round(elapsed, 1),
               "steps": points[-1] - points[0], "steps_per_second": round((points[-1] - points[0]) / elapsed, 1),
               "chart_refreshes_per_second": round(refreshes / elapsed, 2)}
     print(json.dumps(result))

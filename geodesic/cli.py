@@ -25,7 +25,7 @@ from .config import (
     default_walk,
 )
 from .data import DATASETS
-from .errors import ConfigError, GeodesicError, WalkDiverged
+from .errors import ConfigError, GeodesicError, OutOfMemory, WalkDiverged
 from .models import MODEL_NAMES
 
 
@@ -151,7 +151,7 @@ def run_command(args: argparse.Namespace) -> int:
                 acc = " ".join(f"{k}={v:.3f}" for k, v in point.accuracy.items())
                 bar.set_postfix_str(f"acc {acc} sparsity={point.sparsity:.3f} dist={point.goal_distance:.3g}")
                 bar.update(1)
-    except WalkDiverged as err:
+    except (WalkDiverged, OutOfMemory) as err:
         print(f"geodesic: {err}", file=sys.stderr)
         status = 3
     except KeyboardInterrupt:

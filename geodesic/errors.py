@@ -22,5 +22,9 @@ class CheckpointError(GeodesicError):
     """Weights that cannot be loaded safely or do not fit the model."""
 
 
+class OutOfMemory(GeodesicError):
+    """The device ran out of memory during a step; the walk keeps its last point."""
+
+
 class WalkDiverged(GeodesicError):
     """A step produced a non-finite loss or weight; the walk keeps its last finite point."""

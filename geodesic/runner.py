@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from .errors import WalkDiverged
+from .errors import OutOfMemory, WalkDiverged
 from .path import PathPoint
 from .walker import Walker
 
@@ -54,7 +54,7 @@ class WalkRunner:
     def _guarded_step(self) -> PathPoint | None:
         try:
             return self.walker.step()
-        except WalkDiverged as err:
+        except (WalkDiverged, OutOfMemory) as err:
             self.error = str(err)
             self._running = False
             return None

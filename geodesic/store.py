@@ -108,3 +108,79 @@ def restore_walker(experiment: Experiment, directory: str | Path, state: dict, r
     walker.is_done, walker.stop_reason = state["is_done"], state["stop_reason"]
     if generator_state is not None:
         walker.generator.set_state(generator_state.to(torch.uint8))
+
+
+# -- a folder of saved runs (the app's shared store) ---------------------------------------------------------
+
+RUN_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def check_run_name(name: str) -> str:
+    """A run name is a plain folder name: letters, digits, '-', '_', '.'; never a path."""
+    if not name or len(name) > 80 or not set(name) <= RUN_NAME_CHARS or name.startswith("."):
+        from .errors import ConfigError
+
+        raise ConfigError("run name", name, "1-80 letters, digits, '-', '_' or '.', not starting with '.'")
+    return name
+
+
+def list_runs(root: str | Path) -> list[dict]:
+    """Saved runs under `root`, newest first: {name, goal, solver, dataset, steps, modified}."""
+    root = Path(root)
+    runs = []
+    for folder in root.iterdir() if root.is_dir() else []:
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            state = json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        runs.append({"name": folder.name, "goal": config["goal"]["kind"], "solver": config["walk"]["solver"],
+                     "dataset": config["data"]["name"], "steps": state["step"],
+                     "modified": (folder / "state.json").stat().st_mtime})
+    return sorted(runs, key=lambda r: -r["modified"])
+
+
+def save_trace(experiment: Experiment, directory: str | Path) -> None:
+    """Every recorded point's weights (exact traces only) so a reloaded run can branch from any step."""
+    import numpy as np
+
+    trace = experiment.walker.trace
+    if trace.is_exact and trace.rows:
+        path = Path(directory) / "weights" / "trace.npy"
+        tmp = path.with_name("trace.tmp.npy")
+        np.save(tmp, trace.matrix())
+        tmp.replace(path)
+
+
+def load_trace(experiment: Experiment, directory: str | Path) -> None:
+    import numpy as np
+
+    path = Path(directory) / "weights" / "trace.npy"
+    walker = experiment.walker
+    if path.is_file():
+        rows = np.load(path, allow_pickle=False)
+        if rows.shape[0] >= len(walker.record) and rows.shape[1] == walker.trace.n_params:
+            walker.trace.rows = [row for row in rows[: len(walker.record)]]
+
+
+def export_zip(directory: str | Path) -> bytes:
+    """One download holding a run's settings, table, summary and weights. The weights come both as
+    .safetensors and as PyTorch state dicts (`torch.load(path, weights_only=True)` reads them)."""
+    import io
+    import zipfile
+
+    from .checkpoint import read_tensors
+
+    directory = Path(directory)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in ("config.json", "state.json", "summary.json", "steps.parquet"):
+            if (directory / name).is_file():
+                archive.write(directory / name, f"{directory.name}/{name}")
+        for path in sorted((directory / "weights").glob("*.safetensors")):
+            archive.write(path, f"{directory.name}/weights/{path.name}")
+            tensors = {k: v for k, v in read_tensors(path).items() if not k.startswith("state:")}
+            state_dict = io.BytesIO()
+            torch.save(tensors, state_dict)
+            archive.writestr(f"{directory.name}/weights/{path.stem}.pt", state_dict.getvalue())
+    return buffer.getvalue()

@@ -16,7 +16,7 @@ import torch
 
 from .config import WalkConfig
 from .data import Dataset
-from .errors import ConfigError, WalkDiverged
+from .errors import ConfigError, OutOfMemory, WalkDiverged
 from .goals import Goal
 from .measures import evaluate, sparsity
 from .metric import PullbackMetric
@@ -100,6 +100,12 @@ class Walker:
             diverged = not (is_finite(new_params) and math.isfinite(functional_step))
         except WalkDiverged:
             diverged, step_seconds = True, time.perf_counter() - t0
+        except torch.OutOfMemoryError as err:  # nothing was changed: the walk stays at its last point
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise OutOfMemory(f"out of memory at step {self.n_steps + 1} (probe {cfg.probe_size}, batch "
+                              f"{cfg.batch_size}); the walk is kept at step {self.n_steps}. Try a smaller "
+                              "--probe-size or --batch-size, or the cg linear solver.") from err
         if diverged:
             self.is_done, self.stop_reason = True, f"step {self.n_steps + 1} was not finite; kept step {self.n_steps}"
             raise WalkDiverged(f"the walk diverged: {self.stop_reason}. Try a smaller step size (ε) "

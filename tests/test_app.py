@@ -152,3 +152,55 @@ def test_url_reproduces_the_setup_and_teach_mode_hides_controls():
     assert w.goal.name == "connect" and w.config.max_step_norm == 0.05 and at.session_state["seed"] == 1
     assert not any(b.label == "Start a new walk with these settings" for b in at.button)
     assert at.query_params["goal"] == ["connect"] or at.query_params["goal"] == "connect"
+
+
+def _two_pages():
+    """Explore or Runs, chosen by ?page= (AppTest runs one script; the app's router picks pages by URL)."""
+    import streamlit as st
+
+    from app.views import explore, runs
+
+    (runs.render if st.query_params.get("page") == "runs" else explore.render)()
+
+
+def test_save_reload_compare_rename_and_delete_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
+    at = AppTest.from_function(_two_pages, default_timeout=180)
+    at.run()
+    for _ in range(3):
+        button(at, "Step").click().run()
+    at.query_params["page"] = "runs"
+    at.run()
+    at.text_input(key="save_name").set_value("first").run()
+    button(at, "Save").click().run()
+    assert (tmp_path / "store" / "first" / "steps.parquet").exists()
+    assert (tmp_path / "store" / "first" / "weights" / "trace.npy").exists()
+    at.text_input(key="save_name").set_value("../escape").run()
+    button(at, "Save").click().run()
+    assert any("run name" in e.value for e in at.error) and not (tmp_path / "escape").exists()
+
+    at.query_params["page"] = "explore"
+    at.run()
+    button(at, "Step").click().run()
+    at.query_params["page"] = "runs"
+    at.run()
+    at.text_input(key="save_name").set_value("second").run()
+    button(at, "Save").click().run()
+    at.run()
+    assert len(at.get("plotly_chart")) == 2  # the two saved runs compared on shared charts
+
+    at.selectbox(key="run_choice").set_value("first").run()
+    button(at, "Reload into Explore").click().run()
+    state = at.session_state["geodesic"]
+    assert state.walker.n_steps == 3 and len(state.walker.trace.rows) == 4
+    child = state.walker.branch(1)  # a reloaded run branches from any saved step
+    assert child.record.last.step == 1
+
+    at.text_input(key="rename_to").set_value("renamed").run()
+    button(at, "Rename").click().run()
+    assert (tmp_path / "store" / "renamed").exists() and not (tmp_path / "store" / "first").exists()
+    at.selectbox(key="run_choice").set_value("renamed").run()
+    at.checkbox(key="confirm_delete").check().run()
+    button(at, "Delete").click().run()
+    assert not (tmp_path / "store" / "renamed").exists()
+    assert not at.exception

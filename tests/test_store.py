@@ -1,0 +1,88 @@
+"""The run store under faults: kill -9 mid-walk, truncated files, export, resume, OOM and NaN."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from geodesic.config import GoalConfig, RunConfig, TrainConfig, default_walk
+from geodesic.errors import CheckpointError, OutOfMemory
+from geodesic.experiment import build
+from geodesic.store import RunStore, export_zip, load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_killed_run_stays_readable_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "geodesic", "run", "--goal", "sparsify", "--out", str(out),
+                             "--epochs", "10", "--n-steps", "100000", "--tolerance", "1e-9", "--quiet"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        state = out / "state.json"
+        if state.exists() and json.loads(state.read_text())["step"] >= 20:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-walk, possibly mid-write
+    proc.wait()
+    config, state, record = load_run(out)  # every file is still a complete, readable version
+    assert state["step"] >= 20 and len(pd.read_parquet(out / "steps.parquet")) >= 1
+    again = subprocess.run([sys.executable, "-m", "geodesic", "run", "--resume", str(out), "--n-steps", "3",
+                            "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    table = pd.read_parquet(out / "steps.parquet")
+    assert table["step"].tolist() == list(range(state["step"] + 4))
+
+
+def test_truncated_table_is_a_clear_error(tmp_path):
+    experiment = build(RunConfig(train=TrainConfig(epochs=5), walk=default_walk("sparsify", "constrained", n_steps=2)))
+    store = RunStore(tmp_path / "run")
+    store.begin(experiment)
+    data = (tmp_path / "run" / "steps.parquet").read_bytes()
+    (tmp_path / "run" / "steps.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_run(tmp_path / "run")
+    (tmp_path / "run" / "state.json").unlink()
+    with pytest.raises(CheckpointError, match="state.json is missing"):
+        load_run(tmp_path / "run")
+
+
+def test_export_holds_settings_table_and_weights_loadable_by_plain_torch(tmp_path):
+    experiment = build(RunConfig(train=TrainConfig(epochs=5), walk=default_walk("sparsify", "constrained", n_steps=2)))
+    for _ in experiment.walker.run(2):
+        pass
+    store = RunStore(tmp_path / "run")
+    store.begin(experiment)
+    store.finish(experiment, {"steps": 2})
+    archive = zipfile.ZipFile(io.BytesIO(export_zip(tmp_path / "run")))
+    names = set(archive.namelist())
+    assert {"run/config.json", "run/steps.parquet", "run/weights/final.safetensors", "run/weights/final.pt"} <= names
+    weights = torch.load(io.BytesIO(archive.read("run/weights/final.pt")), weights_only=True)
+    assert all(torch.equal(weights[k], experiment.walker.params[k]) for k in experiment.walker.params)
+
+
+def test_out_of_memory_keeps_the_walk_and_suggests_a_smaller_probe(monkeypatch):
+    experiment = build(RunConfig(goal=GoalConfig(kind="sparsify"), train=TrainConfig(epochs=5),
+                                 walk=default_walk("sparsify", "constrained", n_steps=5)))
+    walker = experiment.walker
+    walker.step()
+    before = {k: v.clone() for k, v in walker.params.items()}
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setitem(__import__("geodesic.walker", fromlist=["STEP_RULES"]).STEP_RULES, "constrained", boom)
+    with pytest.raises(OutOfMemory, match="smaller --probe-size"):
+        walker.step()
+    assert len(walker.record) == 2 and not walker.is_done
+    assert all(torch.equal(before[k], walker.params[k]) for k in before)
