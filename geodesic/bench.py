@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     costs = [step_cost("mlp", (64,), 10, device=args.device),
-             step_cost("vgg11", (3, 32, 32), 10, device=args.device, n_repeats=3 if args.device == "cpu" else 20)]
+             step_cost("vgg11", (3, 32, 32), 10, device=args.device, n_repeats=3 if args.device == "cpu" else 20,
+                       n_warmup=1 if args.device == "cpu" else 3)]
     if args.device != "cpu" or args.step_cost_only:
         costs.append(step_cost("resnet18", (3, 32, 32), 10, device=args.device,
                                n_repeats=3 if args.device == "cpu" else 20))

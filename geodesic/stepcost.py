@@ -22,7 +22,8 @@ def _sync(device: torch.device) -> None:
 
 
 def step_cost(model: str = "mlp", input_shape: tuple[int, ...] = (64,), n_classes: int = 10, batch_size: int = 200,
-              probe_size: int = 16, device: str = "cpu", n_repeats: int = 20, seed: int = 0) -> dict:
+              probe_size: int = 16, device: str = "cpu", n_repeats: int = 20, seed: int = 0,
+              n_warmup: int = 3) -> dict:
     """Median seconds of an SGD step and of each step rule (sparsify goal, random inputs), and their ratios.
 
     All three use the same batch of `batch_size` inputs; the metric's probe is `probe_size` of them."""
@@ -58,7 +59,7 @@ def step_cost(model: str = "mlp", input_shape: tuple[int, ...] = (64,), n_classe
     fns = {"sgd": sgd, "penalty": rule("penalty"), "constrained": rule("constrained")}
     times: dict[str, list[float]] = {k: [] for k in fns}
     peak = {}
-    for _ in range(3):  # warm-up (allocator, kernels, dispatch caches)
+    for _ in range(n_warmup):  # warm-up (allocator, kernels, dispatch caches)
         for fn in fns.values():
             fn()
     for _ in range(n_repeats):
