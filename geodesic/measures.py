@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -63,7 +64,8 @@ def magnitude_prune(params: Params, names: tuple[str, ...], target_sparsity: flo
     """A copy of `params` with the fraction `target_sparsity` of smallest-|w| weights among `names`
     set to zero, ranked globally over all of them (the sparsify goal's moving target)."""
     flat = torch.cat([params[k].reshape(-1).abs() for k in names])
-    n_prune = int(target_sparsity * flat.numel())
+    # Round up: the sparsity reached is never below the target (0.9 of 25,856 weights is 23,270.4 → 23,271).
+    n_prune = min(math.ceil(target_sparsity * flat.numel() - 1e-9), flat.numel())
     out = dict(params)
     if n_prune == 0:
         return out

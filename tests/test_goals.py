@@ -24,7 +24,7 @@ def run_to_end(goal: str, solver: str, n_steps: int, **goal_kw):
 def test_magnitude_prune_is_global_and_exact():
     params = {"a.weight": torch.tensor([[0.1, -3.0], [0.2, 0.05]]), "b.weight": torch.tensor([1.0, -0.01, 2.0]),
               "b.bias": torch.tensor([0.001])}
-    pruned = magnitude_prune(params, ("a.weight", "b.weight"), 0.6)  # 3 of 7 kept... 4 of 7 zeroed
+    pruned = magnitude_prune(params, ("a.weight", "b.weight"), 0.5)  # 3.5 of 7 rounds up: 4 zeroed
     assert sparsity(pruned, ("a.weight", "b.weight")) == pytest.approx(4 / 7)
     assert pruned["a.weight"].tolist() == [[0.0, -3.0], [0.0, 0.0]]
     assert pruned["b.weight"].tolist() == [1.0, 0.0, 2.0]
@@ -78,3 +78,8 @@ def test_zero_goal_weight_keeps_the_constrained_walk_still():
     points = list(experiment.walker.run())
     assert all(p.step_norm == 0.0 for p in points)
     assert float(norm(sub(experiment.walker.params, start))) == 0.0
+
+
+def test_pruning_never_falls_short_of_the_target():
+    params = {"w": torch.arange(1.0, 25857.0)}
+    assert sparsity(magnitude_prune(params, ("w",), 0.9), ("w",)) >= 0.9
