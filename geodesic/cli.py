@@ -8,6 +8,7 @@ finite point on disk.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -135,11 +136,10 @@ def run_command(args: argparse.Namespace) -> int:
     if args.resume:
         restore_walker(experiment, out, state, record)
         if args.n_steps:
-            experiment.walker.config = experiment.walker.config.__class__(
-                **{**experiment.walker.config.__dict__, "n_steps": args.n_steps})
+            experiment.walker.config = dataclasses.replace(experiment.walker.config, n_steps=args.n_steps)
     store.begin(experiment)
     walker = experiment.walker
-    n_steps = walker.config.n_steps if args.resume is None or args.n_steps else walker.config.n_steps
+    n_steps = walker.config.n_steps
     if bar is not None:
         bar.reset(total=n_steps)
         bar.set_description_str(f"{config.goal.kind} ({config.walk.solver})")

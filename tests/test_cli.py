@@ -48,8 +48,26 @@ def test_connect_summary_has_both_barriers(tmp_path):
     (["--goal", "sparsify", "--dataset", "mnist", "--data-root", "/nonexistent"], "does not exist"),
     (["--goal", "sparsify", "--seed", "-1"], "seed: got -1"),
     (["--goal", "sparsify", "--init", "/nonexistent.pt"], "no such file"),
+    (["--goal", "sparsify", "--goal-weight", "-1"], "goal-weight: got -1.0"),
+    (["--goal", "sparsify", "--restoring-weight", "nan"], "restoring-weight: got nan"),
+    (["--goal", "sparsify", "--batch-size", "0"], "batch-size: got 0"),
+    (["--goal", "sparsify", "--n-steps", "0"], "n-steps: got 0"),
+    (["--goal", "sparsify", "--tolerance", "-1"], "tolerance: got -1.0"),
+    (["--goal", "sparsify", "--epochs", "0"], "epochs: got 0"),
+    (["--goal", "sparsify", "--goal-weight-growth", "5"], "goal-weight-growth: got 5.0"),
+    (["--goal", "new-task", "--memory-size", "0"], "memory-size: got 0"),
+    (["--goal", "new-task", "--new-task", "rotated"], "invalid choice: 'rotated'"),
+    (["--goal", "sparsify", "--device", "cuda"], "device: got 'cuda'"),
+    (["--goal", "sparsify", "--model", "vgg11"], "needs images"),
+    (["--goal", "sparsify", "--save-every", "-1"], "save-every: got -1"),
+    (["--goal", "sparsify", "--step-size", "abc"], "invalid float value: 'abc'"),
+    (["--resume", "/nonexistent-run"], "is not a saved run"),
 ])
 def test_bad_settings_exit_2_with_a_message_and_no_traceback(tmp_path, args, fragment):
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so --device cuda is a valid setting here")
     result = geodesic("run", "--out", str(tmp_path / "x"), "--quiet", *args, timeout=120)
     assert result.returncode == 2
     assert fragment in result.stderr

@@ -5,6 +5,7 @@ lists itself, so no URL or text box ever points the server at an arbitrary path.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -41,7 +42,7 @@ def _save(s, name: str) -> None:
     experiment = s.experiment
     walker = s.walker
     if walker is not experiment.walker:  # saving a branch: store that walker's path
-        experiment = experiment.__class__(**{**experiment.__dict__, "walker": walker})
+        experiment = dataclasses.replace(experiment, walker=walker)
     store = RunStore(directory)
     store.begin(experiment)
     store.finish(experiment, summarize(experiment, wall_seconds=0.0))
