@@ -170,7 +170,12 @@ def weight_matching(params_a: Params, params_b: Params, layer_names: list[tuple[
 
     out = clone(params_b)
     n_hidden = len(layer_names) - 1
-    perms = [torch.arange(params_a[layer_names[i][0]].shape[0]) for i in range(n_hidden)]
+    perms: list[torch.Tensor] = []
+    for i in range(n_hidden):  # first pass, input to output, on incoming weights (exact for a permuted copy)
+        w_in, b_in = layer_names[i]
+        b_in_w = params_b[w_in] if i == 0 else params_b[w_in][:, perms[i - 1]]
+        similarity = params_a[w_in] @ b_in_w.T + torch.outer(params_a[b_in], params_b[b_in])
+        perms.append(torch.as_tensor(linear_sum_assignment(similarity.detach().cpu().numpy(), maximize=True)[1]))
     for _ in range(10):
         changed = False
         for i in range(n_hidden):

@@ -67,24 +67,34 @@ class PullbackMetric:
         """θᵀgθ: the functional length² of a step."""
         return self.inner_product(tangent_vec, tangent_vec, base_point)
 
-    def jacobian(self, base_point: Params) -> Tensor:
-        """L (N·C × n, float, flattened in the key order of base_point) with g = LᵀL.
+    def jacobian_blocks(self, base_point: Params) -> dict[str, Tensor]:
+        """L split by parameter: {name: (N·C, numel)} with g = Σ_k L_kᵀ L_k summed over blocks.
 
         Row (i, c) is the c-th row of H_i^½ J_i / √N. For the Fisher metric H_i^½ = (I − s sᵀ) diag(s)
-        with s = √p_i: (I − s sᵀ) is a projection because ‖s‖ = 1, so its square is H_i.
+        with s = √p_i: (I − s sᵀ) is a projection because ‖s‖ = 1, so its square is H_i. The whitening is
+        applied to the C outputs before differentiating (a fixed C×C map per input), so the large
+        Jacobian is written once and never transformed.
         """
-        def single(params: Params, x: Tensor) -> Tensor:
-            return self.model_fn(params, x[None])[0]
-
-        per_sample = vmap(jacrev(single), in_dims=(None, 0))(base_point, self.inputs)  # {k: (N, C, *shape)}
-        n, c = self.n_probe, next(iter(per_sample.values())).shape[1]
-        jac = torch.cat([per_sample[k].reshape(n, c, -1) for k in base_point], dim=2)  # (N, C, n_params)
+        n = self.n_probe
+        with torch.no_grad():
+            logits = self._forward(base_point)
+        c = logits.shape[-1]
         if self.kind == "fisher":
-            with torch.no_grad():
-                s = F.softmax(self._forward(base_point), -1).sqrt()  # (N, C)
-            sj = s[:, :, None] * jac                                  # diag(s) J
-            jac = sj - s[:, :, None] * (s[:, None, :] @ sj)          # (I − s sᵀ) diag(s) J
-        return jac.reshape(n * c, -1) / self.n_probe ** 0.5
+            s = F.softmax(logits, -1).sqrt()                                         # (N, C)
+            whiten = (torch.diag_embed(s) - s[:, :, None] * (s * s)[:, None, :])     # (I − s sᵀ) diag(s), (N, C, C)
+        else:
+            whiten = torch.eye(c, dtype=logits.dtype, device=logits.device).expand(n, c, c)
+        whiten = whiten / n ** 0.5
+
+        def single(params: Params, x: Tensor, w: Tensor) -> Tensor:
+            return w @ self.model_fn(params, x[None])[0]
+
+        per_sample = vmap(jacrev(single), in_dims=(None, 0, 0))(base_point, self.inputs, whiten)
+        return {k: per_sample[k].reshape(n * c, -1) for k in base_point}  # {k: (N·C, numel_k)}
+
+    def jacobian(self, base_point: Params) -> Tensor:
+        """L (N·C × n, flattened in the key order of base_point) with g = LᵀL."""
+        return torch.cat(list(self.jacobian_blocks(base_point).values()), dim=1)
 
     def spectrum(self, base_point: Params, n_eigenvalues: int = 50) -> np.ndarray:
         """The top eigenvalues of g, largest first.

@@ -24,7 +24,7 @@ from torch.func import grad
 from .config import WalkConfig
 from .errors import WalkDiverged
 from .metric import PullbackMetric, conjugate_gradient
-from .params import Params, add, flatten, norm, scale, unflatten, zeros_like
+from .params import Params, add, norm, scale, zeros_like
 
 
 @dataclass
@@ -37,46 +37,59 @@ class Step:
     damping: float | None = None  # μ the constrained step used (None for the penalty walk)
 
 
-def trust_region_kernel(jac: Tensor, v: Tensor, goal_weight: float, radius: float) -> tuple[Tensor, float]:
+def trust_region_kernel(jac, v, goal_weight: float, radius: float):
     """(θ, μ) with θ = (β/2)(LᵀL + μI)⁻¹ v and ‖θ‖ = radius (μ = 0 if the pseudo-inverse step fits).
 
-    jac: L, (m, n) with g = LᵀL and m ≪ n. Works in the m-dimensional row space of L: with
-    K = L Lᵀ = U Λ Uᵀ, the eigenvectors of g with non-zero eigenvalues are V = Lᵀ U Λ^-½, so
-    v = V c + v_⊥ with c = Λ^-½ Uᵀ L v, and
+    jac: L, (m, n) with g = LᵀL and m ≪ n, as one tensor or as blocks {name: (m, n_k)} matching the
+    Params `v` (then θ comes back as Params; blocks avoid ever concatenating L). Works in the
+    m-dimensional row space of L: with K = L Lᵀ = U Λ Uᵀ, the eigenvectors of g with non-zero eigenvalues
+    are V = Lᵀ U Λ^-½, so v = V c + v_⊥ with c = Λ^-½ Uᵀ L v, and
         θ(μ) = (β/2) [ v/μ + V diag(1/(Λ+μ) − 1/μ) c ],
         ‖θ(μ)‖² = (β/2)² [ Σ c²/(λ+μ)² + ‖v_⊥‖²/μ² ],   decreasing in μ (solved for by Brent's method).
     """
+    is_blocks = isinstance(jac, dict)
+    blocks = list(jac.values()) if is_blocks else [jac]
+    parts = [v[k] for k in jac] if is_blocks else [v]
     if goal_weight == 0:
-        return torch.zeros_like(v), math.inf
+        zero = [torch.zeros_like(p) for p in parts]
+        return (dict(zip(jac, zero, strict=True)) if is_blocks else zero[0]), math.inf
     half_beta = goal_weight / 2
-    kernel = (jac @ jac.T).double()  # (m, m); float32 products are accurate enough for m ≤ a few thousand
-    if not (torch.isfinite(kernel).all() and torch.isfinite(v).all()):
+    # (m, m) and (m,): float32 products of the big blocks, small algebra in float64
+    kernel = sum(b @ b.T for b in blocks).double()
+    jv = sum(b @ p.reshape(-1) for b, p in zip(blocks, parts, strict=True)).double()
+    v_norm2 = float(sum(p.double().pow(2).sum() for p in parts))
+    if not (torch.isfinite(kernel).all() and torch.isfinite(jv).all() and math.isfinite(v_norm2)):
         raise WalkDiverged("the metric or the goal direction is not finite")
     lam, u = torch.linalg.eigh(kernel)
     keep = lam > lam.max().clamp_min(1e-30) * 1e-9
     lam, u = lam[keep], u[:, keep]
-    jv = (jac @ v).double()
     c = (u.T @ jv) / lam.sqrt()
-    perp2 = max(float(v.double().pow(2).sum() - c.pow(2).sum()), 0.0)
+    perp2 = max(v_norm2 - float(c.pow(2).sum()), 0.0)
     lam_np, c2 = lam.cpu().numpy(), c.pow(2).cpu().numpy()
 
     def excess(log_mu: float) -> float:
         mu = math.exp(log_mu)
         return half_beta**2 * (np.sum(c2 / (lam_np + mu) ** 2) + perp2 / mu**2) - radius**2
 
+    def assemble(coef: Tensor, mu: float) -> tuple:
+        y = (u @ (coef / lam.sqrt())).to(blocks[0].dtype)  # θ = (β/2)(v/μ + Lᵀ y)
+        theta = [half_beta * ((p / mu if mu > 0 else 0 * p) + (b.T @ y).view_as(p))
+                 for b, p in zip(blocks, parts, strict=True)]
+        return (dict(zip(jac, theta, strict=True)) if is_blocks else theta[0]), mu
+
     min_norm2 = half_beta**2 * np.sum(c2 / lam_np**2) if perp2 <= 1e-12 * max(float(c2.sum()), 1e-30) else math.inf
-    # Products with the big L stay in its own precision; only the small m×m algebra is in float64.
     if min_norm2 <= radius**2:  # v lies in the row space and the pseudo-inverse step fits: μ = 0
-        coef = c / lam
-        theta = half_beta * (jac.T @ (u @ (coef / lam.sqrt())).to(jac.dtype))
-        return theta.to(v.dtype), 0.0
+        return assemble(c / lam, 0.0)
     lo, hi = math.log(1e-12), math.log(1e12)
     if excess(hi) > 0:  # ε is tiny against β‖v‖: a plain gradient step of length ε
-        return v * (radius / v.norm()), math.inf
+        scale_ = radius / math.sqrt(v_norm2)
+        theta = [p * scale_ for p in parts]
+        return (dict(zip(jac, theta, strict=True)) if is_blocks else theta[0]), math.inf
     mu = math.exp(brentq(excess, lo, hi, xtol=1e-10))
-    coef = (1 / (lam + mu) - 1 / mu) * c
-    theta = half_beta * (v / mu + jac.T @ (u @ (coef / lam.sqrt())).to(jac.dtype))
-    return theta.to(v.dtype), mu
+    return assemble((1 / (lam + mu) - 1 / mu) * c, mu)
+
+
+LANDING_STEPS = 5
 
 
 def _goal_and_restoring(params: Params, goal, batch, restoring_weight: float) -> tuple[Params, Params]:
@@ -91,18 +104,24 @@ def constrained_step(params: Params, goal, batch, probe: Tensor, config: WalkCon
     """The paper's step: metric-aware, length `radius` (ε, or less near a point target)."""
     metric = PullbackMetric(model_fn, probe, config.metric)
     v_goal, grad_restoring = _goal_and_restoring(params, goal, batch, config.restoring_weight)
+    restoring_weight = config.restoring_weight
     if goal.is_point_target:
-        v_goal = scale(v_goal, 1 / max(float(norm(v_goal)), 1e-12))
-    v = add(v_goal, grad_restoring, alpha=-config.restoring_weight)
+        distance = float(norm(v_goal))  # v_goal = target − w
+        v_goal = scale(v_goal, 1 / max(distance, 1e-12))
+        # Landing: within LANDING_STEPS steps of the target the restoring pull fades linearly to zero.
+        # Otherwise its batch noise keeps the walk circling at a fixed distance (measured: connect stalled
+        # at ‖w − w_B‖ ≈ 0.2 for 800 steps); every landing step is still a recorded, measured step.
+        restoring_weight *= min(1.0, distance / (LANDING_STEPS * config.max_step_norm))
+    v = add(v_goal, grad_restoring, alpha=-restoring_weight)
     n_params = sum(t.numel() for t in params.values())
     n_rows = len(probe) * goal.n_outputs
     use_kernel = config.linear_solver == "kernel" or (
         config.linear_solver == "auto" and n_rows <= 2048 and n_rows * n_params <= 5e7)
     if use_kernel:
-        jac = metric.jacobian(params)
-        theta_flat, mu = trust_region_kernel(jac, flatten(v), config.goal_weight, radius)
-        functional_step = float((jac @ theta_flat).pow(2).sum())
-        return Step(unflatten(theta_flat, params), v_goal, functional_step, mu)
+        blocks = metric.jacobian_blocks(params)
+        theta, mu = trust_region_kernel(blocks, v, config.goal_weight, radius)
+        functional_step = float(sum(b @ theta[k].reshape(-1) for k, b in blocks.items()).pow(2).sum())
+        return Step(theta, v_goal, functional_step, mu)
     mu = config.damping
     x = conjugate_gradient(lambda t: add(metric.metric_vector_product(t, params), t, alpha=mu), v, config.cg_iters)
     theta = scale(x, config.goal_weight / 2)

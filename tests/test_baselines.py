@@ -19,7 +19,8 @@ def test_weight_matching_undoes_a_permutation_of_hidden_units():
     net = build_network(ModelConfig(hidden=(8, 6)), (5,), 3)
     a = net.init_params(0)
     b = {k: v.clone() for k, v in a.items()}
-    p1, p2 = torch.randperm(8, generator=torch.Generator().manual_seed(1)), torch.randperm(6)
+    gen = torch.Generator().manual_seed(1)
+    p1, p2 = torch.randperm(8, generator=gen), torch.randperm(6, generator=gen)
     b["layers.1.weight"], b["layers.1.bias"] = a["layers.1.weight"][p1], a["layers.1.bias"][p1]
     b["layers.3.weight"], b["layers.3.bias"] = a["layers.3.weight"][p2][:, p1], a["layers.3.bias"][p2]
     b["layers.5.weight"] = a["layers.5.weight"][:, p2]
