@@ -89,9 +89,6 @@ def trust_region_kernel(jac, v, goal_weight: float, radius: float):
     return assemble((1 / (lam + mu) - 1 / mu) * c, mu)
 
 
-LANDING_STEPS = 5
-
-
 def _goal_and_restoring(params: Params, goal, batch, restoring_weight: float) -> tuple[Params, Params]:
     v_goal = goal.direction(params, batch)
     if restoring_weight == 0:
@@ -108,10 +105,12 @@ def constrained_step(params: Params, goal, batch, probe: Tensor, config: WalkCon
     if goal.is_point_target:
         distance = float(norm(v_goal))  # v_goal = target − w
         v_goal = scale(v_goal, 1 / max(distance, 1e-12))
-        # Landing: within LANDING_STEPS steps of the target the restoring pull fades linearly to zero.
-        # Otherwise its batch noise keeps the walk circling at a fixed distance (measured: connect stalled
-        # at ‖w − w_B‖ ≈ 0.2 for 800 steps); every landing step is still a recorded, measured step.
-        restoring_weight *= min(1.0, distance / (LANDING_STEPS * config.max_step_norm))
+        # Landing on a fixed target: within goal.landing_steps steps of it the restoring pull fades linearly
+        # to zero. Otherwise its batch noise keeps the walk circling at a fixed distance (measured: connect
+        # stalled at ‖w − w_B‖ ≈ 0.2 for 800 steps); every landing step is still a recorded, measured step.
+        # (Sparsify's target moves with w and needs the pull to the end: it does not fade.)
+        if goal.landing_steps:
+            restoring_weight *= min(1.0, distance / (goal.landing_steps * config.max_step_norm))
     v = add(v_goal, grad_restoring, alpha=-restoring_weight)
     n_params = sum(t.numel() for t in params.values())
     n_rows = len(probe) * goal.n_outputs

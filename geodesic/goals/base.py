@@ -32,6 +32,7 @@ class Batch:
 class Goal:
     name: str = "goal"
     is_point_target: bool = False  # a weight vector to reach (the step shrinks near it, then snaps)
+    landing_steps: int = 0  # constrained step: the restoring pull fades over this many steps from a fixed target
 
     def __init__(self, model_fn: ModelFn, anchor_params: Params, anchor_inputs: Tensor, tasks: dict[str, Dataset],
                  metric_kind: str, tolerance: float):

@@ -16,6 +16,7 @@ from .base import Batch, Goal
 class Connect(Goal):
     name = "connect"
     is_point_target = True
+    landing_steps = 5
 
     def __init__(self, *args, end_params: Params, labels: Tensor, **kwargs):
         super().__init__(*args, **kwargs)
