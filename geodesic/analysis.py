@@ -19,12 +19,6 @@ from .projection import PCABasis
 from .walker import Walker
 
 
-def params_at(walker: Walker, index: int):
-    """The weights of recorded point `index` (exact traces only)."""
-    device = next(iter(walker.params.values())).device
-    return unflatten(torch.as_tensor(walker.trace.rows[index]).to(device), walker.params)
-
-
 def true_class_heatmap(walker: Walker, n_networks: int = 40, n_examples: int = 120) -> tuple[np.ndarray, np.ndarray]:
     """(steps (r,), p(true class) (r, n_examples)): networks along the path × task-A test examples.
 
@@ -33,7 +27,7 @@ def true_class_heatmap(walker: Walker, n_networks: int = 40, n_examples: int = 1
     x, y = task.x[:n_examples], task.y[:n_examples]
     n_points = len(walker.trace.rows)
     rows = np.unique(np.linspace(0, n_points - 1, min(n_networks, n_points)).round().astype(int))
-    probs = np.stack([true_class_probability(walker.model_fn, params_at(walker, i), x, y).cpu().numpy() for i in rows])
+    probs = np.stack([true_class_probability(walker.model_fn, walker.params_at(i), x, y).cpu().numpy() for i in rows])
     order = np.argsort(-probs[0], kind="stable")
     steps = np.array([walker.record[i].step for i in rows])
     return steps, probs[:, order]

@@ -32,11 +32,6 @@ def straight_line(model_fn: ModelFn, params_a: Params, params_b: Params, task: D
     return {"alpha": alphas, "loss": np.array(losses), "accuracy": np.array(accuracies)}
 
 
-def on_alpha_grid(positions: Sequence[float], values: Sequence[float], n_points: int = 21) -> np.ndarray:
-    """`values` recorded at path positions in [0, 1], linearly interpolated onto an even α grid."""
-    return np.interp(np.linspace(0.0, 1.0, n_points), np.asarray(positions), np.asarray(values))
-
-
 def one_shot_prune(model_fn: ModelFn, params: Params, prunable: tuple[str, ...], target_sparsity: float,
                    task: Dataset) -> float:
     """Test accuracy of global magnitude pruning with no retraining."""

@@ -6,7 +6,7 @@ hold it). Keys and shapes of tangent vectors match the point they live at.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -64,18 +64,6 @@ def unflatten(flat: Tensor, like: Params) -> Params:
         out[k] = flat[start:start + v.numel()].view_as(v)
         start += v.numel()
     return out
-
-
-def numel(a: Params) -> int:
-    return sum(v.numel() for v in a.values())
-
-
-def apply(fn: Callable[[Tensor], Tensor], a: Params) -> Params:
-    return {k: fn(v) for k, v in a.items()}
-
-
-def to(a: Params, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Params:
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in a.items()}
 
 
 def is_finite(a: Params) -> bool:

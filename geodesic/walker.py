@@ -21,7 +21,7 @@ from .goals import Goal
 from .measures import evaluate, sparsity
 from .metric import PullbackMetric
 from .models import Network, recompute_batchnorm
-from .params import Params, add, clone, cosine, flush_subnormal, is_finite, norm
+from .params import Params, add, clone, cosine, flush_subnormal, is_finite, norm, unflatten
 from .path import PathPoint, PathRecord, WeightTrace
 from .step import STEP_RULES
 
@@ -152,10 +152,7 @@ class Walker:
         if not self.trace.is_exact:
             raise ConfigError("branch step", at_step, "a saved checkpoint (this model is too large to keep "
                               "every point's weights)")
-        from .params import unflatten
-
-        params = unflatten(torch.as_tensor(self.trace.rows[at_step]).to(next(iter(self.params.values())).device),
-                           self.params)
+        params = self.params_at(at_step)
         child = Walker(self.network, params, self.goal, config or self.config, self.tasks,
                        seed=self.seed + 1 if seed is None else seed, buffers=self.buffers, bn_inputs=self.bn_inputs,
                        n_eval=self.n_eval, drift_probe=self._drift_probe, _record=False)
@@ -166,6 +163,11 @@ class Walker:
         child._euclidean_length, child._functional_length = base.euclidean_length, base.functional_length
         child._pending_event = f"branched from step {at_step}"
         return child
+
+    def params_at(self, index: int) -> Params:
+        """The weights of recorded point `index` (exact traces only)."""
+        device = next(iter(self.params.values())).device
+        return unflatten(torch.as_tensor(self.trace.rows[index]).to(device), self.params)
 
     # -- measuring -----------------------------------------------------------------------------------------
     @torch.no_grad()

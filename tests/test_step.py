@@ -53,6 +53,7 @@ class _PointGoal:
     """A goal that pulls toward a fixed point, restoring the function on the probe."""
 
     is_point_target = True
+    landing_steps = 5  # exercises the fading restoring pull near a fixed target
     n_outputs = 3
 
     def __init__(self, net, target, x, anchor):
