@@ -12,4 +12,6 @@ st.set_page_config(page_title="geodesic", page_icon=":material/explore:", layout
 pages = [st.Page(explore.render, title="Explore", icon=":material/explore:", url_path="explore", default=True),
          st.Page(runs.render, title="Runs", icon=":material/folder_open:", url_path="runs"),
          st.Page(learn.render, title="Learn", icon=":material/school:", url_path="learn")]
-st.navigation(pages).run()
+navigation = st.navigation(pages)
+explore.setup_sidebar()  # every page: the set-up controls and their state live in the sidebar
+navigation.run()

@@ -160,6 +160,7 @@ def _two_pages():
 
     from app.views import explore, runs
 
+    explore.setup_sidebar()
     (runs.render if st.query_params.get("page") == "runs" else explore.render)()
 
 
@@ -204,3 +205,16 @@ def test_save_reload_compare_rename_and_delete_runs(tmp_path, monkeypatch):
     button(at, "Delete").click().run()
     assert not (tmp_path / "store" / "renamed").exists()
     assert not at.exception
+
+
+def test_settings_survive_moving_between_pages(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
+    at = AppTest.from_function(_two_pages, default_timeout=180)
+    at.run()
+    at.number_input(key="step_size").set_value(0.123).run()
+    at.query_params["page"] = "runs"
+    at.run()
+    assert at.number_input(key="step_size").value == 0.123  # the sidebar is on every page
+    at.query_params["page"] = "explore"
+    at.run()
+    assert at.number_input(key="step_size").value == 0.123 and not at.exception

@@ -264,24 +264,31 @@ def _drive(s, teach: bool) -> None:
             session.select_branch(choice)
 
 
-def render() -> None:
+def setup_sidebar() -> None:
+    """The set-up controls, drawn on every page so their values survive moving between pages
+    (Streamlit forgets a widget's state on any run that does not draw it)."""
     s = session.state()
-    teach = st.query_params.get("teach") == "1"
     controls.init_widgets()
     for message in st.session_state.pop("_url_errors", []):
         st.warning(message)
-    if not teach:
-        with st.sidebar:
-            device = str(s.experiment.device) if s.experiment else None
-            if controls.sidebar(s.errors, device):
-                try:
-                    config = controls.config_from_widgets()
-                except ConfigError as err:
-                    s.errors = {controls.widget_for(err): str(err)}
-                    st.rerun()
-                else:
-                    _start_walk(config)
-                    st.rerun()
+    if st.query_params.get("teach") == "1":
+        return
+    with st.sidebar:
+        device = str(s.experiment.device) if s.experiment else None
+        if controls.sidebar(s.errors, device):
+            try:
+                config = controls.config_from_widgets()
+            except ConfigError as err:
+                s.errors = {controls.widget_for(err): str(err)}
+                st.rerun()
+            else:
+                _start_walk(config)
+                st.rerun()
+
+
+def render() -> None:
+    s = session.state()
+    teach = st.query_params.get("teach") == "1"
     if s.experiment is None:
         try:
             config = controls.config_from_widgets()
