@@ -1,0 +1,49 @@
+"""Shared by the browser benchmarks: start the app with `streamlit run` and open it in Debian's Chromium
+through Playwright (no browser download), then stop both."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextlib.contextmanager
+def app_page(port: int, path: str = "", viewport: tuple[int, int] = (1400, 1000)) -> Iterator:
+    """(page, first paint in seconds): a Playwright page showing the app at http://127.0.0.1:port/path once
+    its first chart is drawn, and how long that took from opening the page."""
+    from playwright.sync_api import sync_playwright
+
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless",
+                             "true", "--server.port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+            context = p.chromium.launch_persistent_context(
+                profile, executable_path=shutil.which("chromium"), args=FLAGS, headless=True,
+                viewport={"width": viewport[0], "height": viewport[1]})
+            page = context.new_page()
+            t_open = time.perf_counter()
+            page.goto(f"{url}/{path}")
+            page.locator(".js-plotly-plot").first.wait_for(timeout=180_000)
+            yield page, time.perf_counter() - t_open
+            context.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
