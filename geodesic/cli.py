@@ -94,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from .checkpoint import match_params, read_tensors
+    from .checkpoint import read_tensors
     from .experiment import build
     from .store import RunStore, load_run, restore_walker
     from .summary import summarize
@@ -123,15 +123,8 @@ def run_command(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.set_description_str(f"{what} {fraction:.0%}")
 
-    start = None
-    if start_path is not None:  # check the file against the model before any training happens
-        from .data import load_dataset
-        from .models import build_network
-
-        dataset = load_dataset(config.data)
-        net = build_network(config.model, dataset.input_shape, dataset.n_classes)
-        start, _ = match_params(read_tensors(start_path), net.init_params(config.seed), str(start_path), net.buffers)
-    experiment = build(config, progress=progress, start=start)
+    start_tensors = read_tensors(start_path) if start_path is not None else None
+    experiment = build(config, progress=progress, start_tensors=start_tensors, start_source=str(start_path))
     store = RunStore(out, save_every=args.save_every)
     if args.resume:
         restore_walker(experiment, out, state, record)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import match_params
 from .config import RunConfig
 from .data import Dataset, load_dataset, task_pair
 from .goals import Connect, Goal, NewTask, Sparsify, memory_indices
@@ -52,10 +53,13 @@ class Experiment:
     buffers: dict  # BatchNorm statistics shared by the goal and the walker
 
 
-def build(config: RunConfig, progress: Progress | None = None, start: Params | None = None) -> Experiment:
+def build(config: RunConfig, progress: Progress | None = None, start_tensors: dict | None = None,
+          start_source: str = "start weights") -> Experiment:
     """Everything a walk needs. Start networks come from the cache or are trained (reported to `progress`).
 
-    `start`: weights to start from instead of a trained network (e.g. loaded with --init).
+    `start_tensors`: weights to start from instead of a trained network (read with checkpoint.read_tensors,
+    e.g. --init, an upload, a saved run); they are checked against the model before anything is trained,
+    and a mismatch raises CheckpointError naming `start_source` and the first bad tensor.
     """
     report = progress or (lambda what, frac: None)
     device = resolve_device(config.device)
@@ -76,6 +80,11 @@ def build(config: RunConfig, progress: Progress | None = None, start: Params | N
                              progress=lambda frac: report(f"training {label} (seed {seed})", frac))
 
     buffers = dict(network.buffers)
+    start = None
+    if start_tensors is not None:
+        device_init = {k: v.to(device) for k, v in network.init_params(config.seed).items()}
+        start, start_buffers = match_params(start_tensors, device_init, start_source, network.buffers)
+        buffers.update(start_buffers)
     if start is None:
         start, start_buffers = trained(config.seed, "start network")
         buffers.update(start_buffers)

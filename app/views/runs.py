@@ -14,7 +14,7 @@ from pathlib import Path
 import streamlit as st
 
 from app import charts, session
-from geodesic.checkpoint import match_params, read_tensors
+from geodesic.checkpoint import read_tensors
 from geodesic.errors import GeodesicError
 from geodesic.experiment import build
 from geodesic.path import PathRecord
@@ -52,22 +52,13 @@ def _save(s, name: str) -> None:
 def _reload(name: str) -> None:
     directory = store_root() / check_run_name(name)
     config, state, record = load_run(directory)
-    start, _ = match_params(read_tensors(directory / "weights" / "start.safetensors"),
-                            build_start_like(config), "start.safetensors")
-    experiment = build(config, start=start)
+    experiment = build(config, start_tensors=read_tensors(directory / "weights" / "start.safetensors"),
+                       start_source=f"{name}/weights/start.safetensors")
     restore_walker(experiment, directory, state, record)
     load_trace(experiment, directory)
     from geodesic.analysis import goal_baselines
 
     session.install(experiment, goal_baselines(experiment))
-
-
-def build_start_like(config):
-    from geodesic.data import load_dataset
-    from geodesic.models import build_network
-
-    dataset = load_dataset(config.data)
-    return build_network(config.model, dataset.input_shape, dataset.n_classes).init_params(config.seed)
 
 
 def _upload(s, uploaded) -> None:
@@ -81,8 +72,8 @@ def _upload(s, uploaded) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(uploaded.getvalue())
-        start, _ = match_params(read_tensors(path), build_start_like(config), uploaded.name)
-    experiment = build(config, start=start)
+        tensors = read_tensors(path)
+    experiment = build(config, start_tensors=tensors, start_source=uploaded.name)
     from geodesic.analysis import goal_baselines
 
     session.install(experiment, goal_baselines(experiment))
