@@ -28,16 +28,25 @@ def main() -> None:
         # The step counter shown by the page (the first st.metric), read as the page renders it.
         read = "() => { const el = document.querySelector('[data-testid=stMetricValue]');" \
                " return el ? parseInt(el.innerText) : 0; }"
+        pause = page.get_by_role("button", name="Pause", exact=True)
         samples, t0 = [], time.perf_counter()
+        finished = False
         while time.perf_counter() - t0 < args.seconds:
             samples.append((time.perf_counter() - t0, page.evaluate(read)))
+            if not pause.is_visible():  # the walk reached its goal: measure up to its last step
+                finished = True
+                break
             time.sleep(0.05)
-        page.get_by_role("button", name="Pause", exact=True).click()
+        if not finished:
+            pause.click()
+    # Up to the first sample that shows the last step (a finished walk's page stays put after it).
+    last = next(i for i, (_, n) in enumerate(samples) if n == samples[-1][1])
+    samples = samples[:last + 1]
     points = [n for _, n in samples]
     refreshes = sum(1 for a, b in zip(points, points[1:], strict=False) if b != a)
     elapsed = samples[-1][0] - samples[0][0]
     result = {"query": args.query, "view": args.view, "first_paint_seconds": round(first_paint, 2),
-              "seconds": round(elapsed, 1),
+              "seconds": round(elapsed, 1), "walk_finished": finished,
               "steps": points[-1] - points[0], "steps_per_second": round((points[-1] - points[0]) / elapsed, 1),
               "chart_refreshes_per_second": round(refreshes / elapsed, 2)}
     print(json.dumps(result))

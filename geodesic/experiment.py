@@ -15,7 +15,7 @@ from .checkpoint import match_params
 from .config import RunConfig
 from .data import Dataset, load_dataset, task_pair
 from .goals import Connect, Goal, NewTask, Sparsify, memory_indices
-from .models import Network, build_network
+from .models import Network, NetworkFunction, build_network
 from .params import Params
 from .training import start_network
 from .walker import Walker
@@ -90,8 +90,7 @@ def build(config: RunConfig, progress: Progress | None = None, start_tensors: di
         buffers.update(start_buffers)
     end = None
 
-    def model_fn(params: Params, x: torch.Tensor) -> torch.Tensor:
-        return network.apply(params, x, buffers)
+    model_fn = NetworkFunction(network, buffers)
 
     train_a = tasks["A"].train
     common = dict(metric_kind=config.walk.metric, tolerance=goal_cfg.tolerance, tasks=tasks)

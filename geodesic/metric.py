@@ -20,7 +20,9 @@ from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 
 from .measures import ModelFn
+from .models import NetworkFunction
 from .params import Params, dot, flatten, unflatten
+from .rows import DenseRows, JacobianRows, linear_layer_rows
 
 
 @dataclass
@@ -76,6 +78,18 @@ class PullbackMetric:
         Jacobian is written once and never transformed.
         """
         n = self.n_probe
+        whiten = self._whitening(base_point)
+        c = whiten.shape[-1]
+
+        def single(params: Params, x: Tensor, w: Tensor) -> Tensor:
+            return w @ self.model_fn(params, x[None])[0]
+
+        per_sample = vmap(jacrev(single), in_dims=(None, 0, 0))(base_point, self.inputs, whiten)
+        return {k: per_sample[k].reshape(n * c, -1) for k in base_point}  # {k: (N·C, numel_k)}
+
+    def _whitening(self, base_point: Params) -> Tensor:
+        """(N, C, C): H_i^½ / √N for each probe input i."""
+        n = self.n_probe
         with torch.no_grad():
             logits = self._forward(base_point)
         c = logits.shape[-1]
@@ -84,13 +98,16 @@ class PullbackMetric:
             whiten = (torch.diag_embed(s) - s[:, :, None] * (s * s)[:, None, :])     # (I − s sᵀ) diag(s), (N, C, C)
         else:
             whiten = torch.eye(c, dtype=logits.dtype, device=logits.device).expand(n, c, c)
-        whiten = whiten / n ** 0.5
+        return whiten / n ** 0.5
 
-        def single(params: Params, x: Tensor, w: Tensor) -> Tensor:
-            return w @ self.model_fn(params, x[None])[0]
-
-        per_sample = vmap(jacrev(single), in_dims=(None, 0, 0))(base_point, self.inputs, whiten)
-        return {k: per_sample[k].reshape(n * c, -1) for k in base_point}  # {k: (N·C, numel_k)}
+    def jacobian_rows(self, base_point: Params) -> JacobianRows:
+        """L in the cheapest exact form: factored per layer for Linear-only networks, dense blocks otherwise."""
+        if isinstance(self.model_fn, NetworkFunction):
+            rows = linear_layer_rows(self.model_fn.network, self.model_fn.buffers, base_point, self.inputs,
+                                     self._whitening(base_point))
+            if rows is not None:
+                return rows
+        return DenseRows(self.jacobian_blocks(base_point))
 
     def jacobian(self, base_point: Params) -> Tensor:
         """L (N·C × n, flattened in the key order of base_point) with g = LᵀL."""
@@ -105,8 +122,8 @@ class PullbackMetric:
         n_params = sum(v.numel() for v in base_point.values())
         n_rows = self.n_probe * self._forward(base_point).shape[-1]
         if n_rows <= 4096:
-            jac = self.jacobian(base_point).double()
-            eigenvalues = torch.linalg.eigvalsh(jac @ jac.T).flip(0).clamp_min(0).cpu().numpy()
+            kernel = self.jacobian_rows(base_point).gram().double()
+            eigenvalues = torch.linalg.eigvalsh(kernel).flip(0).clamp_min(0).cpu().numpy()
             return eigenvalues[:n_eigenvalues]
         from scipy.sparse.linalg import LinearOperator, eigsh
 

@@ -134,6 +134,20 @@ class Network:
         return self
 
 
+@dataclass(frozen=True, eq=False)
+class NetworkFunction:
+    """`network` with the BatchNorm statistics `buffers` as a pure function (params, x) -> logits.
+
+    A plain callable would do for the forward pass; this one also tells the metric which network it is,
+    so it can use the factored Jacobian for Linear-only networks (rows.py)."""
+
+    network: Network
+    buffers: dict[str, Tensor]
+
+    def __call__(self, params: Params, x: Tensor) -> Tensor:
+        return self.network.apply(params, x, self.buffers)
+
+
 def build_network(config: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> Network:
     module = build_module(config, input_shape, n_classes).eval()
     for p in module.parameters():

@@ -20,7 +20,7 @@ from .errors import ConfigError, OutOfMemory, WalkDiverged
 from .goals import Goal
 from .measures import evaluate, sparsity
 from .metric import PullbackMetric
-from .models import Network, recompute_batchnorm
+from .models import Network, NetworkFunction, recompute_batchnorm
 from .params import Params, add, clone, cosine, flush_subnormal, is_finite, norm, unflatten
 from .path import PathPoint, PathRecord, WeightTrace
 from .step import STEP_RULES
@@ -60,8 +60,9 @@ class Walker:
                                        step_seconds=0.0, event="start"))
 
     # -- the model as a pure function of params (the walker's own BatchNorm statistics) -------------------
-    def model_fn(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        return self.network.apply(params, x, self.buffers)
+    @property
+    def model_fn(self) -> NetworkFunction:
+        return NetworkFunction(self.network, self.buffers)
 
     @property
     def goal_weight(self) -> float:

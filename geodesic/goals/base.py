@@ -49,11 +49,9 @@ class Goal:
     def for_network(cls, network, params: Params, data: Dataset, metric_kind: str = "fisher",
                     tolerance: float = 0.01, **goal_kwargs) -> Goal:
         """The goal for `network` starting at `params`, anchored on `data`'s training inputs (Python API)."""
-        buffers = network.buffers
+        from ..models import NetworkFunction
 
-        def model_fn(p: Params, x: Tensor) -> Tensor:
-            return network.apply(p, x, buffers)
-
+        model_fn = NetworkFunction(network, network.buffers)
         return cls._for_network(model_fn, network, params, data, metric_kind, tolerance, **goal_kwargs)
 
     @classmethod

@@ -1,0 +1,114 @@
+"""The factored Jacobian of Linear-only networks against the dense one from vmap(jacrev)."""
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from geodesic.config import ModelConfig, WalkConfig
+from geodesic.data import from_tensors
+from geodesic.goals import Sparsify
+from geodesic.metric import PullbackMetric
+from geodesic.models import NetworkFunction, build_network, network_from_module
+from geodesic.rows import DenseRows, LinearLayerRows
+from geodesic.step import constrained_step
+
+
+def _mlp(hidden=(6, 5), n_in=4, n_out=3, bias=True):
+    torch.manual_seed(0)
+    layers, widths = [], (n_in, *hidden)
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(a, b, bias=bias), nn.Tanh()]
+    module = nn.Sequential(*layers, nn.Linear(widths[-1], n_out, bias=bias)).double()
+    net, params = network_from_module(module, (n_in,), n_out)
+    return net, params, torch.randn(7, n_in, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["fisher", "logit"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_factored_rows_match_dense_rows(kind, bias):
+    net, params, x = _mlp(bias=bias)
+    metric = PullbackMetric(NetworkFunction(net, net.buffers), x, kind)
+    rows = metric.jacobian_rows(params)
+    assert isinstance(rows, LinearLayerRows)
+    dense = DenseRows(metric.jacobian_blocks(params))
+    assert rows.n_rows == dense.n_rows == 7 * 3
+    torch.testing.assert_close(rows.gram(), dense.gram(), rtol=1e-10, atol=1e-12)
+    gen = torch.Generator().manual_seed(1)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in params.items()}
+    torch.testing.assert_close(rows.matvec(v), dense.matvec(v), rtol=1e-10, atol=1e-12)
+    y = torch.randn(rows.n_rows, generator=gen, dtype=torch.float64)
+    back, dense_back = rows.rmatvec(y), dense.rmatvec(y)
+    assert set(back) == set(params)
+    for k in params:
+        torch.testing.assert_close(back[k].reshape(-1), dense_back[k], rtol=1e-10, atol=1e-12)
+    # and the metric the rows define is the metric g·v of the matrix-free products
+    gv = metric.metric_vector_product(v, params)
+    lt_lv = rows.rmatvec(rows.matvec(v))
+    for k in params:
+        torch.testing.assert_close(lt_lv[k].reshape(params[k].shape), gv[k], rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_the_digits_mlp_uses_the_factored_rows_and_the_step_is_unchanged():
+    torch.manual_seed(0)
+    net = build_network(ModelConfig(name="mlp", hidden=(16, 16)), (8,), 4)
+    net.module.double()
+    params = {k: v.double() for k, v in net.init_params(0).items()}
+    x, y = torch.randn(60, 8, dtype=torch.float64), torch.randint(0, 4, (60,))
+    data = from_tensors(x, y, x[:10], y[:10], n_classes=4)
+    goal = Sparsify(NetworkFunction(net, net.buffers), params, x, {"A": data}, "fisher", 0.01,  # float64 anchor
+                    prunable=net.prunable, target_sparsity=0.5)
+    batch = goal.sample(torch.Generator().manual_seed(0), 40)
+    moved = {k: v + 1e-2 * torch.randn_like(v) for k, v in params.items()}
+    config = WalkConfig(solver="constrained", probe_size=6, batch_size=40, goal_weight=0.01, restoring_weight=0.3)
+    fast = constrained_step(moved, goal, batch, x[:6], config, 0.05, NetworkFunction(net, net.buffers))
+    slow = constrained_step(moved, goal, batch, x[:6], config, 0.05, lambda p, inputs: net.apply(p, inputs))
+    for k in params:
+        torch.testing.assert_close(fast.tangent_vec[k], slow.tangent_vec[k], rtol=1e-7, atol=1e-10)
+    assert fast.functional_step == pytest.approx(slow.functional_step, rel=1e-7)
+    assert fast.damping == pytest.approx(slow.damping, rel=1e-6)
+
+
+def test_networks_with_other_layers_or_shared_layers_fall_back_to_dense_rows():
+    lenet = build_network(ModelConfig(name="lenet5"), (1, 28, 28), 10)
+    params = lenet.init_params(0)
+    metric = PullbackMetric(NetworkFunction(lenet, lenet.buffers), torch.randn(2, 1, 28, 28), "fisher")
+    assert isinstance(metric.jacobian_rows(params), DenseRows)
+
+    class Shared(nn.Module):  # one Linear applied twice: its gradient is not one outer product per input
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.inner(torch.tanh(self.inner(x)))
+
+    net, params = network_from_module(Shared().double(), (3,), 3)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    metric = PullbackMetric(NetworkFunction(net, net.buffers), x, "logit")
+    rows = metric.jacobian_rows(params)
+    assert isinstance(rows, DenseRows)
+    # the hooks left behind change nothing outside the factored computation
+    torch.testing.assert_close(net.apply(params, x), Shared().double().forward.__func__(net.module, x))
+
+
+def test_the_hooks_are_inert_in_other_threads_while_rows_are_built():
+    net, params, x = _mlp()
+    fn = NetworkFunction(net, net.buffers)
+    expected = fn(params, x)
+    metric = PullbackMetric(fn, x, "fisher")
+    metric.jacobian_rows(params)  # registers the hooks
+    errors = []
+
+    def forward_many():
+        for _ in range(200):
+            if not torch.equal(fn(params, x), expected):
+                errors.append("changed")
+
+    thread = threading.Thread(target=forward_many)
+    thread.start()
+    for _ in range(50):
+        metric.jacobian_rows(params)
+    thread.join()
+    assert errors == []
