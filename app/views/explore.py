@@ -1,6 +1,8 @@
 """Explore: set up a walk, drive it (Step, Run/Pause, Reset, ε mid-walk, branch) and watch it live."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import streamlit as st
 
@@ -10,7 +12,7 @@ from geodesic.errors import ConfigError, GeodesicError
 from geodesic.experiment import build
 from geodesic.projection import fit_pca, trustworthiness, umap_embed
 
-REFRESH_SECONDS = 0.5
+REFRESH_SECONDS = 0.45
 VIEWS = ("Overview", "Path", "Steps", "Examples", "Metric", "Boundary", "Data")
 PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
@@ -189,11 +191,22 @@ def _status(s) -> None:
 def _live(s) -> None:
     """Charts and status; re-run every REFRESH_SECONDS while the walk runs (a fragment, not a loop)."""
     running = s.runner.is_running
-    if running:  # this refresh's slice of the walk; the rest of the interval is for drawing
-        s.runner.advance(s.steps_per_refresh, max_seconds=0.6 * REFRESH_SECONDS)
+    if running:  # this refresh's slice of the walk: 60% of the interval less what building the last refresh's
+        # charts took, so heavier views walk less per refresh and the page still refreshes on time; the other 40%
+        # is for the browser to draw (measured in Chromium on 2 cores: bench/dashboard_speed.py, BENCHMARKS.md)
+        drawing = st.session_state.get("_drawing_seconds", 0.2)
+        s.runner.advance(s.steps_per_refresh,
+                         max_seconds=max(0.03, 0.6 * REFRESH_SECONDS - drawing))
     elif st.session_state.get("_was_running"):  # the walk stopped by itself: stop the timer
         st.session_state["_was_running"] = False
         st.rerun(scope="app")
+    t_draw = time.perf_counter()
+    _draw(s)
+    if running:
+        st.session_state["_drawing_seconds"] = time.perf_counter() - t_draw
+
+
+def _draw(s) -> None:
     _status(s)
     view = st.session_state.get("view", VIEWS[0])
     runs = _runs(s)
