@@ -198,14 +198,19 @@ def markdown(rows: list[dict], step_costs: list[dict]) -> str:
         eb = "–" if r["error_barrier"] is None else f"{100 * r['error_barrier']:.2f}{rng(r['error_barrier_range'])}"
         lines.append(f"| {r['name']} | {r['method']} | {acc} | {low} | {sp} | {eb} | {r['budget']:,} | "
                      f"{r['wall_seconds']:.1f} |")
-    lines += ["", "| model | device | SGD step ms | penalty ms (ratio) | constrained ms (ratio, solver) |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| model | device | SGD step ms | penalty ms (ratio) | constrained ms (ratio, solver) | "
+              "steps/s SGD / penalty / constrained | peak GPU MB SGD / penalty / constrained |",
+              "|---|---|---|---|---|---|---|"]
     for c in step_costs:
+        rate = c["steps_per_second"]
+        peak = c["peak_memory_mb"]
+        peak_cell = "–" if not peak else " / ".join(f"{peak[k]:,.0f}" for k in ("sgd", "penalty", "constrained"))
         lines.append(f"| {c['model']} ({c['n_params']:,} params) | {c['device_name']} | "
                      f"{1000 * c['sgd_seconds']:.1f} | "
                      f"{1000 * c['penalty_seconds']:.1f} ({c['penalty_ratio']:.1f}×) | "
                      f"{1000 * c['constrained_seconds']:.1f} ({c['constrained_ratio']:.1f}×, "
-                     f"{c['constrained_linear_solver']}) |")
+                     f"{c['constrained_linear_solver']}) | "
+                     f"{rate['sgd']:.0f} / {rate['penalty']:.0f} / {rate['constrained']:.1f} | {peak_cell} |")
     return "\n".join(lines)
 
 

@@ -63,7 +63,12 @@ def trust_region_kernel(jac, v, goal_weight: float, radius: float):
     v_norm2 = float(sum(p.double().pow(2).sum() for p in v.values()))
     if not (torch.isfinite(kernel).all() and torch.isfinite(jv).all() and math.isfinite(v_norm2)):
         raise WalkDiverged("the metric or the goal direction is not finite")
-    lam, u = torch.linalg.eigh(kernel)
+    # A small eigenproblem is latency-bound on a GPU (cuSOLVER launches many tiny kernels): solve it on the CPU.
+    device = kernel.device
+    small = device.type != "cpu" and len(kernel) <= 512
+    lam, u = torch.linalg.eigh(kernel.cpu() if small else kernel)
+    if small:
+        lam, u = lam.to(device), u.to(device)
     keep = lam > lam.max().clamp_min(torch.finfo(lam.dtype).tiny) * len(lam) * torch.finfo(lam.dtype).eps
     lam, u = lam[keep].double(), u[:, keep]
     c = (u.T @ jv).double() / lam.sqrt()

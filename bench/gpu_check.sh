@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU check (issue 4), one call on a machine with an NVIDIA GPU: the CUDA tests, step cost ratios, steps per
+# second and peak memory of both step rules (MLP, VGG11, ResNet-18), and two whole digits walks on the GPU.
+# Usage: bash bench/gpu_check.sh OUTDIR        (PYTHON=... to pick the interpreter; figures go to BENCHMARKS.md;
+#        DEVICE=cpu rehearses the script on a machine without a GPU)
+set -u
+out=${1:-artifacts/gpu}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+device=${DEVICE:-cuda}
+export PYTHONUNBUFFERED=1 GEODESIC_CACHE
+GEODESIC_CACHE=$(mktemp -d)
+work=$(mktemp -d)
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+  $py -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
+} | tee "$out/gpu.txt"
+$py -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15 | tee "$out/pytest-cuda.txt"
+$py -m geodesic.bench --device "$device" --step-cost-only --json "$out/stepcost.json" --markdown "$out/stepcost.md"
+for solver in constrained penalty; do
+  t0=$EPOCHREALTIME
+  $py -m geodesic run --goal sparsify --dataset digits --solver "$solver" --device "$device" --seed 0 \
+    --out "$work/walk-$solver" --quiet || echo "FAILED walk $solver"
+  $py - "$work/walk-$solver/summary.json" "$t0" "$EPOCHREALTIME" "$out/walk-$solver.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1])); s["wall_seconds_with_training"] = float(sys.argv[3]) - float(sys.argv[2])
+sys.argv[2] = str(s["wall_seconds_with_training"]); sys.argv[3] = sys.argv[4]
+json.dump(s, open(sys.argv[3], "w"), indent=2)
+print(f"walk: steps={s['steps']} start={s['start']['test_accuracy']} end={s['end']['test_accuracy']} "
+      f"min={s['min_test_accuracy']} sparsity={s['end']['sparsity']:.4f} step_ms={1000 * s['step_seconds_mean']:.2f} "
+      f"wall_s={float(sys.argv[2]):.1f}")
+PY
+done

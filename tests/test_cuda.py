@@ -1,0 +1,75 @@
+"""The GPU path: the same steps on CUDA as on the CPU, and a whole walk there. Skipped without a GPU; run by
+bench/gpu_check.sh on a machine that has one (figures in BENCHMARKS.md)."""
+import dataclasses
+
+import pytest
+import torch
+
+from geodesic.checkpoint import read_tensors, save_weights
+from geodesic.config import ModelConfig, RunConfig, WalkConfig, default_walk
+from geodesic.data import from_tensors
+from geodesic.experiment import build
+from geodesic.goals import Sparsify
+from geodesic.models import build_network
+from geodesic.step import constrained_step, penalty_step
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _setup(model: str, shape: tuple[int, ...], device: str):
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, *shape, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    net = build_network(ModelConfig(name=model), shape, 10).to(torch.device(device))
+    params = {k: v.to(device) for k, v in net.init_params(0).items()}
+    data = from_tensors(x, y, x[:8], y[:8], n_classes=10).to(torch.device(device))
+    goal = Sparsify.for_network(net, params, data, target_sparsity=0.9)
+    batch = goal.sample(torch.Generator().manual_seed(0), 64)
+    moved = {k: v + 1e-3 * torch.randn(v.shape, generator=gen).to(device) for k, v in params.items()}
+    return goal, batch, moved, x[:8].to(device)
+
+
+@pytest.mark.parametrize("solver,linear_solver",
+                         [("constrained", "kernel"), ("constrained", "cg"), ("penalty", "auto")])
+def test_a_step_on_cuda_matches_the_cpu(solver, linear_solver):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = WalkConfig(solver=solver, linear_solver=linear_solver, probe_size=8, batch_size=64, goal_weight=0.003,
+                        restoring_weight=0.3)
+    rule = {"constrained": constrained_step, "penalty": penalty_step}[solver]
+    steps = {}
+    for device in ("cpu", "cuda"):
+        goal, batch, moved, probe = _setup("mlp", (64,), device)
+        steps[device] = rule(moved, goal, batch, probe, config, 0.1, goal.model_fn)
+    for k, v in steps["cpu"].tangent_vec.items():
+        assert steps["cuda"].tangent_vec[k].device.type == "cuda"
+        torch.testing.assert_close(steps["cuda"].tangent_vec[k].cpu(), v, rtol=2e-3, atol=1e-6)
+
+
+def test_vgg11_steps_run_on_cuda_within_the_step_size():
+    goal, batch, moved, probe = _setup("vgg11", (3, 32, 32), "cuda")
+    for solver in ("constrained", "penalty"):
+        config = WalkConfig(solver=solver, probe_size=8, batch_size=64, goal_weight=0.003, restoring_weight=0.3)
+        rule = {"constrained": constrained_step, "penalty": penalty_step}[solver]
+        theta = rule(moved, goal, batch, probe, config, 0.1, goal.model_fn).tangent_vec
+        length = float(sum(v.pow(2).sum() for v in theta.values()).sqrt())
+        assert 0 < length <= 0.1 * (1 + 1e-4)
+        assert all(bool(torch.isfinite(v).all()) for v in theta.values())
+
+
+def test_a_walk_on_cuda_keeps_accuracy_and_its_weights_load_on_the_cpu(tmp_path):
+    config = RunConfig(device="cuda")
+    config = dataclasses.replace(config, walk=default_walk("sparsify", "constrained", n_steps=40))
+    experiment = build(config)
+    walker = experiment.walker
+    assert next(iter(walker.params.values())).device.type == "cuda"
+    for _ in range(40):
+        walker.step()
+    record = walker.record
+    start, last = record.points[0], record.last
+    assert last.step == 40 or walker.is_done
+    assert last.goal_distance < 0.7 * start.goal_distance  # on its way to the sparse target
+    assert last.accuracy["A"] >= start.accuracy["A"] - 0.03
+    save_weights(walker.params, tmp_path / "w.safetensors")
+    loaded = read_tensors(tmp_path / "w.safetensors")
+    for k, v in walker.params.items():
+        assert loaded[k].device.type == "cpu"
+        torch.testing.assert_close(loaded[k], v.cpu())
