@@ -31,3 +31,16 @@ print(f"walk: steps={s['steps']} start={s['start']['test_accuracy']} end={s['end
       f"wall_s={float(sys.argv[2]):.1f}")
 PY
 done
+# The exact (kernel) solve forced on the big models, against the default CG: is the dense Jacobian worth its memory?
+$py - "$device" <<'PY' | tee "$out/kernel-vs-cg.txt"
+import sys
+from geodesic.stepcost import step_cost
+for model in ("vgg11", "resnet18"):
+    try:
+        c = step_cost(model, (3, 32, 32), 10, device=sys.argv[1], n_repeats=10, linear_solver="kernel")
+        peak = c["peak_memory_mb"] or {}
+        print(f"{model} kernel: SGD {1000 * c['sgd_seconds']:.1f} ms, constrained {1000 * c['constrained_seconds']:.1f} ms "
+              f"({c['constrained_ratio']:.1f}x), peak {peak.get('constrained', 0):,.0f} MB")
+    except Exception as err:  # noqa: BLE001 - report and go on: this is a measurement, not a test
+        print(f"{model} kernel: failed: {type(err).__name__}: {str(err)[:200]}")
+PY

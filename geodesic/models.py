@@ -7,6 +7,7 @@ VGG and ResNet come from torchvision, adapted to 32x32 inputs.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -120,13 +121,19 @@ class Network:
         return functional_call(self.module, (params, self.buffers if buffers is None else buffers), (x,))
 
     def init_params(self, seed: int) -> Params:
-        """Fresh initial weights drawn from `seed` without touching the global RNG."""
+        """Fresh initial weights drawn from `seed` without touching the global RNG, on the module's device.
+
+        Drawn on the CPU whatever the device: CUDA's generator gives other numbers for the same seed, and
+        a seed should mean the same start network on every machine (found by the GPU check)."""
+        module = copy.deepcopy(self.module).cpu()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for m in self.module.modules():
-                if hasattr(m, "reset_parameters") and m is not self.module:
+            torch.random.default_generator.manual_seed(seed)  # the CPU generator only (no CUDA side effects)
+            for m in module.modules():
+                if hasattr(m, "reset_parameters") and m is not module:
                     m.reset_parameters()
-            return clone(dict(self.module.named_parameters()))
+            params = clone(dict(module.named_parameters()))
+        device = next(iter(self.module.parameters()), torch.empty(0)).device
+        return {k: v.to(device) for k, v in params.items()}
 
     def to(self, device: torch.device) -> Network:
         self.module.to(device)

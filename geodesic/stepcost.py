@@ -23,7 +23,7 @@ def _sync(device: torch.device) -> None:
 
 def step_cost(model: str = "mlp", input_shape: tuple[int, ...] = (64,), n_classes: int = 10, batch_size: int = 200,
               probe_size: int = 16, device: str = "cpu", n_repeats: int = 20, seed: int = 0,
-              n_warmup: int = 3) -> dict:
+              n_warmup: int = 3, linear_solver: str = "auto") -> dict:
     """Median seconds of an SGD step and of each step rule (sparsify goal, random inputs), and their ratios.
 
     All three use the same batch of `batch_size` inputs; the metric's probe is `probe_size` of them."""
@@ -50,7 +50,7 @@ def step_cost(model: str = "mlp", input_shape: tuple[int, ...] = (64,), n_classe
 
     configs = {"penalty": WalkConfig(solver="penalty", probe_size=probe_size, batch_size=batch_size),
                "constrained": WalkConfig(solver="constrained", probe_size=probe_size, batch_size=batch_size,
-                                         goal_weight=0.003, restoring_weight=0.3)}
+                                         goal_weight=0.003, restoring_weight=0.3, linear_solver=linear_solver)}
     moved = {k: v + 1e-3 * torch.randn_like(v) for k, v in params.items()}  # off the anchor: restoring term active
 
     def rule(name: str):
@@ -75,7 +75,9 @@ def step_cost(model: str = "mlp", input_shape: tuple[int, ...] = (64,), n_classe
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
     median = {k: statistics.median(v) for k, v in times.items()}
     n_params = sum(v.numel() for v in params.values())
-    linear_solver = "kernel" if probe_size * n_classes <= 2048 and probe_size * n_classes * n_params <= 5e7 else "cg"
+    if linear_solver == "auto":
+        n_rows = probe_size * n_classes
+        linear_solver = "kernel" if n_rows <= 2048 and n_rows * n_params <= 5e7 else "cg"
     return {
         "model": model, "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
         else "cpu", "n_params": n_params, "batch_size": batch_size, "probe_size": probe_size,
