@@ -100,14 +100,15 @@ class PullbackMetric:
             whiten = torch.eye(c, dtype=logits.dtype, device=logits.device).expand(n, c, c)
         return whiten / n ** 0.5
 
-    def jacobian_rows(self, base_point: Params) -> JacobianRows:
-        """L in the cheapest exact form: factored per layer for Linear-only networks, dense blocks otherwise."""
+    def jacobian_rows(self, base_point: Params, allow_dense: bool = True) -> JacobianRows | None:
+        """L in the cheapest exact form: factored per layer for Linear-only networks, dense blocks otherwise
+        (None if those are not allowed)."""
         if isinstance(self.model_fn, NetworkFunction):
             rows = linear_layer_rows(self.model_fn.network, self.model_fn.buffers, base_point, self.inputs,
                                      self._whitening(base_point))
             if rows is not None:
                 return rows
-        return DenseRows(self.jacobian_blocks(base_point))
+        return DenseRows(self.jacobian_blocks(base_point)) if allow_dense else None
 
     def jacobian(self, base_point: Params) -> Tensor:
         """L (N·C × n, flattened in the key order of base_point) with g = LᵀL."""

@@ -24,7 +24,7 @@ from .config import WalkConfig
 from .errors import WalkDiverged
 from .metric import PullbackMetric, conjugate_gradient
 from .params import Params, add, norm, scale, zeros_like
-from .rows import DenseRows, JacobianRows
+from .rows import DenseRows, JacobianRows, LinearLayerRows
 
 
 @dataclass
@@ -35,6 +35,19 @@ class Step:
     goal_direction: Params  # v_goal: what the goal alone wants (for cos(θ, v))
     functional_step: float | None  # θᵀgθ on this step's probe (None: the rule did not need it)
     damping: float | None = None  # μ the constrained step used (None for the penalty walk)
+    linear_solver: str | None = None  # how the constrained step was solved: kernel (factored), kernel or cg
+
+
+def dense_jacobian_fits(n_rows: int, n_params: int, device: torch.device) -> bool:
+    """Whether `linear_solver='auto'` may write L out densely (n_rows × n_params floats).
+
+    On a GPU when L and as much again for computing it take at most half the free memory: measured on an H100,
+    the exact solve through the dense L beat 10 CG iterations 2–3.5× on VGG11 and ResNet-18 (BENCHMARKS.md).
+    On the CPU only while L is small (≤ 5e7 entries, 200 MB): there CG's few products are cheaper."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 2 * 4 * n_rows * n_params <= 0.5 * free
+    return n_rows * n_params <= 5e7
 
 
 def trust_region_kernel(jac, v, goal_weight: float, radius: float):
@@ -125,19 +138,21 @@ def constrained_step(params: Params, goal, batch, probe: Tensor, config: WalkCon
     v = add(v_goal, grad_restoring, alpha=-restoring_weight)
     n_params = sum(t.numel() for t in params.values())
     n_rows = len(probe) * goal.n_outputs
-    use_kernel = config.linear_solver == "kernel" or (
-        config.linear_solver == "auto" and n_rows <= 2048 and n_rows * n_params <= 5e7)
-    if use_kernel:
-        rows = metric.jacobian_rows(params)
+    rows = None
+    if config.linear_solver == "kernel" or (config.linear_solver == "auto" and n_rows <= 2048):
+        dense_ok = config.linear_solver == "kernel" or dense_jacobian_fits(n_rows, n_params, probe.device)
+        rows = metric.jacobian_rows(params, allow_dense=dense_ok)  # None: only a dense L would do, too big
+    if rows is not None:
         theta, mu = trust_region_kernel(rows, v, config.goal_weight, radius)
-        return Step(theta, v_goal, float(rows.matvec(theta).pow(2).sum()), mu)
+        solver = "kernel (factored)" if isinstance(rows, LinearLayerRows) else "kernel"
+        return Step(theta, v_goal, float(rows.matvec(theta).pow(2).sum()), mu, solver)
     mu = config.damping
     x = conjugate_gradient(lambda t: add(metric.metric_vector_product(t, params), t, alpha=mu), v, config.cg_iters)
     theta = scale(x, config.goal_weight / 2)
     length = float(norm(theta))
     if length > radius:
         theta = scale(theta, radius / length)
-    return Step(theta, v_goal, float(metric.squared_norm(theta, params)), mu)
+    return Step(theta, v_goal, float(metric.squared_norm(theta, params)), mu, "cg")
 
 
 def penalty_step(params: Params, goal, batch, probe: Tensor, config: WalkConfig, radius: float,

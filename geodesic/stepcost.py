@@ -75,9 +75,9 @@ def step_cost(model: str = "mlp", input_shape: tuple[int, ...] = (64,), n_classe
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
     median = {k: statistics.median(v) for k, v in times.items()}
     n_params = sum(v.numel() for v in params.values())
-    if linear_solver == "auto":
-        n_rows = probe_size * n_classes
-        linear_solver = "kernel" if n_rows <= 2048 and n_rows * n_params <= 5e7 else "cg"
+    # the solver the constrained step chose (auto: by size, free memory and model)
+    linear_solver = STEP_RULES["constrained"](moved, goal, batch, probe, configs["constrained"], 0.1,
+                                              model_fn).linear_solver
     return {
         "model": model, "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
         else "cpu", "n_params": n_params, "batch_size": batch_size, "probe_size": probe_size,

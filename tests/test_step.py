@@ -96,3 +96,31 @@ def test_constrained_step_prefers_flat_directions(tiny):
     assert float((jac @ theta).pow(2).sum()) < 0.5 * float((jac @ plain).pow(2).sum())
     assert float(theta @ v) > 0  # still makes progress toward the goal
     assert unflatten(theta, params).keys() == params.keys() and flatten(params).shape == theta.shape
+
+
+def test_auto_linear_solver_picks_factored_dense_or_cg_by_model_and_size(monkeypatch):
+    import geodesic.step as step_module
+    from geodesic.config import ModelConfig
+    from geodesic.data import from_tensors
+    from geodesic.goals import Sparsify
+    from geodesic.models import build_network
+
+    def solver_used(model, shape, linear_solver="auto"):
+        net = build_network(ModelConfig(name=model), shape, 10)
+        params = net.init_params(0)
+        x, y = torch.randn(20, *shape), torch.randint(0, 10, (20,))
+        goal = Sparsify.for_network(net, params, from_tensors(x, y, x[:5], y[:5], n_classes=10), target_sparsity=0.5)
+        batch = goal.sample(torch.Generator().manual_seed(0), 20)
+        config = WalkConfig(solver="constrained", probe_size=4, batch_size=20, linear_solver=linear_solver)
+        step = constrained_step(params, goal, batch, x[:4], config, 0.05, goal.model_fn)
+        assert float(norm(step.tangent_vec)) <= 0.05 * (1 + 1e-5)
+        return step.linear_solver
+
+    assert solver_used("mlp", (64,)) == "kernel (factored)"
+    assert solver_used("lenet5", (1, 28, 28)) == "kernel"
+    assert solver_used("lenet5", (1, 28, 28), "cg") == "cg"
+    assert step_module.dense_jacobian_fits(160, 26_000, torch.device("cpu"))
+    assert not step_module.dense_jacobian_fits(160, 9_000_000, torch.device("cpu"))  # VGG11 on the CPU: CG
+    monkeypatch.setattr(step_module, "dense_jacobian_fits", lambda *args: False)
+    assert solver_used("lenet5", (1, 28, 28)) == "cg"  # too big to write out densely
+    assert solver_used("mlp", (64,)) == "kernel (factored)"  # never written out, so never too big
