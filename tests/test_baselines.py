@@ -1,5 +1,7 @@
 """Baselines: barriers, weight matching (a permutation of the same network is undone exactly), EWC and the
 benchmark's table shape."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -57,3 +59,25 @@ def test_benchmark_table_has_the_promised_fields():
             "wall_seconds"} <= set(row)
     assert row["end_accuracy"]["A"] == pytest.approx(0.85) and row["end_accuracy_range"]["A"]["min"] == 0.8
     assert "geodesic-constrained" in markdown(rows, [])
+
+
+def test_walks_that_miss_their_goal_are_marked_in_the_table():
+    from geodesic.bench import Result, aggregate, markdown
+
+    rows = aggregate([[Result("c", "geodesic-constrained", {"A": 0.9}, {"A": 0.8}, 0.98, None, None, 100, 1.0,
+                              reached_goal=reached)] for reached in (True, False, True)])
+    assert rows[0]["goal_reached_seeds"] == 2
+    assert "goal reached in 2 of 3 seeds" in markdown(rows, [])
+    baseline = aggregate([[Result("c", "masked-fine-tune", {"A": 0.9}, None, 0.98, None, None, 100, 1.0)]])
+    assert baseline[0]["goal_reached_seeds"] is None and "goal reached" not in markdown(baseline, [])
+
+
+def test_an_unfinished_sparsify_walk_is_compared_at_its_projection(monkeypatch):
+    import geodesic.bench as bench
+    real = bench.default_walk
+    monkeypatch.setattr(bench, "default_walk", lambda goal, solver: dataclasses.replace(real(goal, solver),
+                                                                                       n_steps=3))
+    case = bench.Case("moons", "sparsify", data="moons", hidden=(8,), target_sparsity=0.8, penalty=False, epochs=5)
+    walk = bench.run_case(case, seed=0)[0]
+    assert walk.method == "geodesic-constrained" and walk.reached_goal is False
+    assert 0.8 <= walk.sparsity < 0.85  # the projection (26 of 32 weights), not the dense last point
