@@ -67,9 +67,9 @@ def test_walks_that_miss_their_goal_are_marked_in_the_table():
     rows = aggregate([[Result("c", "geodesic-constrained", {"A": 0.9}, {"A": 0.8}, 0.98, None, None, 100, 1.0,
                               reached_goal=reached)] for reached in (True, False, True)])
     assert rows[0]["goal_reached_seeds"] == 2
-    assert "goal reached in 2 of 3 seeds" in markdown(rows, [])
+    assert "goal not reached in 1 of 3 seeds" in markdown(rows, [])
     baseline = aggregate([[Result("c", "masked-fine-tune", {"A": 0.9}, None, 0.98, None, None, 100, 1.0)]])
-    assert baseline[0]["goal_reached_seeds"] is None and "goal reached" not in markdown(baseline, [])
+    assert baseline[0]["goal_reached_seeds"] is None and "not reached" not in markdown(baseline, [])
 
 
 def test_an_unfinished_sparsify_walk_is_compared_at_its_projection(monkeypatch):
