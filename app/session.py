@@ -1,6 +1,6 @@
 """The one place that touches st.session_state: each browser session's walk, branches and view state.
 
-Nothing here is global: two people on one server each get their own Walk objects and runner threads.
+Nothing here is global: two people on one server each get their own walks and runners.
 """
 from __future__ import annotations
 

@@ -1,12 +1,25 @@
 """geodesic dashboard: a router only. Views live in app/views/, one idea each."""
+import os
 import sys
 from pathlib import Path
 
 import streamlit as st
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run app/streamlit_app.py` from anywhere
 
 from app.views import explore, learn, runs  # noqa: E402
+
+
+def _torch_threads() -> int:
+    """PyTorch's thread pool is shared by every session of this server. Half the cores by default
+    (GEODESIC_TORCH_THREADS overrides): the walks here are small, and on a laptop or a 2-core machine the
+    browser drawing the charts needs a core of its own (measured: bench/dashboard_speed.py, BENCHMARKS.md)."""
+    return int(os.environ.get("GEODESIC_TORCH_THREADS", 0)) or max(1, (os.cpu_count() or 2) // 2)
+
+
+if torch.get_num_threads() != _torch_threads():
+    torch.set_num_threads(_torch_threads())
 
 st.set_page_config(page_title="geodesic", page_icon=":material/explore:", layout="wide")
 pages = [st.Page(explore.render, title="Explore", icon=":material/explore:", url_path="explore", default=True),

@@ -12,7 +12,7 @@ from geodesic.errors import ConfigError, GeodesicError
 from geodesic.experiment import build
 from geodesic.projection import fit_pca, trustworthiness, umap_embed
 
-REFRESH_SECONDS = 0.45
+REFRESH_SECONDS = 0.3
 VIEWS = ("Overview", "Path", "Steps", "Examples", "Metric", "Boundary", "Data")
 PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
