@@ -15,8 +15,13 @@ def main() -> None:
     args = parser.parse_args()
     with app_page(args.port, viewport=(1500, 1100)) as (page, _):
         page.get_by_role("button", name="Run", exact=True).click()
-        time.sleep(args.seconds)
-        page.get_by_role("button", name="Pause", exact=True).click()
+        pause = page.get_by_role("button", name="Pause", exact=True)
+        pause.wait_for(timeout=30_000)
+        t0 = time.perf_counter()
+        while pause.is_visible() and time.perf_counter() - t0 < args.seconds:  # until done or time is up
+            time.sleep(0.2)
+        if pause.is_visible():
+            pause.click()
         page.get_by_role("button", name="Run", exact=True).wait_for(timeout=30_000)
         time.sleep(2)
         page.screenshot(path=str(ROOT / "assets" / "screenshot-overview.png"), full_page=True)
