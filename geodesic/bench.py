@@ -54,6 +54,7 @@ class Result:
     wall_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
     reached_goal: bool | None = None  # walks only
+    start_accuracy: dict[str, float] | None = None  # walks only: the start (dense) network's test accuracy
 
 
 def _walk_budget(summary: dict, config: RunConfig, n_classes: int) -> int:
@@ -96,7 +97,8 @@ def run_case(case: Case, seed: int) -> list[Result]:
                               summary.get("error_barrier"), summary.get("loss_barrier"), walk_budget,
                               summary["wall_seconds"] - build_seconds,
                               # a new task has no point to reach: its walks run their fixed number of steps
-                              reached_goal=None if case.goal == "new-task" else summary["reached_goal"]))
+                              reached_goal=None if case.goal == "new-task" else summary["reached_goal"],
+                              start_accuracy=summary["start"]["test_accuracy"]))
     results += _baselines(case, main, budget, seed)
     return results
 
@@ -193,8 +195,52 @@ def aggregate(per_seed: list[list[Result]]) -> list[dict]:
             "budget_unit": "example forward+backward passes",
             "wall_seconds": statistics.mean(r.wall_seconds for r in rs),
             "goal_reached_seeds": (None if rs[0].reached_goal is None else sum(bool(r.reached_goal) for r in rs)),
+            "start_accuracy": ({t: statistics.mean(r.start_accuracy[t] for r in rs) for t in rs[0].start_accuracy}
+                               if rs[0].start_accuracy else None),
         })
     return rows
+
+
+def targets(rows: list[dict], step_costs: list[dict]) -> list[dict]:
+    """Issue 4's targets (digits MLP, means over the seeds run), each with what was measured and whether it is met.
+    Only the targets whose cases were run are listed."""
+    def row(name_start: str, method: str) -> dict | None:
+        return next((r for r in rows if r["name"].startswith(name_start) and r["method"] == method), None)
+
+    out = []
+
+    def check(target: str, measured: float, bound: float, higher_is_better: bool, unit: str = " points") -> None:
+        met = measured >= bound if higher_is_better else measured <= bound
+        out.append({"target": target, "measured": round(measured, 4), "bound": round(bound, 4), "met": met,
+                    "text": f"{measured:.2f}{unit} ({'≥' if higher_is_better else '≤'} {bound:.2f})"})
+
+    walk, masked = row("digits sparsify 90%", "geodesic-constrained"), row("digits sparsify 90%", "masked-fine-tune")
+    if walk and masked:
+        check("sparsify 90%: walk end accuracy ≥ masked fine-tuning's (same budget)", 100 * walk["end_accuracy"]["A"],
+              100 * masked["end_accuracy"]["A"], True, "%")
+        check("sparsify 90%: lowest accuracy along the walk ≥ dense − 3", 100 * walk["min_accuracy"]["A"],
+              100 * walk["start_accuracy"]["A"] - 3, True, "%")
+    walk = row("digits sparsify 95%", "geodesic-constrained")
+    if walk:
+        check("sparsify 95%: walk end accuracy ≥ dense − 2", 100 * walk["end_accuracy"]["A"],
+              100 * walk["start_accuracy"]["A"] - 2, True, "%")
+    walk = row("digits new-task permuted", "geodesic-constrained")
+    ewc = row("digits new-task permuted", "ewc-fine-tune")
+    if walk:
+        check("new task, permuted: A ≥ 94%", 100 * walk["end_accuracy"]["A"], 94, True, "%")
+        check("new task, permuted: B ≥ 95%", 100 * walk["end_accuracy"]["B"], 95, True, "%")
+        if ewc:
+            check("new task, permuted: A above EWC's (same budget)", 100 * walk["end_accuracy"]["A"],
+                  100 * ewc["end_accuracy"]["A"], True, "%")
+    walk = row("digits connect", "geodesic-constrained")
+    if walk:
+        check("connect: error barrier ≤ 2 points", 100 * walk["error_barrier"], 2, False)
+    for cost in step_costs:
+        if cost["model"] in ("mlp", "vgg11"):
+            where = f"{cost['model']}, {cost['device_name']}"
+            check(f"step cost, penalty ≤ 1.5× SGD ({where})", cost["penalty_ratio"], 1.5, False, "×")
+            check(f"step cost, constrained ≤ 4× SGD ({where})", cost["constrained_ratio"], 4, False, "×")
+    return out
 
 
 def markdown(rows: list[dict], step_costs: list[dict]) -> str:
@@ -231,6 +277,10 @@ def markdown(rows: list[dict], step_costs: list[dict]) -> str:
                      f"{1000 * c['constrained_seconds']:.1f} ({c['constrained_ratio']:.1f}×, "
                      f"{c['constrained_linear_solver']}) | "
                      f"{rate['sgd']:.0f} / {rate['penalty']:.0f} / {rate['constrained']:.1f} | {peak_cell} |")
+    checked = targets(rows, step_costs)
+    if checked:
+        lines += ["", "| target (issue 4) | measured | met |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['text']} | {'yes' if t['met'] else '**no**'} |" for t in checked]
     return "\n".join(lines)
 
 
@@ -275,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[{time.perf_counter() - t0:6.0f} s] seed {seed}: {case.name}", flush=True)
             per_seed.append(results)
         rows = aggregate(per_seed)
-    payload = {"cases": rows, "step_cost": {"penalty_ratio": costs[0]["penalty_ratio"],
+    payload = {"cases": rows, "targets": targets(rows, costs),
+               "step_cost": {"penalty_ratio": costs[0]["penalty_ratio"],
                                              "constrained_ratio": costs[0]["constrained_ratio"], "models": costs},
                "seeds": args.seeds, "quick": args.quick, "total_seconds": time.perf_counter() - t0}
     for path in (args.json, args.markdown):

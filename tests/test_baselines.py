@@ -81,3 +81,34 @@ def test_an_unfinished_sparsify_walk_is_compared_at_its_projection(monkeypatch):
     walk = bench.run_case(case, seed=0)[0]
     assert walk.method == "geodesic-constrained" and walk.reached_goal is False
     assert 0.8 <= walk.sparsity < 0.85  # the projection (26 of 32 weights), not the dense last point
+
+
+def test_the_table_checks_the_issue_targets_and_says_which_are_missed():
+    from geodesic.bench import Result, aggregate, markdown, targets
+
+    def walk(name, end, low, start=0.97, **kw):
+        return Result(name, "geodesic-constrained", end, low, 0.9, kw.get("barrier"), None, 100, 1.0,
+                      reached_goal=True, start_accuracy={"A": start})
+
+    results = [walk("digits sparsify 90%", {"A": 0.968}, {"A": 0.956}),
+               Result("digits sparsify 90%", "masked-fine-tune", {"A": 0.970}, None, 0.9, None, None, 100, 1.0),
+               walk("digits sparsify 95%", {"A": 0.967}, {"A": 0.92}),
+               walk("digits new-task permuted (domain-incremental)", {"A": 0.96, "B": 0.955}, {"A": 0.95, "B": 0.1}),
+               Result("digits new-task permuted (domain-incremental)", "ewc-fine-tune", {"A": 0.5, "B": 0.96},
+                      budget=100),
+               walk("digits connect", {"A": 0.97}, {"A": 0.95}, barrier=0.0171)]
+    cost = {"model": "mlp", "device_name": "cpu", "n_params": 1, "sgd_seconds": 1.0, "penalty_seconds": 1.6,
+            "constrained_seconds": 3.0, "penalty_ratio": 1.6, "constrained_ratio": 3.0, "constrained_linear_solver":
+            "kernel", "steps_per_second": {"sgd": 1.0, "penalty": 1.0, "constrained": 1.0}, "peak_memory_mb": None}
+    rows = aggregate([results])
+    checked = {t["target"]: t["met"] for t in targets(rows, [cost])}
+    assert checked["sparsify 90%: walk end accuracy ≥ masked fine-tuning's (same budget)"] is False  # 96.8 < 97.0
+    assert checked["sparsify 90%: lowest accuracy along the walk ≥ dense − 3"] is True
+    assert checked["sparsify 95%: walk end accuracy ≥ dense − 2"] is True
+    assert checked["new task, permuted: A above EWC's (same budget)"] is True
+    assert checked["connect: error barrier ≤ 2 points"] is True
+    assert checked["step cost, penalty ≤ 1.5× SGD (mlp, cpu)"] is False
+    assert checked["step cost, constrained ≤ 4× SGD (mlp, cpu)"] is True
+    table = markdown(rows, [cost])
+    assert "| target (issue 4) | measured | met |" in table and "**no**" in table
+    assert targets([], []) == []  # nothing run, nothing claimed
