@@ -15,11 +15,18 @@ def _torch_threads() -> int:
     """PyTorch's thread pool is shared by every session of this server. Half the cores by default
     (GEODESIC_TORCH_THREADS overrides): the walks here are small, and on a laptop or a 2-core machine the
     browser drawing the charts needs a core of its own (measured: bench/dashboard_speed.py, BENCHMARKS.md)."""
-    return int(os.environ.get("GEODESIC_TORCH_THREADS", 0)) or max(1, (os.cpu_count() or 2) // 2)
+    default = max(1, (os.cpu_count() or 2) // 2)
+    given = os.environ.get("GEODESIC_TORCH_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    if given:
+        print(f"GEODESIC_TORCH_THREADS={given!r} is not a positive integer; using {default}", file=sys.stderr)
+    return default
 
 
-if torch.get_num_threads() != _torch_threads():
-    torch.set_num_threads(_torch_threads())
+_threads = _torch_threads()
+if torch.get_num_threads() != _threads:
+    torch.set_num_threads(_threads)
 
 st.set_page_config(page_title="geodesic", page_icon=":material/explore:", layout="wide")
 pages = [st.Page(explore.render, title="Explore", icon=":material/explore:", url_path="explore", default=True),
