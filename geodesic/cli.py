@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return run_command(args)
+    except ConfigError as err:  # name the flag the user typed (the engine's name for --step-size differs)
+        flag = {"max-step-norm": "step-size"}.get(err.setting, err.setting)
+        print(f"geodesic: error: --{flag}: got {err.given!r}; allowed: {err.allowed}", file=sys.stderr)
+        return 2
     except GeodesicError as err:
         print(f"geodesic: error: {err}", file=sys.stderr)
         return 2

@@ -40,8 +40,8 @@ def test_connect_summary_has_both_barriers(tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [
     (["--goal", "sparsify", "--target-sparsity", "1.5"], "target-sparsity: got 1.5"),
-    (["--goal", "sparsify", "--step-size", "0"], "max-step-norm: got 0.0"),
-    (["--goal", "sparsify", "--step-size", "-0.1"], "max-step-norm: got -0.1"),
+    (["--goal", "sparsify", "--step-size", "0"], "--step-size: got 0.0"),
+    (["--goal", "sparsify", "--step-size", "-0.1"], "--step-size: got -0.1"),
     (["--goal", "connect", "--probe-size", "0"], "probe-size: got 0"),
     (["--goal", "sparsify", "--hidden", "12,x"], "hidden: got '12,x'"),
     (["--goal", "teleport"], "invalid choice: 'teleport'"),
