@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from .params import Params
 
@@ -114,14 +114,15 @@ class LinearLayerRows(JacobianRows):
 # module shared between sessions runs unchanged everywhere else.
 _CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("geodesic_linear_capture", default=None)
 _HOOKED = "_geodesic_linear_hook"
+_VERIFIED = "_geodesic_factored_rows_ok"  # None until checked once against a jvp, then True or False
 
 
 def _hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
     state = _CAPTURE.get()
     if state is None:
         return None
-    name = state["names"][id(module)]
-    if name in state["inputs"] or args[0].dim() != 2:  # called twice, or not (batch, features): give up
+    name = state["names"].get(id(module))
+    if name is None or name in state["inputs"] or args[0].dim() != 2:  # called twice, or not (batch, features): give up
         state["failed"] = True
         return None
     state["inputs"][name] = args[0].detach()
@@ -175,5 +176,20 @@ def linear_layer_rows(network, buffers: dict, params: Params, inputs: Tensor, wh
         _CAPTURE.reset(token)
     if state["failed"] or set(captured) != set(layers):
         return None
-    return LinearLayerRows([_Layer(w, b, captured[name], deltas[name].transpose(0, 1).contiguous())
+    rows = LinearLayerRows([_Layer(w, b, captured[name], deltas[name].transpose(0, 1).contiguous())
                             for name, (w, b) in layers.items()])
+    verdict = getattr(module, _VERIFIED, None)
+    if verdict is None:  # once per module: a forward that mixes inputs (x − x.mean(0), say) breaks the factoring
+        verdict = _agrees_with_jvp(rows, network, buffers, params, inputs, whiten)
+        setattr(module, _VERIFIED, verdict)
+    return rows if verdict else None
+
+
+def _agrees_with_jvp(rows: LinearLayerRows, network, buffers, params: Params, inputs: Tensor, whiten: Tensor) -> bool:
+    """L v from the factors against the whitened J v of one forward-mode product, for a random v."""
+    gen = torch.Generator().manual_seed(0)
+    v = {k: torch.randn(p.shape, generator=gen).to(p) for k, p in params.items()}
+    _, jv = jvp(lambda p: network.apply(p, inputs, buffers), (params,), (v,))
+    expected = torch.einsum("nkc,nc->nk", whiten, jv).reshape(-1)
+    error = (rows.matvec(v) - expected).norm() / expected.norm().clamp_min(torch.finfo(expected.dtype).tiny)
+    return bool(error < 1e-3)

@@ -30,7 +30,7 @@ def test_factored_rows_match_dense_rows(kind, bias):
     net, params, x = _mlp(bias=bias)
     metric = PullbackMetric(NetworkFunction(net, net.buffers), x, kind)
     rows = metric.jacobian_rows(params)
-    assert isinstance(rows, LinearLayerRows)
+    assert isinstance(rows, LinearLayerRows) and net.module._geodesic_factored_rows_ok is True
     dense = DenseRows(metric.jacobian_blocks(params))
     assert rows.n_rows == dense.n_rows == 7 * 3
     torch.testing.assert_close(rows.gram(), dense.gram(), rtol=1e-10, atol=1e-12)
@@ -112,3 +112,23 @@ def test_the_hooks_are_inert_in_other_threads_while_rows_are_built():
         metric.jacobian_rows(params)
     thread.join()
     assert errors == []
+
+
+def test_a_forward_that_mixes_inputs_is_caught_and_falls_back_to_dense_rows():
+    class Centred(nn.Module):  # Linear layers only, but each output depends on the whole batch
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h - h.mean(0))
+
+    torch.manual_seed(0)
+    net, params = network_from_module(Centred().double(), (4,), 3)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    metric = PullbackMetric(NetworkFunction(net, net.buffers), x, "logit")
+    rows = metric.jacobian_rows(params)
+    assert isinstance(rows, DenseRows)
+    assert net.module._geodesic_factored_rows_ok is False  # the check against a jvp caught it
+    assert metric.jacobian_rows(params, allow_dense=False) is None  # remembered: not checked again
