@@ -89,10 +89,11 @@ class PullbackMetric:
 
     def _whitening(self, base_point: Params) -> Tensor:
         """(N, C, C): H_i^½ / √N for each probe input i."""
-        n = self.n_probe
         with torch.no_grad():
-            logits = self._forward(base_point)
-        c = logits.shape[-1]
+            return self._whitening_from_logits(self._forward(base_point))
+
+    def _whitening_from_logits(self, logits: Tensor) -> Tensor:
+        n, c = logits.shape
         if self.kind == "fisher":
             s = F.softmax(logits, -1).sqrt()                                         # (N, C)
             whiten = (torch.diag_embed(s) - s[:, :, None] * (s * s)[:, None, :])     # (I − s sᵀ) diag(s), (N, C, C)
@@ -105,7 +106,7 @@ class PullbackMetric:
         (None if those are not allowed)."""
         if isinstance(self.model_fn, NetworkFunction):
             rows = linear_layer_rows(self.model_fn.network, self.model_fn.buffers, base_point, self.inputs,
-                                     self._whitening(base_point))
+                                     self._whitening_from_logits)
             if rows is not None:
                 return rows
         return DenseRows(self.jacobian_blocks(base_point)) if allow_dense else None

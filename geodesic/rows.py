@@ -20,6 +20,7 @@ functional (torch.func) models, hence written here and checked against `DenseRow
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,7 @@ class LinearLayerRows(JacobianRows):
 # module shared between sessions runs unchanged everywhere else.
 _CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("geodesic_linear_capture", default=None)
 _HOOKED = "_geodesic_linear_hook"
+_LAYERS = "_geodesic_linear_layers"  # {parameter names: linear_layers(...)}, cached on the module
 _VERIFIED = "_geodesic_factored_rows_ok"  # None until checked once against a jvp, then True or False
 
 
@@ -141,12 +143,18 @@ def linear_layers(module: nn.Module, params: Params) -> dict[str, tuple[str, str
     return layers if layers and covered == set(params) else None
 
 
-def linear_layer_rows(network, buffers: dict, params: Params, inputs: Tensor, whiten: Tensor) -> LinearLayerRows | None:
+def linear_layer_rows(network, buffers: dict, params: Params, inputs: Tensor,
+                      whitening: Callable[[Tensor], Tensor]) -> LinearLayerRows | None:
     """The factored L at `params` for a network made of Linear layers only; None when it does not apply.
 
-    whiten: (N, C, C), row i maps the logits of input i to its whitened outputs (H_i^½/√N)."""
+    whitening: logits (N, C) -> (N, C, C), whose row i maps the logits of input i to its whitened outputs
+    (H_i^½/√N); applied to the logits of the one forward pass the factors come from."""
     module = network.module
-    layers = linear_layers(module, params)
+    cache = module.__dict__.setdefault(_LAYERS, {})  # the structure does not change: found once per key set
+    key = tuple(params)
+    if key not in cache:
+        cache[key] = linear_layers(module, params)
+    layers = cache[key]
     if layers is None:
         return None
     modules = dict(module.named_modules())
@@ -161,13 +169,14 @@ def linear_layer_rows(network, buffers: dict, params: Params, inputs: Tensor, wh
         state["shifts"] = shifts
         state["inputs"].clear()
         logits = network.apply(params, inputs, buffers)
-        return torch.einsum("nkc,nc->nk", whiten, logits), dict(state["inputs"])  # aux: leaves the transform
+        whiten = whitening(logits.detach())  # a fixed map per input, not differentiated
+        return torch.einsum("nkc,nc->nk", whiten, logits), (dict(state["inputs"]), whiten)  # aux leaves the transform
 
     shifts = {name: torch.zeros(n, modules[name].out_features, dtype=inputs.dtype, device=inputs.device)
               for name in layers}
     token = _CAPTURE.set(state)
     try:
-        outputs, pullback, captured = vjp(whitened, shifts, has_aux=True)
+        outputs, pullback, (captured, whiten) = vjp(whitened, shifts, has_aux=True)
         c = outputs.shape[-1]
         # Input i only reaches output row i, so the pull-back of column k of the outputs holds δ_ik in row i.
         cotangents = torch.eye(c, dtype=outputs.dtype, device=outputs.device)[:, None, :].expand(c, n, c)
