@@ -4,6 +4,9 @@ Nothing here is global: two people on one server each get their own walks and ru
 """
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from dataclasses import dataclass, field
 
 import streamlit as st
@@ -12,6 +15,21 @@ from geodesic.config import RunConfig
 from geodesic.experiment import Experiment
 from geodesic.projection import PCABasis
 from geodesic.runner import WalkRunner
+
+
+@functools.cache  # once per server process: the environment does not change, and a bad value is said once
+def torch_threads() -> int:
+    """PyTorch's thread pool is shared by every session of this server. Half the cores by default
+    (GEODESIC_TORCH_THREADS overrides): the walks here are small, and on a laptop or a 2-core machine the
+    browser drawing the charts needs a core of its own (measured: bench/dashboard_speed.py, BENCHMARKS.md)."""
+    default = max(1, (os.cpu_count() or 2) // 2)
+    given = os.environ.get("GEODESIC_TORCH_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    if given:
+        print(f"GEODESIC_TORCH_THREADS={given!r} is not a positive integer; using {default}", file=sys.stderr)
+    return default
+
 
 KEY = "geodesic"
 

@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from .errors import OutOfMemory, WalkDiverged
 from .path import PathPoint
 from .walker import Walker
+
+
+def set_threads(n: int) -> None:
+    """Size PyTorch's intra-op thread pool (process-wide: every runner in this process shares it)."""
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 class WalkRunner:

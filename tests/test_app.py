@@ -1,5 +1,6 @@
 """The dashboard under Streamlit's AppTest: starts, steps, runs and pauses, renders every view, records
 ε changes, keeps sessions apart, and answers bad settings next to the control keeping the walk."""
+import os
 import time
 from pathlib import Path
 
@@ -218,3 +219,15 @@ def test_settings_survive_moving_between_pages(tmp_path, monkeypatch):
     at.query_params["page"] = "explore"
     at.run()
     assert at.number_input(key="step_size").value == 0.123 and not at.exception
+
+
+def test_torch_threads_follow_the_environment_and_ignore_a_bad_value(monkeypatch, capsys):
+    from app.session import torch_threads
+
+    for value, expected in (("3", 3), ("abc", None), ("0", None), ("", None)):
+        monkeypatch.setenv("GEODESIC_TORCH_THREADS", value)
+        torch_threads.cache_clear()
+        got = torch_threads()
+        assert got == (expected if expected is not None else max(1, (os.cpu_count() or 2) // 2))
+    torch_threads.cache_clear()
+    assert "'abc' is not a positive integer" in capsys.readouterr().err
