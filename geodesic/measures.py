@@ -30,16 +30,30 @@ def squared_logit_distance(logits: Tensor, anchor_logits: Tensor) -> Tensor:
 FUNCTION_DISTANCES = {"fisher": bhattacharyya, "logit": squared_logit_distance}
 
 
-@torch.no_grad()
 def evaluate(model_fn: ModelFn, params: Params, x: Tensor, y: Tensor, batch_size: int = 1024) -> tuple[float, float]:
     """(mean cross-entropy, accuracy in [0, 1]) of `params` on (x, y)."""
-    total_loss, n_correct = 0.0, 0
-    for start in range(0, len(y), batch_size):
-        logits = model_fn(params, x[start:start + batch_size])
-        target = y[start:start + batch_size]
-        total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
-        n_correct += int((logits.argmax(-1) == target).sum())
-    return total_loss / max(len(y), 1), n_correct / max(len(y), 1)
+    loss, acc = loss_and_accuracy(logits_of(model_fn, params, x, batch_size), y)
+    return float(loss), float(acc)
+
+
+@torch.no_grad()
+def logits_of(model_fn: ModelFn, params: Params, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """f(x; params) in chunks of batch_size, (n, C) (pure: also runs under vmap)."""
+    return torch.cat([model_fn(params, x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def loss_and_accuracy(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean cross-entropy, accuracy) as 0-d tensors."""
+    n = max(len(y), 1)
+    return F.cross_entropy(logits, y, reduction="sum") / n, (logits.argmax(-1) == y).sum() / n
+
+
+def accuracy(model_fn: ModelFn, params: Params, x: Tensor, y: Tensor, batch_size: int = 1024) -> Tensor:
+    """Accuracy of `params` on (x, y) as a 0-d tensor (pure: also runs under vmap over stacked params)."""
+    with torch.no_grad():
+        correct = [(model_fn(params, x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum()
+                   for i in range(0, len(y), batch_size)]
+        return torch.stack(correct).sum() / max(len(y), 1)
 
 
 @torch.no_grad()
@@ -70,8 +84,8 @@ def magnitude_prune(params: Params, names: tuple[str, ...], target_sparsity: flo
     if n_prune == 0:
         return out
     # Keep exactly the n − k largest by index (not by threshold), so ties cannot prune more or fewer than asked.
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.topk(flat, flat.numel() - n_prune, sorted=False).indices] = True
+    # An out-of-place scatter, not an indexed write, so that this also runs under vmap (batch.py).
+    keep = torch.zeros_like(flat).scatter(0, torch.topk(flat, flat.numel() - n_prune, sorted=False).indices, 1.0)
     start = 0
     for k in names:
         n = params[k].numel()

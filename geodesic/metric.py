@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import jacrev, jvp, vjp, vmap
+from torch.func import jacrev, vjp, vmap
 
+from .autodiff import jvp
 from .measures import ModelFn
 from .models import NetworkFunction
 from .params import Params, dot, flatten, unflatten

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp, vmap
 
+from .autodiff import jvp
 from .params import Params
 
 
@@ -149,14 +150,47 @@ def linear_layer_rows(network, buffers: dict, params: Params, inputs: Tensor,
 
     whitening: logits (N, C) -> (N, C, C), whose row i maps the logits of input i to its whitened outputs
     (H_i^½/√N); applied to the logits of the one forward pass the factors come from."""
+    layers = factored_layers(network, params)
+    if layers is None:
+        return None
+    factors = linear_layer_factors(network, buffers, params, inputs, whitening)
+    if factors is None:
+        return None
+    captured, deltas, whiten = factors
+    rows = rows_from_factors(layers, captured, deltas)
     module = network.module
+    verdict = getattr(module, _VERIFIED, None)
+    if verdict is None:  # once per module: a forward that mixes inputs (x − x.mean(0), say) breaks the factoring
+        verdict = _agrees_with_jvp(rows, network, buffers, params, inputs, whiten)
+        setattr(module, _VERIFIED, verdict)
+    return rows if verdict else None
+
+
+def factored_layers(network, params: Params) -> dict[str, tuple[str, str | None]] | None:
+    """{module name: (weight key, bias key)} when the factored rows apply to `network` (None: they do not, or
+    the check against a jvp failed for this module)."""
+    module = network.module
+    if getattr(module, _VERIFIED, None) is False:
+        return None
     cache = module.__dict__.setdefault(_LAYERS, {})  # the structure does not change: found once per key set
     key = tuple(params)
     if key not in cache:
         cache[key] = linear_layers(module, params)
-    layers = cache[key]
-    if layers is None:
-        return None
+    return cache[key]
+
+
+def rows_from_factors(layers: dict[str, tuple[str, str | None]], captured: dict[str, Tensor],
+                      deltas: dict[str, Tensor]) -> LinearLayerRows:
+    return LinearLayerRows([_Layer(w, b, captured[name], deltas[name]) for name, (w, b) in layers.items()])
+
+
+def linear_layer_factors(network, buffers: dict, params: Params, inputs: Tensor,
+                         whitening: Callable[[Tensor], Tensor]) -> tuple[dict, dict, Tensor] | None:
+    """(layer inputs {name: (N, in)}, deltas {name: (N, C, out)}, whitening (N, C, C)) from one forward pass
+    and C pull-backs, or None if the forward does not fit the factoring. Tensors in, tensors out: this also
+    runs under torch.func.vmap over stacked weights and probes (batch.py)."""
+    layers = factored_layers(network, params)
+    module = network.module
     modules = dict(module.named_modules())
     for name in layers:
         if not getattr(modules[name], _HOOKED, False):
@@ -185,13 +219,7 @@ def linear_layer_rows(network, buffers: dict, params: Params, inputs: Tensor,
         _CAPTURE.reset(token)
     if state["failed"] or set(captured) != set(layers):
         return None
-    rows = LinearLayerRows([_Layer(w, b, captured[name], deltas[name].transpose(0, 1).contiguous())
-                            for name, (w, b) in layers.items()])
-    verdict = getattr(module, _VERIFIED, None)
-    if verdict is None:  # once per module: a forward that mixes inputs (x − x.mean(0), say) breaks the factoring
-        verdict = _agrees_with_jvp(rows, network, buffers, params, inputs, whiten)
-        setattr(module, _VERIFIED, verdict)
-    return rows if verdict else None
+    return captured, {name: d.transpose(0, 1).contiguous() for name, d in deltas.items()}, whiten
 
 
 def _agrees_with_jvp(rows: LinearLayerRows, network, buffers, params: Params, inputs: Tensor, whiten: Tensor) -> bool:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import brentq
 from torch import Tensor
 
 from .config import WalkConfig
@@ -54,11 +53,8 @@ def trust_region_kernel(jac, v, goal_weight: float, radius: float):
     """(θ, μ) with θ = (β/2)(LᵀL + μI)⁻¹ v and ‖θ‖ = radius (μ = 0 if the pseudo-inverse step fits).
 
     jac: L, (m, n) with g = LᵀL and m ≪ n, as JacobianRows (then v and θ are Params) or as one tensor (v and
-    θ flat). Only K = L Lᵀ, L v and Lᵀ y are used, so L need never be written out (rows.py). Works in the
-    m-dimensional row space of L: with K = U Λ Uᵀ, the eigenvectors of g with non-zero eigenvalues
-    are V = Lᵀ U Λ^-½, so v = V c + v_⊥ with c = Λ^-½ Uᵀ L v, and
-        θ(μ) = (β/2) [ v/μ + V diag(1/(Λ+μ) − 1/μ) c ],
-        ‖θ(μ)‖² = (β/2)² [ Σ c²/(λ+μ)² + ‖v_⊥‖²/μ² ],   decreasing in μ (solved for by Brent's method).
+    θ flat). Only K = L Lᵀ, L v and Lᵀ y are used, so L need never be written out (rows.py). One walk is a
+    batch of one for `trust_region_coefficients`, which a batch of walks (batch.py) calls directly.
     """
     if isinstance(jac, Tensor):  # one dense L and flat vectors
         theta, mu = trust_region_kernel(DenseRows({"v": jac}), {"v": v}, goal_weight, radius)
@@ -66,46 +62,110 @@ def trust_region_kernel(jac, v, goal_weight: float, radius: float):
     rows: JacobianRows = jac
     if goal_weight == 0:
         return zeros_like(v), math.inf
+    v_norm2 = sum(p.double().pow(2).sum() for p in v.values())
+    dtype = next(iter(v.values())).dtype
+    along_v, y, mu = trust_region_coefficients(rows.gram()[None], rows.matvec(v)[None], v_norm2[None],
+                                               torch.tensor([goal_weight], dtype=torch.float64),
+                                               torch.tensor([radius], dtype=torch.float64))
+    back = rows.rmatvec(y[0].to(dtype))
     half_beta = goal_weight / 2
+    theta = {k: along_v[0].to(p) * p + half_beta * back[k].view_as(p) for k, p in v.items()}
+    return theta, float(mu[0])
+
+
+def trust_region_coefficients(kernel: Tensor, jv: Tensor, v_norm2: Tensor, goal_weight: Tensor, radius: Tensor
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    """For K walks at once: (a, y, μ) such that θ_k = a_k v_k + (β_k/2) L_kᵀ y_k solves walk k's step.
+
+    kernel: K = L Lᵀ, (K, m, m); jv: L v, (K, m); v_norm2: ‖v‖², (K,); goal_weight β and radius ε: (K,).
+    Works in the m-dimensional row space of L: with K = U Λ Uᵀ, the eigenvectors of g with non-zero
+    eigenvalues are V = Lᵀ U Λ^-½, so v = V c + v_⊥ with c = Λ^-½ Uᵀ L v, and
+        θ(μ) = (β/2) [ v/μ + V diag(1/(Λ+μ) − 1/μ) c ],
+        ‖θ(μ)‖² = (β/2)² [ Σ c²/(λ+μ)² + ‖v_⊥‖²/μ² ],   decreasing in μ (`secular_damping` solves for μ).
+    μ = 0: the pseudo-inverse step fits (a = 0); μ = inf: ε is tiny against β‖v‖ and θ is the plain gradient
+    step of length ε (a = ε/‖v‖, y = 0), or β = 0 and θ = 0.
+    """
     # K and L v come in the weights' dtype, so K is only known to about m·eps(dtype)·λ_max: eigenvalues below
     # that are noise and their directions are treated as the null space of g (the numerical rank, as in
     # numpy's matrix_rank). The eigendecomposition runs in that dtype too (in float32 it takes half the
     # time of float64, measured on the digits MLP); the secular equation for μ is solved in float64.
-    kernel = rows.gram()
-    jv = rows.matvec(v)
-    v_norm2 = float(sum(p.double().pow(2).sum() for p in v.values()))
-    if not (torch.isfinite(kernel).all() and torch.isfinite(jv).all() and math.isfinite(v_norm2)):
+    if not (torch.isfinite(kernel).all() and torch.isfinite(jv).all() and torch.isfinite(v_norm2).all()):
         raise WalkDiverged("the metric or the goal direction is not finite")
     # A small eigenproblem is latency-bound on a GPU (cuSOLVER launches many tiny kernels): solve it on the CPU.
     device = kernel.device
-    small = device.type != "cpu" and len(kernel) <= 512
+    small = device.type != "cpu" and kernel.shape[-1] <= 512
     lam, u = torch.linalg.eigh(kernel.cpu() if small else kernel)
     if small:
         lam, u = lam.to(device), u.to(device)
-    keep = lam > lam.max().clamp_min(torch.finfo(lam.dtype).tiny) * len(lam) * torch.finfo(lam.dtype).eps
-    lam, u = lam[keep].double(), u[:, keep]
-    c = (u.T @ jv).double() / lam.sqrt()
-    perp2 = max(v_norm2 - float(c.pow(2).sum()), 0.0)
-    lam_np, c2 = lam.cpu().numpy(), c.pow(2).cpu().numpy()
+    m = lam.shape[-1]
+    keep = lam > lam.amax(-1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny) * m * torch.finfo(lam.dtype).eps
+    lam = torch.where(keep, lam, 1).double()  # dropped directions: any positive λ, with c = 0 below
+    c = torch.where(keep, (u.mT @ jv[..., None]).squeeze(-1).double() / lam.sqrt(), 0)
+    v_norm2 = v_norm2.double().to(device)
+    perp2 = (v_norm2 - c.pow(2).sum(-1)).clamp_min(0)
+    half_beta = goal_weight.to(device) / 2
+    mu = secular_damping(lam.cpu().numpy(), c.pow(2).cpu().numpy(), perp2.cpu().numpy(), half_beta.cpu().numpy(),
+                         radius.double().numpy())
+    mu_t = torch.as_tensor(mu, device=device)
+    finite = torch.isfinite(mu_t)
+    positive = finite & (mu_t > 0)
+    safe_mu = torch.where(positive, mu_t, 1.0)[:, None]
+    coef = torch.where(positive[:, None], 1 / (lam + safe_mu) - 1 / safe_mu, c.new_ones(()) / lam) * c
+    coef = torch.where(finite[:, None], coef, 0)
+    y = (u.double() @ (coef / lam.sqrt())[..., None]).squeeze(-1)
+    gradient_step = (~finite) & (half_beta > 0)
+    along_v = torch.where(positive, half_beta / safe_mu[:, 0], 0)
+    along_v = torch.where(gradient_step, radius.to(device) / v_norm2.sqrt().clamp_min(1e-300), along_v)
+    return along_v, y, mu_t
 
-    def excess(log_mu: float) -> float:
-        mu = math.exp(log_mu)
-        return half_beta**2 * (np.sum(c2 / (lam_np + mu) ** 2) + perp2 / mu**2) - radius**2
 
-    def assemble(coef: Tensor, mu: float) -> tuple[Params, float]:
-        dtype = next(iter(v.values())).dtype
-        back = rows.rmatvec(u @ (coef / lam.sqrt()).to(dtype))  # θ = (β/2)(v/μ + Lᵀ y)
-        theta = {k: half_beta * ((p / mu if mu > 0 else 0 * p) + back[k].view_as(p)) for k, p in v.items()}
-        return theta, mu
+def secular_damping(lam: np.ndarray, c2: np.ndarray, perp2: np.ndarray, half_beta: np.ndarray,
+                    radius: np.ndarray, lo: float = 1e-12, hi: float = 1e12) -> np.ndarray:
+    """μ_k ≥ 0 with ‖θ_k(μ)‖ = ε_k for every walk k at once (lam, c2: (K, m); the rest (K,)), float64.
 
-    min_norm2 = half_beta**2 * np.sum(c2 / lam_np**2) if perp2 <= 1e-12 * max(float(c2.sum()), 1e-30) else math.inf
-    if min_norm2 <= radius**2:  # v lies in the row space and the pseudo-inverse step fits: μ = 0
-        return assemble(c / lam, 0.0)
-    lo, hi = math.log(1e-12), math.log(1e12)
-    if excess(hi) > 0:  # ε is tiny against β‖v‖: a plain gradient step of length ε
-        return scale(v, radius / math.sqrt(v_norm2)), math.inf
-    mu = math.exp(brentq(excess, lo, hi, xtol=1e-10))
-    return assemble((1 / (lam + mu) - 1 / mu) * c, mu)
+    0 when the pseudo-inverse step already fits, inf when even μ = hi leaves the step too long (then the
+    plain gradient step is taken) or β = 0. Safeguarded Newton on φ(μ) = 1/‖θ(μ)‖ − 1/ε (Moré and
+    Sorensen's choice: φ is nearly linear in μ, so a few iterations reach machine precision), falling back
+    to bisection in log μ whenever a Newton step leaves the bracket; vectorised over walks, so K walks cost
+    about one (scipy's brentq, used before, takes one walk at a time).
+    """
+    def norm2(mu):  # ‖θ(μ)‖² and its derivative in μ, (K,) each
+        d = lam + mu[:, None]
+        n2 = half_beta**2 * ((c2 / d**2).sum(-1) + perp2 / mu**2)
+        dn2 = -2 * half_beta**2 * ((c2 / d**3).sum(-1) + perp2 / mu**3)
+        return n2, dn2
+
+    r2 = radius**2
+    result = np.full(len(lam), np.nan)
+    result[half_beta == 0] = np.inf
+    in_row_space = perp2 <= 1e-12 * np.maximum(c2.sum(-1), 1e-30)
+    min_norm2 = np.where(in_row_space, half_beta**2 * (c2 / lam**2).sum(-1), np.inf)
+    result[np.isnan(result) & (min_norm2 <= r2)] = 0.0
+    lo_v, hi_v = np.full(len(lam), lo), np.full(len(lam), hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        result[np.isnan(result) & (norm2(hi_v)[0] > r2)] = np.inf
+    todo = np.isnan(result)
+    # ‖θ(μ)‖ ≤ (β/2)‖v‖/μ, so μ* ≤ (β/2)‖v‖/ε: a bracket and the starting point.
+    v_norm = np.sqrt(c2.sum(-1) + perp2)
+    hi_v = np.clip(np.where(todo, half_beta * v_norm / radius, hi), lo, hi)
+    mu = hi_v.copy()
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(100):
+            if not todo.any():
+                break
+            n2, dn2 = norm2(mu)
+            too_long = n2 > r2  # μ too small
+            lo_v, hi_v = np.where(todo & too_long, mu, lo_v), np.where(todo & ~too_long, mu, hi_v)
+            n = np.sqrt(n2)
+            phi, dphi = 1 / n - 1 / radius, -0.5 * dn2 / n**3
+            newton = mu - phi / dphi
+            inside = np.isfinite(newton) & (newton > lo_v) & (newton < hi_v)
+            step = np.where(inside, newton, np.sqrt(lo_v * hi_v))
+            done = todo & ((np.abs(n - radius) <= 1e-12 * radius) | (hi_v <= lo_v * (1 + 1e-12)))
+            todo &= ~done
+            mu = np.where(todo, step, mu)
+    result[np.isnan(result)] = mu[np.isnan(result)]
+    return result
 
 
 def _goal_and_restoring(params: Params, goal, batch, restoring_weight: float) -> tuple[Params, Params]:

@@ -13,12 +13,13 @@ import time
 from collections.abc import Iterator
 
 import torch
+from torch import Tensor
 
 from .config import WalkConfig
 from .data import Dataset
 from .errors import ConfigError, OutOfMemory, WalkDiverged
 from .goals import Goal
-from .measures import evaluate, sparsity
+from .measures import logits_of, loss_and_accuracy
 from .metric import PullbackMetric
 from .models import Network, NetworkFunction, recompute_batchnorm
 from .params import Params, add, clone, cosine, flush_subnormal, is_finite, norm, unflatten
@@ -56,8 +57,8 @@ class Walker:
         with torch.no_grad():
             self._drift_anchor = self.model_fn(start, probe)
         if _record:
-            self._append(self._measure(self.params, step=0, step_norm=0.0, functional_step=0.0, alignment=0.0,
-                                       step_seconds=0.0, event="start"))
+            self._append(self._point(step=0, step_norm=0.0, functional_step=0.0, alignment=0.0, step_seconds=0.0,
+                                     event="start", **self.measures(self.params)))
 
     # -- the model as a pure function of params (the walker's own BatchNorm statistics) -------------------
     @property
@@ -81,41 +82,71 @@ class Walker:
         point) if the step is not finite; after the goal is reached it returns the last point."""
         if self.is_done:
             return self.record.last
-        cfg = self.config
         t0 = time.perf_counter()
-        batch = self.goal.sample(self.generator, cfg.batch_size)
-        probe = self.goal.probe(self.generator, cfg.probe_size)
-        radius = cfg.max_step_norm
-        if self.goal.is_point_target:  # never overshoot a point target
-            radius = min(radius, self.goal.distance(self.params))
+        batch, probe = self.draw()
+        cfg = self.step_config()
         try:
-            if cfg.solver == "penalty" and cfg.goal_weight_growth != 1.0:
-                cfg = dataclasses.replace(cfg, goal_weight=self.goal_weight)
-            step = STEP_RULES[cfg.solver](self.params, self.goal, batch, probe, cfg, radius, self.model_fn)
+            step = STEP_RULES[cfg.solver](self.params, self.goal, batch, probe, cfg, self.radius(), self.model_fn)
             new_params = flush_subnormal(add(self.params, step.tangent_vec))
-            step_seconds = time.perf_counter() - t0
             functional_step = step.functional_step
             if functional_step is None:  # measured (one jvp on the step's probe), not part of the rule's cost
                 metric = PullbackMetric(self.model_fn, probe, cfg.metric)
                 functional_step = float(metric.squared_norm(step.tangent_vec, self.params))
-            diverged = not (is_finite(new_params) and math.isfinite(functional_step))
+            step_seconds = time.perf_counter() - t0
         except WalkDiverged:
-            diverged, step_seconds = True, time.perf_counter() - t0
+            self.fail_diverged()
         except torch.OutOfMemoryError as err:  # nothing was changed: the walk stays at its last point
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise OutOfMemory(f"out of memory at step {self.n_steps + 1} (probe {cfg.probe_size}, batch "
-                              f"{cfg.batch_size}); the walk is kept at step {self.n_steps}. Try a smaller "
-                              "--probe-size or --batch-size, or the cg linear solver.") from err
-        if diverged:
-            self.is_done, self.stop_reason = True, f"step {self.n_steps + 1} was not finite; kept step {self.n_steps}"
-            raise WalkDiverged(f"the walk diverged: {self.stop_reason}. Try a smaller step size (ε) "
-                               "or goal weight.")
+            self.fail_out_of_memory(err)
+        new_params, event = self.land(new_params, functional_step)
+        return self.commit(new_params, event, step.goal_direction, functional_step, step_seconds)
+
+    # The stages of a step, shared with WalkBatch (batch.py), which runs the rule and the measurements of
+    # many walkers as one computation and hands each walker its own results.
+    def draw(self) -> tuple:
+        """(batch, probe) for the next step, from this walk's own generator."""
+        return self.goal.sample(self.generator, self.config.batch_size), self.goal.probe(self.generator,
+                                                                                         self.config.probe_size)
+
+    def radius(self) -> float:
+        """ε, or less near a point target (never overshoot it; the distance was measured at the last point)."""
+        if self.goal.is_point_target:
+            return min(self.config.max_step_norm, self.record.last.goal_distance)
+        return self.config.max_step_norm
+
+    def step_config(self) -> WalkConfig:
+        """The config in force for the next step (the penalty walk's λ grows per step)."""
+        cfg = self.config
+        if cfg.solver == "penalty" and cfg.goal_weight_growth != 1.0:
+            cfg = dataclasses.replace(cfg, goal_weight=self.goal_weight)
+        return cfg
+
+    def fail_diverged(self):
+        self.is_done, self.stop_reason = True, f"step {self.n_steps + 1} was not finite; kept step {self.n_steps}"
+        raise WalkDiverged(f"the walk diverged: {self.stop_reason}. Try a smaller step size (ε) or goal weight.")
+
+    def fail_out_of_memory(self, err: Exception):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        cfg = self.config
+        raise OutOfMemory(f"out of memory at step {self.n_steps + 1} (probe {cfg.probe_size}, batch "
+                          f"{cfg.batch_size}); the walk is kept at step {self.n_steps}. Try a smaller "
+                          "--probe-size or --batch-size, or the cg linear solver.") from err
+
+    def land(self, new_params: Params, functional_step: float, distance: float | None = None) -> tuple[Params, str]:
+        """(the point the step lands on, its event): projected or snapped once the goal is reached.
+        distance: the goal's distance at new_params, when the caller has it already."""
+        if not (is_finite(new_params) and math.isfinite(functional_step)):
+            self.fail_diverged()
         event, self._pending_event = self._pending_event, ""
-        if self.goal.is_done(new_params):
+        if self.goal.is_done(new_params) if distance is None else self.goal.is_done_at(distance):
             new_params = self.goal.finish(new_params)
             self.is_done, self.stop_reason = True, "goal reached"
             event = ", ".join(filter(None, [event, "projected" if self.goal.name == "sparsify" else "snapped"]))
+        return new_params, event
+
+    def commit(self, new_params: Params, event: str, goal_direction: Params, functional_step: float,
+               step_seconds: float, measures: dict | None = None) -> PathPoint:
+        """Move to `new_params` and record the point (measures: what `measures(new_params)` returns, if known)."""
         moved = {k: new_params[k] - self.params[k] for k in new_params}  # the step actually taken
         step_norm = float(norm(moved))
         self._euclidean_length += step_norm
@@ -123,9 +154,12 @@ class Walker:
         self.params = new_params
         if self.network.has_batchnorm and self.bn_inputs is not None:
             self.buffers.update(recompute_batchnorm(self.network, self.params, self.bn_inputs))
-        point = self._measure(new_params, step=self.n_steps + 1, step_norm=step_norm,
-                              functional_step=functional_step, alignment=cosine(moved, step.goal_direction),
-                              step_seconds=step_seconds, event=event)
+            measures = None  # the statistics changed under any measurement made before
+        if measures is None:
+            measures = self.measures(new_params)
+        point = self._point(step=self.n_steps + 1, step_norm=step_norm, functional_step=functional_step,
+                            alignment=cosine(moved, goal_direction), step_seconds=step_seconds, event=event,
+                            **measures)
         if not all(math.isfinite(v) for v in point.loss.values()):
             self.is_done, self.stop_reason = True, f"loss at step {point.step} is not finite"
         self._append(point)
@@ -171,23 +205,66 @@ class Walker:
         return unflatten(torch.as_tensor(self.trace.rows[index]).to(device), self.params)
 
     # -- measuring -----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _measure(self, params: Params, *, step: int, step_norm: float, functional_step: float, alignment: float,
-                 step_seconds: float, event: str) -> PathPoint:
-        losses, accuracies = {}, {}
-        for name, task in self.tasks.items():
-            x, y = task.test.x[: self.n_eval], task.test.y[: self.n_eval]
-            losses[name], accuracies[name] = evaluate(self.model_fn, params, x, y)
-        logits = self.model_fn(params, self._drift_probe)
-        drift = float(self.goal.function_distance(logits, self._drift_anchor).mean())
-        return PathPoint(
-            step=step, step_size=self.config.max_step_norm, goal_weight=self.goal_weight, step_norm=step_norm,
-            functional_step=functional_step,
-            euclidean_length=self._euclidean_length, functional_length=self._functional_length, drift=drift,
-            alignment=alignment, loss=losses, accuracy=accuracies,
-            sparsity=sparsity(params, self.network.prunable), goal_distance=self.goal.distance(params),
-            step_seconds=step_seconds, extra=self.goal.extra_measures(params), event=event)
+    def measure_inputs(self) -> dict:
+        """The fixed tensors every measurement reads: each task's test split, the drift probe and its anchor, and
+        the goal's own inputs (WalkBatch stacks these once for all its walkers)."""
+        tests = {name: (task.test.x[: self.n_eval], task.test.y[: self.n_eval]) for name, task in self.tasks.items()}
+        # The default drift probe is the first test inputs of task A: their logits come with the test pass.
+        drift_from = next((name for name, (x, _) in tests.items() if _is_prefix(self._drift_probe, x)), None)
+        drift = (self._drift_anchor,) if drift_from else (self._drift_probe, self._drift_anchor)
+        return {"tests": tests, "drift": drift, "drift_from": drift_from,
+                "distance": self.goal.distance_inputs(), "extra": self.goal.extra_inputs()}
+
+    def measures(self, params: Params) -> dict:
+        """What is recorded about a point besides its step: loss and accuracy per task, drift, sparsity, distance
+        to the goal and the goal's own numbers."""
+        values = measure_values(self.goal, self.model_fn, self.network.prunable, params, self.measure_inputs())
+        return measures_to_fields({k: float(v) for k, v in values.items()})
+
+    def _point(self, **fields) -> PathPoint:
+        return PathPoint(step_size=self.config.max_step_norm, goal_weight=self.goal_weight,
+                         euclidean_length=self._euclidean_length, functional_length=self._functional_length, **fields)
 
     def _append(self, point: PathPoint) -> None:
         self.record.append(point)
         self.trace.append(self.params)
+
+
+@torch.no_grad()
+def measure_values(goal: Goal, model_fn: NetworkFunction, prunable: tuple[str, ...], params: Params,
+                   inputs: dict) -> dict[str, Tensor]:
+    """Every measure of a point as 0-d tensors keyed 'loss/A', 'accuracy/A', 'drift', 'sparsity',
+    'goal_distance', 'extra:NAME'. Pure (no Python numbers out): WalkBatch runs it under vmap for many walks."""
+    values, drift_logits = {}, None
+    anchor = inputs["drift"][-1]
+    for name, (x, y) in inputs["tests"].items():
+        logits = logits_of(model_fn, params, x)
+        values[f"loss/{name}"], values[f"accuracy/{name}"] = loss_and_accuracy(logits, y)
+        if name == inputs["drift_from"]:
+            drift_logits = logits[: len(anchor)]
+    if drift_logits is None:
+        drift_logits = model_fn(params, inputs["drift"][0])
+    values["drift"] = goal.function_distance(drift_logits, anchor).mean()
+    total = sum(params[k].numel() for k in prunable)
+    n_zero = sum((params[k] == 0).sum() for k in prunable)
+    values["sparsity"] = n_zero / total if total else torch.zeros(())
+    values["goal_distance"] = goal.distance_value(params, *inputs["distance"])
+    values.update({f"extra:{k}": v for k, v in goal.extra_value(params, *inputs["extra"]).items()})
+    return values
+
+
+def measures_to_fields(values: dict[str, float]) -> dict:
+    """measure_values' flat floats as PathPoint fields."""
+    grouped: dict[str, dict[str, float]] = {"loss": {}, "accuracy": {}, "extra": {}}
+    for key, value in values.items():
+        if key.startswith(("loss/", "accuracy/")):
+            head, task = key.split("/", 1)
+            grouped[head][task] = value
+        elif key.startswith("extra:"):
+            grouped["extra"][key[len("extra:"):]] = value
+    return dict(**grouped, drift=values["drift"], sparsity=values["sparsity"], goal_distance=values["goal_distance"])
+
+
+def _is_prefix(probe: Tensor, x: Tensor) -> bool:
+    """Whether `probe` is the first rows of `x` (the same storage, as the default drift probe is)."""
+    return len(probe) <= len(x) and probe.data_ptr() == x.data_ptr() and probe.stride() == x.stride()

@@ -66,22 +66,47 @@ class Goal:
         return self.anchor_inputs[draw(generator, len(self.anchor_inputs), n).to(self.anchor_inputs.device)]
 
     # -- what the step rules use ------------------------------------------------------------------------
+    # Each quantity is split into the tensors this walk draws or holds (`*_inputs`, per walk) and a pure
+    # function of the weights and those tensors (`*_value`: no Python numbers out, no in-place writes), so one
+    # walk calls it directly and a batch of walks calls it under torch.func.vmap over stacked weights (batch.py).
     def direction(self, params: Params, batch: Batch) -> Params:
         """v_goal = −∇h(w): the direction the goal alone wants."""
+        return self.direction_value(params, *self.direction_inputs(batch))
+
+    def direction_inputs(self, batch: Batch) -> tuple:
+        return ()
+
+    def direction_value(self, params: Params, *inputs) -> Params:
         raise NotImplementedError
 
     def restoring_loss(self, params: Params, batch: Batch) -> Tensor:
         """R(w): Σ over the batch of D(f(x; w), f(x; w0)), the distance to the start network's outputs."""
-        index = batch.anchor
-        return self.function_distance(self.model_fn(params, self.anchor_inputs[index]), self.anchor_logits[index]).sum()
+        return self.restoring_value(params, *self.restoring_inputs(batch))
+
+    def restoring_inputs(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(inputs, what their outputs are compared with)."""
+        return self.anchor_inputs[batch.anchor], self.anchor_logits[batch.anchor]
+
+    def restoring_value(self, params: Params, inputs: Tensor, target: Tensor) -> Tensor:
+        return self.function_distance(self.model_fn(params, inputs), target).sum()
 
     # -- progress ---------------------------------------------------------------------------------------
     def distance(self, params: Params) -> float:
         """How far the goal still is (‖w − target‖, or the new task's loss)."""
+        return float(self.distance_value(params, *self.distance_inputs()))
+
+    def distance_inputs(self) -> tuple:
+        return ()
+
+    def distance_value(self, params: Params, *inputs) -> Tensor:
         raise NotImplementedError
 
     def is_done(self, params: Params) -> bool:
-        return False
+        return self.is_done_at(self.distance(params))
+
+    def is_done_at(self, distance: float) -> bool:
+        """Whether a point at this distance from the goal has arrived (never, for goals without a point target)."""
+        return self.is_point_target and distance < self.tolerance
 
     def finish(self, params: Params) -> Params:
         """The point the walk ends on once done (projected or snapped); `params` by default."""
@@ -89,4 +114,10 @@ class Goal:
 
     def extra_measures(self, params: Params) -> dict[str, float]:
         """Goal-specific numbers recorded at every step (e.g. prune-now accuracy)."""
+        return {k: float(v) for k, v in self.extra_value(params, *self.extra_inputs()).items()}
+
+    def extra_inputs(self) -> tuple:
+        return ()
+
+    def extra_value(self, params: Params, *inputs) -> dict[str, Tensor]:
         return {}

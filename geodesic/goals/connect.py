@@ -28,19 +28,24 @@ class Connect(Goal):
         return cls(model_fn, params, data.train.x, {"A": data}, metric_kind, tolerance,
                    labels=data.train.y, **goal_kwargs)
 
-    def direction(self, params: Params, batch: Batch) -> Params:
-        return sub(self.end_params, params)  # v = w_B − w
+    def direction_inputs(self, batch: Batch) -> tuple:
+        return (self.end_params,)
 
-    def restoring_loss(self, params: Params, batch: Batch) -> Tensor:
-        index = batch.anchor
-        return F.cross_entropy(self.model_fn(params, self.anchor_inputs[index]), self.labels[index], reduction="sum")
+    def direction_value(self, params: Params, end_params: Params) -> Params:
+        return sub(end_params, params)  # v = w_B − w
+
+    def restoring_inputs(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        return self.anchor_inputs[batch.anchor], self.labels[batch.anchor]
+
+    def restoring_value(self, params: Params, inputs: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(self.model_fn(params, inputs), labels, reduction="sum")
+
+    def distance_inputs(self) -> tuple:
+        return (self.end_params,)
 
     @torch.no_grad()
-    def distance(self, params: Params) -> float:
-        return float(norm(sub(self.end_params, params)))
-
-    def is_done(self, params: Params) -> bool:
-        return self.distance(params) < self.tolerance
+    def distance_value(self, params: Params, end_params: Params) -> Tensor:
+        return norm(sub(end_params, params))
 
     def finish(self, params: Params) -> Params:
         return clone(self.end_params)  # snap exactly onto w_B

@@ -31,18 +31,25 @@ class NewTask(Goal):
         batch.task_b = draw(generator, len(self.task_b.train), batch_size).to(self.task_b.train.y.device)
         return batch
 
-    def task_loss(self, params: Params, index: Tensor) -> Tensor:
-        """h(w): mean task-B cross-entropy on the drawn examples."""
-        split = self.task_b.train
-        return F.cross_entropy(self.model_fn(params, split.x[index]), split.y[index])
+    def task_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        """h(w): mean task-B cross-entropy on the given examples."""
+        return F.cross_entropy(self.model_fn(params, x), y)
 
-    def direction(self, params: Params, batch: Batch) -> Params:
-        return scale(grad(self.task_loss)(params, batch.task_b), -1.0)
+    def direction_inputs(self, batch: Batch) -> tuple:
+        split = self.task_b.train
+        return split.x[batch.task_b], split.y[batch.task_b]
+
+    def direction_value(self, params: Params, x: Tensor, y: Tensor) -> Params:
+        return scale(grad(self.task_loss)(params, x, y), -1.0)
+
+    def distance_inputs(self) -> tuple:
+        """Task-B training loss on a fixed subset (a training split: the test split stays unseen)."""
+        split = self.task_b.train
+        return split.x[self._monitor], split.y[self._monitor]
 
     @torch.no_grad()
-    def distance(self, params: Params) -> float:
-        """Task-B training loss on a fixed subset (a training split: the test split stays unseen)."""
-        return float(self.task_loss(params, self._monitor))
+    def distance_value(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return self.task_loss(params, x, y)
 
 
 def memory_indices(task_a: Dataset, memory_size: int, seed: int) -> Tensor:

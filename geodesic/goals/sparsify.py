@@ -2,9 +2,11 @@
 the start network's outputs on the training inputs; project exactly once within tolerance."""
 from __future__ import annotations
 
-from ..measures import evaluate, magnitude_prune
+from torch import Tensor
+
+from ..measures import accuracy, magnitude_prune
 from ..params import Params, norm, sub
-from .base import Batch, Goal
+from .base import Goal
 
 
 class Sparsify(Goal):
@@ -25,20 +27,20 @@ class Sparsify(Goal):
         """w_sparse: the fraction s of smallest |w| among prunable weights set to zero, globally."""
         return magnitude_prune(params, self.prunable, self.target_sparsity)
 
-    def direction(self, params: Params, batch: Batch) -> Params:
+    def direction_value(self, params: Params) -> Params:
         return sub(self.target(params), params)  # v = w_sparse − w = −∇ ½‖w − w_sparse‖²
 
-    def distance(self, params: Params) -> float:
-        return float(norm(sub(self.target(params), params)))
-
-    def is_done(self, params: Params) -> bool:
-        return self.distance(params) < self.tolerance
+    def distance_value(self, params: Params) -> Tensor:
+        return norm(sub(self.target(params), params))
 
     def finish(self, params: Params) -> Params:
         return self.target(params)
 
-    def extra_measures(self, params: Params) -> dict[str, float]:
-        """Test accuracy of the projection of w ("prune now"), per task."""
+    def extra_inputs(self) -> tuple:
+        return tuple(t for task in self.tasks.values() for t in (task.test.x, task.test.y))
+
+    def extra_value(self, params: Params, *test_sets: Tensor) -> dict[str, Tensor]:
+        """Test accuracy of the projection of w ("prune now"), per task (test_sets: x, y of each task in turn)."""
         pruned = self.target(params)
-        return {f"prune_now_accuracy/{name}": evaluate(self.model_fn, pruned, task.test.x, task.test.y)[1]
-                for name, task in self.tasks.items()}
+        return {f"prune_now_accuracy/{name}": accuracy(self.model_fn, pruned, test_sets[2 * i], test_sets[2 * i + 1])
+                for i, name in enumerate(self.tasks)}

@@ -1,0 +1,100 @@
+"""WalkBatch: K compatible walks stepped as one computation give the paths of K separate walkers."""
+import math
+
+import pytest
+import torch
+
+from geodesic.batch import WalkBatch, batch_key
+from geodesic.config import GoalConfig, RunConfig, TrainConfig, default_walk
+from geodesic.errors import WalkDiverged
+from geodesic.experiment import build
+from geodesic.step import secular_damping
+
+
+def _config(goal: str, solver: str, seed: int = 0, **walk) -> RunConfig:
+    return RunConfig(goal=GoalConfig(kind=goal), train=TrainConfig(epochs=5), seed=seed,
+                     walk=default_walk(goal, solver, **walk))
+
+
+def _walkers(configs):
+    return [build(c).walker for c in configs]
+
+
+@pytest.mark.parametrize("goal", ["sparsify", "new-task", "connect"])
+@pytest.mark.parametrize("solver", ["constrained", "penalty"])
+def test_batched_walks_follow_the_paths_of_separate_walkers(goal, solver):
+    eps = default_walk(goal, solver).max_step_norm
+    configs = [_config(goal, solver, 0), _config(goal, solver, 1), _config(goal, solver, 0, max_step_norm=eps / 2)]
+    alone, together = _walkers(configs), _walkers(configs)
+    assert len({batch_key(w) for w in together}) == 1
+    batch = WalkBatch(together)
+    for _ in range(6):
+        expected = [w.step() for w in alone]
+        got = batch.step()
+        for a, b in zip(expected, got, strict=True):
+            assert b.step == a.step and b.event == a.event
+            assert b.accuracy == pytest.approx(a.accuracy, abs=1e-6)
+            assert b.loss == pytest.approx(a.loss, rel=1e-4, abs=1e-6)
+            assert b.functional_step == pytest.approx(a.functional_step, rel=1e-3, abs=1e-9)
+            assert b.step_norm == pytest.approx(a.step_norm, rel=1e-4)
+            assert b.goal_distance == pytest.approx(a.goal_distance, rel=1e-4)
+            assert b.drift == pytest.approx(a.drift, rel=1e-3, abs=1e-9)
+            assert b.sparsity == a.sparsity and b.extra == pytest.approx(a.extra, abs=1e-6)
+    for a, b in zip(alone, together, strict=True):
+        for k in a.params:
+            torch.testing.assert_close(b.params[k], a.params[k], atol=1e-5, rtol=1e-4)
+    assert together[2].record.last.step_size == eps / 2  # the walks kept their own ε
+
+
+def test_a_diverging_walk_stops_alone_and_the_others_go_on():
+    configs = [_config("sparsify", "constrained", s) for s in (0, 1, 2)]
+    walkers = _walkers(configs)
+    batch = WalkBatch(walkers)
+    batch.step()
+    bad = walkers[1]
+    bad.params = {k: v.clone() for k, v in bad.params.items()}
+    next(iter(bad.params.values()))[0, 0] = math.nan  # a weight that is no longer finite
+    results = batch.step()
+    assert isinstance(results[1], WalkDiverged) and "diverged" in str(results[1])
+    assert bad.is_done and bad.n_steps == 1  # kept its last finite point
+    assert [r.step for r in (results[0], results[2])] == [2, 2]
+    assert [r.step for r in batch.step()] == [3, 3]  # the batch goes on without the stopped walk
+    assert walkers[0].n_steps == 3 and walkers[2].n_steps == 3 and bad.n_steps == 1
+
+
+def test_walks_that_cannot_share_a_computation_are_refused():
+    a, b = _walkers([_config("sparsify", "constrained"), _config("sparsify", "penalty")])
+    assert batch_key(a) != batch_key(b)
+    with pytest.raises(ValueError, match="batch_key"):
+        WalkBatch([a, b])
+    c = _walkers([_config("sparsify", "constrained", linear_solver="cg")])[0]
+    assert batch_key(c) is None  # the CG solver steps alone
+
+
+def test_a_finished_walk_drops_out_of_the_batch():
+    walkers = _walkers([_config("connect", "constrained", 0), _config("connect", "constrained", 0)])
+    walkers[0].set_step_size(5.0)  # reaches network B in a few steps
+    batch = WalkBatch(walkers)
+    for _ in range(40):
+        batch.step()
+        if walkers[0].is_done:
+            break
+    assert walkers[0].is_done and walkers[0].stop_reason == "goal reached"
+    assert walkers[0].record.last.event.endswith("snapped") and not walkers[1].is_done
+    n = walkers[1].n_steps
+    assert len(batch.step()) == 1 and walkers[1].n_steps == n + 1
+
+
+def test_secular_damping_solves_every_walk_at_once():
+    gen = torch.Generator().manual_seed(0)
+    lam = torch.rand(5, 7, generator=gen, dtype=torch.float64).numpy() + 0.01
+    c2 = torch.rand(5, 7, generator=gen, dtype=torch.float64).numpy()
+    perp2 = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0], dtype=torch.float64).numpy()
+    half_beta = torch.tensor([0.5, 0.5, 1e-9, 0.0, 1e6], dtype=torch.float64).numpy()
+    radius = torch.tensor([0.1, 1e3, 0.1, 0.1, 1e-12], dtype=torch.float64).numpy()
+    mu = secular_damping(lam, c2, perp2, half_beta, radius)
+    norm = lambda k, m: half_beta[k] * math.sqrt((c2[k] / (lam[k] + m) ** 2).sum() + perp2[k] / m**2)
+    assert norm(0, mu[0]) == pytest.approx(radius[0], rel=1e-9)  # the bound is active
+    assert mu[1] == 0  # in the row space and short enough: the pseudo-inverse step
+    assert norm(2, mu[2]) == pytest.approx(radius[2], rel=1e-9)
+    assert mu[3] == math.inf and mu[4] == math.inf  # β = 0; ε tiny against β‖v‖ (a plain gradient step)
