@@ -72,8 +72,8 @@ def test_walks_that_cannot_share_a_computation_are_refused():
 
 
 def test_a_finished_walk_drops_out_of_the_batch():
-    walkers = _walkers([_config("connect", "constrained", 0), _config("connect", "constrained", 0)])
-    walkers[0].set_step_size(5.0)  # reaches network B in a few steps
+    fast = _config("connect", "constrained", 0, max_step_norm=5.0, goal_weight=100.0, restoring_weight=0.0)
+    walkers = _walkers([fast, _config("connect", "constrained", 0)])
     batch = WalkBatch(walkers)
     for _ in range(40):
         batch.step()
