@@ -31,6 +31,15 @@ from .walker import Walker, measure_values, measures_to_fields
 def batch_key(walker: Walker) -> tuple | None:
     """Walkers with equal keys can be stepped as one batch; None: this walker is always stepped alone
     (BatchNorm statistics are per walk, and the CG solver is not batched)."""
+    cached = walker.__dict__.get("_batch_key")
+    if cached is not None and cached[0] is walker.config:  # the config changes only by replacement (set_step_size)
+        return cached[1]
+    key = _batch_key(walker)
+    walker.__dict__["_batch_key"] = (walker.config, key)
+    return key
+
+
+def _batch_key(walker: Walker) -> tuple | None:
     network, cfg, goal = walker.network, walker.config, walker.goal
     rows = rows_kind(walker)
     if network.has_batchnorm or rows == "cg":
@@ -58,7 +67,12 @@ def rows_kind(walker: Walker) -> str | None:
     n_rows = cfg.probe_size * walker.goal.n_outputs
     if cfg.linear_solver == "cg" or (cfg.linear_solver == "auto" and n_rows > 2048):
         return "cg"
-    return "factored" if factored_layers(walker.network, walker.params) is not None else "dense"
+    if factored_layers(walker.network, walker.params) is None:
+        return "dense"
+    # The factored rows are checked once per network against a jvp (rows.py) before any batch relies on them.
+    probe = walker.goal.anchor_inputs[: cfg.probe_size]
+    rows = PullbackMetric(walker.model_fn, probe, cfg.metric).jacobian_rows(walker.params, allow_dense=False)
+    return "factored" if rows is not None else "dense"
 
 
 def _stack(trees: list) -> object:

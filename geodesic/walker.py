@@ -226,8 +226,10 @@ class Walker:
                          euclidean_length=self._euclidean_length, functional_length=self._functional_length, **fields)
 
     def _append(self, point: PathPoint) -> None:
-        self.record.append(point)
+        # Weights first: a reader on another thread (the dashboard, while the engine walks) that reads the
+        # record and then the trace always finds a weight row for every point it read.
         self.trace.append(self.params)
+        self.record.append(point)
 
 
 @torch.no_grad()

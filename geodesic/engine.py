@@ -1,0 +1,354 @@
+"""One engine per server process: it owns all walking, so many sessions can walk at once.
+
+A Streamlit server runs every browser session in its own thread. If each session stepped its own walk, their
+torch work would race (forward-mode AD keeps process-global state, see autodiff.py) and fight over the cores,
+and nobody would get faster with more hardware. Here a single worker thread does every step of every walk:
+
+- Sessions hold a `WalkHandle` and ask (`run`, `pause`, `step_once`, `call`); they only read the walker's
+  record, which the engine appends to. Nothing else touches torch for a walk.
+- Each round steps every running walk once (fair share in steps), compatible walks together as one `WalkBatch`
+  (batch.py): same architecture, step rule, probe and batch shapes and device. A Step click or a `call` (a
+  spectrum, a contour) is served between two batch steps, so it waits for at most one of them.
+- A walk that diverges or runs out of memory stops with its own message (`handle.error`); the others go on.
+  A running walk nobody has looked at for `idle_seconds` (its page was closed) is paused and its slot freed.
+- Limits (`EngineSettings`, from `geodesic-server.toml` or the environment): running walks in total and per
+  session; over them, `run()` raises `CapacityError` with a message that says what to do.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import time
+import tomllib
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .batch import WalkBatch, batch_key
+from .errors import ConfigError, GeodesicError
+from .path import PathPoint
+from .walker import Walker
+
+
+class CapacityError(GeodesicError):
+    """The server runs as many walks as it is set up to; this one was not started."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How one server shares its engine. Each field can be set in the [engine] table of the file named by
+    GEODESIC_SERVER_CONFIG (default ./geodesic-server.toml, if present) and by the environment variable
+    GEODESIC_<FIELD> (upper case), which wins."""
+
+    max_walks: int = 64  # running walks on this server at once, every session together
+    max_walks_per_session: int = 8  # running walks one browser session may have at once
+    threads: int = 0  # PyTorch's intra-op threads for the engine (0: half the cores, leaving the rest to serving)
+    max_batch: int = 32  # most walks stepped as one batch
+    batching: bool = True  # step compatible walks together (False: one at a time, for comparison)
+    idle_seconds: float = 120.0  # a running walk that no page has read for this long is paused
+    device: str = ""  # device for walks whose settings say 'auto' (empty: cuda, then mps, then cpu)
+
+    def __post_init__(self):
+        for name in ("max_walks", "max_walks_per_session", "max_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(_env_name(name), value, "an integer >= 1")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ConfigError(_env_name("threads"), self.threads, "an integer >= 0 (0: half the cores)")
+        if not isinstance(self.idle_seconds, (int, float)) or not self.idle_seconds > 0:
+            raise ConfigError(_env_name("idle_seconds"), self.idle_seconds, "a number of seconds > 0")
+        if self.device not in ("", "auto", "cpu", "cuda", "mps"):
+            raise ConfigError(_env_name("device"), self.device, "auto, cpu, cuda or mps")
+
+    @property
+    def n_threads(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 2) // 2)
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> EngineSettings:
+        """Settings from the config file and the environment; a bad value raises ConfigError naming it."""
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        path = Path(env.get("GEODESIC_SERVER_CONFIG", "geodesic-server.toml"))
+        if path.is_file():
+            try:
+                table = tomllib.loads(path.read_text()).get("engine", {})
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+                raise ConfigError("GEODESIC_SERVER_CONFIG", str(path),
+                                  f"a TOML file with an [engine] table ({err})") from None
+            unknown = set(table) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ConfigError(f"{path} [engine]", sorted(unknown)[0], ", ".join(f.name for f in fields(cls)))
+            values.update(table)
+        for f in fields(cls):
+            raw = env.get(_env_name(f.name))
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, raw, type(getattr(cls, f.name)))
+        return cls(**values)
+
+
+def _env_name(field_name: str) -> str:
+    return "GEODESIC_" + ("TORCH_THREADS" if field_name == "threads" else field_name.upper())
+
+
+def _parse(name: str, raw: str, kind: type):
+    try:
+        if kind is bool:
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return raw.lower() in ("1", "true", "yes")
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(_env_name(name), raw, f"a {kind.__name__}") from None
+
+
+class WalkHandle:
+    """A session's hold on one walk in the engine. Every method returns at once except `step_once` and
+    `call`, which wait for the engine (one batch step at most before their turn)."""
+
+    def __init__(self, engine: Engine, walker: Walker, session: str):
+        self.engine, self.walker, self.session = engine, walker, session
+        self.error: str | None = None
+        self.max_rate: float | None = None  # steps per second while running (None: as fast as the engine goes)
+        self._running = False
+        self._next_due = 0.0
+        self.last_seen = time.monotonic()
+        self.is_closed = False
+
+    @property
+    def is_running(self) -> bool:
+        return self._running and not self.walker.is_done and not self.is_closed
+
+    def touch(self) -> None:
+        """The page has looked at this walk (keeps a running walk from being paused as idle)."""
+        self.last_seen = time.monotonic()
+
+    def run(self) -> None:
+        """Walk until paused or done. Raises CapacityError when the server or this session is at its limit."""
+        self.touch()
+        self.engine._start(self)
+
+    def pause(self) -> None:
+        self._running = False
+
+    def set_rate(self, steps_per_second: float | None) -> None:
+        """Slow motion: at most this many steps per second (None or 0: as fast as possible)."""
+        self.max_rate = steps_per_second or None
+
+    def swap(self, walker: Walker) -> None:
+        """Drive another walker (a branch, or a rebuilt walk); pauses first."""
+        self.pause()
+        self.engine._call_soon(lambda: setattr(self, "walker", walker)).result()
+
+    def step_once(self, timeout: float = 60.0) -> PathPoint | None:
+        """Exactly one step (pauses a running walk first); None if it failed (see `error`)."""
+        self.pause()
+        self.touch()
+        return self.engine._call_soon(self._guarded_step).result(timeout)
+
+    def call(self, fn: Callable, *args, timeout: float | None = None):
+        """fn(*args) on the engine's thread, between two steps (analysis of this walk: spectra, contours)."""
+        self.touch()
+        return self.engine._call_soon(lambda: fn(*args)).result(timeout)
+
+    def close(self) -> None:
+        """Give the walk up (the page was closed or a new walk replaces it)."""
+        self.is_closed, self._running = True, False
+        self.engine._forget(self)
+
+    def _guarded_step(self) -> PathPoint | None:
+        try:
+            self.error = None
+            return self.walker.step()
+        except GeodesicError as err:
+            self._stop(str(err))
+            return None
+
+    def _stop(self, message: str) -> None:
+        self.error, self._running = message, False
+
+
+class Engine:
+    """Owns all walking in this process (see the module's docstring). `open(walker, session)` gives a handle."""
+
+    def __init__(self, settings: EngineSettings | None = None):
+        self.settings = settings or EngineSettings()
+        self._cond = threading.Condition()
+        self._handles: list[WalkHandle] = []
+        self._jobs: deque[tuple[Callable, Future]] = deque()
+        self._batches: dict[tuple, WalkBatch] = {}
+        self._round_robin = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.n_steps = 0  # steps taken since start, all walks together
+        self.n_errors = 0  # walks stopped by an error
+
+    # -- what sessions call ------------------------------------------------------------------------------------
+    def open(self, walker: Walker, session: str = "") -> WalkHandle:
+        handle = WalkHandle(self, walker, session)
+        with self._cond:
+            self._handles.append(handle)
+        return handle
+
+    def running(self, session: str | None = None) -> int:
+        return sum(1 for h in list(self._handles) if h.is_running and (session is None or h.session == session))
+
+    def stop(self) -> None:
+        """End the worker thread (tests, and a server shutting down); pending calls fail."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _start(self, handle: WalkHandle) -> None:
+        s = self.settings
+        with self._cond:
+            if handle.is_running:
+                return
+            if handle.is_closed:
+                raise CapacityError("this walk was closed; start a new one")
+            if self.running(handle.session) >= s.max_walks_per_session:
+                raise CapacityError(f"this session already runs {s.max_walks_per_session} walks, its limit "
+                                    "(GEODESIC_MAX_WALKS_PER_SESSION): pause one first")
+            if self.running() >= s.max_walks:
+                raise CapacityError(f"the server runs {s.max_walks} walks, its limit (GEODESIC_MAX_WALKS): try "
+                                    "again when one pauses or finishes, or ask whoever runs the server to raise it")
+            handle.error, handle._running, handle._next_due = None, True, 0.0
+            self._ensure_thread()
+            self._cond.notify_all()
+
+    def _call_soon(self, fn: Callable) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if self._stopped:
+                future.set_exception(RuntimeError("the engine has stopped"))
+                return future
+            self._jobs.append((fn, future))
+            self._ensure_thread()
+            self._cond.notify_all()
+        return future
+
+    def _forget(self, handle: WalkHandle) -> None:
+        with self._cond:
+            if handle in self._handles:
+                self._handles.remove(handle)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="geodesic-engine", daemon=True)
+            self._thread.start()
+
+    # -- the worker ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        if self.settings.n_threads and torch.get_num_threads() != self.settings.n_threads:
+            torch.set_num_threads(self.settings.n_threads)
+        while True:
+            with self._cond:
+                while not self._stopped and not self._jobs and not self._due():
+                    self._cond.wait(timeout=self._wait_seconds())
+                if self._stopped:
+                    for _, future in self._jobs:
+                        future.set_exception(RuntimeError("the engine has stopped"))
+                    return
+            if self._run_jobs():
+                continue
+            self._round()
+
+    def _run_jobs(self) -> bool:
+        ran = False
+        while True:
+            with self._cond:
+                if not self._jobs:
+                    return ran
+                fn, future = self._jobs.popleft()
+            ran = True
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as err:  # noqa: BLE001 - handed to the caller, who raises it
+                    future.set_exception(err)
+
+    def _due(self) -> list[WalkHandle]:
+        now = time.monotonic()
+        idle = self.settings.idle_seconds
+        due = []
+        for h in self._handles:
+            if h.is_running and now - h.last_seen > idle:
+                h._stop(f"paused after {idle:g} s without a page watching it; press Run to go on")
+            elif h.is_running and now >= h._next_due:
+                due.append(h)
+        return due
+
+    def _wait_seconds(self) -> float:
+        now = time.monotonic()
+        waits = [h._next_due - now for h in self._handles if h.is_running]
+        return min([1.0, *[max(w, 0.001) for w in waits]])
+
+    def _round(self) -> None:
+        """Every due walk takes one step: compatible ones as one batch, groups in turn, calls served between."""
+        with self._cond:
+            due = self._due()
+        groups: dict[object, list[WalkHandle]] = {}
+        for h in due:
+            key = batch_key(h.walker) if self.settings.batching else None
+            groups.setdefault(("alone", id(h)) if key is None else key, []).append(h)
+        chunks = [g[i:i + self.settings.max_batch] for g in groups.values()
+                  for i in range(0, len(g), self.settings.max_batch)]
+        offset = next(self._round_robin) % max(len(chunks), 1)  # no group is always first
+        for chunk in chunks[offset:] + chunks[:offset]:
+            self._step(chunk)
+            self._run_jobs()
+
+    def _step(self, handles: list[WalkHandle]) -> None:
+        handles = [h for h in handles if h.is_running]  # paused or closed since the round began
+        if not handles:
+            return
+        try:
+            if len(handles) == 1:
+                try:
+                    results = [handles[0].walker.step()]
+                except GeodesicError as err:
+                    results = [err]
+            else:
+                walkers = [h.walker for h in handles]
+                key = tuple(id(w) for w in walkers)
+                if key not in self._batches:
+                    if len(self._batches) > 64:
+                        self._batches.clear()
+                    self._batches[key] = WalkBatch(walkers)
+                results = self._batches[key].step()  # one per walker: running walkers are never done
+        except Exception as err:  # a bug, not a user's mistake: stop these walks with a message, keep serving
+            traceback.print_exc(file=sys.stderr)
+            results = [GeodesicError(f"internal error while stepping ({type(err).__name__}: {err}); "
+                                     "the walk is kept at its last point") for _ in handles]
+        now = time.monotonic()
+        for handle, result in zip(handles, results, strict=True):
+            if isinstance(result, BaseException):
+                handle._stop(str(result))
+                self.n_errors += 1
+            else:
+                self.n_steps += 1
+            if handle.max_rate:
+                handle._next_due = now + 1.0 / handle.max_rate
+
+
+_SHARED: Engine | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(settings: EngineSettings | None = None) -> Engine:
+    """The process's engine (created on first use with `settings`, or EngineSettings.from_env())."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            _SHARED = Engine(settings or EngineSettings.from_env())
+        return _SHARED

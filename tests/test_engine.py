@@ -1,0 +1,183 @@
+"""The engine: many sessions walking at once from many threads, batched, fair, each failing alone."""
+import math
+import threading
+import time
+
+import pytest
+
+from geodesic.config import GoalConfig, RunConfig, TrainConfig, default_walk
+from geodesic.engine import CapacityError, Engine, EngineSettings
+from geodesic.errors import ConfigError
+from geodesic.experiment import build
+
+
+def _walker(goal="sparsify", solver="constrained", seed=0, **walk):
+    return build(RunConfig(goal=GoalConfig(kind=goal), train=TrainConfig(epochs=5), seed=seed,
+                           walk=default_walk(goal, solver, **walk))).walker
+
+
+@pytest.fixture
+def engine():
+    eng = Engine(EngineSettings(threads=1))
+    yield eng
+    eng.stop()
+
+
+def _wait(predicate, seconds=60.0):
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < seconds, "timed out"
+        time.sleep(0.02)
+
+
+def test_threads_stepping_walks_at_once_do_not_crash():
+    """Eight threads each stepping its own walk (what every browser session did before the engine): forward-mode
+    AD used to fail here ('no level exists' / 'invalid index', 7 of 8 threads in 5 s)."""
+    walkers = [_walker(solver=s, seed=i % 2) for i, s in enumerate(["penalty", "constrained"] * 4)]
+    errors, steps = [], [0] * len(walkers)
+
+    def walk(i):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 and not walkers[i].is_done:
+            try:
+                walkers[i].step()
+                steps[i] += 1
+            except Exception as err:  # noqa: BLE001 - what the test counts
+                errors.append(repr(err))
+                return
+
+    threads = [threading.Thread(target=walk, args=(i,)) for i in range(len(walkers))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == [] and min(steps) > 0
+
+
+def test_sessions_walk_at_once_through_one_engine(engine):
+    """Eight sessions, each on its own thread as Streamlit runs them: Run, read the points as a page refresh
+    does, Step clicks while others run; every goal and both rules; no error, every walk advanced."""
+    kinds = [(g, s) for g in ("sparsify", "new-task", "connect") for s in ("constrained", "penalty")]
+    kinds += [("sparsify", "constrained")] * 2
+    walkers = [_walker(g, s) for g, s in kinds]
+    errors, points = [], [0] * len(walkers)
+
+    def session(i):
+        handle = engine.open(walkers[i], session=f"s{i}")
+        try:
+            if i % 4 == 3:  # a user clicking Step repeatedly
+                for _ in range(5):
+                    assert handle.step_once() is not None, handle.error
+            handle.run()
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 4:
+                handle.touch()
+                frame = handle.walker.record.to_frame()  # what the page reads while the engine appends
+                points[i] = len(frame)
+                time.sleep(0.1)
+            handle.pause()
+            if handle.error:
+                errors.append(handle.error)
+        except Exception as err:  # noqa: BLE001 - what the test counts
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(walkers))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    assert all(w.n_steps > 1 for w in walkers), [w.n_steps for w in walkers]
+    assert engine.n_errors == 0
+
+
+def test_every_running_walk_gets_steps_in_turn(engine):
+    """Two batchable walks, a penalty walk and a CG walk (never batched): equal steps per round."""
+    walkers = [_walker(seed=0), _walker(seed=1), _walker(solver="penalty"), _walker(linear_solver="cg")]
+    handles = [engine.open(w, "class") for w in walkers]
+    for h in handles:
+        h.run()
+    _wait(lambda: min(w.n_steps for w in walkers) >= 10)
+    for h in handles:
+        h.pause()
+    counts = [w.n_steps for w in walkers]
+    assert max(counts) - min(counts) <= 2, counts
+
+
+def test_step_once_takes_exactly_one_step_while_others_run(engine):
+    busy = [engine.open(_walker(seed=s), "other") for s in range(4)]
+    for h in busy:
+        h.run()
+    mine = engine.open(_walker(solver="penalty"), "me")
+    for n in range(1, 4):
+        point = mine.step_once()
+        assert point.step == n and mine.walker.n_steps == n
+    for h in busy:
+        h.pause()
+
+
+def test_a_diverging_walk_stops_only_its_own_session(engine):
+    walkers = [_walker(seed=s) for s in range(3)]
+    handles = [engine.open(w, f"s{i}") for i, w in enumerate(walkers)]
+    for h in handles:
+        h.run()
+    _wait(lambda: walkers[1].n_steps >= 2)
+    bad = walkers[1]
+    params = {k: v.clone() for k, v in bad.params.items()}
+    next(iter(params.values()))[0, 0] = math.nan
+    handles[1].call(setattr, bad, "params", params)  # between two steps, on the engine's thread
+    _wait(lambda: handles[1].error is not None)
+    assert "diverged" in handles[1].error and not handles[1].is_running
+    n_before = [walkers[0].n_steps, walkers[2].n_steps]
+    _wait(lambda: walkers[0].n_steps > n_before[0] + 3 and walkers[2].n_steps > n_before[1] + 3)
+    assert handles[0].error is None and handles[2].error is None
+
+
+def test_limits_say_what_to_do(engine):
+    eng = Engine(EngineSettings(threads=1, max_walks=2, max_walks_per_session=1))
+    try:
+        a, b, c = (eng.open(_walker(seed=s), session) for s, session in ((0, "x"), (1, "x"), (2, "y")))
+        a.run()
+        with pytest.raises(CapacityError, match="this session already runs 1 walks"):
+            b.run()
+        c.run()
+        d = eng.open(_walker(seed=3), "z")
+        with pytest.raises(CapacityError, match="GEODESIC_MAX_WALKS"):
+            d.run()
+        a.close()  # a closed page frees its walk's slot
+        assert eng.running() == 1
+        d.run()
+        assert eng.running() == 2
+    finally:
+        eng.stop()
+
+
+def test_an_unwatched_walk_is_paused_and_frees_its_slot():
+    eng = Engine(EngineSettings(threads=1, idle_seconds=0.5))
+    try:
+        handle = eng.open(_walker(), "gone")
+        handle.run()
+        _wait(lambda: not handle.is_running, seconds=30)
+        assert "without a page watching" in handle.error and eng.running() == 0
+    finally:
+        eng.stop()
+
+
+def test_slow_motion_keeps_to_its_rate(engine):
+    handle = engine.open(_walker(solver="penalty"), "teacher")
+    handle.set_rate(5.0)
+    handle.run()
+    time.sleep(2.0)
+    handle.pause()
+    assert 5 <= handle.walker.n_steps <= 13  # ≈ 10 steps in 2 s at 5 steps/s
+
+
+def test_settings_from_the_environment_and_a_file(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text("[engine]\nmax_walks = 40\nmax_batch = 8\n")
+    settings = EngineSettings.from_env({"GEODESIC_SERVER_CONFIG": str(path), "GEODESIC_MAX_WALKS": "12",
+                                        "GEODESIC_BATCHING": "false"})
+    assert (settings.max_walks, settings.max_batch, settings.batching) == (12, 8, False)
+    with pytest.raises(ConfigError, match="GEODESIC_MAX_WALKS_PER_SESSION"):
+        EngineSettings.from_env({"GEODESIC_MAX_WALKS_PER_SESSION": "many"})
+    with pytest.raises(ConfigError, match="GEODESIC_TORCH_THREADS"):
+        EngineSettings.from_env({"GEODESIC_TORCH_THREADS": "-2"})
+    path.write_text("[engine]\nmax_walkz = 3\n")
+    with pytest.raises(ConfigError, match="max_walkz"):
+        EngineSettings.from_env({"GEODESIC_SERVER_CONFIG": str(path)})
