@@ -1,34 +1,49 @@
 """The one place that touches st.session_state: each browser session's walk, branches and view state.
 
-Nothing here is global: two people on one server each get their own walks and runners.
+Each session's walks live in its own state; the walking itself is done by the server's one engine
+(geodesic/engine.py), which every session reaches through its walk's handle.
 """
 from __future__ import annotations
 
 import functools
-import os
 import sys
+import weakref
 from dataclasses import dataclass, field
 
 import streamlit as st
 
 from geodesic.config import RunConfig
+from geodesic.engine import Engine, EngineSettings, WalkHandle, shared_engine
+from geodesic.errors import ConfigError
 from geodesic.experiment import Experiment
 from geodesic.projection import PCABasis
-from geodesic.runner import WalkRunner
 
 
-@functools.cache  # once per server process: the environment does not change, and a bad value is said once
-def torch_threads() -> int:
-    """PyTorch's thread pool is shared by every session of this server. Half the cores by default
-    (GEODESIC_TORCH_THREADS overrides): the walks here are small, and on a laptop or a 2-core machine the
-    browser drawing the charts needs a core of its own (measured: bench/dashboard_speed.py, BENCHMARKS.md)."""
-    default = max(1, (os.cpu_count() or 2) // 2)
-    given = os.environ.get("GEODESIC_TORCH_THREADS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
-    if given:
-        print(f"GEODESIC_TORCH_THREADS={given!r} is not a positive integer; using {default}", file=sys.stderr)
-    return default
+@functools.cache  # once per server process: the settings do not change, and a bad value is said once
+def engine() -> Engine:
+    """The server's engine, set up from geodesic-server.toml and the environment (README); a bad setting is
+    reported on stderr and in `settings_problem()`, and the defaults are used."""
+    try:
+        settings = EngineSettings.from_env()
+    except ConfigError as err:
+        _PROBLEMS.append(f"{err}; the server uses its default engine settings")
+        print(f"geodesic: {_PROBLEMS[-1]}", file=sys.stderr)
+        settings = EngineSettings()
+    return shared_engine(settings)
+
+
+_PROBLEMS: list[str] = []
+
+
+def settings_problem() -> str | None:
+    return _PROBLEMS[-1] if _PROBLEMS else None
+
+
+def session_id() -> str:
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    return ctx.session_id if ctx is not None else str(id(st.session_state))
 
 
 KEY = "geodesic"
@@ -44,7 +59,7 @@ class Branch:
 class AppState:
     config: RunConfig | None = None  # settings of the walk on screen
     experiment: Experiment | None = None
-    runner: WalkRunner | None = None
+    runner: WalkHandle | None = None  # this session's hold on its walk in the engine
     branches: list[Branch] = field(default_factory=list)
     active: int = 0  # index into branches of the walk that steps
     baselines: dict = field(default_factory=dict)
@@ -54,7 +69,7 @@ class AppState:
     contour: dict | None = None
     errors: dict[str, str] = field(default_factory=dict)  # setting -> message shown next to its control
     notice: str = ""
-    steps_per_refresh: int = 20
+    speed: str = "as fast as possible"
 
     @property
     def walker(self):
@@ -68,14 +83,15 @@ def state() -> AppState:
 
 
 def install(experiment: Experiment, baselines: dict) -> None:
-    """Show a freshly built walk (the previous one's runner is closed)."""
+    """Show a freshly built walk (the previous one's handle is closed, freeing its place in the engine)."""
     s = state()
     if s.runner is not None:
-        s.runner.pause()
+        s.runner.close()
     s.config, s.experiment, s.baselines = experiment.config, experiment, baselines
     s.branches = [Branch("main", experiment.walker)]
     s.active = 0
-    s.runner = WalkRunner(experiment.walker)
+    s.runner = engine().open(experiment.walker, session_id())
+    weakref.finalize(s, s.runner.close)  # the session's state is dropped when its page is gone for good
     s.basis = s.umap = s.spectrum = s.contour = None
     s.errors = {}
 

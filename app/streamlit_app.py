@@ -6,11 +6,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run app/streamlit_app.py` from anywhere
 
-from app.session import torch_threads  # noqa: E402
 from app.views import explore, learn, runs  # noqa: E402
-from geodesic.runner import set_threads  # noqa: E402
-
-set_threads(torch_threads())
 
 st.set_page_config(page_title="geodesic", page_icon=":material/explore:", layout="wide")
 pages = [st.Page(explore.render, title="Explore", icon=":material/explore:", url_path="explore", default=True),

@@ -137,7 +137,9 @@ class WalkHandle:
         self.engine._start(self)
 
     def pause(self) -> None:
+        """Stop walking; returns once a step of this walk that is under way has landed (no point comes after)."""
         self._running = False
+        self.engine._wait_not_stepping(self)
 
     def set_rate(self, steps_per_second: float | None) -> None:
         """Slow motion: at most this many steps per second (None or 0: as fast as possible)."""
@@ -188,6 +190,7 @@ class Engine:
         self._round_robin = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._stepping: set[int] = set()  # ids of the handles whose step is under way
         self.n_steps = 0  # steps taken since start, all walks together
         self.n_errors = 0  # walks stopped by an error
 
@@ -236,6 +239,12 @@ class Engine:
             self._ensure_thread()
             self._cond.notify_all()
         return future
+
+    def _wait_not_stepping(self, handle: WalkHandle, timeout: float = 30.0) -> None:
+        if threading.current_thread() is self._thread:
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: id(handle) not in self._stepping, timeout=timeout)
 
     def _forget(self, handle: WalkHandle) -> None:
         with self._cond:
@@ -309,9 +318,19 @@ class Engine:
             self._run_jobs()
 
     def _step(self, handles: list[WalkHandle]) -> None:
-        handles = [h for h in handles if h.is_running]  # paused or closed since the round began
+        with self._cond:
+            handles = [h for h in handles if h.is_running]  # paused or closed since the round began
+            self._stepping = {id(h) for h in handles}
         if not handles:
             return
+        try:
+            self._step_handles(handles)
+        finally:
+            with self._cond:
+                self._stepping = set()
+                self._cond.notify_all()
+
+    def _step_handles(self, handles: list[WalkHandle]) -> None:
         try:
             if len(handles) == 1:
                 try:

@@ -1,6 +1,5 @@
 """The dashboard under Streamlit's AppTest: starts, steps, runs and pauses, renders every view, records
 ε changes, keeps sessions apart, and answers bad settings next to the control keeping the walk."""
-import os
 import time
 from pathlib import Path
 
@@ -54,7 +53,11 @@ def test_run_then_pause(app):
     assert any(b.label == "Pause" for b in app.button)
     runner = app.session_state["geodesic"].runner
     assert runner.is_running
-    assert runner.advance(5, max_seconds=30) == 5  # what each live refresh does
+    n0 = len(walker(app).record)
+    t0 = time.monotonic()
+    while len(walker(app).record) < n0 + 5:  # the server's engine walks in the background
+        assert time.monotonic() - t0 < 60 and not runner.error
+        time.sleep(0.05)
     button(app, "Pause").click().run()
     assert not runner.is_running
     n = len(walker(app).record)
@@ -221,13 +224,15 @@ def test_settings_survive_moving_between_pages(tmp_path, monkeypatch):
     assert at.number_input(key="step_size").value == 0.123 and not at.exception
 
 
-def test_torch_threads_follow_the_environment_and_ignore_a_bad_value(monkeypatch, capsys):
-    from app.session import torch_threads
+def test_a_bad_engine_setting_is_reported_and_the_defaults_used(monkeypatch, capsys):
+    from app import session
 
-    for value, expected in (("3", 3), ("abc", None), ("0", None), ("", None)):
-        monkeypatch.setenv("GEODESIC_TORCH_THREADS", value)
-        torch_threads.cache_clear()
-        got = torch_threads()
-        assert got == (expected if expected is not None else max(1, (os.cpu_count() or 2) // 2))
-    torch_threads.cache_clear()
-    assert "'abc' is not a positive integer" in capsys.readouterr().err
+    monkeypatch.setenv("GEODESIC_TORCH_THREADS", "abc")
+    session.engine.cache_clear()
+    try:
+        assert session.engine() is not None
+        assert "GEODESIC_TORCH_THREADS: got 'abc'" in capsys.readouterr().err
+        assert "default engine settings" in session.settings_problem()
+    finally:
+        session.engine.cache_clear()
+        session._PROBLEMS.clear()

@@ -1,18 +1,19 @@
 """Explore: set up a walk, drive it (Step, Run/Pause, Reset, ε mid-walk, branch) and watch it live."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import streamlit as st
 
 from app import charts, controls, session
 from geodesic import analysis
+from geodesic.engine import CapacityError
 from geodesic.errors import ConfigError, GeodesicError
 from geodesic.experiment import build
 from geodesic.projection import fit_pca, trustworthiness, umap_embed
 
 REFRESH_SECONDS = 0.3
+SPEEDS = {"1 step/s": 1.0, "2 steps/s": 2.0, "5 steps/s": 5.0, "10 steps/s": 10.0, "20 steps/s": 20.0,
+          "as fast as possible": None}
 VIEWS = ("Overview", "Path", "Steps", "Examples", "Metric", "Boundary", "Data")
 PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
@@ -24,6 +25,9 @@ def _build(config) -> None:
     def progress(what: str, fraction: float) -> None:
         bar.progress(min(max(fraction, 0.0), 1.0), text=what)
 
+    device = session.engine().settings.device
+    if config.device == "auto" and device not in ("", "auto"):  # the server's choice for walks set to auto
+        config = config.replace(device=device)
     experiment = build(config, progress=progress)
     bar.progress(1.0, text="computing the baselines")
     baselines = analysis.goal_baselines(experiment)
@@ -72,7 +76,9 @@ def _overview(s, runs) -> None:
 
 def _path(s, runs) -> None:
     walker = s.walker
-    rows = {b.label: b.walker.trace.matrix() for b in s.branches}
+    # The engine may append while this reads: weights are appended before their point, so cut the weight
+    # rows to the points read (runs) and every plotted point has its row.
+    rows = {b.label: b.walker.trace.matrix()[: len(frame)] for b, (_, frame) in zip(s.branches, runs, strict=True)}
     steps = {label: frame["step"].to_numpy() for label, frame in runs}
     main_rows = rows[s.branches[0].label]
     c1, c2, c3 = st.columns([1, 1, 2])
@@ -103,7 +109,7 @@ def _path(s, runs) -> None:
         extent = np.array([xy[:, 0].min() - pad[0], xy[:, 0].max() + pad[0], xy[:, 1].min() - pad[1],
                            xy[:, 1].max() + pad[1]])
         if s.contour is None or s.contour.get("basis") is not basis or st.button("Recompute contour"):
-            s.contour = {"basis": basis, **analysis.loss_on_plane(walker, basis, extent, resolution=15)}
+            s.contour = {"basis": basis, **s.runner.call(analysis.loss_on_plane, walker, basis, extent, 15)}
     contour = s.contour if dims == 2 and st.session_state.get("contour_on") else None
     st.plotly_chart(charts.path_projection(coords, f"Path in weight space: PCA ({dims}-D)", labels, steps, residual,
                                            goal_point, contour), config=PLOT_CONFIG, key="pca")
@@ -131,7 +137,7 @@ def _path(s, runs) -> None:
 
 
 def _examples(s) -> None:
-    steps, probs = analysis.true_class_heatmap(s.walker)
+    steps, probs = s.runner.call(analysis.true_class_heatmap, s.walker)
     st.plotly_chart(charts.heatmap(steps, probs), config=PLOT_CONFIG, key="heat")
 
 
@@ -140,7 +146,7 @@ def _metric(s) -> None:
     probe = c1.number_input("Probe size for the spectrum", value=64, min_value=2, max_value=512, key="spec_probe")
     if c2.button("Compute the spectrum at the current point"):
         with st.spinner("eigenvalues of g"):
-            s.spectrum = {"values": analysis.spectrum(s.walker, int(probe)), "probe": int(probe),
+            s.spectrum = {"values": s.runner.call(analysis.spectrum, s.walker, int(probe)), "probe": int(probe),
                           "step": s.walker.n_steps}
     if s.spectrum:
         n_params = s.walker.trace.n_params
@@ -153,7 +159,8 @@ def _boundary(s) -> None:
     if s.walker.tasks["A"].train.x.shape[1:] != (2,):
         st.info("The decision boundary is drawn for the 2-D toy datasets (moons, circles, spirals).")
         return
-    st.plotly_chart(charts.decision_boundary(analysis.decision_grid(s.walker)), config=PLOT_CONFIG, key="boundary")
+    grid = s.runner.call(analysis.decision_grid, s.walker)
+    st.plotly_chart(charts.decision_boundary(grid), config=PLOT_CONFIG, key="boundary")
 
 
 def _data(s, runs) -> None:
@@ -182,6 +189,8 @@ def _status(s) -> None:
         cols[1 + i].metric(f"accuracy {task}", f"{100 * acc:.1f}%", f"{100 * (acc - start):+.1f} pts")
     cols[3].metric("sparsity", f"{100 * last.sparsity:.1f}%")
     cols[4].metric("distance to goal", f"{last.goal_distance:.3g}")
+    if session.settings_problem():
+        st.warning(session.settings_problem())
     if s.runner.error:
         st.error(s.runner.error)
     elif walker.is_done:
@@ -189,21 +198,14 @@ def _status(s) -> None:
 
 
 def _live(s) -> None:
-    """Charts and status; re-run every REFRESH_SECONDS while the walk runs (a fragment, not a loop)."""
-    running = s.runner.is_running
-    if running:  # this refresh's slice of the walk: 60% of the interval less what building the last refresh's
-        # charts took, so heavier views walk less per refresh and the page still refreshes on time; the other 40%
-        # is for the browser to draw (measured in Chromium on 2 cores: bench/dashboard_speed.py, BENCHMARKS.md)
-        drawing = st.session_state.get("_drawing_seconds", 0.2)
-        s.runner.advance(s.steps_per_refresh,
-                         max_seconds=max(0.03, 0.6 * REFRESH_SECONDS - drawing))
-    elif st.session_state.get("_was_running"):  # the walk stopped by itself: stop the timer
+    """Charts and status; re-run every REFRESH_SECONDS while the walk runs (a fragment, not a loop).
+
+    The server's engine walks in the background; each refresh draws whatever points it has added since."""
+    s.runner.touch()  # a page is watching: the engine keeps this walk running
+    if not s.runner.is_running and st.session_state.get("_was_running"):  # stopped by itself: stop the timer
         st.session_state["_was_running"] = False
         st.rerun(scope="app")
-    t_draw = time.perf_counter()
     _draw(s)
-    if running:
-        st.session_state["_drawing_seconds"] = time.perf_counter() - t_draw
 
 
 def _draw(s) -> None:
@@ -231,21 +233,27 @@ def _drive(s, teach: bool) -> None:
     walker = s.walker
     c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 2, 2])
     if c1.button("Step", width="stretch", disabled=walker.is_done):
-        s.runner.step_once()
+        s.runner.step_once()  # served by the engine between two of the other walks' steps
     if s.runner.is_running:
         if c2.button("Pause", width="stretch", type="primary"):
             s.runner.pause()
             st.session_state["_was_running"] = False
             st.rerun()
     elif c2.button("Run", width="stretch", type="primary", disabled=walker.is_done):
-        s.runner.run()
-        st.session_state["_was_running"] = True
-        st.rerun()
+        try:
+            s.runner.run()
+        except CapacityError as err:  # the server or this session is at its limit: say so, keep the walk
+            st.error(str(err))
+        else:
+            st.session_state["_was_running"] = True
+            st.rerun()
     if c3.button("Reset", width="stretch", help="Back to the start network with the same settings"):
         _start_walk(s.config)
         st.rerun()
-    s.steps_per_refresh = c4.slider("Steps per refresh", 1, 50, s.steps_per_refresh,
-                                    help=f"The page refreshes every {REFRESH_SECONDS} s while running")
+    s.speed = c4.select_slider("Speed", list(SPEEDS), value=s.speed,
+                               help="Slow motion for teaching, or as fast as the server's engine walks (the page "
+                                    f"shows the newest point every {REFRESH_SECONDS} s and never holds the walk up)")
+    s.runner.set_rate(SPEEDS[s.speed])
     with c5.popover("Step size ε now", width="stretch"):
         new_eps = st.number_input("ε from the next step on", value=float(walker.config.max_step_norm), format="%.4f",
                                   key="eps_now")
@@ -265,7 +273,7 @@ def _drive(s, teach: bool) -> None:
         if b3.button("Branch"):
             try:
                 config = controls.config_from_widgets()
-                child = walker.branch(int(at), config.walk)
+                child = s.runner.call(walker.branch, int(at), config.walk)
                 session.add_branch(child, f"branch {len(s.branches)} @ {int(at)}")
                 st.rerun()
             except ConfigError as err:
