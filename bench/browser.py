@@ -18,11 +18,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @contextlib.contextmanager
-def app_page(port: int, path: str = "", viewport: tuple[int, int] = (1400, 1000)) -> Iterator:
-    """(page, first paint in seconds): a Playwright page showing the app at http://127.0.0.1:port/path once
-    its first chart is drawn, and how long that took from opening the page."""
-    from playwright.sync_api import sync_playwright
-
+def app_server(port: int) -> Iterator[tuple[str, subprocess.Popen]]:
+    """(url, process) of `streamlit run app/streamlit_app.py` on 127.0.0.1:port, once it answers its health check."""
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless",
                              "true", "--server.port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -34,16 +31,37 @@ def app_page(port: int, path: str = "", viewport: tuple[int, int] = (1400, 1000)
                     break
             except OSError:
                 time.sleep(0.5)
-        with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
-            context = p.chromium.launch_persistent_context(
-                profile, executable_path=shutil.which("chromium"), args=FLAGS, headless=True,
-                viewport={"width": viewport[0], "height": viewport[1]})
-            page = context.new_page()
-            t_open = time.perf_counter()
-            page.goto(f"{url}/{path}")
-            page.locator(".js-plotly-plot").first.wait_for(timeout=180_000)
-            yield page, time.perf_counter() - t_open
-            context.close()
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@contextlib.contextmanager
+def chromium(viewport: tuple[int, int] = (1400, 1000)) -> Iterator:
+    """A Playwright browser context in Debian's Chromium (each page in it is its own Streamlit session)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        context = p.chromium.launch_persistent_context(
+            profile, executable_path=shutil.which("chromium"), args=FLAGS, headless=True,
+            viewport={"width": viewport[0], "height": viewport[1]})
+        yield context
+        context.close()
+
+
+def open_page(context, url: str) -> tuple:
+    """(page, first paint in seconds): a new page at `url`, once its first chart is drawn."""
+    page = context.new_page()
+    t_open = time.perf_counter()
+    page.goto(url)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=180_000)
+    return page, time.perf_counter() - t_open
+
+
+@contextlib.contextmanager
+def app_page(port: int, path: str = "", viewport: tuple[int, int] = (1400, 1000)) -> Iterator:
+    """(page, first paint in seconds): a Playwright page showing the app at http://127.0.0.1:port/path once
+    its first chart is drawn, and how long that took from opening the page."""
+    with app_server(port) as (url, _), chromium(viewport) as context:
+        yield open_page(context, f"{url}/{path}")

@@ -44,3 +44,8 @@ for model in ("vgg11", "resnet18"):
     except Exception as err:  # noqa: BLE001 - report and go on: this is a measurement, not a test
         print(f"{model} kernel: failed: {type(err).__name__}: {str(err)[:200]}")
 PY
+# A class on one GPU server (issue 9): 1, 8 and 32 concurrent walks of the default set-up through one engine,
+# both step rules, all three goals, with the Step-click p95; the lone walk on this machine's CPU beside it.
+$py bench/load.py --device "$device" --walks 1,8,32 --goals sparsify,new-task,connect --seconds 6 \
+  --json "$out/load-$device.json" 2>&1 | grep -v -i warn | tee "$out/load-$device.txt"
+$py bench/load.py --device cpu --walks 1 --goals sparsify --seconds 6 2>&1 | grep -v -i warn | tee "$out/load-cpu.txt"

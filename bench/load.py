@@ -1,0 +1,183 @@
+"""Load benchmark for one server: many people walking at once (issue: a class on one server).
+
+Part 1, sessions: K simulated sessions against one engine, the way the dashboard calls it (each a thread: Run,
+then every 0.3 s mark the walk watched and read its table, Reset when the walk finishes), plus one more session
+clicking Step while they run. Reference in the same run: one lone walk through the same engine. Prints, for each
+set-up: per-session steps/s (min, median), total, total ÷ lone, slowest ÷ fastest, errors, and the p95 time of a
+Step (click to point recorded).
+
+Part 2, pages (--pages M): one `streamlit run` server and Debian's Chromium; one page runs the default walk
+alone, then M pages run at once (each its own session) and a further page clicks Step while they run. Prints
+per-page steps/s (read from each page's step counter), each as a fraction of the lone page, errors shown on the
+pages, and the p95 time from a Step click to the new step number on screen.
+
+Usage: python bench/load.py [--walks 1,8,32] [--solvers constrained,penalty] [--goals sparsify,new-task,connect]
+                            [--seconds 8] [--device cpu] [--pages 3] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from geodesic.config import GoalConfig, RunConfig, default_walk  # noqa: E402
+from geodesic.engine import Engine, EngineSettings  # noqa: E402
+from geodesic.experiment import build  # noqa: E402
+
+
+def _p95(values: list[float]) -> float | None:
+    return round(statistics.quantiles(values, n=20)[-1], 4) if len(values) >= 2 else None
+
+
+def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, threads: int,
+             batching: bool = True) -> dict:
+    """n_walks sessions on one engine for `seconds`, and a Step-clicking session beside them."""
+    config = RunConfig(goal=GoalConfig(kind=goal), walk=default_walk(goal, solver), device=device)
+    engine = Engine(EngineSettings(threads=threads, max_walks=max(64, n_walks), max_walks_per_session=1,
+                                   batching=batching))
+    starts = [build(config.replace(seed=i % 4)).walker for i in range(n_walks)]
+    clicker = build(config).walker
+    steps, errors, latencies = [0] * n_walks, [], []
+    stop = threading.Event()
+
+    def session(i: int) -> None:
+        handle = engine.open(starts[i].branch(0), session=f"s{i}")
+        handle.run()
+        done = 0
+        while not stop.is_set():
+            handle.touch()
+            handle.walker.record.to_frame()  # what each refresh of the page reads
+            if handle.error:
+                errors.append(handle.error)
+                break
+            if handle.walker.is_done:  # a user presses Reset: a fresh walk from the same start
+                done += handle.walker.n_steps
+                handle.swap(starts[i].branch(0))
+                handle.run()
+            steps[i] = done + handle.walker.n_steps
+            time.sleep(0.3)
+        handle.pause()
+        steps[i] = done + handle.walker.n_steps
+
+    def click() -> None:
+        handle = engine.open(clicker, session="clicker")
+        time.sleep(1.0)
+        while not stop.is_set() and not clicker.is_done:
+            t0 = time.perf_counter()
+            if handle.step_once() is None:
+                errors.append(handle.error)
+                break
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.2)
+
+    threads_ = [threading.Thread(target=session, args=(i,)) for i in range(n_walks)] + [threading.Thread(target=click)]
+    t0 = time.perf_counter()
+    for t in threads_:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads_:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    engine.stop()
+    rates = [s / elapsed for s in steps]
+    return {"goal": goal, "solver": solver, "walks": n_walks, "batching": batching, "seconds": round(elapsed, 1),
+            "min_steps_per_s": round(min(rates), 1), "median_steps_per_s": round(statistics.median(rates), 1),
+            "total_steps_per_s": round(sum(rates), 1), "slowest_over_fastest": round(min(rates) / max(rates), 2),
+            "errors": len(errors), "error_messages": errors[:3], "step_click_p95_s": _p95(latencies)}
+
+
+def pages(n_pages: int, seconds: float, port: int) -> dict:
+    """One server; a lone page, then n_pages at once plus a page clicking Step."""
+    from browser import app_server, chromium, open_page
+
+    read = "() => { const el = document.querySelector('[data-testid=stMetricValue]');" \
+           " return el ? parseInt(el.innerText) : 0; }"
+    errors_js = "() => document.querySelectorAll('[data-testid=stException]').length"
+
+    def run_pages(context, url: str, n: int, clicker: bool) -> tuple[list[float], int, list[float]]:
+        opened = [open_page(context, url)[0] for _ in range(n + (1 if clicker else 0))]
+        walking = opened[:n]
+        for page in walking:
+            page.get_by_role("button", name="Run", exact=True).click()
+        for page in walking:
+            page.get_by_role("button", name="Pause", exact=True).wait_for(timeout=60_000)
+        start = [page.evaluate(read) for page in walking]
+        latencies, t0 = [], time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            if clicker:
+                page = opened[-1]
+                before = page.evaluate(read)
+                t_click = time.perf_counter()
+                page.get_by_role("button", name="Step", exact=True).click()
+                page.wait_for_function(f"() => ({read})() > {before}", timeout=30_000, polling=20)
+                latencies.append(time.perf_counter() - t_click)
+            time.sleep(0.3)
+        elapsed = time.perf_counter() - t0
+        rates = [(page.evaluate(read) - s0) / elapsed for page, s0 in zip(walking, start, strict=True)]
+        shown = sum(page.evaluate(errors_js) for page in opened)
+        for page in walking:
+            pause = page.get_by_role("button", name="Pause", exact=True)
+            if pause.is_visible():
+                pause.click()
+        for page in opened:
+            page.close()
+        return rates, shown, latencies
+
+    with app_server(port) as (url, _), chromium() as context:
+        lone, lone_errors, _ = run_pages(context, url, 1, clicker=False)
+        rates, shown, latencies = run_pages(context, url, n_pages, clicker=True)
+    return {"pages": n_pages, "lone_page_steps_per_s": round(lone[0], 1),
+            "page_steps_per_s": [round(r, 1) for r in rates],
+            "each_over_lone": [round(r / lone[0], 2) for r in rates] if lone[0] else None,
+            "exceptions_shown": lone_errors + shown, "step_click_p95_s": _p95(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--walks", default="1,8,32", help="numbers of concurrent walks (1 is the lone reference)")
+    parser.add_argument("--solvers", default="constrained,penalty")
+    parser.add_argument("--goals", default="sparsify")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="PyTorch threads for the engine (0: half the cores)")
+    parser.add_argument("--no-batching", action="store_true", help="also measure with batching off, for comparison")
+    parser.add_argument("--pages", type=int, default=0, help="also run this many Chromium pages against one server")
+    parser.add_argument("--port", type=int, default=8597)
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    walks = [int(w) for w in args.walks.split(",")]
+    machine = {"machine": platform.node(), "cpus": torch.get_num_threads(), "device": args.device,
+               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    print(json.dumps(machine), flush=True)
+    results = []
+    for goal in args.goals.split(","):
+        for solver in args.solvers.split(","):
+            lone = None
+            for batching in ([True, False] if args.no_batching else [True]):
+                for n in walks:
+                    row = simulate(goal, solver, n, args.seconds, args.device, args.threads, batching)
+                    if n == 1 and batching:
+                        lone = row["total_steps_per_s"]
+                    row["total_over_lone"] = round(row["total_steps_per_s"] / lone, 2) if lone else None
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+    if args.pages:
+        row = pages(args.pages, args.seconds * 2, args.port)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
