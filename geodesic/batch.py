@@ -99,17 +99,6 @@ def _in_dims(tree: object) -> object:
     return None
 
 
-def _pick(tree: object, index: Tensor) -> object:
-    """The rows `index` of every tensor of a stacked tree."""
-    if isinstance(tree, Tensor):
-        return tree[index]
-    if isinstance(tree, dict):
-        return {k: _pick(v, index) for k, v in tree.items()}
-    if isinstance(tree, tuple):
-        return tuple(_pick(v, index) for v in tree)
-    return tree
-
-
 def _batched_norm2(tree: Params) -> Tensor:
     """‖x_k‖² for each walk k of stacked Params, (K,)."""
     return sum(v.double().pow(2).flatten(1).sum(1) for v in tree.values())
@@ -194,27 +183,22 @@ class WalkBatch:
         new_params = flush_subnormal({k: params[k] + theta[k] for k in params})
         step_seconds = (time.perf_counter() - t0) / len(walkers)  # the batch's time, shared by its walks
         functional_steps = functional.tolist()
-        static = self._static_inputs(walkers)
-        distances = vmap(goal.distance_value)(new_params, *static["distance"]).tolist()
 
-        # Land each walk (project or snap; a non-finite step stops only that walk), then measure all at once.
-        results: list[PathPoint | GeodesicError | None] = []
-        landed: list[tuple[Params, str] | None] = []
+        # Measure every walk where its step lands, all at once; a walk that reaches its goal here is projected
+        # or snapped by its walker, which then measures the new point itself. A walk whose step is not finite
+        # stops alone.
+        measures = self._measures(walkers, new_params)
+        results: list[PathPoint | GeodesicError] = []
         for i, walker in enumerate(walkers):
+            stepped = {k: v[i] for k, v in new_params.items()}
             try:
-                landed.append(walker.land({k: v[i] for k, v in new_params.items()}, functional_steps[i], distances[i]))
-                results.append(None)
+                landed, event = walker.land(stepped, functional_steps[i], measures[i]["goal_distance"])
             except GeodesicError as err:
-                landed.append(None)
                 results.append(err)
-        alive = [i for i, item in enumerate(landed) if item is not None]
-        if alive:
-            final = _stack([landed[i][0] for i in alive])
-            measures = self._measures([walkers[i] for i in alive], final, walkers)
-            for j, i in enumerate(alive):
-                new, event = landed[i]
-                direction = {k: v[i] for k, v in v_goal.items()}
-                results[i] = walkers[i].commit(new, event, direction, functional_steps[i], step_seconds, measures[j])
+                continue
+            direction = {k: v[i] for k, v in v_goal.items()}
+            results.append(walker.commit(landed, event, direction, functional_steps[i], step_seconds,
+                                         measures[i] if landed is stepped else None))
         return results
 
     def _constrained(self, walkers, params, probes, v_goal, grad_restoring, radius, goal_weight, per_walk):
@@ -261,13 +245,12 @@ class WalkBatch:
         return theta, functional
 
     # -- measuring ---------------------------------------------------------------------------------------------
-    def _measures(self, walkers: list[Walker], params: Params, members: list[Walker]) -> list[dict]:
+    def _measures(self, walkers: list[Walker], params: Params) -> list[dict]:
         """Walker.measures for each walker, computed for all of them at once (the same measure_values, vmapped)."""
-        static = self._static_inputs(members)
-        index = torch.tensor([members.index(w) for w in walkers])
+        static = self._static_inputs(walkers)
         prunable = walkers[0].network.prunable
         measure = lambda p, inputs: measure_values(self.goal, self.model_fn, prunable, p, inputs)
-        values = vmap(measure, in_dims=(0, _in_dims(static)))(params, _pick(static, index))
+        values = vmap(measure, in_dims=(0, _in_dims(static)))(params, static)
         columns = {k: v.tolist() for k, v in values.items()}  # one device-to-host copy per measure
         return [measures_to_fields({k: column[i] for k, column in columns.items()}) for i in range(len(walkers))]
 

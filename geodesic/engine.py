@@ -36,6 +36,8 @@ from .errors import ConfigError, GeodesicError
 from .path import PathPoint
 from .walker import Walker
 
+SWITCH_INTERVAL = float(os.environ.get("GEODESIC_SWITCH_INTERVAL", "0.0002"))  # seconds; see Engine._loop
+
 
 class CapacityError(GeodesicError):
     """The server runs as many walks as it is set up to; this one was not started."""
@@ -260,6 +262,11 @@ class Engine:
     def _loop(self) -> None:
         if self.settings.n_threads and torch.get_num_threads() != self.settings.n_threads:
             torch.set_num_threads(self.settings.n_threads)
+        # Every torch op releases the GIL and takes it back. While a page's thread runs Python (building charts),
+        # taking it back waits for that thread to be told to drop it, by default after 5 ms: a step of a few
+        # hundred small ops then took seconds (measured in Chromium: 4.3 steps/s, a Step click 18 s at p95).
+        # A shorter interval bounds that wait per op (bench/load.py --pages, BENCHMARKS.md).
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         while True:
             with self._cond:
                 while not self._stopped and not self._jobs and not self._due():

@@ -250,8 +250,8 @@ def measure_values(goal: Goal, model_fn: NetworkFunction, prunable: tuple[str, .
     total = sum(params[k].numel() for k in prunable)
     n_zero = sum((params[k] == 0).sum() for k in prunable)
     values["sparsity"] = n_zero / total if total else torch.zeros(())
-    values["goal_distance"] = goal.distance_value(params, *inputs["distance"])
-    values.update({f"extra:{k}": v for k, v in goal.extra_value(params, *inputs["extra"]).items()})
+    values["goal_distance"], extra = goal.progress_value(params, inputs["distance"], inputs["extra"])
+    values.update({f"extra:{k}": v for k, v in extra.items()})
     return values
 
 

@@ -119,5 +119,11 @@ class Goal:
     def extra_inputs(self) -> tuple:
         return ()
 
+    def progress_value(self, params: Params, distance_inputs: tuple, extra_inputs: tuple
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(distance to the goal, the goal's own measures) of a point, in one call so that a goal can share
+        work between the two (sparsify prunes once for both)."""
+        return self.distance_value(params, *distance_inputs), self.extra_value(params, *extra_inputs)
+
     def extra_value(self, params: Params, *inputs) -> dict[str, Tensor]:
         return {}

@@ -36,11 +36,16 @@ class Sparsify(Goal):
     def finish(self, params: Params) -> Params:
         return self.target(params)
 
+    def progress_value(self, params: Params, distance_inputs: tuple, extra_inputs: tuple
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+        pruned = self.target(params)  # one global top-k for both
+        return norm(sub(pruned, params)), self.extra_value(params, *extra_inputs, pruned=pruned)
+
     def extra_inputs(self) -> tuple:
         return tuple(t for task in self.tasks.values() for t in (task.test.x, task.test.y))
 
-    def extra_value(self, params: Params, *test_sets: Tensor) -> dict[str, Tensor]:
+    def extra_value(self, params: Params, *test_sets: Tensor, pruned: Params | None = None) -> dict[str, Tensor]:
         """Test accuracy of the projection of w ("prune now"), per task (test_sets: x, y of each task in turn)."""
-        pruned = self.target(params)
+        pruned = self.target(params) if pruned is None else pruned
         return {f"prune_now_accuracy/{name}": accuracy(self.model_fn, pruned, test_sets[2 * i], test_sets[2 * i + 1])
                 for i, name in enumerate(self.tasks)}
