@@ -18,6 +18,7 @@ import time
 import torch
 from torch import Tensor
 from torch.func import grad, vmap
+from torch.profiler import record_function
 
 from .errors import GeodesicError
 from .metric import PullbackMetric
@@ -150,56 +151,85 @@ class WalkBatch:
         return self._static[key]
 
     def _step_together(self, walkers: list[Walker]) -> list[PathPoint | GeodesicError]:
+        # The named ranges show up in torch.profiler (bench/batch_profile.py --profile K).
         t0 = time.perf_counter()
         goal, model_fn, cfg = self.goal, self.model_fn, self.config
-        draws = [w.draw() for w in walkers]
-        params = _stack([w.params for w in walkers])
-        probes = torch.stack([probe for _, probe in draws])
-        configs = [w.step_config() for w in walkers]
-        device = probes.device
-        radius = torch.tensor([w.radius() for w in walkers], dtype=torch.float64)
-        goal_weight = torch.tensor([c.goal_weight for c in configs], dtype=torch.float64)
+        with record_function("batch.draw"):
+            draws = [w.draw() for w in walkers]
+            params = _stack([w.params for w in walkers])
+            probes = torch.stack([probe for _, probe in draws])
+            configs = [w.step_config() for w in walkers]
+            device = probes.device
+            radius = torch.tensor([w.radius() for w in walkers], dtype=torch.float64)
+            goal_weight = torch.tensor([c.goal_weight for c in configs], dtype=torch.float64)
 
         # v_goal and ∇R for every walk (the goal's own pure functions, vmapped over walks)
-        v_goal = vmap(goal.direction_value)(params, *_stack([w.goal.direction_inputs(b) for w, (b, _) in
-                                                             zip(walkers, draws, strict=True)]))
-        restoring_in = _stack([w.goal.restoring_inputs(b) for w, (b, _) in zip(walkers, draws, strict=True)])
-        grad_restoring = vmap(grad(goal.restoring_value))(params, *restoring_in)
+        with record_function("batch.direction"):
+            v_goal = vmap(goal.direction_value)(params, *_stack([w.goal.direction_inputs(b) for w, (b, _) in
+                                                                 zip(walkers, draws, strict=True)]))
+            restoring_in = _stack([w.goal.restoring_inputs(b) for w, (b, _) in zip(walkers, draws, strict=True)])
+            grad_restoring = vmap(grad(goal.restoring_value))(params, *restoring_in)
 
         def per_walk(x: Tensor) -> Tensor:  # (K,) -> broadcastable against stacked params of any shape
             return x.to(device=device, dtype=probes.dtype)
 
-        if cfg.solver == "penalty":
-            # u = ∇R − λ v_goal,  θ = −ε u / ‖u‖   (penalty_step, for K walks)
-            u = {k: grad_restoring[k] - _bcast(per_walk(goal_weight), v) * v for k, v in v_goal.items()}
-            length = _batched_norm2(u).sqrt()
-            factor = torch.where(length > 0, -radius.to(device) / length.clamp_min(1e-300), 0)
-            theta = {k: _bcast(per_walk(factor), v) * v for k, v in u.items()}
-            squared_norm = lambda p, x, t: PullbackMetric(model_fn, x, cfg.metric).squared_norm(t, p)
-            functional = vmap(squared_norm)(params, probes, theta)
-        else:
-            theta, functional = self._constrained(walkers, params, probes, v_goal, grad_restoring, radius,
-                                                  goal_weight, per_walk)
-        new_params = flush_subnormal({k: params[k] + theta[k] for k in params})
+        with record_function("batch.solve"):
+            if cfg.solver == "penalty":
+                # u = ∇R − λ v_goal,  θ = −ε u / ‖u‖   (penalty_step, for K walks)
+                u = {k: grad_restoring[k] - _bcast(per_walk(goal_weight), v) * v for k, v in v_goal.items()}
+                length = _batched_norm2(u).sqrt()
+                factor = torch.where(length > 0, -radius.to(device) / length.clamp_min(1e-300), 0)
+                theta = {k: _bcast(per_walk(factor), v) * v for k, v in u.items()}
+                squared_norm = lambda p, x, t: PullbackMetric(model_fn, x, cfg.metric).squared_norm(t, p)
+                functional = vmap(squared_norm)(params, probes, theta)
+            else:
+                theta, functional = self._constrained(walkers, params, probes, v_goal, grad_restoring, radius,
+                                                      goal_weight, per_walk)
+            new_params = flush_subnormal({k: params[k] + theta[k] for k in params})
         step_seconds = (time.perf_counter() - t0) / len(walkers)  # the batch's time, shared by its walks
-        functional_steps = functional.tolist()
 
-        # Measure every walk where its step lands, all at once; a walk that reaches its goal here is projected
-        # or snapped by its walker, which then measures the new point itself. A walk whose step is not finite
-        # stops alone.
-        measures = self._measures(walkers, new_params)
+        # Measure every walk where its step lands, all at once, and what each walker would work out about its
+        # own step (finite? its length, its alignment with the goal, its trace row) likewise: one computation
+        # and one copy to the host for the batch instead of a few small ones per walk (on a GPU each is a
+        # kernel launch or a wait). A walk that reaches its goal here is projected or snapped by its walker,
+        # which then measures the new point itself; a walk whose step is not finite stops alone.
+        with record_function("batch.measure"):
+            measures = self._measures(walkers, new_params)
+            known = self._step_facts(walkers, params, new_params, theta, v_goal, functional)
         results: list[PathPoint | GeodesicError] = []
-        for i, walker in enumerate(walkers):
-            stepped = {k: v[i] for k, v in new_params.items()}
-            try:
-                landed, event = walker.land(stepped, functional_steps[i], measures[i]["goal_distance"])
-            except GeodesicError as err:
-                results.append(err)
-                continue
-            direction = {k: v[i] for k, v in v_goal.items()}
-            results.append(walker.commit(landed, event, direction, functional_steps[i], step_seconds,
-                                         measures[i] if landed is stepped else None))
+        with record_function("batch.commit"):
+            for i, walker in enumerate(walkers):
+                stepped = {k: v[i] for k, v in new_params.items()}
+                facts = known[i]
+                try:
+                    landed, event = walker.land(stepped, facts["functional_step"], measures[i]["goal_distance"],
+                                                finite=facts["finite"])
+                except GeodesicError as err:
+                    results.append(err)
+                    continue
+                direction = {k: v[i] for k, v in v_goal.items()}
+                kept = landed is stepped
+                results.append(walker.commit(landed, event, direction, facts["functional_step"], step_seconds,
+                                             measures[i] if kept else None, facts if kept else None))
         return results
+
+    def _step_facts(self, walkers: list[Walker], params: Params, new_params: Params, theta: Params,
+                    v_goal: Params, functional: Tensor) -> list[dict]:
+        """For each walk: whether its new point is finite, ‖Δw‖, cos(Δw, v_goal), θᵀgθ and its trace row."""
+        moved = {k: new_params[k] - params[k] for k in params}
+        flat = lambda tree: torch.cat([v.flatten(1) for v in tree.values()], 1)
+        new_flat, moved_flat, goal_flat = flat(new_params), flat(moved), flat(v_goal)
+        finite = torch.isfinite(new_flat).all(1) & torch.isfinite(functional)
+        moved_norm = moved_flat.double().norm(dim=1)
+        goal_norm = goal_flat.double().norm(dim=1)
+        dot = (moved_flat.double() * goal_flat.double()).sum(1)
+        denom = moved_norm * goal_norm
+        alignment = torch.where(denom > 0, dot / denom.clamp_min(1e-300), 0)
+        numbers = torch.stack([finite.double(), moved_norm, alignment, functional.double()], 1).cpu().tolist()
+        rows = new_flat.detach().float().cpu().numpy() if walkers[0].trace.is_exact else None
+        return [{"finite": bool(f), "step_norm": n, "alignment": a, "functional_step": fs,
+                 "trace_row": None if rows is None else rows[i].copy()}
+                for i, (f, n, a, fs) in enumerate(numbers)]
 
     def _constrained(self, walkers, params, probes, v_goal, grad_restoring, radius, goal_weight, per_walk):
         """θ and θᵀgθ for K walks of the constrained step (constrained_step, vectorised)."""

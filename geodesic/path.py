@@ -82,8 +82,9 @@ class WeightTrace:
             return flat.numpy().copy()
         return torch.zeros(self._dims).index_add_(0, self._bucket, flat * self._sign).numpy()
 
-    def append(self, params: Params) -> None:
-        self.rows.append(self.vector(params))
+    def append(self, params: Params, row: np.ndarray | None = None) -> None:
+        """Record `params` (row: their exact float32 vector, when the caller has it already)."""
+        self.rows.append(self.vector(params) if row is None or not self.is_exact else row)
 
     def truncate(self, n_rows: int) -> None:
         del self.rows[n_rows:]

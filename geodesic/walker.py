@@ -132,10 +132,13 @@ class Walker:
                           f"{cfg.batch_size}); the walk is kept at step {self.n_steps}. Try a smaller "
                           "--probe-size or --batch-size, or the cg linear solver.") from err
 
-    def land(self, new_params: Params, functional_step: float, distance: float | None = None) -> tuple[Params, str]:
+    def land(self, new_params: Params, functional_step: float, distance: float | None = None,
+             finite: bool | None = None) -> tuple[Params, str]:
         """(the point the step lands on, its event): projected or snapped once the goal is reached.
-        distance: the goal's distance at new_params, when the caller has it already."""
-        if not (is_finite(new_params) and math.isfinite(functional_step)):
+        distance, finite: the goal's distance at new_params and whether they are finite, when the caller knows."""
+        if finite is None:
+            finite = is_finite(new_params)
+        if not (finite and math.isfinite(functional_step)):
             self.fail_diverged()
         event, self._pending_event = self._pending_event, ""
         if self.goal.is_done(new_params) if distance is None else self.goal.is_done_at(distance):
@@ -145,10 +148,14 @@ class Walker:
         return new_params, event
 
     def commit(self, new_params: Params, event: str, goal_direction: Params, functional_step: float,
-               step_seconds: float, measures: dict | None = None) -> PathPoint:
-        """Move to `new_params` and record the point (measures: what `measures(new_params)` returns, if known)."""
-        moved = {k: new_params[k] - self.params[k] for k in new_params}  # the step actually taken
-        step_norm = float(norm(moved))
+               step_seconds: float, measures: dict | None = None, facts: dict | None = None) -> PathPoint:
+        """Move to `new_params` and record the point. measures: what `measures(new_params)` returns; facts: the
+        step's 'step_norm', 'alignment' with the goal and 'trace_row' (WalkBatch works these out for all its
+        walks at once), when known."""
+        if facts is None:
+            moved = {k: new_params[k] - self.params[k] for k in new_params}  # the step actually taken
+            facts = {"step_norm": float(norm(moved)), "alignment": cosine(moved, goal_direction), "trace_row": None}
+        step_norm = facts["step_norm"]
         self._euclidean_length += step_norm
         self._functional_length += math.sqrt(max(functional_step, 0.0))
         self.params = new_params
@@ -158,11 +165,10 @@ class Walker:
         if measures is None:
             measures = self.measures(new_params)
         point = self._point(step=self.n_steps + 1, step_norm=step_norm, functional_step=functional_step,
-                            alignment=cosine(moved, goal_direction), step_seconds=step_seconds, event=event,
-                            **measures)
+                            alignment=facts["alignment"], step_seconds=step_seconds, event=event, **measures)
         if not all(math.isfinite(v) for v in point.loss.values()):
             self.is_done, self.stop_reason = True, f"loss at step {point.step} is not finite"
-        self._append(point)
+        self._append(point, facts["trace_row"])
         return point
 
     def run(self, n_steps: int | None = None) -> Iterator[PathPoint]:
@@ -225,10 +231,10 @@ class Walker:
         return PathPoint(step_size=self.config.max_step_norm, goal_weight=self.goal_weight,
                          euclidean_length=self._euclidean_length, functional_length=self._functional_length, **fields)
 
-    def _append(self, point: PathPoint) -> None:
+    def _append(self, point: PathPoint, trace_row=None) -> None:
         # Weights first: a reader on another thread (the dashboard, while the engine walks) that reads the
         # record and then the trace always finds a weight row for every point it read.
-        self.trace.append(self.params)
+        self.trace.append(self.params, trace_row)
         self.record.append(point)
 
 
