@@ -17,6 +17,7 @@ Usage: python bench/load.py [--walks 1,8,32] [--solvers constrained,penalty] [--
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import platform
 import statistics
@@ -84,6 +85,11 @@ def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, 
     for t in threads_:
         t.start()
     time.sleep(seconds)
+    if engine.n_steps == 0:  # nothing moved: show where every thread is (a hang, not a slow machine)
+        alive = engine._thread is not None and engine._thread.is_alive()
+        print(f"no step in {seconds:g} s; engine thread alive: {alive}, errors: {errors[:3]}", file=sys.stderr,
+              flush=True)
+        faulthandler.dump_traceback(all_threads=True)
     stop.set()
     for t in threads_:
         t.join()
@@ -92,7 +98,8 @@ def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, 
     rates = [s / elapsed for s in steps]
     return {"goal": goal, "solver": solver, "walks": n_walks, "batching": batching, "seconds": round(elapsed, 1),
             "min_steps_per_s": round(min(rates), 1), "median_steps_per_s": round(statistics.median(rates), 1),
-            "total_steps_per_s": round(sum(rates), 1), "slowest_over_fastest": round(min(rates) / max(rates), 2),
+            "total_steps_per_s": round(sum(rates), 1), "slowest_over_fastest":
+                round(min(rates) / max(rates), 2) if max(rates) else None,
             "errors": len(errors), "error_messages": errors[:3], "step_click_p95_s": _p95(latencies)}
 
 
@@ -169,6 +176,7 @@ def main() -> None:
                     if n == 1 and batching:
                         lone = row["total_steps_per_s"]
                     row["total_over_lone"] = round(row["total_steps_per_s"] / lone, 2) if lone else None
+                    row["engine_threads"] = args.threads or EngineSettings().n_threads
                     results.append(row)
                     print(json.dumps(row), flush=True)
     if args.pages:
