@@ -80,24 +80,46 @@ _EIGH_POOL: ThreadPoolExecutor | None = None
 _EIGH_POOL_LOCK = threading.Lock()
 
 
-def batched_eigh(kernel: Tensor) -> tuple[Tensor, Tensor]:
-    """torch.linalg.eigh of a stack of symmetric matrices (..., m, m), the stack split over threads on the CPU.
-
-    LAPACK solves a batch one matrix after another on one core (measured on an H200 machine's CPU: 32 kernels of
-    160×160 took 40 ms of a 78 ms batch step of 32 walks). The matrices are independent and eigh releases the
-    GIL, so chunks of the batch run on up to torch.get_num_threads() threads of a shared pool (the calling
-    thread's share of the cores; one thread: the plain batched call). Each matrix is solved by the same LAPACK
-    routine either way, so the results do not depend on the split.
-    """
+def _eigh_pool() -> ThreadPoolExecutor:
+    """Worker threads that each run LAPACK on one core (created once per process)."""
     global _EIGH_POOL
-    n_batch = kernel.shape[0] if kernel.dim() == 3 else 1
-    workers = min(n_batch, torch.get_num_threads())
-    if kernel.device.type != "cpu" or workers < 2:
-        return torch.linalg.eigh(kernel)
     with _EIGH_POOL_LOCK:
         if _EIGH_POOL is None:
-            _EIGH_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="geodesic-eigh")
-    parts = list(_EIGH_POOL.map(torch.linalg.eigh, kernel.chunk(workers)))
+            n = os.cpu_count() or 2
+            caller_threads = torch.get_num_threads()
+            ready = threading.Barrier(n + 1)
+
+            def one_thread() -> None:
+                torch.get_num_threads()  # the thread takes its default count now (PyTorch does this once per thread)
+                torch.set_num_threads(1)  # so that this count stays its own
+                ready.wait()
+
+            pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="geodesic-eigh")
+            for _ in range(n):  # each waits for all the others: the pool starts all n threads now
+                pool.submit(one_thread)
+            ready.wait()
+            torch.set_num_threads(caller_threads)  # set_num_threads also changed the default for new threads
+            _EIGH_POOL = pool
+        return _EIGH_POOL
+
+
+def batched_eigh(kernel: Tensor) -> tuple[Tensor, Tensor]:
+    """torch.linalg.eigh of a stack of small symmetric matrices (..., m, m) on the CPU, off the calling thread.
+
+    Why not a plain call: MKL's eigh with several OpenMP threads is slow on any thread but the main one
+    (measured on 2 cores: one 160×160 kernel 5.1 ms on a second thread, 0.65 ms on the main thread, 0.85 ms on
+    a thread held to one core; 32 of them 131 ms, 18 ms, 24 ms). On the 16-core H200 machine a lone constrained
+    walk in the engine's thread took 260 ms a step. These matrices are far too small to gain from threads inside
+    LAPACK, so they go to worker threads that each use one core, and a batch (many walks) is split over up to
+    torch.get_num_threads() of them (the caller's share of the cores); eigh releases the GIL. Each matrix is
+    solved by the same single-threaded LAPACK routine whatever the split and whichever thread asks, so a walk's
+    path does not depend on where it runs (the CLI's main thread, the server's engine, a batch).
+    """
+    if kernel.device.type != "cpu":
+        return torch.linalg.eigh(kernel)
+    n_batch = kernel.shape[0] if kernel.dim() == 3 else 1
+    chunks = max(1, min(n_batch, torch.get_num_threads()))
+    parts = list(_eigh_pool().map(torch.linalg.eigh, kernel.chunk(chunks) if kernel.dim() == 3 else [kernel]))
     return torch.cat([lam for lam, _ in parts]), torch.cat([u for _, u in parts])
 
 

@@ -98,3 +98,29 @@ def test_secular_damping_solves_every_walk_at_once():
     assert mu[1] == 0  # in the row space and short enough: the pseudo-inverse step
     assert norm(2, mu[2]) == pytest.approx(radius[2], rel=1e-9)
     assert mu[3] == math.inf and mu[4] == math.inf  # β = 0; ε tiny against β‖v‖ (a plain gradient step)
+
+
+def test_batched_eigh_gives_the_same_answer_whatever_the_split_and_the_thread():
+    import threading
+
+    from geodesic.step import batched_eigh
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 40, 50, generator=gen)
+    kernels = a @ a.mT
+    lam, u = batched_eigh(kernels)
+    expected_lam, _ = torch.linalg.eigh(kernels.double())
+    torch.testing.assert_close(lam.double(), expected_lam, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(u @ torch.diag_embed(lam) @ u.mT, kernels, rtol=1e-4, atol=1e-3)
+    got = {}
+
+    def on_a_thread():
+        torch.set_num_threads(1)  # one chunk instead of several
+        got["whole"] = batched_eigh(kernels)
+        got["one"] = batched_eigh(kernels[3:4])
+
+    thread = threading.Thread(target=on_a_thread)
+    thread.start()
+    thread.join()
+    assert torch.equal(got["whole"][0], lam) and torch.equal(got["whole"][1], u)
+    assert torch.equal(got["one"][0], lam[3:4]) and torch.equal(got["one"][1], u[3:4])
