@@ -122,5 +122,6 @@ def test_batched_eigh_gives_the_same_answer_whatever_the_split_and_the_thread():
     thread = threading.Thread(target=on_a_thread)
     thread.start()
     thread.join()
+    torch.set_num_threads(torch.get_num_threads())  # the thread's set_num_threads also set the default for new threads
     assert torch.equal(got["whole"][0], lam) and torch.equal(got["whole"][1], u)
     assert torch.equal(got["one"][0], lam[3:4]) and torch.equal(got["one"][1], u[3:4])
