@@ -47,6 +47,7 @@ def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, 
                                    batching=batching))
     starts = [build(config.replace(seed=i % 4)).walker for i in range(n_walks)]
     clicker = build(config).walker
+    clicker.branch(0).step()  # PyTorch imports parts of itself on a first step (seconds on some machines): not timed
     steps, errors, latencies = [0] * n_walks, [], []
     stop = threading.Event()
 

@@ -104,18 +104,19 @@ def _eigh_pool() -> ThreadPoolExecutor:
 
 
 def batched_eigh(kernel: Tensor) -> tuple[Tensor, Tensor]:
-    """torch.linalg.eigh of a stack of small symmetric matrices (..., m, m) on the CPU, off the calling thread.
+    """torch.linalg.eigh of a stack of small symmetric matrices (..., m, m); off any thread but the main one, on
+    worker threads that each use one core.
 
-    Why not a plain call: MKL's eigh with several OpenMP threads is slow on any thread but the main one
-    (measured on 2 cores: one 160×160 kernel 5.1 ms on a second thread, 0.65 ms on the main thread, 0.85 ms on
-    a thread held to one core; 32 of them 131 ms, 18 ms, 24 ms). On the 16-core H200 machine a lone constrained
-    walk in the engine's thread took 260 ms a step. These matrices are far too small to gain from threads inside
-    LAPACK, so they go to worker threads that each use one core, and a batch (many walks) is split over up to
-    torch.get_num_threads() of them (the caller's share of the cores); eigh releases the GIL. Each matrix is
-    solved by the same single-threaded LAPACK routine whatever the split and whichever thread asks, so a walk's
-    path does not depend on where it runs (the CLI's main thread, the server's engine, a batch).
+    Why: MKL's eigh with several OpenMP threads is slow on any thread but the main one (measured on 2 cores: one
+    160×160 kernel 5.1 ms on a second thread, 0.65 ms on the main thread, 0.85 ms on a thread held to one core;
+    32 of them 131 ms, 18 ms, 24 ms). The engine steps walks on its own thread, so there the matrices go to the
+    single-core workers, and a batch (many walks) is split over up to torch.get_num_threads() of them (the
+    caller's share of the cores; eigh releases the GIL). Each worker solves its matrices one by one with the same
+    single-threaded routine, so a walk's path does not depend on the split. The main thread (the CLI) solves in
+    place, as before: creating the workers calls torch.set_num_threads, which also fixes MKL's thread count for
+    the process (the server's engine sets its threads anyway).
     """
-    if kernel.device.type != "cpu":
+    if kernel.device.type != "cpu" or threading.current_thread() is threading.main_thread():
         return torch.linalg.eigh(kernel)
     n_batch = kernel.shape[0] if kernel.dim() == 3 else 1
     chunks = max(1, min(n_batch, torch.get_num_threads()))

@@ -100,7 +100,7 @@ def test_secular_damping_solves_every_walk_at_once():
     assert mu[3] == math.inf and mu[4] == math.inf  # β = 0; ε tiny against β‖v‖ (a plain gradient step)
 
 
-def test_batched_eigh_gives_the_same_answer_whatever_the_split_and_the_thread():
+def test_batched_eigh_off_the_main_thread_gives_the_same_answer_whatever_the_split():
     import threading
 
     from geodesic.step import batched_eigh
@@ -108,20 +108,23 @@ def test_batched_eigh_gives_the_same_answer_whatever_the_split_and_the_thread():
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(6, 40, 50, generator=gen)
     kernels = a @ a.mT
-    lam, u = batched_eigh(kernels)
     expected_lam, _ = torch.linalg.eigh(kernels.double())
-    torch.testing.assert_close(lam.double(), expected_lam, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(u @ torch.diag_embed(lam) @ u.mT, kernels, rtol=1e-4, atol=1e-3)
     got = {}
 
-    def on_a_thread():
-        torch.set_num_threads(1)  # one chunk instead of several
-        got["whole"] = batched_eigh(kernels)
-        got["one"] = batched_eigh(kernels[3:4])
+    def on_a_thread(threads: int, key: str):
+        torch.set_num_threads(threads)  # the number of chunks
+        got[key] = batched_eigh(kernels)
+        got[key + "/one"] = batched_eigh(kernels[3:4])
 
-    thread = threading.Thread(target=on_a_thread)
-    thread.start()
-    thread.join()
-    torch.set_num_threads(torch.get_num_threads())  # the thread's set_num_threads also set the default for new threads
+    for threads, key in ((2, "split"), (1, "whole")):
+        thread = threading.Thread(target=on_a_thread, args=(threads, key))
+        thread.start()
+        thread.join()
+    torch.set_num_threads(torch.get_num_threads())  # the threads' set_num_threads also set the default for new threads
+    lam, u = got["split"]
+    torch.testing.assert_close(lam.double(), expected_lam, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(u @ torch.diag_embed(lam) @ u.mT, kernels, rtol=1e-4, atol=1e-3)
     assert torch.equal(got["whole"][0], lam) and torch.equal(got["whole"][1], u)
-    assert torch.equal(got["one"][0], lam[3:4]) and torch.equal(got["one"][1], u[3:4])
+    assert torch.equal(got["whole/one"][0], lam[3:4]) and torch.equal(got["split/one"][1], u[3:4])
+    main_lam, _ = batched_eigh(kernels)  # in place on the main thread
+    torch.testing.assert_close(main_lam, lam, rtol=1e-5, atol=1e-4)
