@@ -38,7 +38,7 @@ def test_batched_walks_follow_the_paths_of_separate_walkers(goal, solver):
             assert b.functional_step == pytest.approx(a.functional_step, rel=1e-3, abs=1e-9)
             assert b.step_norm == pytest.approx(a.step_norm, rel=1e-4)
             assert b.goal_distance == pytest.approx(a.goal_distance, rel=1e-4)
-            assert b.drift == pytest.approx(a.drift, rel=1e-3, abs=1e-9)
+            assert b.drift == pytest.approx(a.drift, rel=1e-3, abs=1e-8)  # ~1e-6 early on: float32 noise of logits
             assert b.sparsity == a.sparsity and b.extra == pytest.approx(a.extra, abs=1e-6)
     for a, b in zip(alone, together, strict=True):
         for k in a.params:

@@ -86,3 +86,36 @@ def test_out_of_memory_keeps_the_walk_and_suggests_a_smaller_probe(monkeypatch):
         walker.step()
     assert len(walker.record) == 2 and not walker.is_done
     assert all(torch.equal(before[k], walker.params[k]) for k in before)
+
+
+def test_the_table_of_a_growing_record_is_built_from_new_points_only_and_matches_a_rebuild():
+    import dataclasses
+    import threading
+
+    import pandas as pd
+
+    from geodesic.path import PathPoint, PathRecord
+
+    base = PathPoint(step=0, step_size=0.1, goal_weight=1.0, step_norm=0.0, functional_step=0.0,
+                     euclidean_length=0.0, functional_length=0.0, drift=0.0, alignment=0.0, loss={"A": 1.0},
+                     accuracy={"A": 0.9}, sparsity=0.0, goal_distance=3.0, step_seconds=0.0, event="start")
+    record = PathRecord([base])
+    first = record.to_frame()
+    first["scratch"] = 1  # a caller's change does not reach the record's table
+    stop, seen = threading.Event(), []
+
+    def reader():
+        while not stop.is_set():
+            seen.append(len(record.to_frame()))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(1, 400):  # the engine appends while a page reads
+        extra = {"prune_now_accuracy/A": 0.5} if i >= 200 else {}  # a column that appears later
+        record.append(dataclasses.replace(base, step=i, drift=i * 1e-3, extra=extra, event=""))
+    stop.set()
+    thread.join()
+    expected = pd.DataFrame([p.to_row() for p in record.points])
+    pd.testing.assert_frame_equal(record.to_frame(), expected)
+    assert "scratch" not in record.to_frame()
+    assert seen == sorted(seen) and seen[-1] <= 400  # each read saw a prefix of the path, growing
