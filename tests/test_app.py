@@ -30,6 +30,22 @@ def walker(at: AppTest):
     return at.session_state["geodesic"].walker
 
 
+def live_charts(at: AppTest) -> dict:
+    """{key: the message each live chart (app/live_chart.py) got in the last run}."""
+    import json
+
+    found = {}
+    for element in at.get("bidi_component"):
+        if element.proto.component_name == "geodesic.live_chart":
+            found[element.proto.id] = json.loads(element.proto.json)
+    return found
+
+
+def charts(at: AppTest) -> list:
+    """Every chart on the page: live ones and plain st.plotly_chart ones."""
+    return list(live_charts(at).values()) + list(at.get("plotly_chart"))
+
+
 @pytest.fixture(scope="module")
 def app():
     return start()
@@ -38,7 +54,8 @@ def app():
 def test_app_starts_on_the_default_walk(app):
     assert metric(app, "step") == "0"
     assert walker(app).goal.name == "sparsify"
-    assert len(app.get("plotly_chart")) >= 2  # accuracy/loss and sparsity charts on the first paint
+    assert len(live_charts(app)) >= 2  # accuracy/loss and sparsity charts on the first paint
+    assert all("full" in message for message in live_charts(app).values())  # a new page draws them whole
 
 
 def test_step_adds_exactly_one_step(app):
@@ -72,7 +89,7 @@ def test_every_view_renders(app, view):
     app.segmented_control[0].set_value(view).run()
     assert not app.exception, [e.value for e in app.exception]
     if view in ("Overview", "Path", "Steps", "Examples"):
-        assert app.get("plotly_chart")
+        assert live_charts(app)
     if view == "Metric":
         button(app, "Compute the spectrum at the current point").click().run()
         assert app.get("plotly_chart") and not app.exception
@@ -107,7 +124,7 @@ def test_each_goal_renders(goal):
     at = start({"goal": goal})
     assert walker(at).goal.name == goal
     button(at, "Step").click().run()
-    assert not at.exception and at.get("plotly_chart")
+    assert not at.exception and live_charts(at)
 
 
 def test_toy_data_shows_the_decision_boundary():

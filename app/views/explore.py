@@ -5,6 +5,7 @@ import numpy as np
 import streamlit as st
 
 from app import charts, controls, session
+from app.live_chart import live_plotly_chart, thin_for_drawing
 from geodesic import analysis
 from geodesic.engine import CapacityError
 from geodesic.errors import ConfigError, GeodesicError
@@ -46,8 +47,15 @@ def _start_walk(config) -> None:
         s.errors = {"data_root" if "data" in str(err).lower() else "other": str(err)}
 
 
-def _runs(s) -> list[tuple[str, object]]:
-    return [(b.label, b.walker.record.to_frame()) for b in s.branches]
+def _runs(s, thin: bool = True) -> list[tuple[str, object]]:
+    """(label, table) per branch; thin: long paths thinned for drawing (tables and exports keep every step)."""
+    frames = [(b.label, b.walker.record.to_frame()) for b in s.branches]
+    return [(label, f.iloc[thin_for_drawing(len(f))]) for label, f in frames] if thin else frames
+
+
+def _chart(fig, key: str) -> None:
+    """A chart that updates live: the browser receives only the points added since its last refresh."""
+    live_plotly_chart(fig, key, PLOT_CONFIG)
 
 
 def _baseline_overlays(s) -> dict:
@@ -61,39 +69,55 @@ def _baseline_overlays(s) -> dict:
 
 
 def _overview(s, runs) -> None:
-    st.plotly_chart(charts.accuracy_and_loss(runs, _baseline_overlays(s)), config=PLOT_CONFIG, key="acc")
+    _chart(charts.accuracy_and_loss(runs, _baseline_overlays(s)), "acc")
     goal = s.config.goal.kind
     if goal == "sparsify":
-        st.plotly_chart(charts.sparsity_and_distance(runs), config=PLOT_CONFIG, key="sparsity")
+        _chart(charts.sparsity_and_distance(runs), "sparsity")
     elif goal == "new-task":
-        st.plotly_chart(charts.per_task_accuracy(runs, s.baselines.get("naive_fine_tune")), config=PLOT_CONFIG,
-                        key="tasks")
+        _chart(charts.per_task_accuracy(runs, s.baselines.get("naive_fine_tune")), "tasks")
     else:
         walks = [(label, analysis.path_position(f), f["accuracy/A"].to_numpy()) for label, f in runs]
-        st.plotly_chart(charts.accuracy_vs_alpha(walks, s.baselines.get("straight_line")), config=PLOT_CONFIG,
-                        key="alpha")
+        _chart(charts.accuracy_vs_alpha(walks, s.baselines.get("straight_line")), "alpha")
 
 
-def _path(s, runs) -> None:
+def _projected(s, basis) -> dict:
+    """{label: (coords (n, 3), residual (n,), steps (n,))} of each branch on the frozen basis, thinned for drawing.
+    Only the points added since the last refresh are projected (the basis does not change while it is frozen)."""
+    cache = st.session_state.setdefault("_path_projection", {})
+    out = {}
+    for b in s.branches:
+        frame = b.walker.record.to_frame()  # the engine may append meanwhile: project exactly these points
+        n = len(frame)
+        entry = cache.get(b.label)
+        if entry is None or entry["basis"] is not basis or entry["walker"] is not b.walker:
+            entry = cache[b.label] = {"basis": basis, "walker": b.walker, "coords": np.zeros((0, 3)),
+                                      "residual": np.zeros(0)}
+        m = len(entry["coords"])
+        if n > m:  # weights are appended before their point, so every point read has its row
+            coords, residual = basis.project(np.stack(b.walker.trace.rows[m:n]))
+            entry["coords"] = np.concatenate([entry["coords"], coords[:, :3]])
+            entry["residual"] = np.concatenate([entry["residual"], residual])
+        keep = thin_for_drawing(n)
+        out[b.label] = (entry["coords"][:n][keep], entry["residual"][:n][keep], frame["step"].to_numpy()[keep])
+    return out
+
+
+def _path(s) -> None:
     walker = s.walker
-    # The engine may append while this reads: weights are appended before their point, so cut the weight
-    # rows to the points read (runs) and every plotted point has its row.
-    rows = {b.label: b.walker.trace.matrix()[: len(frame)] for b, (_, frame) in zip(s.branches, runs, strict=True)}
-    steps = {label: frame["step"].to_numpy() for label, frame in runs}
-    main_rows = rows[s.branches[0].label]
     c1, c2, c3 = st.columns([1, 1, 2])
     dims = c1.radio("Dimensions", (2, 3), horizontal=True, key="pca_dims")
     if c2.button("Refit PCA basis", help="The basis is fitted once and frozen so axes don't jump; refit here"):
         s.basis = None
-    if s.basis is None and len(main_rows) >= 3:
-        s.basis = fit_pca(main_rows, n_components=3)
+    if s.basis is None and len(walker.record) >= 3:
+        s.basis = fit_pca(walker.trace.matrix()[: len(walker.record)], n_components=3)
     if s.basis is None:
         st.info("The path needs at least 3 points for a projection: press Step or Run.")
         return
     basis = s.basis
-    projected = {label: basis.project(r) for label, r in rows.items()}
+    projected = _projected(s, basis)
     coords = {label: p[0][:, :dims] for label, p in projected.items()}
     residual = {label: p[1] for label, p in projected.items()}
+    steps = {label: p[2] for label, p in projected.items()}
     ev = basis.explained_variance_ratio
     c3.caption(f"Basis fitted on {basis.n_fitted} points; explained variance PC1 {100 * ev[0]:.1f}%, "
                f"PC2 {100 * ev[1]:.1f}%, PC3 {100 * ev[2]:.1f}%. Colour = residual ‖w − proj(w)‖ "
@@ -111,8 +135,8 @@ def _path(s, runs) -> None:
         if s.contour is None or s.contour.get("basis") is not basis or st.button("Recompute contour"):
             s.contour = {"basis": basis, **s.runner.call(analysis.loss_on_plane, walker, basis, extent, 15)}
     contour = s.contour if dims == 2 and st.session_state.get("contour_on") else None
-    st.plotly_chart(charts.path_projection(coords, f"Path in weight space: PCA ({dims}-D)", labels, steps, residual,
-                                           goal_point, contour), config=PLOT_CONFIG, key="pca")
+    _chart(charts.path_projection(coords, f"Path in weight space: PCA ({dims}-D)", labels, steps, residual,
+                                  goal_point, contour), "pca")
     with st.expander("UMAP (on demand)"):
         u1, u2, u3 = st.columns(3)
         n_neighbors = u1.number_input("n_neighbors", value=15, min_value=2, max_value=200, key="umap_nn")
@@ -121,8 +145,10 @@ def _path(s, runs) -> None:
         if st.button("Compute UMAP of the path", help="The first UMAP in a process compiles (about 20-30 s)"):
             with st.spinner("UMAP: compiling on first use, then fitting"):
                 try:
+                    frame = walker.record.to_frame()
+                    main_rows = walker.trace.matrix()[: len(frame)]
                     emb = umap_embed(main_rows, umap_dims, int(n_neighbors), float(min_dist))
-                    s.umap = {"coords": emb, "steps": steps[s.branches[0].label][: len(emb)],
+                    s.umap = {"coords": emb, "steps": frame["step"].to_numpy()[: len(emb)],
                               "trust": trustworthiness(main_rows, emb), "params": (n_neighbors, min_dist)}
                 except ValueError as err:
                     st.warning(str(err))
@@ -138,7 +164,7 @@ def _path(s, runs) -> None:
 
 def _examples(s) -> None:
     steps, probs = s.runner.call(analysis.true_class_heatmap, s.walker)
-    st.plotly_chart(charts.heatmap(steps, probs), config=PLOT_CONFIG, key="heat")
+    _chart(charts.heatmap(steps, probs), "heat")
 
 
 def _metric(s) -> None:
@@ -215,9 +241,9 @@ def _draw(s) -> None:
     if view == "Overview":
         _overview(s, runs)
     elif view == "Path":
-        _path(s, runs)
+        _path(s)
     elif view == "Steps":
-        st.plotly_chart(charts.step_lengths(runs), config=PLOT_CONFIG, key="steps")
+        _chart(charts.step_lengths(runs), "steps")
     elif view == "Examples":
         _examples(s)
     elif view == "Metric":
@@ -225,7 +251,7 @@ def _draw(s) -> None:
     elif view == "Boundary":
         _boundary(s)
     else:
-        _data(s, runs)
+        _data(s, _runs(s, thin=False))
 
 
 def _drive(s, teach: bool) -> None:

@@ -1,0 +1,214 @@
+"""Live charts that receive only what is new: a Streamlit component (components v2) around plotly.js.
+
+`st.plotly_chart` re-sends and re-draws the whole figure on every refresh, so a refresh costs more as the path
+grows and the browser spends its time redrawing points it already had (issue 10: Chromium at 1.3 cores, the page
+showing 17% of the engine's steps). Here the server keeps, per chart and browser session, what it sent last and
+compares the new figure with it, trace by trace:
+
+- a trace whose data arrays (x, y, z, text, marker colours ...) only grew and whose other settings did not change
+  is *extended*: only the new points go to the browser, which appends them (`Plotly.extendTraces`);
+- a small trace that changed in place (the "current point" marker) is *restyled* with its few values;
+- anything else (a new walk or branch, a refit PCA basis, an event line in the layout, a chart switched on) is a
+  *full* draw (`Plotly.react`, which keeps the user's zoom through `uirevision`).
+
+Messages are numbered; the browser applies a delta only on top of the message it was built on, and asks for a
+full draw otherwise (a reload, a view it had not shown, a message it never got), so a chart never shows a gap.
+The chart builders (charts.py) stay pure figure functions shared with the static views and exports.
+
+plotly.js is the copy the installed `plotly` package ships, served by this app's own server (Streamlit's static
+file serving, `app/static/`), so nothing is fetched from elsewhere at run time.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import plotly
+import plotly.graph_objects as go
+import streamlit as st
+
+STATIC = Path(__file__).resolve().parent / "static"
+PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+# Data arrays a trace can grow along (dotted paths into a trace's JSON); everything else is its settings.
+GROWING = ("x", "y", "z", "text", "hovertext", "customdata", "marker.color", "marker.size")
+SMALL_TRACE = 64  # a trace this short that changed in place is re-sent whole instead of redrawing the chart
+MAX_POINTS = 5000  # per trace, drawn; longer paths are thinned for drawing only (thin_for_drawing)
+_STATIC_LOCK = threading.Lock()
+
+_JS = r"""
+function loadPlotly() {
+  if (window.Plotly) return Promise.resolve(window.Plotly);
+  if (!window.__geodesicPlotly) {
+    window.__geodesicPlotly = new Promise((resolve, reject) => {
+      const script = document.createElement("script");
+      script.src = new URL("app/static/plotly.min.js", window.location.href).href;
+      script.onload = () => resolve(window.Plotly);
+      script.onerror = () => { window.__geodesicPlotly = null; reject(new Error("plotly.js did not load")); };
+      document.head.appendChild(script);
+    });
+  }
+  return window.__geodesicPlotly;
+}
+
+function apply(Plotly, div, data, setStateValue) {
+  const state = div.__geodesic || (div.__geodesic = { seq: null, points: 0 });
+  if (data.seq === state.seq) return;  // the same message again (a rerun that changed nothing)
+  if (data.full) {
+    Plotly.react(div, data.full.data, data.full.layout, data.config);
+    state.seq = data.seq;
+  } else if (state.seq === null || data.base !== state.seq) {
+    setStateValue("want_full", `${data.seq}:${state.seq}`);  // a message is missing here: ask for everything
+    return;
+  } else {
+    const groups = {};
+    for (const op of data.ops) {
+      if (op.op === "restyle") {
+        const update = {};
+        for (const [k, v] of Object.entries(op.update)) update[k] = [v];
+        Plotly.restyle(div, update, [op.trace]);
+        continue;
+      }
+      const keys = Object.keys(op.update).sort().join(",");
+      (groups[keys] = groups[keys] || []).push(op);
+    }
+    for (const ops of Object.values(groups)) {
+      const update = {};
+      for (const k of Object.keys(ops[0].update)) update[k] = ops.map((op) => op.update[k]);
+      Plotly.extendTraces(div, update, ops.map((op) => op.trace));
+    }
+    state.seq = data.seq;
+  }
+  state.points = (div.data || []).reduce((n, t) => n + (t.x ? t.x.length : 0), 0);
+  div.dataset.seq = String(state.seq);
+  div.dataset.points = String(state.points);  // read by the browser tests
+}
+
+export default function (component) {
+  const { data, parentElement, setStateValue } = component;
+  let div = parentElement.querySelector(".geodesic-live-chart");
+  if (!div) {
+    div = document.createElement("div");
+    div.className = "geodesic-live-chart";
+    parentElement.appendChild(div);
+  }
+  if (!data) return;
+  div.__queue = (div.__queue || Promise.resolve())
+    .then(() => loadPlotly())
+    .then((Plotly) => apply(Plotly, div, data, setStateValue))
+    .catch((err) => { div.textContent = `chart: ${err}`; });
+}
+"""
+
+_COMPONENT = st.components.v2.component("geodesic.live_chart", html="", css=".geodesic-live-chart{width:100%}",
+                                        js=_JS, isolate_styles=False)
+
+
+def ensure_plotly_js() -> None:
+    """Put the installed plotly package's plotly.min.js where this app's server serves static files."""
+    target = STATIC / "plotly.min.js"
+    with _STATIC_LOCK:
+        if target.is_file() and target.stat().st_size == PLOTLY_JS.stat().st_size:
+            return
+        STATIC.mkdir(exist_ok=True)
+        tmp = target.with_name(f"plotly.min.js.{os.getpid()}.tmp")
+        shutil.copyfile(PLOTLY_JS, tmp)
+        os.replace(tmp, target)
+
+
+# -- what changed between two figures (pure: no Streamlit) ----------------------------------------------------
+def _array(value) -> np.ndarray | None:
+    """A 1-D data array from a figure's JSON: a list, or plotly's typed array {"dtype", "bdata"} (base64)."""
+    if isinstance(value, list):
+        return np.asarray(value, dtype=object)
+    if isinstance(value, dict) and set(value) == {"dtype", "bdata"}:  # no "shape": one dimension
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+    return None
+
+
+def _split(trace: dict) -> tuple[str, dict[str, np.ndarray]]:
+    """(a trace's settings as canonical JSON, its growing data arrays by dotted path)."""
+    settings, arrays = json.loads(json.dumps(trace)), {}
+    for path in GROWING:
+        head, _, tail = path.partition(".")
+        holder = settings.get(head) if tail else settings
+        key = tail or head
+        if isinstance(holder, dict) and (array := _array(holder.get(key))) is not None:
+            del holder[key]
+            arrays[path] = array
+    return json.dumps(settings, sort_keys=True), arrays
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal arrays (NaN equal to NaN); numbers compared in numpy, anything else value by value."""
+    if len(a) != len(b):
+        return False
+    try:
+        return bool(np.array_equal(a.astype(float), b.astype(float), equal_nan=True))
+    except (TypeError, ValueError):  # strings, nested lists (3-D text, colours by name)
+        return all(x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+                   for x, y in zip(a.tolist(), b.tolist(), strict=True))
+
+
+def figure_update(fig: go.Figure, sent: dict | None, want_full: object = None) -> tuple[dict, dict]:
+    """(the message that brings a browser showing `sent` to `fig`, what it will then show).
+
+    sent: this function's second result for the previous message (None: nothing shown yet). want_full: the
+    browser's latest request for a full draw (a new value forces one)."""
+    as_json = json.loads(fig.to_json())
+    parts = [_split(trace) for trace in as_json.get("data", [])]
+    layout = json.dumps(as_json.get("layout", {}), sort_keys=True)
+    seq = (sent["seq"] + 1) if sent else 1
+    full = {"seq": seq, "full": {"data": as_json.get("data", []), "layout": as_json.get("layout", {})}}
+    memory = {"seq": seq, "layout": layout, "traces": parts, "want_full": want_full, "message": full}
+    if (sent is None or want_full != sent["want_full"] or layout != sent["layout"]
+            or len(parts) != len(sent["traces"])):
+        return full, memory
+    ops = []
+    for i, ((settings, arrays), (old_settings, old_arrays)) in enumerate(zip(parts, sent["traces"], strict=True)):
+        if settings != old_settings or set(arrays) != set(old_arrays):
+            return full, memory
+        n_old = {len(a) for a in old_arrays.values()}
+        grown = all(len(arrays[p]) >= len(old_arrays[p]) and _same(arrays[p][: len(old_arrays[p])], old_arrays[p])
+                    for p in arrays)
+        if grown and len(n_old) <= 1:
+            tail = {p: a[len(old_arrays[p]):].tolist() for p, a in arrays.items()}
+            if any(tail.values()):
+                ops.append({"op": "extend", "trace": i, "update": tail})
+        elif all(len(a) <= SMALL_TRACE for a in arrays.values()):
+            if not all(_same(arrays[p], old_arrays[p]) for p in arrays):
+                ops.append({"op": "restyle", "trace": i, "update": {p: a.tolist() for p, a in arrays.items()}})
+        else:
+            return full, memory
+    if not ops:  # nothing new: the same message again, which the browser ignores
+        return sent["message"], sent
+    delta = {"seq": seq, "base": sent["seq"], "ops": ops}
+    return delta, {**memory, "message": delta}
+
+
+def thin_for_drawing(n: int) -> np.ndarray:
+    """Indices of the points of an n-point path that are drawn: all of them up to MAX_POINTS, else every k-th
+    (k a power of two, so the points kept stay kept as the path grows and the charts can still be extended)."""
+    stride = 1
+    while n > MAX_POINTS * stride:
+        stride *= 2
+    return np.arange(0, n, stride)
+
+
+# -- in the app -----------------------------------------------------------------------------------------------
+def live_plotly_chart(fig: go.Figure, key: str, config: dict | None = None) -> dict:
+    """Draw `fig` under `key`, sending the browser only what changed since this session's last refresh.
+    Returns the message sent (tests read it)."""
+    ensure_plotly_js()
+    memory_key = f"_live_chart:{key}"
+    sent = st.session_state.get(memory_key)
+    want_full = (st.session_state.get(key) or {}).get("want_full")
+    message, st.session_state[memory_key] = figure_update(fig, sent, want_full)
+    message = {**message, "config": {"responsive": True, **(config or {})}}
+    _COMPONENT(data=message, key=key, default={"want_full": want_full}, on_want_full_change=lambda: None)
+    return message

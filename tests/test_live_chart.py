@@ -1,0 +1,90 @@
+"""Live charts send only what is new (app/live_chart.py): the pure figure diff, and the dashboard under AppTest."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from streamlit.testing.v1 import AppTest
+
+from app import charts
+from app.live_chart import MAX_POINTS, figure_update, thin_for_drawing
+
+APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
+
+
+def _frame(n: int) -> pd.DataFrame:
+    steps = np.arange(n)
+    return pd.DataFrame({"step": steps, "accuracy/A": 0.9 - 1e-3 * steps, "loss/A": 0.3 + 1e-3 * steps,
+                         "event": ["start"] + [""] * (n - 1)})
+
+
+def test_a_growing_path_sends_only_its_new_points():
+    first, sent = figure_update(charts.accuracy_and_loss([("main", _frame(10))]), None)
+    assert "full" in first and first["seq"] == 1
+    delta, sent = figure_update(charts.accuracy_and_loss([("main", _frame(13))]), sent)
+    assert "full" not in delta and delta["base"] == 1 and delta["seq"] == 2
+    assert {op["op"] for op in delta["ops"]} == {"extend"}
+    assert len(delta["ops"]) == 2  # the accuracy and the loss trace
+    for op in delta["ops"]:
+        assert op["update"]["x"] == [10, 11, 12] and len(op["update"]["y"]) == 3  # the 3 new points, no more
+    again, same = figure_update(charts.accuracy_and_loss([("main", _frame(13))]), sent)
+    assert again == delta and same is sent  # nothing new: the same message, which the browser ignores
+
+
+def test_a_branch_an_event_or_a_request_from_the_browser_redraws_the_whole_chart():
+    _, sent = figure_update(charts.accuracy_and_loss([("main", _frame(10))]), None)
+    branched, _ = figure_update(charts.accuracy_and_loss([("main", _frame(11)), ("branch 1 @ 5", _frame(7))]), sent)
+    assert "full" in branched and len(branched["full"]["data"]) == 4  # a new trace pair: full draw
+    with_event = _frame(11)
+    with_event.loc[10, "event"] = "step size 0.2 -> 0.1"  # a dotted line in the layout
+    redrawn, _ = figure_update(charts.accuracy_and_loss([("main", with_event)]), sent)
+    assert "full" in redrawn
+    asked, _ = figure_update(charts.accuracy_and_loss([("main", _frame(11))]), sent, want_full="2:null")
+    assert "full" in asked  # the browser missed a message and asked for everything
+
+
+def test_a_moving_marker_is_restyled_and_a_changed_long_trace_redraws():
+    def fig(current: float, long: np.ndarray) -> go.Figure:
+        return go.Figure([go.Scatter(x=long, y=long), go.Scatter(x=[current], y=[current], mode="markers")])
+
+    base = np.arange(100.0)
+    _, sent = figure_update(fig(0.0, base), None)
+    moved, sent = figure_update(fig(1.0, np.arange(101.0)), sent)
+    assert [op["op"] for op in moved["ops"]] == ["extend", "restyle"]
+    assert moved["ops"][1]["update"] == {"x": [1.0], "y": [1.0]}
+    changed, _ = figure_update(fig(1.0, np.arange(101.0) * 2), sent)  # old points moved (a refit basis, say)
+    assert "full" in changed
+
+
+def test_thinning_keeps_every_point_up_to_the_limit_and_is_stable_as_the_path_grows():
+    assert len(thin_for_drawing(MAX_POINTS)) == MAX_POINTS
+    kept = thin_for_drawing(3 * MAX_POINTS)
+    assert len(kept) <= MAX_POINTS and kept[0] == 0
+    longer = thin_for_drawing(3 * MAX_POINTS + 7)
+    assert np.array_equal(longer[: len(kept)], kept)  # points kept stay kept: the chart can still be extended
+
+
+def _messages(at: AppTest) -> dict:
+    return {e.proto.id: json.loads(e.proto.json) for e in at.get("bidi_component")
+            if e.proto.component_name == "geodesic.live_chart"}
+
+
+def test_the_dashboard_sends_each_refresh_only_the_new_points():
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    assert not at.exception
+    first = _messages(at)
+    assert first and all("full" in m for m in first.values())
+    step = next(b for b in at.button if b.label == "Step")
+    step.click().run()
+    after = _messages(at)
+    assert after.keys() == first.keys()
+    for message in after.values():
+        assert "full" not in message and message["ops"], message  # a delta on top of the first draw
+        xs = [op["update"]["x"] for op in message["ops"] if op["op"] == "extend"]
+        assert xs and all(len(x) == 1 for x in xs) and [1] in xs  # the one new step, on every trace that grew
+    next(b for b in at.button if b.label == "Step").click().run()
+    assert all(m["base"] == after[k]["seq"] for k, m in _messages(at).items())  # numbered, each on the last
+    at.number_input(key="branch_at").set_value(1).run()
+    next(b for b in at.button if b.label == "Branch").click().run()
+    assert all("full" in m for m in _messages(at).values())  # a branch changes the charts' structure
