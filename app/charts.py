@@ -34,6 +34,26 @@ def _events(fig: go.Figure, frame: pd.DataFrame, row: int | None = None, col: in
                            font=dict(size=10, color="#475569"))
 
 
+def source(run: int, x: str | list, y: str | list, text: list | None = None, start: int = 0) -> dict:
+    """A trace's `meta`: how its points come from run `run`'s table (rows `start` on), so a live chart can append
+    a growing path's new rows without rebuilding the figure (app/live_chart.py). x, y: a column, or [column,
+    scale] or [column, "sqrt"]; text: [column, format]."""
+    return {"src": {"run": run, "x": x, "y": y, "text": text, "start": start}}
+
+
+def column_values(frame: pd.DataFrame, spec) -> list:
+    """The values a `source` spec names, for the rows of `frame` (the same numbers the figure shows)."""
+    if isinstance(spec, str):
+        return frame[spec].tolist()
+    column, how = spec
+    values = frame[column]
+    if how == "sqrt":
+        return np.sqrt(values.clip(lower=0)).tolist()
+    if isinstance(how, str):
+        return [how.format(v) for v in values]
+    return (how * values).tolist()
+
+
 def _tasks(frame: pd.DataFrame, prefix: str) -> list[str]:
     return [c.split("/", 1)[1] for c in frame.columns if c.startswith(prefix + "/")]
 
@@ -46,13 +66,16 @@ def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
         for j, task in enumerate(_tasks(frame, "accuracy")):
             dash = ["solid", "dash", "dot"][j % 3]
             fig.add_trace(go.Scatter(x=frame["step"], y=100 * frame[f"accuracy/{task}"], name=f"{label}: task {task}",
-                                     line=dict(color=color, dash=dash)), row=1, col=1)
+                                     line=dict(color=color, dash=dash),
+                                     meta=source(i, "step", [f"accuracy/{task}", 100])), row=1, col=1)
             fig.add_trace(go.Scatter(x=frame["step"], y=frame[f"loss/{task}"], name=f"{label}: loss {task}",
-                                     line=dict(color=color, dash=dash), showlegend=False), row=2, col=1)
+                                     line=dict(color=color, dash=dash), showlegend=False,
+                                     meta=source(i, "step", f"loss/{task}")), row=2, col=1)
         for task in _tasks(frame, "prune_now_accuracy"):
             fig.add_trace(go.Scatter(x=frame["step"], y=100 * frame[f"prune_now_accuracy/{task}"],
                                      name=f"{label}: prune now ({task})", line=dict(color=color, width=1),
-                                     opacity=0.5), row=1, col=1)
+                                     opacity=0.5, meta=source(i, "step", [f"prune_now_accuracy/{task}", 100])),
+                          row=1, col=1)
         if i == 0:
             _events(fig, frame, row=1, col=1)
     for name, value in (baselines or {}).get("lines", {}).items():
@@ -121,11 +144,14 @@ def step_lengths(runs: Runs) -> go.Figure:
         steps = frame.iloc[1:]
         fig.add_trace(go.Scatter(x=steps["step_norm"], y=np.sqrt(steps["functional_step"].clip(lower=0)),
                                  mode="markers", name=f"{label}", marker=dict(color=color, size=5, opacity=0.6),
-                                 text=[f"step {s}" for s in steps["step"]]), row=1, col=1)
+                                 text=[f"step {s}" for s in steps["step"]],
+                                 meta=source(i, "step_norm", ["functional_step", "sqrt"], ["step", "step {}"], 1)),
+                      row=1, col=1)
         fig.add_trace(go.Scatter(x=frame["step"], y=frame["euclidean_length"], name=f"{label}: Σ‖θ‖",
-                                 line=dict(color=color)), row=1, col=2)
+                                 line=dict(color=color), meta=source(i, "step", "euclidean_length")), row=1, col=2)
         fig.add_trace(go.Scatter(x=frame["step"], y=frame["functional_length"], name=f"{label}: Σ√(θᵀgθ)",
-                                 line=dict(color=color, dash="dash")), row=1, col=2)
+                                 line=dict(color=color, dash="dash"), meta=source(i, "step", "functional_length")),
+                      row=1, col=2)
     fig.update_xaxes(title_text="Euclidean step ‖θ‖", row=1, col=1)
     fig.update_yaxes(title_text="functional step √(θᵀgθ)", row=1, col=1)
     fig.update_xaxes(title_text="step", row=1, col=2)
@@ -139,13 +165,15 @@ def sparsity_and_distance(runs: Runs) -> go.Figure:
     for i, (label, frame) in enumerate(runs):
         color = PALETTE[i % len(PALETTE)]
         fig.add_trace(go.Scatter(x=100 * frame["sparsity"], y=100 * frame["accuracy/A"], mode="lines+markers",
-                                 name=f"{label}: accuracy", line=dict(color=color), marker=dict(size=3)), row=1, col=1)
+                                 name=f"{label}: accuracy", line=dict(color=color), marker=dict(size=3),
+                                 meta=source(i, ["sparsity", 100], ["accuracy/A", 100])), row=1, col=1)
         if "prune_now_accuracy/A" in frame:
             fig.add_trace(go.Scatter(x=frame["step"], y=100 * frame["prune_now_accuracy/A"],
                                      name=f"{label}: prune-now accuracy (vs step)", line=dict(color=color, dash="dot"),
-                                     xaxis="x3", visible="legendonly"), row=1, col=1)
+                                     xaxis="x3", visible="legendonly",
+                                     meta=source(i, "step", ["prune_now_accuracy/A", 100])), row=1, col=1)
         fig.add_trace(go.Scatter(x=frame["step"], y=frame["goal_distance"], name=f"{label}: distance",
-                                 line=dict(color=color)), row=1, col=2)
+                                 line=dict(color=color), meta=source(i, "step", "goal_distance")), row=1, col=2)
     fig.update_xaxes(title_text="sparsity (%)", row=1, col=1)
     fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1)
     fig.update_xaxes(title_text="step", row=1, col=2)
@@ -172,7 +200,8 @@ def per_task_accuracy(runs: Runs, baseline: pd.DataFrame | None = None) -> go.Fi
     for i, (label, frame) in enumerate(runs):
         for j, task in enumerate(_tasks(frame, "accuracy")):
             fig.add_trace(go.Scatter(x=frame["step"], y=100 * frame[f"accuracy/{task}"], name=f"{label}: {task}",
-                                     line=dict(color=PALETTE[(2 * i + j) % len(PALETTE)])))
+                                     line=dict(color=PALETTE[(2 * i + j) % len(PALETTE)]),
+                                     meta=source(i, "step", [f"accuracy/{task}", 100])))
     if baseline is not None:
         for task in _tasks(baseline, "accuracy"):
             fig.add_trace(go.Scatter(x=baseline["step"], y=100 * baseline[f"accuracy/{task}"],

@@ -29,9 +29,12 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import plotly
 import plotly.graph_objects as go
 import streamlit as st
+
+from app.charts import column_values
 
 STATIC = Path(__file__).resolve().parent / "static"
 PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
@@ -84,7 +87,7 @@ function apply(Plotly, div, data, setStateValue) {
     }
     state.seq = data.seq;
   }
-  state.points = (div.data || []).reduce((n, t) => n + (t.x ? t.x.length : 0), 0);
+  state.points = (div.data || []).reduce((n, t) => n + ((t.x && t.x.length) || 0), 0);
   div.dataset.seq = String(state.seq);
   div.dataset.points = String(state.points);  // read by the browser tests
 }
@@ -200,15 +203,80 @@ def thin_for_drawing(n: int) -> np.ndarray:
     return np.arange(0, n, stride)
 
 
+def runs_signature(runs: list[tuple[str, pd.DataFrame]], extra: object = None) -> tuple:
+    """What a chart of `runs` is built from besides the rows themselves: the walks and their columns, the events
+    (dotted lines), how the tables were thinned, and whatever else the caller passes. While it stays the same,
+    the chart only grows."""
+    def events(frame: pd.DataFrame) -> tuple:
+        if "event" not in frame:
+            return ()
+        marked = frame["event"].fillna("") != ""
+        return tuple(zip(frame["step"][marked].tolist(), frame["event"][marked].tolist(), strict=True))
+
+    def stride(frame: pd.DataFrame) -> int:
+        return int(frame.index[1] - frame.index[0]) if len(frame) > 1 else 1
+
+    return (tuple((label, tuple(f.columns), events(f), stride(f)) for label, f in runs), extra)
+
+
+def runs_update(build, runs: list[tuple[str, pd.DataFrame]], signature: tuple, sent: dict | None,
+                want_full: object = None) -> tuple[dict, dict]:
+    """Like figure_update for a chart of growing tables, without building the figure while only rows are added:
+    each trace built by charts.py says where its points come from (`charts.source`), so the new rows of each
+    table become the new points of its traces. build() makes the figure when a full draw is needed."""
+    fast = (sent is not None and sent.get("signature") == signature and want_full == sent["want_full"]
+            and sent.get("sources") is not None)
+    if not fast:
+        fig = build()
+        message, memory = figure_update(fig, None, want_full)
+        message["seq"] = memory["seq"] = (sent["seq"] + 1) if sent else 1
+        sources, counts = [], []
+        for trace in fig.data:
+            src = (trace.meta or {}).get("src") if isinstance(trace.meta, dict) else None
+            sources.append(src)
+            counts.append(len(trace.x) if src is not None and trace.x is not None else 0)
+        return message, {"seq": message["seq"], "signature": signature, "want_full": want_full, "sources": sources,
+                         "counts": counts, "message": message}
+    ops, counts = [], list(sent["counts"])
+    for i, src in enumerate(sent["sources"]):
+        if src is None:
+            continue
+        frame = runs[src["run"]][1]
+        new = frame.iloc[src["start"] + counts[i]:]
+        if new.empty:
+            continue
+        update = {"x": column_values(new, src["x"]), "y": column_values(new, src["y"])}
+        if src.get("text"):
+            update["text"] = column_values(new, src["text"])
+        ops.append({"op": "extend", "trace": i, "update": update})
+        counts[i] += len(new)
+    if not ops:
+        return sent["message"], sent
+    seq = sent["seq"] + 1
+    message = {"seq": seq, "base": sent["seq"], "ops": ops}
+    return message, {**sent, "seq": seq, "counts": counts, "message": message}
+
+
 # -- in the app -----------------------------------------------------------------------------------------------
 def live_plotly_chart(fig: go.Figure, key: str, config: dict | None = None) -> dict:
     """Draw `fig` under `key`, sending the browser only what changed since this session's last refresh.
     Returns the message sent (tests read it)."""
+    return _mount(key, config, lambda sent, want_full: figure_update(fig, sent, want_full))
+
+
+def live_runs_chart(build, runs: list[tuple[str, pd.DataFrame]], key: str, config: dict | None = None,
+                    extra: object = None) -> dict:
+    """Draw the chart build() makes from `runs` under `key`; while only rows are added to the tables, send their
+    new points without building the figure (extra: anything else the figure depends on)."""
+    signature = runs_signature(runs, extra)
+    return _mount(key, config, lambda sent, want_full: runs_update(build, runs, signature, sent, want_full))
+
+
+def _mount(key: str, config: dict | None, update) -> dict:
     ensure_plotly_js()
     memory_key = f"_live_chart:{key}"
-    sent = st.session_state.get(memory_key)
     want_full = (st.session_state.get(key) or {}).get("want_full")
-    message, st.session_state[memory_key] = figure_update(fig, sent, want_full)
+    message, st.session_state[memory_key] = update(st.session_state.get(memory_key), want_full)
     message = {**message, "config": {"responsive": True, **(config or {})}}
     _COMPONENT(data=message, key=key, default={"want_full": want_full}, on_want_full_change=lambda: None)
     return message

@@ -1,15 +1,80 @@
-"""Dashboard throughput in a real browser: steps per second and chart refreshes per second of the
-default walk while it runs. Starts the app, clicks Run, samples the page for DURATION seconds.
+"""Dashboard throughput in a real browser against the same walk headless, in the same run (issue 10).
+
+1. Headless reference: the same walk (goal and step rule from --query) stepped by the server's kind of engine in
+   a separate process with nothing drawing (python -m geodesic's Walker through an Engine, as the app does).
+2. Browser: `streamlit run` + Debian's Chromium; first paint (page opened → first chart drawn, start network
+   cached by step 1), then Run, sampling the step counter the page shows and the points its live chart holds,
+   for --seconds or until the walk ends. CPU use of Chromium (all its processes) and of the server during the walk.
+
+Prints one JSON line: steps/s headless and in the browser and their ratio, chart refreshes/s (changes of the
+drawn chart), cores used by Chromium and by the server, first paint, and the rate in the first and the last
+fifth of the walk (does a long walk slow down?).
 
 Usage: python bench/dashboard_speed.py [--seconds 20] [--view Overview] [--query solver=penalty]
+       python bench/dashboard_speed.py --query goal=new-task --seconds 80      # a walk of 2,000+ steps
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
+import urllib.parse
 
-from browser import app_page
+import psutil
+from browser import ROOT, app_server, chromium, open_page
+
+HEADLESS = r"""
+import json, sys, time
+from geodesic.config import GoalConfig, RunConfig, default_walk
+from geodesic.engine import Engine
+from geodesic.experiment import build
+goal, solver, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+walker = build(RunConfig(goal=GoalConfig(kind=goal), walk=default_walk(goal, solver))).walker
+walker.branch(0).step()  # PyTorch's lazy imports, not timed
+engine = Engine()
+handle = engine.open(walker)
+t0 = time.perf_counter()
+handle.run()
+while handle.is_running and time.perf_counter() - t0 < seconds:
+    handle.touch()
+    time.sleep(0.05)
+handle.pause()
+elapsed = time.perf_counter() - t0
+engine.stop()
+print(json.dumps({"steps": walker.n_steps, "seconds": elapsed}))
+"""
+
+READ_STEP = "() => { const el = document.querySelector('[data-testid=stMetricValue]'); " \
+            "return el ? parseInt(el.innerText) : 0; }"
+READ_CHART = "() => { const el = document.querySelector('.geodesic-live-chart'); " \
+             "return el ? [Number(el.dataset.seq || 0), Number(el.dataset.points || 0)] : [0, 0]; }"
+
+
+def _chromium_cpu() -> float:
+    """CPU seconds used so far by every Chromium process of this user."""
+    total = 0.0
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if "chrom" in (proc.info["name"] or "").lower():
+                times = proc.cpu_times()
+                total += times.user + times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def _cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+def headless(goal: str, solver: str, seconds: float) -> float:
+    out = subprocess.run([sys.executable, "-c", HEADLESS, goal, solver, str(seconds)], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["steps"] / result["seconds"]
 
 
 def main() -> None:
@@ -19,36 +84,53 @@ def main() -> None:
     parser.add_argument("--view", default="Overview", help="which view is open while the walk runs")
     parser.add_argument("--query", default="", help="URL query for the set-up, e.g. solver=penalty")
     args = parser.parse_args()
-    with app_page(args.port, f"?{args.query}" if args.query else "") as (page, first_paint):
+    query = dict(urllib.parse.parse_qsl(args.query))
+    goal, solver = query.get("goal", "sparsify"), query.get("solver", "constrained")
+    reference = headless(goal, solver, args.seconds)  # also caches the start network for the page
+
+    with app_server(args.port) as (url, server), chromium() as context:
+        page, first_paint = open_page(context, f"{url}/?{args.query}" if args.query else url)
         if args.view != "Overview":
             page.get_by_text(args.view, exact=True).click()
             page.wait_for_timeout(1500)
         page.get_by_role("button", name="Run", exact=True).click()
-        page.get_by_role("button", name="Pause", exact=True).wait_for(timeout=30_000)
-        # The step counter shown by the page (the first st.metric), read as the page renders it.
-        read = "() => { const el = document.querySelector('[data-testid=stMetricValue]');" \
-               " return el ? parseInt(el.innerText) : 0; }"
         pause = page.get_by_role("button", name="Pause", exact=True)
-        samples, t0 = [], time.perf_counter()
-        finished = False
+        pause.wait_for(timeout=30_000)
+        server_proc = psutil.Process(server.pid)
+        cpu0, server0 = _chromium_cpu(), _cpu(server_proc)
+        samples, t0, finished = [], time.perf_counter(), False
         while time.perf_counter() - t0 < args.seconds:
-            samples.append((time.perf_counter() - t0, page.evaluate(read)))
+            samples.append((time.perf_counter() - t0, page.evaluate(READ_STEP), *page.evaluate(READ_CHART)))
             if not pause.is_visible():  # the walk reached its goal: measure up to its last step
                 finished = True
                 break
             time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        browser_cores = (_chromium_cpu() - cpu0) / wall
+        server_cores = (_cpu(server_proc) - server0) / wall
         if not finished:
             pause.click()
+        exceptions = page.locator("[data-testid=stException]").count()
     # Up to the first sample that shows the last step (a finished walk's page stays put after it).
-    last = next(i for i, (_, n) in enumerate(samples) if n == samples[-1][1])
+    last = next(i for i, s in enumerate(samples) if s[1] == samples[-1][1])
     samples = samples[:last + 1]
-    points = [n for _, n in samples]
-    refreshes = sum(1 for a, b in zip(points, points[1:], strict=False) if b != a)
     elapsed = samples[-1][0] - samples[0][0]
+    steps = samples[-1][1] - samples[0][1]
+    refreshes = sum(1 for a, b in zip(samples, samples[1:], strict=False) if b[2] != a[2])
+    fifth = max(1, len(samples) // 5)
+
+    def rate(part) -> float:
+        return (part[-1][1] - part[0][1]) / max(part[-1][0] - part[0][0], 1e-9)
+
     result = {"query": args.query, "view": args.view, "first_paint_seconds": round(first_paint, 2),
-              "seconds": round(elapsed, 1), "walk_finished": finished,
-              "steps": points[-1] - points[0], "steps_per_second": round((points[-1] - points[0]) / elapsed, 1),
-              "chart_refreshes_per_second": round(refreshes / elapsed, 2)}
+              "headless_steps_per_second": round(reference, 1), "seconds": round(elapsed, 1),
+              "walk_finished": finished, "steps": steps, "steps_per_second": round(steps / elapsed, 1),
+              "browser_over_headless": round(steps / elapsed / reference, 2),
+              "chart_refreshes_per_second": round(refreshes / elapsed, 2),
+              "chart_points_at_end": samples[-1][3], "chromium_cores": round(browser_cores, 2),
+              "server_cores": round(server_cores, 2), "exceptions_shown": exceptions,
+              "first_fifth_steps_per_second": round(rate(samples[:fifth]), 1),
+              "last_fifth_steps_per_second": round(rate(samples[-fifth:]), 1)}
     print(json.dumps(result))
 
 

@@ -88,3 +88,34 @@ def test_the_dashboard_sends_each_refresh_only_the_new_points():
     at.number_input(key="branch_at").set_value(1).run()
     next(b for b in at.button if b.label == "Branch").click().run()
     assert all("full" in m for m in _messages(at).values())  # a branch changes the charts' structure
+
+
+def test_a_growing_table_becomes_the_same_points_as_a_rebuilt_figure_without_building_it():
+    from app.live_chart import runs_signature, runs_update
+
+    def runs(n: int):
+        f = _frame(n)
+        f["sparsity"], f["goal_distance"] = 1e-3 * f["step"], 3.0 / (1 + f["step"])
+        f["prune_now_accuracy/A"] = 0.5 + 1e-3 * f["step"]
+        return [("main", f)]
+
+    built = []
+
+    def build(r):
+        return lambda: built.append(1) or charts.sparsity_and_distance(r)
+
+    first, sent = runs_update(build(runs(10)), runs(10), runs_signature(runs(10)), None)
+    assert "full" in first and len(built) == 1
+    delta, sent = runs_update(build(runs(14)), runs(14), runs_signature(runs(14)), sent)
+    assert len(built) == 1 and delta["base"] == first["seq"]  # no figure was built for the new rows
+    full = json.loads(charts.sparsity_and_distance(runs(14)).to_json())["data"]
+    for op in delta["ops"]:
+        old = charts.sparsity_and_distance(runs(10)).data[op["trace"]]
+        for axis in ("x", "y"):
+            expected = np.asarray(getattr(charts.sparsity_and_distance(runs(14)).data[op["trace"]], axis))
+            np.testing.assert_allclose(list(getattr(old, axis)) + op["update"][axis], expected)
+    assert len(delta["ops"]) == len(full) == 3
+    steps = runs(15)
+    steps[0][1].loc[14, "event"] = "step size 0.2 -> 0.1"
+    redrawn, _ = runs_update(build(steps), steps, runs_signature(steps), sent)
+    assert "full" in redrawn and len(built) == 2  # an event line: the figure is rebuilt
