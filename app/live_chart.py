@@ -104,7 +104,16 @@ export default function (component) {
   div.__queue = (div.__queue || Promise.resolve())
     .then(() => loadPlotly())
     .then((Plotly) => apply(Plotly, div, data, setStateValue))
-    .catch((err) => { div.textContent = `chart: ${err}`; });
+    .catch((err) => {
+      console.error("geodesic live chart:", err);
+      const state = div.__geodesic;
+      if (state && state.seq !== null && !data.full) {  // an update that did not apply: redraw from scratch
+        state.seq = null;
+        setStateValue("want_full", `${data.seq}:error`);
+      } else {
+        div.textContent = `The chart could not be drawn: ${err}`;
+      }
+    });
 }
 """
 
@@ -132,6 +141,21 @@ def _array(value) -> np.ndarray | None:
     if isinstance(value, dict) and set(value) == {"dtype", "bdata"}:  # no "shape": one dimension
         return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
     return None
+
+
+def _plain(value):
+    """A figure's JSON with plotly's typed arrays ({"dtype", "bdata", "shape"}) as plain lists: plotly.js keeps a
+    typed array as given, and Plotly.extendTraces cannot append to one."""
+    if isinstance(value, dict):
+        if "bdata" in value and "dtype" in value:
+            array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+            if "shape" in value:
+                array = array.reshape([int(n) for n in str(value["shape"]).split(",")])
+            return array.tolist()
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _split(trace: dict) -> tuple[str, dict[str, np.ndarray]]:
@@ -163,7 +187,7 @@ def figure_update(fig: go.Figure, sent: dict | None, want_full: object = None) -
 
     sent: this function's second result for the previous message (None: nothing shown yet). want_full: the
     browser's latest request for a full draw (a new value forces one)."""
-    as_json = json.loads(fig.to_json())
+    as_json = _plain(json.loads(fig.to_json()))
     parts = [_split(trace) for trace in as_json.get("data", [])]
     layout = json.dumps(as_json.get("layout", {}), sort_keys=True)
     seq = (sent["seq"] + 1) if sent else 1
