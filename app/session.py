@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import streamlit as st
@@ -63,6 +64,7 @@ class AppState:
     branches: list[Branch] = field(default_factory=list)
     active: int = 0  # index into branches of the walk that steps
     baselines: dict = field(default_factory=dict)
+    pending_baselines: Future | None = None  # computed on the engine's thread after the first paint
     basis: PCABasis | None = None  # frozen PCA basis (refit on demand)
     umap: dict | None = None  # last UMAP result {"coords", "steps", "params"}
     spectrum: dict | None = None
@@ -82,18 +84,41 @@ def state() -> AppState:
     return st.session_state[KEY]
 
 
-def install(experiment: Experiment, baselines: dict) -> None:
-    """Show a freshly built walk (the previous one's handle is closed, freeing its place in the engine)."""
+def install(experiment: Experiment, baselines=None) -> None:
+    """Show a freshly built walk (the previous one's handle is closed, freeing its place in the engine).
+    baselines: what the walk is compared with; a callable of the experiment is run on the engine's thread
+    (it uses the walk's network) after the page is drawn, and its result shown when ready (baselines_pending)."""
     s = state()
     if s.runner is not None:
         s.runner.close()
-    s.config, s.experiment, s.baselines = experiment.config, experiment, baselines
+    s.config, s.experiment = experiment.config, experiment
     s.branches = [Branch("main", experiment.walker)]
     s.active = 0
     s.runner = engine().open(experiment.walker, session_id())
+    s.baselines, s.pending_baselines = {}, None
+    if callable(baselines):
+        s.pending_baselines = s.runner.submit(baselines, experiment)
+    elif baselines:
+        s.baselines = baselines
     weakref.finalize(s, s.runner.close)  # the session's state is dropped when its page is gone for good
     s.basis = s.umap = s.spectrum = s.contour = None
     s.errors = {}
+
+
+def baselines_pending() -> bool:
+    """Whether the baselines are still being computed (once they are, they are moved into `baselines`)."""
+    s = state()
+    future = s.pending_baselines
+    if future is None:
+        return False
+    if not future.done():
+        return True
+    s.pending_baselines = None
+    try:
+        s.baselines = future.result()
+    except Exception as err:  # noqa: BLE001 - shown, and the walk goes on without them
+        s.notice = f"The baselines could not be computed ({type(err).__name__}: {err})."
+    return False
 
 
 def add_branch(walker, label: str) -> None:

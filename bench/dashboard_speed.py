@@ -8,7 +8,8 @@
 
 Prints one JSON line: steps/s headless and in the browser and their ratio, chart refreshes/s (changes of the
 drawn chart), cores used by Chromium and by the server, first paint, and the rate in the first and the last
-fifth of the walk (does a long walk slow down?).
+fifth of the walk (does a long walk slow down?). "steady" counts from the first refresh that showed a step (the
+first one can lag the Run click by up to a refresh interval).
 
 Usage: python bench/dashboard_speed.py [--seconds 20] [--view Overview] [--query solver=penalty]
        python bench/dashboard_speed.py --query goal=new-task --seconds 80      # a walk of 2,000+ steps
@@ -118,6 +119,10 @@ def main() -> None:
     steps = samples[-1][1] - samples[0][1]
     refreshes = sum(1 for a, b in zip(samples, samples[1:], strict=False) if b[2] != a[2])
     fifth = max(1, len(samples) // 5)
+    # From the first refresh that showed a step to the last: the walk's pace while the page shows it (the page
+    # shows the newest step at each refresh, so the first one can lag the Run click by up to a refresh).
+    moving = next((i for i, s in enumerate(samples) if s[1] > samples[0][1]), 0)
+    steady = (samples[-1][1] - samples[moving][1]) / max(samples[-1][0] - samples[moving][0], 1e-9)
 
     def rate(part) -> float:
         return (part[-1][1] - part[0][1]) / max(part[-1][0] - part[0][0], 1e-9)
@@ -126,6 +131,7 @@ def main() -> None:
               "headless_steps_per_second": round(reference, 1), "seconds": round(elapsed, 1),
               "walk_finished": finished, "steps": steps, "steps_per_second": round(steps / elapsed, 1),
               "browser_over_headless": round(steps / elapsed / reference, 2),
+              "steady_steps_per_second": round(steady, 1), "steady_over_headless": round(steady / reference, 2),
               "chart_refreshes_per_second": round(refreshes / elapsed, 2),
               "chart_points_at_end": samples[-1][3], "chromium_cores": round(browser_cores, 2),
               "server_cores": round(server_cores, 2), "exceptions_shown": exceptions,

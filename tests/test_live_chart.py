@@ -70,9 +70,34 @@ def _messages(at: AppTest) -> dict:
             if e.proto.component_name == "geodesic.live_chart"}
 
 
+def _wait_for_baselines(at: AppTest) -> None:
+    import time
+
+    future = at.session_state["geodesic"].pending_baselines
+    t0 = time.monotonic()
+    while future is not None and not future.done():
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.05)
+
+
+def test_the_first_paint_does_not_wait_for_the_baselines_and_they_join_the_charts():
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    state = at.session_state["geodesic"]
+    assert state.pending_baselines is not None or state.baselines  # computed after the page is drawn
+    first = _messages(at)
+    assert first and all("full" in m for m in first.values())
+    _wait_for_baselines(at)
+    at.run()
+    assert "one_shot_accuracy" in at.session_state["geodesic"].baselines
+    acc = next(m for m in _messages(at).values() if "Accuracy and loss" in json.dumps(m.get("full", {})))
+    assert "one-shot pruning" in json.dumps(acc["full"]["layout"])  # redrawn with the baseline lines
+
+
 def test_the_dashboard_sends_each_refresh_only_the_new_points():
     at = AppTest.from_file(APP, default_timeout=180).run()
     assert not at.exception
+    _wait_for_baselines(at)
+    at.run()
     first = _messages(at)
     assert first and all("full" in m for m in first.values())
     step = next(b for b in at.button if b.label == "Step")

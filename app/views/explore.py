@@ -30,10 +30,9 @@ def _build(config) -> None:
     if config.device == "auto" and device not in ("", "auto"):  # the server's choice for walks set to auto
         config = config.replace(device=device)
     experiment = build(config, progress=progress)
-    bar.progress(1.0, text="computing the baselines")
-    baselines = analysis.goal_baselines(experiment)
     bar.empty()
-    session.install(experiment, baselines)
+    # The baselines take about a second: the page is drawn first and they join the charts when ready.
+    session.install(experiment, analysis.goal_baselines)
 
 
 def _start_walk(config) -> None:
@@ -224,6 +223,8 @@ def _status(s) -> None:
     cols[4].metric("distance to goal", f"{last.goal_distance:.3g}")
     if session.settings_problem():
         st.warning(session.settings_problem())
+    if s.notice:
+        st.warning(s.notice)
     if s.runner.error:
         st.error(s.runner.error)
     elif walker.is_done:
@@ -235,10 +236,17 @@ def _live(s) -> None:
 
     The server's engine walks in the background; each refresh draws whatever points it has added since."""
     s.runner.touch()  # a page is watching: the engine keeps this walk running
+    pending = session.baselines_pending()
     if not s.runner.is_running and st.session_state.get("_was_running"):  # stopped by itself: stop the timer
         st.session_state["_was_running"] = False
         st.rerun(scope="app")
+    if st.session_state.get("_baselines_pending") and not pending:  # they arrived: stop the timer
+        st.session_state["_baselines_pending"] = False
+        if not s.runner.is_running:
+            st.rerun(scope="app")
     _draw(s)
+    if pending:
+        st.caption("Computing the baselines the walk is compared with; they join the charts when ready.")
 
 
 def _draw(s) -> None:
@@ -363,5 +371,6 @@ def render() -> None:
     _drive(s, teach)
     available = [v for v in VIEWS if v != "Boundary" or s.walker.tasks["A"].train.x.shape[1:] == (2,)]
     st.segmented_control("View", available, key="view", default=available[0], label_visibility="collapsed")
-    interval = REFRESH_SECONDS if s.runner.is_running else None
-    st.fragment(run_every=interval)(_live)(s)
+    st.session_state["_baselines_pending"] = session.baselines_pending()
+    live = s.runner.is_running or st.session_state["_baselines_pending"]
+    st.fragment(run_every=REFRESH_SECONDS if live else None)(_live)(s)
