@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 app: setup
-	$(PY) -m streamlit run app/streamlit_app.py --server.port $(PORT)
+	$(PY) -m app.serve --server.port $(PORT)
 
 # The browser test drives Debian's Chromium; install it when missing and we may (root, apt-get).
 browser:

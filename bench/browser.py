@@ -19,8 +19,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @contextlib.contextmanager
 def app_server(port: int) -> Iterator[tuple[str, subprocess.Popen]]:
-    """(url, process) of `streamlit run app/streamlit_app.py` on 127.0.0.1:port, once it answers its health check."""
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless",
+    """(url, process) of the app as `make app` starts it (python -m app.serve) on 127.0.0.1:port, once it answers
+    its health check."""
+    proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--server.headless",
                              "true", "--server.port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -109,8 +109,12 @@ def main() -> None:
         wall = time.perf_counter() - t0
         browser_cores = (_chromium_cpu() - cpu0) / wall
         server_cores = (_cpu(server_proc) - server0) / wall
-        if not finished:
+        pause_answer = None
+        if not finished:  # the walk still runs: how long until the page answers a Pause click
+            t_click = time.perf_counter()
             pause.click()
+            page.get_by_role("button", name="Run", exact=True).wait_for(timeout=30_000)
+            pause_answer = round(time.perf_counter() - t_click, 2)
         exceptions = page.locator("[data-testid=stException]").count()
     # Up to the first sample that shows the last step (a finished walk's page stays put after it).
     last = next(i for i, s in enumerate(samples) if s[1] == samples[-1][1])
@@ -135,6 +139,7 @@ def main() -> None:
               "chart_refreshes_per_second": round(refreshes / elapsed, 2),
               "chart_points_at_end": samples[-1][3], "chromium_cores": round(browser_cores, 2),
               "server_cores": round(server_cores, 2), "exceptions_shown": exceptions,
+              "pause_answer_seconds": pause_answer,
               "first_fifth_steps_per_second": round(rate(samples[:fifth]), 1),
               "last_fifth_steps_per_second": round(rate(samples[-fifth:]), 1)}
     print(json.dumps(result))

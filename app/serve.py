@@ -1,0 +1,46 @@
+"""`python -m app.serve [streamlit run options]`: the dashboard, with its heavy imports done before anyone opens it.
+
+`streamlit run` imports an app's modules when the first page connects, so the first visitor of a fresh server
+waited for PyTorch's lazily imported parts (torch.optim pulls in torch._dynamo), scikit-learn's dataset loaders
+and plotly's validators: about 4 of the 6.5 s of the first paint (py-spy on the server, BENCHMARKS.md). This
+launcher imports them first, in the server's own process, then hands over to Streamlit's command line; the page's
+script finds them loaded.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def warm_up() -> None:
+    """Import what the first page needs and run the lazy parts once (a few seconds, before serving)."""
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import pandas as pd
+    import torch
+    from sklearn.datasets import load_digits  # noqa: F401
+    from sklearn.model_selection import train_test_split  # noqa: F401
+
+    from app import charts  # plotly and its figure validators
+    from geodesic import analysis, experiment  # noqa: F401  (torch.optim, which imports torch._dynamo)
+
+    torch.func.grad(lambda x: (x * x).sum())(torch.ones(2))  # torch.func's own lazy imports
+    frame = pd.DataFrame({"step": [0, 1], "accuracy/A": [0.9, 0.9], "loss/A": [0.3, 0.3], "sparsity": [0.0, 0.1],
+                          "goal_distance": [1.0, 0.9], "event": ["start", ""]})
+    charts.accuracy_and_loss([("main", frame)]).to_json()
+    charts.sparsity_and_distance([("main", frame)]).to_json()
+    del np
+
+
+def main() -> None:
+    warm_up()
+    from streamlit.web import cli
+
+    sys.argv = ["streamlit", "run", str(ROOT / "app" / "streamlit_app.py"), *sys.argv[1:]]
+    sys.exit(cli.main())
+
+
+if __name__ == "__main__":
+    main()
