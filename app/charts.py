@@ -34,11 +34,13 @@ def _events(fig: go.Figure, frame: pd.DataFrame, row: int | None = None, col: in
                            font=dict(size=10, color="#475569"))
 
 
-def source(run: int, x: str | list, y: str | list, text: list | None = None, start: int = 0) -> dict:
+def source(run: int, x: str | list, y: str | list, text: str | list | None = None, start: int = 0,
+           z: str | None = None, color: str | None = None, last: bool = False) -> dict:
     """A trace's `meta`: how its points come from run `run`'s table (rows `start` on), so a live chart can append
-    a growing path's new rows without rebuilding the figure (app/live_chart.py). x, y: a column, or [column,
-    scale] or [column, "sqrt"]; text: [column, format]."""
-    return {"src": {"run": run, "x": x, "y": y, "text": text, "start": start}}
+    a growing path's new rows without rebuilding the figure (app/live_chart.py). x, y, z: a column, or [column,
+    scale] or [column, "sqrt"]; text: a column or [column, format]; color: the column of the marker colours;
+    last: the trace shows only the table's last row (a "current point" marker)."""
+    return {"src": {"run": run, "x": x, "y": y, "z": z, "text": text, "color": color, "start": start, "last": last}}
 
 
 def column_values(frame: pd.DataFrame, spec) -> list:
@@ -93,11 +95,14 @@ def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
 
 def path_projection(coords: dict[str, np.ndarray], title: str, axis_labels: list[str],
                     steps: dict[str, np.ndarray], residual: dict[str, np.ndarray] | None = None,
-                    goal_point: np.ndarray | None = None, contour: dict | None = None) -> go.Figure:
+                    goal_point: np.ndarray | None = None, contour: dict | None = None,
+                    hover: dict[str, list[str]] | None = None, live: bool = False) -> go.Figure:
     """The path in 2-D or 3-D (coords[label]: (n, 2|3)); start, current and goal marked.
 
     residual[label]: ‖w − proj(w)‖ per point, shown as colour and hover (what the projection loses).
-    contour: {"a", "b", "loss"} drawn behind a 2-D path and labelled as the loss on that plane."""
+    contour: {"a", "b", "loss"} drawn behind a 2-D path and labelled as the loss on that plane.
+    hover[label]: the hover texts, if already made; live: the traces name their columns ("pc1", "pc2", "pc3",
+    "residual", "hover") of per-walk tables in the order of coords, for a live chart (app/live_chart.py)."""
     dims = next(iter(coords.values())).shape[1] if coords else 2
     fig = go.Figure()
     if contour is not None and dims == 2:
@@ -106,22 +111,26 @@ def path_projection(coords: dict[str, np.ndarray], title: str, axis_labels: list
                                  colorbar=dict(title="loss on plane", x=1.02), contours=dict(showlabels=True)))
     for i, (label, xyz) in enumerate(coords.items()):
         color = PALETTE[i % len(PALETTE)]
-        hover = [f"step {s}" + (f"<br>residual {r:.3g}" if residual else "")
-                 for s, r in zip(steps[label], residual[label] if residual else np.zeros(len(xyz)), strict=False)]
+        texts = hover[label] if hover else [
+            f"step {s}" + (f"<br>residual {r:.3g}" if residual else "")
+            for s, r in zip(steps[label], residual[label] if residual else np.zeros(len(xyz)), strict=False)]
         marker = dict(size=4, color=color)
         if residual:
             marker = dict(size=5, color=residual[label], colorscale="Viridis", showscale=(i == 0),
                           colorbar=dict(title="residual", x=1.12 if contour else 1.0))
         scatter = go.Scatter3d if dims == 3 else go.Scatter
         axes = dict(x=xyz[:, 0], y=xyz[:, 1], **({"z": xyz[:, 2]} if dims == 3 else {}))
+        z = "pc3" if dims == 3 else None
+        meta = source(i, "pc1", "pc2", "hover", z=z, color="residual" if residual else None) if live else None
         fig.add_trace(scatter(**axes, mode="lines+markers", name=label, line=dict(color=color), marker=marker,
-                              text=hover, hoverinfo="text"))
+                              text=texts, hoverinfo="text", meta=meta))
         for idx, name, symbol in ((0, "start", "circle-open" if dims == 3 else "star"),
                                   (-1, "current", "diamond")):
             point = dict(x=[xyz[idx, 0]], y=[xyz[idx, 1]], **({"z": [xyz[idx, 2]]} if dims == 3 else {}))
+            meta = source(i, "pc1", "pc2", z=z, last=True) if live and name == "current" else None
             fig.add_trace(scatter(**point, mode="markers", name=f"{label}: {name}",
                                   marker=dict(size=12 if dims == 2 else 6, color=color, symbol=symbol,
-                                              line=dict(color="black", width=1)), showlegend=(i == 0)))
+                                              line=dict(color="black", width=1)), showlegend=(i == 0), meta=meta))
     if goal_point is not None:
         gp = dict(x=[goal_point[0]], y=[goal_point[1]], **({"z": [goal_point[2]]} if dims == 3 else {}))
         fig.add_trace((go.Scatter3d if dims == 3 else go.Scatter)(**gp, mode="markers", name="goal",

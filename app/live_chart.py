@@ -243,6 +243,15 @@ def runs_signature(runs: list[tuple[str, pd.DataFrame]], extra: object = None) -
     return (tuple((label, tuple(f.columns), events(f), stride(f)) for label, f in runs), extra)
 
 
+def _values(rows: pd.DataFrame, src: dict) -> dict:
+    """The plotly.js attribute arrays of a trace for these rows of its table (as charts.source names them)."""
+    update = {"x": column_values(rows, src["x"]), "y": column_values(rows, src["y"])}
+    for attribute, key in (("z", "z"), ("text", "text"), ("marker.color", "color")):
+        if src.get(key):
+            update[attribute] = column_values(rows, src[key])
+    return update
+
+
 def runs_update(build, runs: list[tuple[str, pd.DataFrame]], signature: tuple, sent: dict | None,
                 want_full: object = None) -> tuple[dict, dict]:
     """Like figure_update for a chart of growing tables, without building the figure while only rows are added:
@@ -258,7 +267,10 @@ def runs_update(build, runs: list[tuple[str, pd.DataFrame]], signature: tuple, s
         for trace in fig.data:
             src = (trace.meta or {}).get("src") if isinstance(trace.meta, dict) else None
             sources.append(src)
-            counts.append(len(trace.x) if src is not None and trace.x is not None else 0)
+            if src is not None and src.get("last"):
+                counts.append(len(runs[src["run"]][1]) - src["start"])
+            else:
+                counts.append(len(trace.x) if src is not None and trace.x is not None else 0)
         return message, {"seq": message["seq"], "signature": signature, "want_full": want_full, "sources": sources,
                          "counts": counts, "message": message}
     ops, counts = [], list(sent["counts"])
@@ -269,10 +281,11 @@ def runs_update(build, runs: list[tuple[str, pd.DataFrame]], signature: tuple, s
         new = frame.iloc[src["start"] + counts[i]:]
         if new.empty:
             continue
-        update = {"x": column_values(new, src["x"]), "y": column_values(new, src["y"])}
-        if src.get("text"):
-            update["text"] = column_values(new, src["text"])
-        ops.append({"op": "extend", "trace": i, "update": update})
+        if src.get("last"):  # a marker of the newest point: moved, not extended
+            ops.append({"op": "restyle", "trace": i, "update": _values(new.iloc[-1:], src)})
+            counts[i] = len(frame) - src["start"]
+            continue
+        ops.append({"op": "extend", "trace": i, "update": _values(new, src)})
         counts[i] += len(new)
     if not ops:
         return sent["message"], sent

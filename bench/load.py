@@ -104,8 +104,9 @@ def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, 
             "errors": len(errors), "error_messages": errors[:3], "step_click_p95_s": _p95(latencies)}
 
 
-def pages(n_pages: int, seconds: float, port: int) -> dict:
-    """One server; a lone page, then n_pages at once plus a page clicking Step."""
+def pages(n_pages: int, seconds: float, port: int, query: str = "goal=new-task") -> dict:
+    """One server; a lone page, then n_pages at once plus a page clicking Step. query: the walk the pages run
+    (default a new-task walk, which has no end: the default sparsify walk now finishes in a few seconds)."""
     from browser import app_server, chromium, open_page
 
     read = "() => { const el = document.querySelector('[data-testid=stMetricValue]');" \
@@ -142,9 +143,10 @@ def pages(n_pages: int, seconds: float, port: int) -> dict:
         return rates, shown, latencies
 
     with app_server(port) as (url, _), chromium() as context:
+        url = f"{url}/?{query}" if query else url
         lone, lone_errors, _ = run_pages(context, url, 1, clicker=False)
         rates, shown, latencies = run_pages(context, url, n_pages, clicker=True)
-    return {"pages": n_pages, "lone_page_steps_per_s": round(lone[0], 1),
+    return {"pages": n_pages, "query": query, "lone_page_steps_per_s": round(lone[0], 1),
             "page_steps_per_s": [round(r, 1) for r in rates],
             "each_over_lone": [round(r / lone[0], 2) for r in rates] if lone[0] else None,
             "exceptions_shown": lone_errors + shown, "step_click_p95_s": _p95(latencies)}
@@ -161,6 +163,7 @@ def main() -> None:
     parser.add_argument("--no-batching", action="store_true", help="also measure with batching off, for comparison")
     parser.add_argument("--pages", type=int, default=0, help="also run this many Chromium pages against one server")
     parser.add_argument("--port", type=int, default=8597)
+    parser.add_argument("--page-query", default="goal=new-task", help="URL query of the walk the pages run")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     walks = [int(w) for w in args.walks.split(",")]
@@ -181,7 +184,7 @@ def main() -> None:
                     results.append(row)
                     print(json.dumps(row), flush=True)
     if args.pages:
-        row = pages(args.pages, args.seconds * 2, args.port)
+        row = pages(args.pages, args.seconds * 2, args.port, args.page_query)
         results.append(row)
         print(json.dumps(row), flush=True)
     if args.json:

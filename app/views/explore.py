@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from app import charts, controls, session
@@ -86,25 +87,32 @@ def _overview(s, runs) -> None:
         _chart(charts.accuracy_vs_alpha(walks, s.baselines.get("straight_line")), "alpha")
 
 
-def _projected(s, basis) -> dict:
-    """{label: (coords (n, 3), residual (n,), steps (n,))} of each branch on the frozen basis, thinned for drawing.
-    Only the points added since the last refresh are projected (the basis does not change while it is frozen)."""
+def _projected(s, basis) -> list[tuple[str, pd.DataFrame]]:
+    """(label, table of pc1, pc2, pc3, residual, step, hover) per branch: its points on the frozen basis, thinned
+    for drawing (the index holds each kept point's position). Only the points added since the last refresh are
+    projected and labelled (the basis does not change while it is frozen)."""
     cache = st.session_state.setdefault("_path_projection", {})
-    out = {}
+    out = []
     for b in s.branches:
         frame = b.walker.record.to_frame()  # the engine may append meanwhile: project exactly these points
         n = len(frame)
         entry = cache.get(b.label)
         if entry is None or entry["basis"] is not basis or entry["walker"] is not b.walker:
             entry = cache[b.label] = {"basis": basis, "walker": b.walker, "coords": np.zeros((0, 3)),
-                                      "residual": np.zeros(0)}
+                                      "residual": np.zeros(0), "hover": []}
         m = len(entry["coords"])
         if n > m:  # weights are appended before their point, so every point read has its row
             coords, residual = basis.project(np.stack(b.walker.trace.rows[m:n]))
             entry["coords"] = np.concatenate([entry["coords"], coords[:, :3]])
             entry["residual"] = np.concatenate([entry["residual"], residual])
+            entry["hover"] += [f"step {step}<br>residual {r:.3g}"
+                               for step, r in zip(frame["step"].iloc[m:n], residual, strict=True)]
         keep = thin_for_drawing(n)
-        out[b.label] = (entry["coords"][:n][keep], entry["residual"][:n][keep], frame["step"].to_numpy()[keep])
+        xyz = entry["coords"][:n][keep]
+        out.append((b.label, pd.DataFrame({"pc1": xyz[:, 0], "pc2": xyz[:, 1], "pc3": xyz[:, 2],
+                                           "residual": entry["residual"][:n][keep],
+                                           "step": frame["step"].to_numpy()[keep],
+                                           "hover": [entry["hover"][i] for i in keep]}, index=keep)))
     return out
 
 
@@ -120,10 +128,10 @@ def _path(s) -> None:
         st.info("The path needs at least 3 points for a projection: press Step or Run.")
         return
     basis = s.basis
-    projected = _projected(s, basis)
-    coords = {label: p[0][:, :dims] for label, p in projected.items()}
-    residual = {label: p[1] for label, p in projected.items()}
-    steps = {label: p[2] for label, p in projected.items()}
+    tables = _projected(s, basis)
+    coords = {label: t[["pc1", "pc2", "pc3"][:dims]].to_numpy() for label, t in tables}
+    residual = {label: t["residual"].to_numpy() for label, t in tables}
+    steps = {label: t["step"].to_numpy() for label, t in tables}
     ev = basis.explained_variance_ratio
     c3.caption(f"Basis fitted on {basis.n_fitted} points; explained variance PC1 {100 * ev[0]:.1f}%, "
                f"PC2 {100 * ev[1]:.1f}%, PC3 {100 * ev[2]:.1f}%. Colour = residual ‖w − proj(w)‖ "
@@ -141,8 +149,10 @@ def _path(s) -> None:
         if s.contour is None or s.contour.get("basis") is not basis or st.button("Recompute contour"):
             s.contour = {"basis": basis, **s.runner.call(analysis.loss_on_plane, walker, basis, extent, 15)}
     contour = s.contour if dims == 2 and st.session_state.get("contour_on") else None
-    _chart(charts.path_projection(coords, f"Path in weight space: PCA ({dims}-D)", labels, steps, residual,
-                                  goal_point, contour), "pca")
+    hover = {label: t["hover"].tolist() for label, t in tables}
+    _runs_chart(lambda: charts.path_projection(coords, f"Path in weight space: PCA ({dims}-D)", labels, steps,
+                                               residual, goal_point, contour, hover, live=True),
+                tables, "pca", (dims, id(basis), id(contour), None if goal_point is None else tuple(goal_point)))
     with st.expander("UMAP (on demand)"):
         u1, u2, u3 = st.columns(3)
         n_neighbors = u1.number_input("n_neighbors", value=15, min_value=2, max_value=200, key="umap_nn")
