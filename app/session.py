@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import streamlit as st
@@ -34,6 +34,9 @@ def engine() -> Engine:
 
 
 _PROBLEMS: list[str] = []
+# Slow analysis a page shows when it is ready (the goal's baselines), beside the engine rather than on its
+# thread, so nobody's walk waits for it. Each job works on its own copy of the network (goal_baselines_apart).
+_ANALYSIS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="geodesic-analysis")
 
 
 def settings_problem() -> str | None:
@@ -64,7 +67,7 @@ class AppState:
     branches: list[Branch] = field(default_factory=list)
     active: int = 0  # index into branches of the walk that steps
     baselines: dict = field(default_factory=dict)
-    pending_baselines: Future | None = None  # computed on the engine's thread after the first paint
+    pending_baselines: Future | None = None  # computed on an analysis thread after the first paint
     basis: PCABasis | None = None  # frozen PCA basis (refit on demand)
     umap: dict | None = None  # last UMAP result {"coords", "steps", "params"}
     spectrum: dict | None = None
@@ -86,8 +89,9 @@ def state() -> AppState:
 
 def install(experiment: Experiment, baselines=None) -> None:
     """Show a freshly built walk (the previous one's handle is closed, freeing its place in the engine).
-    baselines: what the walk is compared with; a callable of the experiment is run on the engine's thread
-    (it uses the walk's network) after the page is drawn, and its result shown when ready (baselines_pending)."""
+    baselines: what the walk is compared with; a callable of the experiment runs on an analysis thread after the
+    page is drawn (it must not touch the walk's own network: goal_baselines_apart), and its result is shown
+    when ready (baselines_pending)."""
     s = state()
     if s.runner is not None:
         s.runner.close()
@@ -97,7 +101,7 @@ def install(experiment: Experiment, baselines=None) -> None:
     s.runner = engine().open(experiment.walker, session_id())
     s.baselines, s.pending_baselines = {}, None
     if callable(baselines):
-        s.pending_baselines = s.runner.submit(baselines, experiment)
+        s.pending_baselines = _ANALYSIS.submit(baselines, experiment)
     elif baselines:
         s.baselines = baselines
     weakref.finalize(s, s.runner.close)  # the session's state is dropped when its page is gone for good

@@ -4,6 +4,7 @@ Each function takes engine objects and returns numpy arrays, pandas frames or pl
 """
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -14,6 +15,7 @@ from .baselines import fine_tune, masked_fine_tune, one_shot_prune, straight_lin
 from .experiment import Experiment
 from .measures import evaluate, true_class_probability
 from .metric import PullbackMetric
+from .models import NetworkFunction
 from .params import unflatten
 from .projection import PCABasis
 from .walker import Walker
@@ -70,13 +72,16 @@ def loss_on_plane(walker: Walker, basis: PCABasis, extent: np.ndarray, resolutio
     return {"a": a_values, "b": b_values, "loss": losses}
 
 
-def goal_baselines(experiment: Experiment, budget_steps: int | None = None) -> dict:
+def goal_baselines(experiment: Experiment, budget_steps: int | None = None,
+                   model_fn: NetworkFunction | None = None) -> dict:
     """What the walk is compared with on the dashboard, at a matched number of forward+backward passes.
 
     sparsify: one-shot pruning and masked fine-tuning (accuracy numbers); new-task: naive fine-tuning
     on task B (a per-step table of accuracy on every task); connect: the straight line on a 21-point α grid.
+    model_fn: the network to use (default the walk's own).
     """
     cfg, walker = experiment.config, experiment.walker
+    walker = _WithModel(model_fn) if model_fn is not None else walker
     budget = budget_steps or cfg.walk.n_steps
     task_a = experiment.tasks["A"]
     if cfg.goal.kind == "sparsify":
@@ -93,6 +98,19 @@ def goal_baselines(experiment: Experiment, budget_steps: int | None = None) -> d
         return {"naive_fine_tune": pd.DataFrame(history)}
     line = straight_line(walker.model_fn, experiment.start, experiment.end, task_a, n_points=21)
     return {"straight_line": pd.DataFrame(line)}
+
+
+class _WithModel:
+    def __init__(self, model_fn: NetworkFunction):
+        self.model_fn = model_fn
+
+
+def goal_baselines_apart(experiment: Experiment) -> dict:
+    """goal_baselines on a private copy of the network, so it can run on a thread of its own while the engine
+    walks this experiment: torch.func.functional_call swaps a module's parameters while it runs, so two threads
+    must never call one module at once (the engine's thread owns the walk's)."""
+    network = copy.deepcopy(experiment.network)
+    return goal_baselines(experiment, model_fn=NetworkFunction(network, dict(experiment.walker.buffers)))
 
 
 def weights_bytes(walker: Walker) -> bytes:

@@ -163,12 +163,6 @@ class WalkHandle:
         self.touch()
         return self.engine._call_soon(lambda: fn(*args)).result(timeout)
 
-    def submit(self, fn: Callable, *args) -> Future:
-        """fn(*args) on the engine's thread, between two steps, without waiting: its Future (slow analysis that
-        a page shows when it is ready, such as the goal's baselines)."""
-        self.touch()
-        return self.engine._call_soon(lambda: fn(*args))
-
     def close(self) -> None:
         """Give the walk up (the page was closed or a new walk replaces it)."""
         self.is_closed, self._running = True, False

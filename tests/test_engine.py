@@ -181,3 +181,30 @@ def test_settings_from_the_environment_and_a_file(tmp_path):
     path.write_text("[engine]\nmax_walkz = 3\n")
     with pytest.raises(ConfigError, match="max_walkz"):
         EngineSettings.from_env({"GEODESIC_SERVER_CONFIG": str(path)})
+
+
+def test_baselines_computed_beside_a_walk_leave_its_path_alone():
+    """What the dashboard does after the first paint: the goal's baselines on an analysis thread while the engine
+    walks the same experiment (on a copy of the network: functional_call swaps a module's parameters)."""
+    from geodesic import analysis
+
+    alone = build(RunConfig()).walker
+    expected = [alone.step() for _ in range(15)]
+    experiment = build(RunConfig())
+    reference = analysis.goal_baselines(build(RunConfig()))
+    engine = Engine(EngineSettings(threads=1))
+    handle = engine.open(experiment.walker)
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(analysis.goal_baselines_apart(experiment)))
+    handle.run()
+    worker.start()
+    worker.join(timeout=120)
+    t0 = time.monotonic()
+    while experiment.walker.n_steps < 15:
+        assert time.monotonic() - t0 < 60 and not handle.error, handle.error
+        time.sleep(0.01)
+    handle.pause()
+    engine.stop()
+    assert got == pytest.approx(reference)  # the same baselines as on the walk's own network
+    for a, b in zip(expected, experiment.walker.record.points[1:16], strict=True):
+        assert b.accuracy == a.accuracy and b.loss == pytest.approx(a.loss, rel=1e-5)
