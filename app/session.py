@@ -6,7 +6,9 @@ Each session's walks live in its own state; the walking itself is done by the se
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +38,15 @@ def engine() -> Engine:
 _PROBLEMS: list[str] = []
 # Slow analysis a page shows when it is ready (the goal's baselines), beside the engine rather than on its
 # thread, so nobody's walk waits for it. Each job works on its own copy of the network (goal_baselines_apart).
-_ANALYSIS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="geodesic-analysis")
+def _yield_to_the_engine() -> None:
+    """Lower this analysis thread's CPU priority (Linux: nice is per thread), so the walks go first."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at the normal priority
+        pass
+
+
+_ANALYSIS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="geodesic-analysis", initializer=_yield_to_the_engine)
 
 
 def settings_problem() -> str | None:
