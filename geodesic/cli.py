@@ -67,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--init", metavar="PATH", help="start from these weights (.safetensors or a state dict)")
     run.add_argument("--save-every", type=int, default=0, help="also keep the weights of every k-th step")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sweep = sub.add_parser("sweep", help="walk every combination of comma-separated settings (see geodesic/sweep.py)")
+    defaults = {"goal": None, "dataset": "digits", "model": "mlp", "solver": "constrained", "seed": "0",
+                "target-sparsity": "0.9", "new-task": "permuted", "memory-size": "500"}
+    from .sweep import LISTS
+    for flag, _, kind in LISTS:
+        sweep.add_argument(f"--{flag}", default=defaults.get(flag),
+                           help=f"one value or a comma-separated list ({kind.__name__})")
+    sweep.add_argument("--out", required=True, help="folder of the sweep: cells/NAME/ run folders, sweep.parquet")
+    sweep.add_argument("--data-root", help="folder of torchvision datasets (mnist, fashion-mnist, cifar10/100)")
+    sweep.add_argument("--download", action="store_true", help="download a torchvision dataset into --data-root")
+    sweep.add_argument("--hidden", default="128,128", help="mlp hidden widths, comma-separated (default 128,128)")
+    sweep.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    sweep.add_argument("--epochs", type=int, default=30, help="training epochs of the start network(s)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -168,6 +183,10 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "sweep":
+            from .sweep import run_sweep
+
+            return run_sweep(args)
         return run_command(args)
     except ConfigError as err:  # name the flag the user typed (the engine's name for --step-size differs)
         flag = {"max-step-norm": "step-size"}.get(err.setting, err.setting)

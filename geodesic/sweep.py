@@ -1,0 +1,188 @@
+"""Sweeps: every combination of a few settings, walked together where they can share a computation.
+
+`python -m geodesic sweep --step-size 0.05,0.1 --seed 0,1,2 --goal sparsify --out DIR` expands the lists into
+cells (one walk each), names each cell by the settings that vary (`seed=1_step-size=0.1`), and writes
+
+    DIR/cells/NAME/     a normal run folder (what `run` writes; the dashboard's Runs page opens it)
+    DIR/sweep.parquet   one row per finished cell: the settings that vary and the summary's numbers
+
+Cells whose walks can share a computation (same model, step rule, probe and batch sizes: batch.batch_key) are
+stepped as one WalkBatch. A cell is finished once its summary.json exists: running the same command again skips
+finished cells, and a sweep that was killed loses only the cells in flight (they start over).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import ConfigError, GeodesicError
+
+# Options a sweep takes as comma-separated lists: (flag, attribute of run's arguments, element type).
+LISTS = (("goal", "goal", str), ("dataset", "dataset", str), ("model", "model", str), ("solver", "solver", str),
+         ("step-size", "step_size", float), ("goal-weight", "goal_weight", float),
+         ("goal-weight-growth", "goal_weight_growth", float), ("restoring-weight", "restoring_weight", float),
+         ("metric", "metric", str), ("probe-size", "probe_size", int), ("batch-size", "batch_size", int),
+         ("n-steps", "n_steps", int), ("seed", "seed", int), ("target-sparsity", "target_sparsity", float),
+         ("tolerance", "tolerance", float), ("new-task", "new_task", str), ("memory-size", "memory_size", int))
+
+
+@dataclass
+class Cell:
+    name: str
+    settings: dict  # the settings that vary across the sweep, by flag
+    args: argparse.Namespace  # run's arguments for this cell
+
+
+def parse_list(flag: str, text: str | None, kind: type) -> list:
+    """'0.05,0.1' -> [0.05, 0.1]; a bad element raises ConfigError naming the flag."""
+    if text is None:
+        return [None]
+    items = [t.strip() for t in str(text).split(",")]
+    if not items or any(t == "" for t in items):
+        raise ConfigError(flag, text, "a comma-separated list with no empty entries")
+    try:
+        values = [kind(t) for t in items]
+    except ValueError:
+        raise ConfigError(flag, text, f"a comma-separated list of {kind.__name__} values") from None
+    if len(set(values)) != len(values):
+        raise ConfigError(flag, text, "a list without repeated values")
+    return values
+
+
+def expand(args: argparse.Namespace) -> list[Cell]:
+    """Every combination of the listed values, as cells named by the settings that vary. Each cell's settings are
+    validated (a bad combination raises ConfigError naming the cell's setting)."""
+    from .cli import config_from_args
+
+    lists = {flag: (attr, parse_list(flag, getattr(args, attr), kind)) for flag, attr, kind in LISTS}
+    varying = [flag for flag, (_, values) in lists.items() if len(values) > 1]
+    cells = []
+    for combo in itertools.product(*(values for _, values in lists.values())):
+        chosen = dict(zip(lists, combo, strict=True))
+        cell_args = argparse.Namespace(**vars(args))
+        for flag, (attr, _) in lists.items():
+            setattr(cell_args, attr, chosen[flag])
+        if cell_args.seed is None:
+            cell_args.seed = 0
+        if cell_args.target_sparsity is None:
+            cell_args.target_sparsity = 0.9
+        settings = {flag: chosen[flag] for flag in sorted(varying)}
+        name = "_".join(f"{flag}={value:g}" if isinstance(value, float) else f"{flag}={value}"
+                        for flag, value in settings.items()) or "cell"
+        config_from_args(cell_args)  # validates: raises ConfigError for a bad value
+        cells.append(Cell(name, settings, cell_args))
+    return cells
+
+
+def is_finished(directory: Path) -> bool:
+    return (directory / "summary.json").is_file()
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """The sweep command (see the module's docstring). Returns the exit status."""
+    from .batch import WalkBatch, batch_key
+    from .cli import config_from_args
+    from .experiment import build
+    from .path import write_json
+    from .store import RunStore
+    from .summary import summarize
+
+    if not args.out:
+        raise ConfigError("out", None, "a folder to write the sweep to")
+    out = Path(args.out)
+    cells = expand(args)
+    todo = [c for c in cells if not is_finished(out / "cells" / c.name)]
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="sweep")
+    live: list[tuple[Cell, object, RunStore, float]] = []
+    for cell in todo:
+        folder = out / "cells" / cell.name
+        if folder.exists():  # a cell that was in flight when the sweep was stopped: start it over
+            shutil.rmtree(folder)
+        experiment = build(config_from_args(cell.args))
+        store = RunStore(folder)
+        store.begin(experiment)
+        live.append((cell, experiment, store, time.perf_counter()))
+
+    def finish(item) -> None:
+        cell, experiment, store, t0 = item
+        summary = summarize(experiment, wall_seconds=time.perf_counter() - t0)
+        store.finish(experiment, {**summary, "sweep_cell": cell.name, "sweep_settings": cell.settings})
+        if bar is not None:
+            bar.update(1)
+
+    batches: dict[tuple, WalkBatch] = {}
+    while live:
+        groups: dict[object, list] = {}
+        for item in live:
+            key = batch_key(item[1].walker)
+            groups.setdefault(("alone", id(item)) if key is None else key, []).append(item)
+        for group in groups.values():
+            walkers = [item[1].walker for item in group]
+            if len(group) == 1:
+                try:
+                    results = [walkers[0].step()]
+                except GeodesicError as err:
+                    results = [err]
+            else:
+                ids = tuple(id(w) for w in walkers)
+                if ids not in batches:
+                    batches.clear()
+                    batches[ids] = WalkBatch(walkers)
+                results = batches[ids].step()
+            for item, result in zip(group, results, strict=True):
+                cell, experiment, store, _ = item
+                walker = experiment.walker
+                if isinstance(result, GeodesicError) and not walker.is_done:
+                    walker.is_done, walker.stop_reason = True, str(result)
+                store.after_step(experiment)
+        still = []
+        for item in live:
+            walker = item[1].walker
+            if walker.is_done or walker.n_steps >= walker.config.n_steps:
+                finish(item)
+            else:
+                still.append(item)
+        live = still
+    if bar is not None:
+        bar.close()
+    table = sweep_table(out, cells)
+    tmp = out / "sweep.parquet.tmp"
+    table.to_parquet(tmp, index=False)
+    tmp.replace(out / "sweep.parquet")
+    write_json(out / "sweep.json", {"cells": [c.name for c in cells], "varying": sorted(cells[0].settings)})
+    return 0
+
+
+def sweep_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
+    """One row per finished cell: its name, the settings that vary, and the summary's numbers."""
+    import json
+
+    rows = []
+    for cell in cells:
+        path = out / "cells" / cell.name / "summary.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        row = {"cell": cell.name, **cell.settings, "steps": s["steps"], "reached_goal": s["reached_goal"],
+               "stop_reason": s["stop_reason"], "wall_seconds": s["wall_seconds"],
+               "end_sparsity": s["end"]["sparsity"]}
+        for task, value in s["start"]["test_accuracy"].items():
+            row[f"start_accuracy/{task}"] = value
+        for task, value in s["end"]["test_accuracy"].items():
+            row[f"end_accuracy/{task}"] = value
+        for task, value in s["min_test_accuracy"].items():
+            row[f"min_accuracy/{task}"] = value
+        for key in ("error_barrier", "linear_error_barrier"):
+            if key in s:
+                row[key] = s[key]
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,101 @@
+"""python -m geodesic sweep: grid expansion and naming, bad lists, resume, a killed sweep, cells equal to runs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from geodesic.cli import _parser, main
+from geodesic.errors import ConfigError
+from geodesic.sweep import expand
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(*argv):
+    return _parser().parse_args(["sweep", "--out", "x", *argv])
+
+
+def test_every_combination_is_a_cell_named_by_what_varies():
+    cells = expand(_args("--goal", "sparsify", "--step-size", "0.05,0.1", "--seed", "0,1,2", "--solver", "penalty"))
+    assert len(cells) == 6
+    assert cells[0].name == "seed=0_step-size=0.05" and cells[-1].name == "seed=2_step-size=0.1"
+    assert len({c.name for c in cells}) == 6
+    assert cells[1].settings == {"seed": 1, "step-size": 0.05}
+    assert all(c.args.solver == "penalty" and c.args.goal == "sparsify" for c in cells)
+    (single,) = expand(_args("--goal", "connect"))
+    assert single.name == "cell" and single.settings == {}
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--step-size", "0.1,abc"], "--step-size"),
+    (["--seed", "0,,1"], "--seed"),
+    (["--step-size", "0.1,-1"], "--step-size"),  # a list that parses, with a value the walk refuses
+    (["--solver", "constrained,sideways"], "--solver"),
+    (["--seed", "1,1"], "--seed"),
+])
+def test_a_bad_list_exits_2_with_one_line_naming_it(tmp_path, capsys, argv, flag):
+    assert main(["sweep", "--goal", "sparsify", "--out", str(tmp_path / "s"), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag.lstrip("-") in err and err.startswith("geodesic: error:")
+    assert not (tmp_path / "s" / "cells").exists()  # nothing was walked
+
+
+def test_a_sweep_writes_cells_and_a_table_and_a_rerun_skips_finished_cells(tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--goal", "sparsify", "--step-size", "0.1,0.2", "--seed", "0,1", "--n-steps", "6",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    table = pd.read_parquet(out / "sweep.parquet")
+    assert sorted(table["cell"]) == sorted(p.name for p in (out / "cells").iterdir()) and len(table) == 4
+    assert set(table["step-size"]) == {0.1, 0.2} and set(table["seed"]) == {0, 1} and (table["steps"] == 6).all()
+    for cell in table["cell"]:  # each a normal run folder
+        for name in ("summary.json", "steps.parquet", "config.json", "weights/final.safetensors"):
+            assert (out / "cells" / cell / name).is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/summary.json")}
+    assert main([*argv[:4], "0.1,0.2,0.4", *argv[5:]]) == 0  # one more step size: only its cells run
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert len(pd.read_parquet(out / "sweep.parquet")) == 6
+
+
+def test_a_killed_sweep_loses_only_the_cells_in_flight(tmp_path):
+    out = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "geodesic", "sweep", "--goal", "sparsify", "--n-steps", "3,2000", "--seed", "0",
+            "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    short = out / "cells" / "n-steps=3" / "summary.json"
+    t0 = time.monotonic()
+    while not short.is_file():
+        assert time.monotonic() - t0 < 120 and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.5)  # the long cell is in flight
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "cells" / "n-steps=2000" / "summary.json").exists()
+    stamp = short.stat().st_mtime_ns
+    rerun = subprocess.run([*argv[:7], "3,25", *argv[8:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert short.stat().st_mtime_ns == stamp  # finished before the kill: kept
+    assert json.loads((out / "cells" / "n-steps=25" / "summary.json").read_text())["steps"] == 25
+
+
+def test_a_cell_walks_the_path_of_the_same_run(tmp_path):
+    assert main(["sweep", "--goal", "sparsify", "--seed", "0,1", "--n-steps", "8", "--out", str(tmp_path / "s"),
+                 "--quiet"]) == 0
+    assert main(["run", "--goal", "sparsify", "--seed", "1", "--n-steps", "8", "--out", str(tmp_path / "r"),
+                 "--quiet"]) == 0
+    cell = pd.read_parquet(tmp_path / "s" / "cells" / "seed=1" / "steps.parquet")
+    run = pd.read_parquet(tmp_path / "r" / "steps.parquet")
+    assert list(cell["step"]) == list(run["step"])
+    pd.testing.assert_series_equal(cell["accuracy/A"], run["accuracy/A"], atol=3e-3)  # batched: float noise
+    pd.testing.assert_series_equal(cell["goal_distance"], run["goal_distance"], rtol=1e-3)
+
+
+def test_expand_refuses_an_empty_entry():
+    with pytest.raises(ConfigError):
+        expand(_args("--goal", "sparsify", "--probe-size", "8,"))
