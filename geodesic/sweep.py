@@ -5,6 +5,7 @@ cells (one walk each), names each cell by the settings that vary (`seed=1_step-s
 
     DIR/cells/NAME/     a normal run folder (what `run` writes; the dashboard's Runs page opens it)
     DIR/sweep.parquet   one row per finished cell: the settings that vary and the summary's numbers
+    DIR/sweep.html      a report: accuracy along the path per cell, the best cell per goal (report.py)
 
 Cells whose walks can share a computation (same model, step rule, probe and batch sizes: batch.batch_key) are
 stepped as one WalkBatch. A cell is finished once its summary.json exists: running the same command again skips
@@ -159,6 +160,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     table.to_parquet(tmp, index=False)
     tmp.replace(out / "sweep.parquet")
     write_json(out / "sweep.json", {"cells": [c.name for c in cells], "varying": sorted(cells[0].settings)})
+    if len(table):
+        from .path import PathRecord
+        from .report import write_sweep_report
+
+        paths = {name: PathRecord.load(out / "cells" / name / "steps.parquet").to_frame() for name in table["cell"]}
+        write_sweep_report(out, table, paths)
     return 0
 
 
@@ -172,7 +179,8 @@ def sweep_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
         if not path.is_file():
             continue
         s = json.loads(path.read_text())
-        row = {"cell": cell.name, **cell.settings, "steps": s["steps"], "reached_goal": s["reached_goal"],
+        row = {"cell": cell.name, **cell.settings, "goal": s["goal"], "steps": s["steps"],
+               "reached_goal": s["reached_goal"],
                "stop_reason": s["stop_reason"], "wall_seconds": s["wall_seconds"],
                "end_sparsity": s["end"]["sparsity"]}
         for task, value in s["start"]["test_accuracy"].items():

@@ -57,6 +57,9 @@ def test_a_sweep_writes_cells_and_a_table_and_a_rerun_skips_finished_cells(tmp_p
     for cell in table["cell"]:  # each a normal run folder
         for name in ("summary.json", "steps.parquet", "config.json", "weights/final.safetensors"):
             assert (out / "cells" / cell / name).is_file()
+    report = (out / "sweep.html").read_text()
+    assert all(cell in report for cell in table["cell"]) and "Best cell per goal" in report
+    assert "src=\"https://cdn" not in report and len(report) > 1_000_000  # plotly.js embedded: opens offline
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/summary.json")}
     assert main([*argv[:4], "0.1,0.2,0.4", *argv[5:]]) == 0  # one more step size: only its cells run
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
@@ -99,3 +102,13 @@ def test_a_cell_walks_the_path_of_the_same_run(tmp_path):
 def test_expand_refuses_an_empty_entry():
     with pytest.raises(ConfigError):
         expand(_args("--goal", "sparsify", "--probe-size", "8,"))
+
+
+def test_the_best_cell_keeps_the_most_accuracy_among_those_that_reached_the_goal():
+    from geodesic.report import best_cells
+
+    table = pd.DataFrame({"cell": ["a", "b", "c", "d"], "goal": ["sparsify"] * 3 + ["connect"],
+                          "reached_goal": [True, True, False, False], "min_accuracy/A": [0.90, 0.95, 0.99, 0.5],
+                          "end_accuracy/A": [0.96, 0.95, 0.99, 0.6], "steps": [10, 20, 5, 7]})
+    best = best_cells(table).set_index("goal")["cell"].to_dict()
+    assert best == {"sparsify": "b", "connect": "d"}  # c kept more but never got there; connect: none did
