@@ -1,7 +1,7 @@
 """Sweeps: every combination of a few settings, walked together where they can share a computation.
 
 `python -m geodesic sweep --step-size 0.05,0.1 --seed 0,1,2 --goal sparsify --out DIR` expands the lists into
-cells (one walk each), names each cell by the settings that vary (`seed=1_step-size=0.1`), and writes
+cells (one walk each), names each cell by the settings that vary (`seed-1_step-size-0.1`), and writes
 
     DIR/cells/NAME/     a normal run folder (what `run` writes; the dashboard's Runs page opens it)
     DIR/sweep.parquet   one row per finished cell: the settings that vary and the summary's numbers
@@ -74,11 +74,24 @@ def expand(args: argparse.Namespace) -> list[Cell]:
         if cell_args.target_sparsity is None:
             cell_args.target_sparsity = 0.9
         settings = {flag: chosen[flag] for flag in sorted(varying)}
-        name = "_".join(f"{flag}={value:g}" if isinstance(value, float) else f"{flag}={value}"
-                        for flag, value in settings.items()) or "cell"
+        name = cell_name(settings)
         config_from_args(cell_args)  # validates: raises ConfigError for a bad value
         cells.append(Cell(name, settings, cell_args))
     return cells
+
+
+def cell_name(settings: dict) -> str:
+    """'seed-1_step-size-0.1': a run name the Runs page accepts (store.check_run_name); long ones end in a hash."""
+    import hashlib
+
+    from .store import check_run_name
+
+    name = "_".join(f"{flag}-{value:g}" if isinstance(value, float) else f"{flag}-{value}"
+                    for flag, value in settings.items()) or "cell"
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+    if len(name) > 80:
+        name = f"{name[:70]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return check_run_name(name)
 
 
 def is_finished(directory: Path) -> bool:

@@ -24,10 +24,16 @@ def _args(*argv):
 def test_every_combination_is_a_cell_named_by_what_varies():
     cells = expand(_args("--goal", "sparsify", "--step-size", "0.05,0.1", "--seed", "0,1,2", "--solver", "penalty"))
     assert len(cells) == 6
-    assert cells[0].name == "seed=0_step-size=0.05" and cells[-1].name == "seed=2_step-size=0.1"
+    assert cells[0].name == "seed-0_step-size-0.05" and cells[-1].name == "seed-2_step-size-0.1"
     assert len({c.name for c in cells}) == 6
     assert cells[1].settings == {"seed": 1, "step-size": 0.05}
     assert all(c.args.solver == "penalty" and c.args.goal == "sparsify" for c in cells)
+    from geodesic.store import check_run_name
+
+    assert all(check_run_name(c.name) == c.name for c in cells)  # the Runs page can open every cell
+    many = expand(_args("--goal", "sparsify", "--step-size", "0.05,0.1", "--goal-weight", "0.001,0.003",
+                        "--restoring-weight", "0.1,0.3", "--probe-size", "8,16", "--target-sparsity", "0.8,0.9"))
+    assert all(len(c.name) <= 80 for c in many) and len({c.name for c in many}) == 32
     (single,) = expand(_args("--goal", "connect"))
     assert single.name == "cell" and single.settings == {}
 
@@ -71,7 +77,7 @@ def test_a_killed_sweep_loses_only_the_cells_in_flight(tmp_path):
     argv = [sys.executable, "-m", "geodesic", "sweep", "--goal", "sparsify", "--n-steps", "3,2000", "--seed", "0",
             "--out", str(out), "--quiet"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    short = out / "cells" / "n-steps=3" / "summary.json"
+    short = out / "cells" / "n-steps-3" / "summary.json"
     t0 = time.monotonic()
     while not short.is_file():
         assert time.monotonic() - t0 < 120 and proc.poll() is None
@@ -79,12 +85,12 @@ def test_a_killed_sweep_loses_only_the_cells_in_flight(tmp_path):
     time.sleep(0.5)  # the long cell is in flight
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "cells" / "n-steps=2000" / "summary.json").exists()
+    assert not (out / "cells" / "n-steps-2000" / "summary.json").exists()
     stamp = short.stat().st_mtime_ns
     rerun = subprocess.run([*argv[:7], "3,25", *argv[8:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert short.stat().st_mtime_ns == stamp  # finished before the kill: kept
-    assert json.loads((out / "cells" / "n-steps=25" / "summary.json").read_text())["steps"] == 25
+    assert json.loads((out / "cells" / "n-steps-25" / "summary.json").read_text())["steps"] == 25
 
 
 def test_a_cell_walks_the_path_of_the_same_run(tmp_path):
@@ -92,7 +98,7 @@ def test_a_cell_walks_the_path_of_the_same_run(tmp_path):
                  "--quiet"]) == 0
     assert main(["run", "--goal", "sparsify", "--seed", "1", "--n-steps", "8", "--out", str(tmp_path / "r"),
                  "--quiet"]) == 0
-    cell = pd.read_parquet(tmp_path / "s" / "cells" / "seed=1" / "steps.parquet")
+    cell = pd.read_parquet(tmp_path / "s" / "cells" / "seed-1" / "steps.parquet")
     run = pd.read_parquet(tmp_path / "r" / "steps.parquet")
     assert list(cell["step"]) == list(run["step"])
     pd.testing.assert_series_equal(cell["accuracy/A"], run["accuracy/A"], atol=3e-3)  # batched: float noise
