@@ -85,6 +85,8 @@ class AppState:
     errors: dict[str, str] = field(default_factory=dict)  # setting -> message shown next to its control
     notice: str = ""
     speed: str = "as fast as possible"
+    fan: list = field(default_factory=list)  # (branch index, WalkHandle) of the walks of a step-size fan
+    fan_from: int | None = None  # the step the fan started from
 
     @property
     def walker(self):
@@ -105,6 +107,7 @@ def install(experiment: Experiment, baselines=None) -> None:
     s = state()
     if s.runner is not None:
         s.runner.close()
+    close_fan()
     s.config, s.experiment = experiment.config, experiment
     s.branches = [Branch("main", experiment.walker)]
     s.active = 0
@@ -135,6 +138,47 @@ def baselines_pending() -> bool:
     return False
 
 
+def launch_fan(walkers: list, labels: list[str], at_step: int) -> None:
+    """Walk these branches side by side (each its own handle: the engine steps compatible ones as one batch);
+    they join the charts as branches. Raises CapacityError (from the engine) when the session or server is full,
+    after closing the ones it had opened."""
+    s = state()
+    close_fan()
+    opened = []
+    try:
+        for walker, label in zip(walkers, labels, strict=True):
+            s.branches.append(Branch(label, walker))
+            handle = engine().open(walker, session_id())
+            opened.append((len(s.branches) - 1, handle))
+            handle.run()
+    except Exception:
+        for _, handle in opened:
+            handle.close()
+        del s.branches[len(s.branches) - len(opened):]
+        raise
+    s.fan, s.fan_from = opened, at_step
+    for _, handle in opened:
+        weakref.finalize(s, handle.close)
+
+
+def fan_running() -> bool:
+    return any(handle.is_running for _, handle in state().fan)
+
+
+def close_fan() -> None:
+    """Stop the fan's walks (their branches stay on the charts)."""
+    s = state()
+    for _, handle in s.fan:
+        handle.close()
+    s.fan, s.fan_from = [], None
+
+
+def keep_from_fan(branch_index: int) -> None:
+    """Make one walk of the fan the walk that steps (Step, Run) and stop the others; all stay as branches."""
+    close_fan()
+    select_branch(branch_index)
+
+
 def add_branch(walker, label: str) -> None:
     s = state()
     s.branches.append(Branch(label, walker))
@@ -144,6 +188,10 @@ def add_branch(walker, label: str) -> None:
 
 def select_branch(index: int) -> None:
     s = state()
+    for i, handle in list(s.fan):  # a walk is driven by one handle only: a fan walk chosen here leaves the fan
+        if i == index:
+            handle.close()
+            s.fan.remove((i, handle))
     if 0 <= index < len(s.branches) and index != s.active:
         s.active = index
         s.runner.swap(s.branches[index].walker)

@@ -253,3 +253,45 @@ def test_a_bad_engine_setting_is_reported_and_the_defaults_used(monkeypatch, cap
     finally:
         session.engine.cache_clear()
         session._PROBLEMS.clear()
+
+
+def test_a_fan_of_step_sizes_walks_side_by_side_and_one_is_kept():
+    at = start()
+    button(at, "Step").click().run()
+    eps = walker(at).config.max_step_norm
+    at.text_input(key="fan_values_step size ε").set_value(f"{eps / 2:g}, {2 * eps:g}").run()
+    button(at, "Launch the fan").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    state = at.session_state["geodesic"]
+    assert len(state.fan) == 2 and len(state.branches) == 3
+    fan_walkers = [state.branches[i].walker for i, _ in state.fan]
+    assert [w.config.max_step_norm for w in fan_walkers] == [eps / 2, 2 * eps]
+    t0 = time.monotonic()
+    while min(w.n_steps for w in fan_walkers) < 6:  # both walk on the engine at once
+        assert time.monotonic() - t0 < 60 and all(h.error is None for _, h in state.fan)
+        time.sleep(0.05)
+    at.run()
+    table = at.dataframe[0].value
+    assert list(table["walk"]) == [f"ε={eps / 2:g} @ 1", f"ε={2 * eps:g} @ 1"]
+    drawn = at.session_state["_live_chart:acc"]["sources"]
+    assert {src["run"] for src in drawn if src} == {0, 1, 2}  # the accuracy chart shows the main walk and the fan
+    kept = state.fan[1][0]
+    at.selectbox(key="fan_keep").set_value(kept).run()
+    button(at, "Keep this one as the walk that steps").click().run()
+    assert not at.exception and state.fan == [] and state.active == kept
+    assert state.walker.config.max_step_norm == 2 * eps
+    n = [w.n_steps for w in fan_walkers]
+    time.sleep(0.5)
+    assert fan_walkers[0].n_steps == n[0]  # the others stopped; they stay on the charts as branches
+    assert len(state.branches) == 3
+
+
+def test_a_bad_fan_is_refused_and_the_walk_kept():
+    at = start()
+    at.text_input(key="fan_values_step size ε").set_value("0.1, abc").run()
+    button(at, "Launch the fan").click().run()
+    assert any("fan values" in e.value for e in at.error) and len(at.session_state["geodesic"].branches) == 1
+    at.text_input(key="fan_values_step size ε").set_value("0.1, -1").run()
+    button(at, "Launch the fan").click().run()
+    assert at.error and len(at.session_state["geodesic"].branches) == 1 and not at.session_state["geodesic"].fan
+

@@ -1,6 +1,8 @@
 """Explore: set up a walk, drive it (Step, Run/Pause, Reset, ε mid-walk, branch) and watch it live."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -242,11 +244,94 @@ def _status(s) -> None:
         st.success(f"Stopped: {walker.stop_reason}.")
 
 
+FAN_KINDS = {"step size ε": "max_step_norm", "goal weight β/λ": "goal_weight", "seed": "seed"}
+
+
+def _fan_controls(s) -> None:
+    """Compare step sizes: K walks from the current point with K values of ε (or β/λ, or K seeds), side by side."""
+    walker = s.walker
+    with st.expander("Compare step sizes (a fan of walks from here)"):
+        c1, c2, c3 = st.columns([2, 3, 2])
+        kind = c1.radio("What varies", list(FAN_KINDS), key="fan_kind")
+        eps = walker.config.max_step_norm
+        suggested = {"step size ε": f"{eps / 2:g}, {eps:g}, {2 * eps:g}",
+                     "goal weight β/λ": ", ".join(f"{walker.config.goal_weight * f:g}" for f in (0.3, 1, 3)),
+                     "seed": "1, 2, 3"}[kind]
+        text = c2.text_input("Values, 2 to 7, comma-separated", value=suggested, key=f"fan_values_{kind}")
+        c3.caption(f"Each walk starts at step {walker.n_steps} of the walk that steps and runs on the server's "
+                   "engine beside the others (one batch when they can share it).")
+        if c3.button("Launch the fan", key="fan_launch"):
+            try:
+                values = _fan_values(text, kind)
+                at = walker.n_steps
+                field_name = FAN_KINDS[kind]
+                walkers, labels = [], []
+                for value in values:
+                    if field_name == "seed":
+                        child = s.runner.call(walker.branch, at, walker.config, int(value))
+                    else:
+                        config = dataclasses.replace(walker.config, **{field_name: value})  # validates
+                        child = s.runner.call(walker.branch, at, config)
+                    walkers.append(child)
+                    symbol = {"max_step_norm": "ε", "goal_weight": "β/λ", "seed": "seed"}[field_name]
+                    labels.append(f"{symbol}={value:g} @ {at}")
+                session.launch_fan(walkers, labels, at)
+                st.session_state["_fan_was_running"] = True
+                st.rerun()
+            except (ConfigError, CapacityError) as err:
+                st.error(str(err))
+
+
+def _fan_values(text: str, kind: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ConfigError("fan values", text, "numbers separated by commas") from None
+    if not 2 <= len(values) <= 7 or len(set(values)) != len(values):
+        raise ConfigError("fan values", text, "2 to 7 different values")
+    if kind == "seed" and any(v != int(v) or v < 0 for v in values):
+        raise ConfigError("fan values", text, "whole numbers >= 0 for seeds")
+    return values
+
+
+def _fan_table(s) -> None:
+    """What each walk of the fan reached since it started, and which one to keep."""
+    if not s.fan:
+        return
+    rows = []
+    for index, handle in s.fan:
+        b = s.branches[index]
+        points = b.walker.record.points[s.fan_from:]
+        last = points[-1]
+        rows.append({"walk": b.label, "steps": last.step - s.fan_from,
+                     "accuracy A (%)": round(100 * last.accuracy["A"], 1),
+                     "lowest A (%)": round(100 * min(p.accuracy["A"] for p in points), 1),
+                     "distance left": float(f"{last.goal_distance:.3g}"),
+                     "state": handle.error or ("done: " + b.walker.stop_reason if b.walker.is_done
+                                               else "running" if handle.is_running else "paused")})
+    st.dataframe(rows, hide_index=True, width="stretch")
+    c1, c2, c3 = st.columns([3, 2, 2])
+    choice = c1.selectbox("Keep", [i for i, _ in s.fan], format_func=lambda i: s.branches[i].label, key="fan_keep",
+                          label_visibility="collapsed")
+    if c2.button("Keep this one as the walk that steps", key="fan_keep_button"):
+        session.keep_from_fan(choice)
+        st.rerun(scope="app")
+    if c3.button("Stop the fan", key="fan_stop"):
+        session.close_fan()
+        st.rerun(scope="app")
+
+
 def _live(s) -> None:
     """Charts and status; re-run every REFRESH_SECONDS while the walk runs (a fragment, not a loop).
 
     The server's engine walks in the background; each refresh draws whatever points it has added since."""
     s.runner.touch()  # a page is watching: the engine keeps this walk running
+    for _, handle in s.fan:
+        handle.touch()
+    if st.session_state.get("_fan_was_running") and not session.fan_running():  # the fan finished: stop the timer
+        st.session_state["_fan_was_running"] = False
+        if not s.runner.is_running:
+            st.rerun(scope="app")
     pending = session.baselines_pending()
     if not s.runner.is_running and st.session_state.get("_was_running"):  # stopped by itself: stop the timer
         st.session_state["_was_running"] = False
@@ -262,6 +347,7 @@ def _live(s) -> None:
 
 def _draw(s) -> None:
     _status(s)
+    _fan_table(s)
     view = st.session_state.get("view", VIEWS[0])
     runs = _runs(s)
     if view == "Overview":
@@ -315,6 +401,7 @@ def _drive(s, teach: bool) -> None:
                 st.toast(f"ε = {new_eps:g} from step {walker.n_steps + 1} (marked on the charts)")
             except ConfigError as err:
                 st.error(str(err))
+    _fan_controls(s)
     if teach:
         return
     with st.expander("Rewind and branch"):
@@ -383,5 +470,5 @@ def render() -> None:
     available = [v for v in VIEWS if v != "Boundary" or s.walker.tasks["A"].train.x.shape[1:] == (2,)]
     st.segmented_control("View", available, key="view", default=available[0], label_visibility="collapsed")
     st.session_state["_baselines_pending"] = session.baselines_pending()
-    live = s.runner.is_running or st.session_state["_baselines_pending"]
+    live = s.runner.is_running or st.session_state["_baselines_pending"] or session.fan_running()
     st.fragment(run_every=REFRESH_SECONDS if live else None)(_live)(s)
