@@ -17,21 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def warm_up() -> None:
     """Import what the first page needs and run the lazy parts once (a few seconds, before serving)."""
     sys.path.insert(0, str(ROOT))
-    import numpy as np
     import pandas as pd
-    import torch
     from sklearn.datasets import load_digits  # noqa: F401
     from sklearn.model_selection import train_test_split  # noqa: F401
 
     from app import charts  # plotly and its figure validators
     from geodesic import analysis, experiment  # noqa: F401  (torch.optim, which imports torch._dynamo)
+    from geodesic.autodiff import warm_up as warm_up_torch
 
-    torch.func.grad(lambda x: (x * x).sum())(torch.ones(2))  # torch.func's own lazy imports
+    warm_up_torch()  # torch.func's own lazy imports
     frame = pd.DataFrame({"step": [0, 1], "accuracy/A": [0.9, 0.9], "loss/A": [0.3, 0.3], "sparsity": [0.0, 0.1],
                           "goal_distance": [1.0, 0.9], "event": ["start", ""]})
     charts.accuracy_and_loss([("main", frame)]).to_json()
     charts.sparsity_and_distance([("main", frame)]).to_json()
-    del np
 
 
 def main() -> None:

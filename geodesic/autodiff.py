@@ -21,3 +21,9 @@ def jvp(func, primals, tangents, **kwargs):
     """torch.func.jvp under the process-wide forward-AD lock."""
     with FORWARD_AD_LOCK:
         return torch.func.jvp(func, primals, tangents, **kwargs)
+
+
+def warm_up() -> None:
+    """Run torch.func once: its first call imports parts of PyTorch (torch._dynamo) lazily, seconds on some
+    machines; a server calls this before its first visitor."""
+    torch.func.grad(lambda x: (x * x).sum())(torch.ones(2))

@@ -1,10 +1,14 @@
 """The sweep's HTML report: accuracy kept along the path for every cell, and the best cell of each goal.
 
-The only module of the engine's package that uses plotly, imported only when a sweep writes its report; the
-report embeds plotly.js (from the installed plotly package), so it opens offline.
+The engine stays free of UI libraries: the report is a static page built from plain JSON, drawn by plotly.js
+(the file the installed plotly package ships, found without importing the package and embedded, so the
+report opens offline). Nothing here runs in the dashboard.
 """
 from __future__ import annotations
 
+import html
+import importlib.util
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -21,26 +25,42 @@ def best_cells(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def plotly_js() -> str:
+    """The plotly.js of the installed plotly package (its file, not the Python package)."""
+    spec = importlib.util.find_spec("plotly")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the plotly package (requirements.txt) is needed for the sweep's HTML report")
+    return (Path(next(iter(spec.submodule_search_locations))) / "package_data" / "plotly.min.js").read_text()
+
+
 def write_sweep_report(out: Path, table: pd.DataFrame, paths: dict[str, pd.DataFrame]) -> Path:
     """DIR/sweep.html from the sweep's table and each cell's per-step table (paths[cell])."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    traces = [{"type": "scatter", "mode": "lines", "name": name, "x": frame["step"].tolist(),
+               "y": (100 * frame["accuracy/A"]).round(3).tolist()} for name, frame in paths.items()]
+    layout = {"title": {"text": "Test accuracy (task A) along the path, one line per cell"}, "height": 560,
+              "xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "test accuracy (%)"}},
+              "template": {"layout": {"plot_bgcolor": "white"}}}
+    best = best_cells(table).drop(columns=["stop_reason"], errors="ignore")
 
-    fig = make_subplots(rows=2, cols=1, row_heights=[0.7, 0.3], vertical_spacing=0.12,
-                        specs=[[{"type": "xy"}], [{"type": "table"}]],
-                        subplot_titles=("Test accuracy (task A) along the path, one line per cell",
-                                        "Best cell per goal (lowest accuracy kept, then end accuracy, then steps)"))
-    for name, frame in paths.items():
-        fig.add_trace(go.Scatter(x=frame["step"], y=100 * frame["accuracy/A"], name=name, mode="lines"), row=1, col=1)
-    best = best_cells(table)
-    columns = [c for c in best.columns if c not in ("stop_reason",)]
-    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in best[c]] for c in columns]
-    fig.add_trace(go.Table(header=dict(values=columns), cells=dict(values=cells)), row=2, col=1)
-    fig.update_xaxes(title_text="step", row=1, col=1)
-    fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1)
-    fig.update_layout(height=900, template="plotly_white", title=f"Sweep: {len(table)} cells ({out})")
-    path = out / "sweep.html"
-    tmp = out / "sweep.html.tmp"
-    fig.write_html(tmp, include_plotlyjs=True)
+    def cell(value) -> str:
+        return html.escape(f"{value:.4g}" if isinstance(value, float) else str(value))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in best.columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+                   for row in best.itertuples(index=False))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Sweep: {len(table)} cells</title>
+<style>body{{font-family:sans-serif;margin:24px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style>
+<script>{plotly_js()}</script></head>
+<body><h1>Sweep: {len(table)} cells ({html.escape(str(out))})</h1>
+<div id="paths"></div>
+<h2>Best cell per goal (lowest accuracy kept, then end accuracy, then steps)</h2>
+<table><tr>{head}</tr>{body}</table>
+<script>Plotly.newPlot("paths", {json.dumps(traces)}, {json.dumps(layout)}, {{"displaylogo": false}});</script>
+</body></html>
+"""
+    path, tmp = out / "sweep.html", out / "sweep.html.tmp"
+    tmp.write_text(page)
     tmp.replace(path)
     return path
