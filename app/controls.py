@@ -19,7 +19,7 @@ from geodesic.config import (
     TrainConfig,
     default_walk,
 )
-from geodesic.data import DATASETS, TORCHVISION_SETS
+from geodesic.data import DATASETS, TORCHVISION_SETS, is_image_data
 from geodesic.errors import ConfigError
 from geodesic.models import MODEL_NAMES
 
@@ -98,7 +98,14 @@ def sidebar(errors: dict[str, str], device_in_use: str | None) -> bool:
     if ss.dataset in TORCHVISION_SETS:
         st.text_input("Data folder (torchvision layout)", key="data_root")
     _message(errors, "data_root")
-    st.selectbox("Model", MODEL_NAMES, key="model")
+    # Only the models that fit the data: conv models need images (channels, height, width).
+    models = MODEL_NAMES if is_image_data(ss.dataset) else ("mlp",)
+    if ss.model not in models:
+        ss.model = models[0]
+    st.selectbox("Model", models, key="model")
+    if len(models) == 1:
+        st.caption("LeNet-5, VGG and ResNet-18 need images: choose digits-images, mnist-sample-images or a "
+                   "torchvision set (MNIST, CIFAR) to use them.")
     _message(errors, "model")
     st.radio("Step rule", SOLVERS, key="solver", horizontal=True, on_change=_reset_walk_fields,
              help="constrained: argmin θᵀgθ − β⟨θ,v⟩ with ‖θ‖ ≤ ε; penalty: the authors' normalised gradient walk")

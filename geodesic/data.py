@@ -23,7 +23,14 @@ TORCHVISION_SETS = {  # name -> (torchvision class, folder it reads under root, 
     "cifar10": ("CIFAR10", "cifar-10-batches-py", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ("CIFAR100", "cifar-100-python", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-DATASETS = ("digits", "mnist-sample", *TOY_SETS, *TORCHVISION_SETS)
+# The embedded digits and MNIST sample also as images (1x8x8, 1x28x28: the same examples, for conv models).
+IMAGE_VIEWS = {"digits-images": ("digits", 8), "mnist-sample-images": ("mnist-sample", 28)}
+DATASETS = ("digits", "mnist-sample", *IMAGE_VIEWS, *TOY_SETS, *TORCHVISION_SETS)
+
+
+def is_image_data(name: str) -> bool:
+    """Whether the dataset `name` holds images (channels, height, width), which conv models need."""
+    return name in IMAGE_VIEWS or name in TORCHVISION_SETS
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,16 @@ def load_dataset(config) -> Dataset:
     """The dataset a `DataConfig` names, with its seeded split (and an optional training subset)."""
     from sklearn.datasets import load_digits
 
+    if config.name in IMAGE_VIEWS:  # the flat view's examples and split, each row as a 1-channel image
+        import dataclasses
+
+        base, side = IMAGE_VIEWS[config.name]
+        flat = load_dataset(dataclasses.replace(config, name=base))
+
+        def image(split: Split) -> Split:
+            return Split(split.x.reshape(len(split), 1, side, side), split.y)
+
+        return Dataset(config.name, image(flat.train), image(flat.test), flat.n_classes)
     if config.name == "digits":
         digits = load_digits()
         dataset = _stratified((digits.data / 16.0).astype(np.float32), digits.target, "digits", config.split_seed)

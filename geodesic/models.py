@@ -3,7 +3,7 @@
 `Network` keeps an `nn.Module` only for its structure; every forward pass goes through
 `torch.func.functional_call(module, (params, buffers), x)`, so the weights being walked are
 a plain `Params` dict that the engine owns, never the module's own tensors.
-VGG and ResNet come from torchvision, adapted to 32x32 inputs.
+VGG and ResNet come from torchvision, adapted to small images (8x8, 28x28, 32x32): no pooling below 1x1.
 """
 from __future__ import annotations
 
@@ -38,31 +38,43 @@ class MLP(nn.Module):
 
 
 class LeNet5(nn.Module):
-    """LeNet-5 (ReLU, max-pool) for 1- or 3-channel 28x28 or 32x32 images."""
+    """LeNet-5 (ReLU, max-pool) for 1- or 3-channel square images of 8 to 32 pixels: 28x28 is padded to the
+    classic 32x32, and images smaller than 16 keep their size through both 5x5 convolutions (padding 2)."""
 
     def __init__(self, in_channels: int, image_size: int, n_classes: int):
         super().__init__()
-        pad = 2 if image_size == 28 else 0  # 28x28 is padded to the classic 32x32
+        pad1 = 0 if image_size >= 32 else 2
+        pad2 = 2 if image_size < 16 else 0
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(in_channels, 6, 5, padding=pad1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, padding=pad2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         )
+        with torch.no_grad():
+            n_features = self.features(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
         self.classifier = nn.Sequential(
-            nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, n_classes),
+            nn.Linear(n_features, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, n_classes),
         )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
 
 
-def _vgg(name: str, in_channels: int, n_classes: int) -> nn.Module:
+def _vgg(name: str, in_channels: int, image_size: int, n_classes: int) -> nn.Module:
     import torchvision
 
     model = getattr(torchvision.models, name)(weights=None, num_classes=n_classes)
     if in_channels != 3:
         model.features[0] = nn.Conv2d(in_channels, 64, 3, padding=1)
-    # 32x32 inputs leave 512x1x1 after five max-pools: drop the 7x7 pool and the 4096-wide head.
-    model.avgpool = nn.Flatten()
+    # 32x32 inputs leave 512x1x1 after five max-pools; smaller images keep only the pools that leave at least
+    # 1x1 (8x8: three, 28x28: four). Then no 7x7 pool and no 4096-wide head: one Linear on the 512 features.
+    size = image_size
+    for i, layer in enumerate(model.features):
+        if isinstance(layer, nn.MaxPool2d):
+            if size // 2 >= 1:
+                size //= 2
+            else:
+                model.features[i] = nn.Identity()
+    model.avgpool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten()) if size > 1 else nn.Flatten()
     model.classifier = nn.Linear(512, n_classes)
     return model
 
@@ -84,15 +96,13 @@ def build_module(config: ModelConfig, input_shape: tuple[int, ...], n_classes: i
     if len(input_shape) != 3:
         raise ConfigError("model", name, f"'mlp' for flat inputs of shape {input_shape}; "
                           f"{name} needs images (channels, height, width)")
-    channels, height, _ = input_shape
+    channels, height, width = input_shape
+    if height != width or not 8 <= height <= 32:
+        raise ConfigError("model", name, f"{name} is adapted to square images of 8 to 32 pixels; got {height}x{width}")
     if name == "lenet5":
-        if height not in (28, 32):
-            raise ConfigError("model", name, "lenet5 needs 28x28 or 32x32 images")
         return LeNet5(channels, height, n_classes)
-    if height != 32 and name != "lenet5":
-        raise ConfigError("model", name, f"{name} is adapted to 32x32 images; got {height}x{height}")
     if name in ("vgg11", "vgg16"):
-        return _vgg(name, channels, n_classes)
+        return _vgg(name, channels, height, n_classes)
     if name == "resnet18":
         return _resnet18(channels, n_classes)
     raise ConfigError("model", name, ", ".join(MODEL_NAMES))

@@ -295,3 +295,14 @@ def test_a_bad_fan_is_refused_and_the_walk_kept():
     button(at, "Launch the fan").click().run()
     assert at.error and len(at.session_state["geodesic"].branches) == 1 and not at.session_state["geodesic"].fan
 
+
+
+def test_conv_models_are_offered_only_for_images_and_walk_on_them():
+    flat = start()
+    assert list(flat.selectbox(key="model").options) == ["mlp"]
+    assert any("need images" in c.value for c in flat.caption)
+    at = start({"dataset": "digits-images", "model": "lenet5"})
+    assert "lenet5" in at.selectbox(key="model").options
+    assert type(walker(at).network.module).__name__ == "LeNet5"
+    button(at, "Step").click().run()
+    assert not at.exception and walker(at).n_steps == 1 and live_charts(at)

@@ -116,3 +116,16 @@ def test_truncated_idx_file_is_reported_as_corrupt(tmp_path):
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(b"\x00\x00")
     with pytest.raises(DataError):
         load_dataset(DataConfig("mnist", root=str(tmp_path)))
+
+
+@pytest.mark.parametrize("name,flat,side", [("digits-images", "digits", 8),
+                                           ("mnist-sample-images", "mnist-sample", 28)])
+def test_image_views_hold_the_same_examples_as_the_flat_views(name, flat, side):
+    from geodesic.config import DataConfig
+    from geodesic.data import is_image_data, load_dataset
+
+    images, rows = load_dataset(DataConfig(name=name)), load_dataset(DataConfig(name=flat))
+    assert images.input_shape == (1, side, side) and rows.input_shape == (side * side,)
+    assert is_image_data(name) and not is_image_data(flat)
+    for a, b in ((images.train, rows.train), (images.test, rows.test)):
+        assert torch.equal(a.x.reshape(len(a), -1), b.x) and torch.equal(a.y, b.y)

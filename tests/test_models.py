@@ -49,5 +49,36 @@ def test_batchnorm_statistics_are_recomputed_for_new_weights():
 def test_image_models_refuse_flat_or_wrong_sized_inputs():
     with pytest.raises(ConfigError, match="needs images"):
         build_network(ModelConfig(name="vgg11"), (64,), 10)
-    with pytest.raises(ConfigError, match="32x32"):
-        build_network(ModelConfig(name="resnet18"), (1, 28, 28), 10)
+    with pytest.raises(ConfigError, match="8 to 32 pixels"):
+        build_network(ModelConfig(name="resnet18"), (1, 64, 64), 10)
+    with pytest.raises(ConfigError, match="square"):
+        build_network(ModelConfig(name="lenet5"), (1, 28, 32), 10)
+
+
+@pytest.mark.parametrize("size", [8, 28, 32])
+@pytest.mark.parametrize("name", ["lenet5", "vgg11", "vgg16", "resnet18"])
+def test_conv_models_adapt_to_8_28_and_32_pixel_images(name, size):
+    net = build_network(ModelConfig(name=name), (1, size, size), 10)
+    params = net.init_params(0)
+    logits = net.apply(params, torch.randn(3, 1, size, size))
+    assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("size", [8, 28])
+@pytest.mark.parametrize("solver", ["constrained", "penalty"])
+def test_a_step_of_each_rule_on_lenet5_images(size, solver):
+    from geodesic.config import WalkConfig
+    from geodesic.data import from_tensors
+    from geodesic.goals import Sparsify
+    from geodesic.step import constrained_step, penalty_step
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, size, size, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    net = build_network(ModelConfig(name="lenet5"), (1, size, size), 10)
+    params = net.init_params(0)
+    goal = Sparsify.for_network(net, params, from_tensors(x, y, x[:8], y[:8], n_classes=10), target_sparsity=0.9)
+    config = WalkConfig(solver=solver, probe_size=4, batch_size=16, goal_weight=0.003, restoring_weight=0.3)
+    rule = {"constrained": constrained_step, "penalty": penalty_step}[solver]
+    step = rule(params, goal, goal.sample(gen, 16), x[:4], config, 0.05, goal.model_fn)
+    length = float(sum(v.pow(2).sum() for v in step.tangent_vec.values()).sqrt())
+    assert 0 < length <= 0.05 * (1 + 1e-4)
