@@ -391,7 +391,8 @@ def _drive(s, teach: bool) -> None:
     s.speed = c4.select_slider("Speed", list(SPEEDS), value=s.speed,
                                help="Slow motion for teaching, or as fast as the server's engine walks (the page "
                                     f"shows the newest point every {REFRESH_SECONDS} s and never holds the walk up)")
-    s.runner.set_rate(SPEEDS[s.speed])
+    for handle in [s.runner, *(h for _, h in s.fan)]:  # the fan walks at the same speed as the main walk
+        handle.set_rate(SPEEDS[s.speed])
     with c5.popover("Step size ε now", width="stretch"):
         new_eps = st.number_input("ε from the next step on", value=float(walker.config.max_step_norm), format="%.4f",
                                   key="eps_now")
