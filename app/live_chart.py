@@ -121,16 +121,23 @@ _COMPONENT = st.components.v2.component("geodesic.live_chart", html="", css=".ge
                                         js=_JS, isolate_styles=False)
 
 
+_STATIC_READY = threading.Event()  # set once the file is in place: every later refresh skips the check
+
+
 def ensure_plotly_js() -> None:
     """Put the installed plotly package's plotly.min.js where this app's server serves static files."""
+    if _STATIC_READY.is_set():
+        return
     target = STATIC / "plotly.min.js"
     with _STATIC_LOCK:
         if target.is_file() and target.stat().st_size == PLOTLY_JS.stat().st_size:
+            _STATIC_READY.set()
             return
         STATIC.mkdir(exist_ok=True)
         tmp = target.with_name(f"plotly.min.js.{os.getpid()}.tmp")
         shutil.copyfile(PLOTLY_JS, tmp)
         os.replace(tmp, target)
+        _STATIC_READY.set()
 
 
 # -- what changed between two figures (pure: no Streamlit) ----------------------------------------------------
