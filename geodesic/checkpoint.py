@@ -7,6 +7,7 @@ carries code is rejected before anything in it runs.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -23,7 +24,9 @@ def save_weights(params: Params, path: str | Path, buffers: dict | None = None) 
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in params.items()}
     tensors.update({f"buffer:{k}": v.detach().contiguous().cpu() for k, v in (buffers or {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
+    # A name of its own per writer: processes (a sweep's Ray workers) and threads (the server's sessions) may write
+    # the same cached start network at once, and the last complete file wins.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
 

@@ -82,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     sweep.add_argument("--epochs", type=int, default=30, help="training epochs of the start network(s)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.add_argument("--backend", default="local", choices=("local", "ray"),
+                       help="local: walk here; ray: as Ray tasks (needs requirements-ray.txt; see the README)")
+    sweep.add_argument("--ray-address", help="join this Ray cluster (HOST:PORT of `ray start --head`); "
+                       "default: start a local Ray instance")
+    sweep.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    sweep.add_argument("--ray-cpus-per-task", type=float, default=1.0, help="CPUs each Ray task asks for")
+    sweep.add_argument("--ray-gpus-per-task", type=float,
+                       help="GPUs each Ray task asks for (default 1 with --device cuda, else 0)")
     return parser
 
 

@@ -10,12 +10,16 @@ cells (one walk each), names each cell by the settings that vary (`seed-1_step-s
 Cells whose walks can share a computation (same model, step rule, probe and batch sizes: batch.batch_key) are
 stepped as one WalkBatch. A cell is finished once its summary.json exists: running the same command again skips
 finished cells, and a sweep that was killed loses only the cells in flight (they start over).
+
+`--backend ray` sends the cells to a Ray cluster instead, in tasks of compatible cells (sweep_ray.py); the
+results come back into the same folders and table.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,8 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import ConfigError, GeodesicError
+
+BACKENDS = ("local", "ray")
 
 # Options a sweep takes as comma-separated lists: (flag, attribute of run's arguments, element type).
 LISTS = (("goal", "goal", str), ("dataset", "dataset", str), ("model", "model", str), ("solver", "solver", str),
@@ -100,15 +106,15 @@ def is_finished(directory: Path) -> bool:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """The sweep command (see the module's docstring). Returns the exit status."""
-    from .batch import WalkBatch, batch_key
-    from .cli import config_from_args
-    from .experiment import build
-    from .path import write_json
-    from .store import RunStore
-    from .summary import summarize
-
     if not args.out:
         raise ConfigError("out", None, "a folder to write the sweep to")
+    backend = getattr(args, "backend", "local")
+    if backend not in BACKENDS:
+        raise ConfigError("backend", backend, ", ".join(BACKENDS))
+    if backend != "ray":
+        for flag in ("ray_address", "ray_num_cpus", "ray_gpus_per_task"):
+            if getattr(args, flag, None) is not None:
+                raise ConfigError(flag.replace("_", "-"), getattr(args, flag), "only with --backend ray")
     out = Path(args.out)
     cells = expand(args)
     todo = [c for c in cells if not is_finished(out / "cells" / c.name)]
@@ -116,8 +122,35 @@ def run_sweep(args: argparse.Namespace) -> int:
     if not args.quiet:
         from tqdm import tqdm
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="sweep")
+    failed: list[str] = []
+    try:
+        if backend == "ray" and todo:
+            from .sweep_ray import run_on_ray
+
+            failed = run_on_ray(args, todo, out, on_done=bar.update if bar is not None else None)
+        else:
+            walk_cells(todo, out, on_done=(lambda _: bar.update(1)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    write_outputs(out, cells)
+    for message in failed:
+        print(f"geodesic: error: {message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def walk_cells(cells: list[Cell], out: Path, on_done=None) -> None:
+    """Build and walk `cells`, each into its run folder out/cells/NAME (started over if it is there), stepping
+    compatible walks as one WalkBatch; on_done(cell) is called as each one finishes. Both backends run this: the
+    local one in this process, the Ray one in each task (then into a scratch folder whose files are sent back)."""
+    from .batch import WalkBatch, batch_key
+    from .cli import config_from_args
+    from .experiment import build
+    from .store import RunStore
+    from .summary import summarize
+
     live: list[tuple[Cell, object, RunStore, float]] = []
-    for cell in todo:
+    for cell in cells:
         folder = out / "cells" / cell.name
         if folder.exists():  # a cell that was in flight when the sweep was stopped: start it over
             shutil.rmtree(folder)
@@ -130,8 +163,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         cell, experiment, store, t0 = item
         summary = summarize(experiment, wall_seconds=time.perf_counter() - t0)
         store.finish(experiment, {**summary, "sweep_cell": cell.name, "sweep_settings": cell.settings})
-        if bar is not None:
-            bar.update(1)
+        if on_done is not None:
+            on_done(cell)
 
     batches: dict[tuple, WalkBatch] = {}
     while live:
@@ -166,8 +199,13 @@ def run_sweep(args: argparse.Namespace) -> int:
             else:
                 still.append(item)
         live = still
-    if bar is not None:
-        bar.close()
+
+
+def write_outputs(out: Path, cells: list[Cell]) -> None:
+    """sweep.parquet, sweep.json and sweep.html from the finished cells' folders (whichever backend walked them)."""
+    from .path import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
     table = sweep_table(out, cells)
     tmp = out / "sweep.parquet.tmp"
     table.to_parquet(tmp, index=False)
@@ -179,7 +217,6 @@ def run_sweep(args: argparse.Namespace) -> int:
 
         paths = {name: PathRecord.load(out / "cells" / name / "steps.parquet").to_frame() for name in table["cell"]}
         write_sweep_report(out, table, paths)
-    return 0
 
 
 def sweep_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
