@@ -62,7 +62,9 @@ def _tasks(frame: pd.DataFrame, prefix: str) -> list[str]:
 
 def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
     """Test accuracy per task (top) and test loss (bottom) along the path, with baselines overlaid."""
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.62, 0.38])
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.62, 0.38],
+                        specs=[[{}], [{"secondary_y": True}]])
+    show_eps = any(_varies(frame, "step_size") for _, frame in runs)  # an adaptive or hand-changed ε
     for i, (label, frame) in enumerate(runs):
         color = PALETTE[i % len(PALETTE)]
         for j, task in enumerate(_tasks(frame, "accuracy")):
@@ -78,8 +80,14 @@ def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
                                      name=f"{label}: prune now ({task})", line=dict(color=color, width=1),
                                      opacity=0.5, meta=source(i, "step", [f"prune_now_accuracy/{task}", 100])),
                           row=1, col=1)
+        if show_eps:
+            fig.add_trace(go.Scatter(x=frame["step"], y=frame["step_size"], name=f"{label}: ε",
+                                     line=dict(color=color, width=1, shape="hv"), opacity=0.7,
+                                     meta=source(i, "step", "step_size")), row=2, col=1, secondary_y=True)
         if i == 0:
             _events(fig, frame, row=1, col=1)
+    if show_eps:
+        fig.update_yaxes(title_text="step size ε", type="log", row=2, col=1, secondary_y=True)
     for name, value in (baselines or {}).get("lines", {}).items():
         fig.add_hline(y=100 * value, line=dict(color="#0f172a", dash="dash", width=1), row=1, col=1,
                       annotation_text=f"{name}: {100 * value:.1f}%", annotation_position="bottom right")
@@ -145,9 +153,14 @@ def path_projection(coords: dict[str, np.ndarray], title: str, axis_labels: list
     return _layout(fig, title, height=440)
 
 
+def _varies(frame: pd.DataFrame, column: str) -> bool:
+    return column in frame and frame[column].nunique(dropna=True) > 1
+
+
 def step_lengths(runs: Runs) -> go.Figure:
-    """Functional step √(θᵀgθ) against Euclidean step ‖θ‖ (left) and cumulative lengths (right)."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("per step", "cumulative"))
+    """Functional step √(θᵀgθ) against Euclidean step ‖θ‖ (left), cumulative lengths (middle), and the step size
+    ε and restoring weight ρ in force at every step (right: what `--step-size auto` chose, or the user's changes)."""
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("per step", "cumulative", "ε and ρ per step"))
     for i, (label, frame) in enumerate(runs):
         color = PALETTE[i % len(PALETTE)]
         steps = frame.iloc[1:]
@@ -161,6 +174,14 @@ def step_lengths(runs: Runs) -> go.Figure:
         fig.add_trace(go.Scatter(x=frame["step"], y=frame["functional_length"], name=f"{label}: Σ√(θᵀgθ)",
                                  line=dict(color=color, dash="dash"), meta=source(i, "step", "functional_length")),
                       row=1, col=2)
+        fig.add_trace(go.Scatter(x=frame["step"], y=frame["step_size"], name=f"{label}: ε", line=dict(color=color,
+                                 shape="hv"), meta=source(i, "step", "step_size")), row=1, col=3)
+        if "restoring_weight" in frame and frame["restoring_weight"].notna().any():
+            fig.add_trace(go.Scatter(x=frame["step"], y=frame["restoring_weight"], name=f"{label}: ρ",
+                                     line=dict(color=color, dash="dot", shape="hv"),
+                                     meta=source(i, "step", "restoring_weight")), row=1, col=3)
+    fig.update_xaxes(title_text="step", row=1, col=3)
+    fig.update_yaxes(title_text="ε (solid), ρ (dotted)", type="log", row=1, col=3)
     fig.update_xaxes(title_text="Euclidean step ‖θ‖", row=1, col=1)
     fig.update_yaxes(title_text="functional step √(θᵀgθ)", row=1, col=1)
     fig.update_xaxes(title_text="step", row=1, col=2)

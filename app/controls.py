@@ -29,6 +29,7 @@ URL_FIELDS = {
     "step_size": ("eps", float), "goal_weight": ("beta", float), "restoring_weight": ("rho", float),
     "probe_size": ("probe", int), "seed": ("seed", int), "device": ("device", str),
     "target_sparsity": ("sparsity", float), "new_task": ("protocol", str), "memory_size": ("memory", int),
+    "auto_step": ("auto", int),
 }
 # engine setting (as ConfigError names it) -> widget key, so a message lands next to its control
 SETTING_TO_WIDGET = {"max-step-norm": "step_size", "goal-weight": "goal_weight", "restoring-weight": "restoring_weight",
@@ -49,7 +50,8 @@ def init_widgets() -> None:
         return
     params = st.query_params
     values = {"goal": "sparsify", "dataset": "digits", "model": "mlp", "solver": "constrained", "seed": 0,
-              "device": "auto", "target_sparsity": 0.9, "new_task": "permuted", "memory_size": 500, "data_root": ""}
+              "device": "auto", "target_sparsity": 0.9, "new_task": "permuted", "memory_size": 500, "data_root": "",
+              "auto_step": False}
     for key, (name, _) in URL_FIELDS.items():
         if name in params and key in ("goal", "solver"):
             values[key] = params[name]
@@ -69,6 +71,7 @@ def init_widgets() -> None:
             st.session_state.setdefault("_url_errors", []).append(f"URL parameter for {key}: {values[key]!r} is not "
                                                                   f"one of {', '.join(allowed)}; default used")
             values[key] = {"dataset": "digits", "model": "mlp", "device": "auto", "new_task": "permuted"}[key]
+    values["auto_step"] = bool(values["auto_step"])
     for key, value in values.items():
         st.session_state[key] = value
     st.session_state["_widgets_ready"] = True
@@ -109,7 +112,13 @@ def sidebar(errors: dict[str, str], device_in_use: str | None) -> bool:
     _message(errors, "model")
     st.radio("Step rule", SOLVERS, key="solver", horizontal=True, on_change=_reset_walk_fields,
              help="constrained: argmin θᵀgθ − β⟨θ,v⟩ with ‖θ‖ ≤ ε; penalty: the authors' normalised gradient walk")
-    st.number_input("Step size ε", key="step_size", format="%.4f", step=0.01)
+    st.number_input("Step size ε" + (" (the largest: auto adapts below it)" if ss.auto_step else ""),
+                    key="step_size", format="%.4f", step=0.01)
+    st.toggle("auto: adapt ε (and relax ρ) as the walk goes", key="auto_step",
+              help="A trust region on the step: ε shrinks when the share of training inputs that keep their class "
+                   "falls more than 2 points, grows back when it is kept, and the constrained walk's restoring "
+                   "pull ρ is relaxed while the goal stalls (geodesic/adaptive.py). The ε and ρ of every step are "
+                   "on the Steps chart.")
     _message(errors, "step_size")
     label = "Goal weight β" if ss.solver == "constrained" else "Goal weight λ"
     st.number_input(label, key="goal_weight", format="%.4f", step=0.001)
@@ -145,7 +154,7 @@ def config_from_widgets() -> RunConfig:
     ss = st.session_state
     walk = default_walk(ss.goal, ss.solver, max_step_norm=ss.step_size, goal_weight=ss.goal_weight,
                         restoring_weight=ss.restoring_weight if ss.solver == "constrained" else None,
-                        probe_size=ss.probe_size)
+                        probe_size=ss.probe_size, adaptive_step=bool(ss.get("auto_step")) or None)
     root = ss.get("data_root") or None
     if ss.dataset in TORCHVISION_SETS and not root:
         raise ConfigError("data", ss.dataset, "a data folder holding torchvision's files for this dataset")
@@ -167,4 +176,5 @@ def write_url(config: RunConfig, teach: bool) -> None:
         "rho": f"{config.walk.restoring_weight:g}", "probe": str(config.walk.probe_size), "seed": str(config.seed),
         "device": config.device, "sparsity": f"{config.goal.target_sparsity:g}", "protocol": config.goal.new_task,
         "memory": str(config.goal.memory_size), **({"teach": "1"} if teach else {}),
+        **({"auto": "1"} if config.walk.adaptive_step else {}),
     })

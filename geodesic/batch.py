@@ -17,7 +17,7 @@ import time
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import grad_and_value, vmap
 from torch.profiler import record_function
 
 from .errors import GeodesicError
@@ -168,7 +168,8 @@ class WalkBatch:
             v_goal = vmap(goal.direction_value)(params, *_stack([w.goal.direction_inputs(b) for w, (b, _) in
                                                                  zip(walkers, draws, strict=True)]))
             restoring_in = _stack([w.goal.restoring_inputs(b) for w, (b, _) in zip(walkers, draws, strict=True)])
-            grad_restoring = vmap(grad(goal.restoring_value))(params, *restoring_in)
+            grad_restoring, (_, kept) = vmap(grad_and_value(goal.restoring_value_and_kept, has_aux=True))(
+                params, *restoring_in)
 
         def per_walk(x: Tensor) -> Tensor:  # (K,) -> broadcastable against stacked params of any shape
             return x.to(device=device, dtype=probes.dtype)
@@ -196,6 +197,8 @@ class WalkBatch:
         with record_function("batch.measure"):
             measures = self._measures(walkers, new_params)
             known = self._step_facts(walkers, params, new_params, theta, v_goal, functional)
+            for facts, k in zip(known, kept.cpu().tolist(), strict=True):
+                facts["kept"] = k  # for the adaptive step size
         results: list[PathPoint | GeodesicError] = []
         with record_function("batch.commit"):
             for i, walker in enumerate(walkers):
@@ -225,21 +228,22 @@ class WalkBatch:
         dot = (moved_flat.double() * goal_flat.double()).sum(1)
         denom = moved_norm * goal_norm
         alignment = torch.where(denom > 0, dot / denom.clamp_min(1e-300), 0)
-        numbers = torch.stack([finite.double(), moved_norm, alignment, functional.double()], 1).cpu().tolist()
+        numbers = torch.stack([finite.double(), moved_norm, alignment, functional.double(), goal_norm], 1)
+        numbers = numbers.cpu().tolist()
         rows = new_flat.detach().float().cpu().numpy() if walkers[0].trace.is_exact else None
-        return [{"finite": bool(f), "step_norm": n, "alignment": a, "functional_step": fs,
+        return [{"finite": bool(f), "step_norm": n, "alignment": a, "functional_step": fs, "goal_norm": gn,
                  "trace_row": None if rows is None else rows[i].copy()}
-                for i, (f, n, a, fs) in enumerate(numbers)]
+                for i, (f, n, a, fs, gn) in enumerate(numbers)]
 
     def _constrained(self, walkers, params, probes, v_goal, grad_restoring, radius, goal_weight, per_walk):
         """θ and θᵀgθ for K walks of the constrained step (constrained_step, vectorised)."""
         goal, model_fn, cfg = self.goal, self.model_fn, self.config
-        restoring_weight = torch.tensor([w.config.restoring_weight for w in walkers], dtype=torch.float64)
+        restoring_weight = torch.tensor([w.restoring_weight for w in walkers], dtype=torch.float64)
         if goal.is_point_target:  # normalise v_goal = target − w; the restoring pull fades near a fixed target
             distance = _batched_norm2(v_goal).sqrt().cpu()
             v_goal = {k: v / _bcast(per_walk(distance.clamp_min(1e-12)), v) for k, v in v_goal.items()}
             if goal.landing_steps:
-                max_step = torch.tensor([w.config.max_step_norm for w in walkers], dtype=torch.float64)
+                max_step = torch.tensor([w.step_size for w in walkers], dtype=torch.float64)
                 restoring_weight = restoring_weight * (distance / (goal.landing_steps * max_step)).clamp(max=1.0)
         v = {k: v_goal[k] - _bcast(per_walk(restoring_weight), g) * g for k, g in grad_restoring.items()}
         kind = cfg.metric

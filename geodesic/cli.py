@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default="mlp", choices=MODEL_NAMES)
     run.add_argument("--hidden", default="128,128", help="mlp hidden widths, comma-separated (default 128,128)")
     run.add_argument("--solver", default="constrained", choices=SOLVERS, help="step rule")
-    run.add_argument("--step-size", type=float, help="ε, the length of every step (default: tuned per goal)")
+    run.add_argument("--step-size", type=step_size_arg, help="ε, the length of every step (default: tuned per goal), "
+                     "or auto: start there and adapt ε after every step (geodesic/adaptive.py)")
     run.add_argument("--goal-weight", type=float, help="β (constrained) or λ (penalty)")
     run.add_argument("--goal-weight-growth", type=float, help="penalty walk: λ grows by this factor per step")
     run.add_argument("--restoring-weight", type=float, help="ρ, the pull back onto equivalent networks (constrained)")
@@ -101,10 +102,22 @@ def _hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
+def step_size_arg(text) -> float | str:
+    """--step-size: a number, or 'auto' for the adaptive step size."""
+    if isinstance(text, (int, float)) or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: a number > 0, or auto") from None
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.goal is None:
         raise ConfigError("goal", None, ", ".join(GOALS))
-    walk = default_walk(args.goal, args.solver, max_step_norm=args.step_size, goal_weight=args.goal_weight,
+    auto = args.step_size == "auto"
+    walk = default_walk(args.goal, args.solver, max_step_norm=None if auto else args.step_size,
+                        adaptive_step=True if auto else None, goal_weight=args.goal_weight,
                         restoring_weight=args.restoring_weight, goal_weight_growth=args.goal_weight_growth,
                         metric=args.metric, probe_size=args.probe_size,
                         batch_size=args.batch_size, n_steps=args.n_steps)

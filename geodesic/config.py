@@ -117,9 +117,18 @@ class WalkConfig:
     # Penalty walk only: λ is multiplied by this every step (1 = the authors' fixed λ). A fixed λ settles
     # where ∇R balances λ(w − target), short of a point target; growing λ lets the walk arrive.
     goal_weight_growth: float = 1.0
+    # The adaptive step size (`--step-size auto`, adaptive.py): ε starts at max_step_norm and is set again after
+    # every step within [ε/20, 5ε], shrinking when the share of the training batch that keeps its class falls
+    # more than kept_tolerance below where it started, or when the goal's progress falls short of its promise.
+    adaptive_step: bool = False
+    kept_tolerance: float = 0.02
 
     def __post_init__(self):
         _check_choice(self, "solver", SOLVERS)
+        if not isinstance(self.adaptive_step, bool):
+            raise ConfigError("adaptive-step", self.adaptive_step, "true or false")
+        if not (isinstance(self.kept_tolerance, (int, float)) and 0 < self.kept_tolerance < 1):
+            raise ConfigError("kept-tolerance", self.kept_tolerance, "a number strictly between 0 and 1")
         _check_positive(self, "max_step_norm")
         _check_positive(self, "goal_weight", allow_zero=True)
         _check_positive(self, "restoring_weight", allow_zero=True)

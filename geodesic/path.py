@@ -35,6 +35,7 @@ class PathPoint:
     step_seconds: float  # wall time of the step rule
     extra: dict[str, float] = field(default_factory=dict)  # goal-specific, e.g. prune_now_accuracy/A
     event: str = ""  # "start", "step size 0.1 -> 0.05", "projected", "snapped", "branched from 12", ...
+    restoring_weight: float = float("nan")  # ρ in force for this step (constrained walk; the adaptive step moves it)
 
     def to_row(self) -> dict[str, float | int | str]:
         """A flat row: dicts become columns such as 'accuracy/A'."""

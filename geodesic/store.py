@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from .adaptive import TrustRegion
 from .checkpoint import match_params, read_tensors, save_weights
 from .config import RunConfig, WalkConfig
 from .errors import CheckpointError
 from .experiment import Experiment
 from .path import PathRecord, WeightTrace, write_json
+from .walker import trust_region_for
 
 
 class RunStore:
@@ -62,7 +64,8 @@ class RunStore:
         save_weights(weights, self.weights_dir / "last.safetensors", walker.buffers)
         write_json(self.directory / "state.json", {
             "step": walker.n_steps, "is_done": walker.is_done, "stop_reason": walker.stop_reason,
-            "walk": dataclasses.asdict(walker.config)})
+            "walk": dataclasses.asdict(walker.config), "step_size": walker.step_size,
+            "trust_region": dataclasses.asdict(walker.trust) if walker.trust is not None else None})
         self._last_flush = now
 
     def finish(self, experiment: Experiment, summary: dict) -> None:
@@ -99,6 +102,10 @@ def restore_walker(experiment: Experiment, directory: str | Path, state: dict, r
     walker.params = params
     walker.buffers.update(buffers)
     walker.config = WalkConfig(**state["walk"])
+    walker.step_size = state.get("step_size", walker.config.max_step_norm)
+    walker.trust = trust_region_for(walker.config)
+    if walker.trust is not None and state.get("trust_region"):
+        walker.trust = TrustRegion(**state["trust_region"])
     walker.record = record
     walker.trace = WeightTrace(walker.trace.n_params, seed=walker.seed)
     for _ in record.points:  # earlier weights are not stored: the trace restarts from here

@@ -30,9 +30,16 @@ from .errors import ConfigError, GeodesicError
 
 BACKENDS = ("local", "ray")
 
+def _step_size(text: str) -> float | str:
+    return "auto" if text == "auto" else float(text)
+
+
+_step_size.__name__ = "number or auto"
+
+
 # Options a sweep takes as comma-separated lists: (flag, attribute of run's arguments, element type).
 LISTS = (("goal", "goal", str), ("dataset", "dataset", str), ("model", "model", str), ("solver", "solver", str),
-         ("step-size", "step_size", float), ("goal-weight", "goal_weight", float),
+         ("step-size", "step_size", _step_size), ("goal-weight", "goal_weight", float),
          ("goal-weight-growth", "goal_weight_growth", float), ("restoring-weight", "restoring_weight", float),
          ("metric", "metric", str), ("probe-size", "probe_size", int), ("batch-size", "batch_size", int),
          ("n-steps", "n_steps", int), ("seed", "seed", int), ("target-sparsity", "target_sparsity", float),

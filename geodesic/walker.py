@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .adaptive import TrustRegion
 from .config import WalkConfig
 from .data import Dataset
 from .errors import ConfigError, OutOfMemory, WalkDiverged
@@ -49,6 +50,8 @@ class Walker:
         self.trace = WeightTrace(sum(v.numel() for v in start.values()), seed=seed)
         self.is_done = False
         self.stop_reason = ""
+        self.step_size = config.max_step_norm  # ε in force: config's, or the adaptive rule's latest
+        self.trust = trust_region_for(config)
         self._pending_event = ""
         self._euclidean_length = 0.0
         self._functional_length = 0.0
@@ -73,6 +76,13 @@ class Walker:
         return cfg.goal_weight * growth ** self.n_steps
 
     @property
+    def restoring_weight(self) -> float:
+        """ρ in force for the next step (the adaptive step may relax it; the penalty walk has none)."""
+        if self.config.solver != "constrained":
+            return math.nan
+        return self.config.restoring_weight * (self.trust.pull if self.trust is not None else 1.0)
+
+    @property
     def n_steps(self) -> int:
         return self.record.last.step if self.record.points else 0
 
@@ -93,6 +103,7 @@ class Walker:
                 metric = PullbackMetric(self.model_fn, probe, cfg.metric)
                 functional_step = float(metric.squared_norm(step.tangent_vec, self.params))
             step_seconds = time.perf_counter() - t0
+            self._step_kept = step.kept
         except WalkDiverged:
             self.fail_diverged()
         except torch.OutOfMemoryError as err:  # nothing was changed: the walk stays at its last point
@@ -110,14 +121,18 @@ class Walker:
     def radius(self) -> float:
         """ε, or less near a point target (never overshoot it; the distance was measured at the last point)."""
         if self.goal.is_point_target:
-            return min(self.config.max_step_norm, self.record.last.goal_distance)
-        return self.config.max_step_norm
+            return min(self.step_size, self.record.last.goal_distance)
+        return self.step_size
 
     def step_config(self) -> WalkConfig:
-        """The config in force for the next step (the penalty walk's λ grows per step)."""
+        """The config in force for the next step (the penalty walk's λ grows per step; an adaptive ε moves)."""
         cfg = self.config
         if cfg.solver == "penalty" and cfg.goal_weight_growth != 1.0:
             cfg = dataclasses.replace(cfg, goal_weight=self.goal_weight)
+        if self.step_size != cfg.max_step_norm:
+            cfg = dataclasses.replace(cfg, max_step_norm=self.step_size)
+        if self.trust is not None and self.trust.pull != 1.0:
+            cfg = dataclasses.replace(cfg, restoring_weight=self.config.restoring_weight * self.trust.pull)
         return cfg
 
     def fail_diverged(self):
@@ -155,6 +170,9 @@ class Walker:
         if facts is None:
             moved = {k: new_params[k] - self.params[k] for k in new_params}  # the step actually taken
             facts = {"step_norm": float(norm(moved)), "alignment": cosine(moved, goal_direction), "trace_row": None}
+            if self.trust is not None and not self.goal.is_point_target:
+                facts["goal_norm"] = float(norm(goal_direction))
+        radius = self.radius()  # what this step was allowed (the record still ends at the step's start)
         step_norm = facts["step_norm"]
         self._euclidean_length += step_norm
         self._functional_length += math.sqrt(max(functional_step, 0.0))
@@ -169,6 +187,14 @@ class Walker:
         if not all(math.isfinite(v) for v in point.loss.values()):
             self.is_done, self.stop_reason = True, f"loss at step {point.step} is not finite"
         self._append(point, facts["trace_row"])
+        if self.trust is not None and not self.is_done:
+            before = self.record[len(self.record) - 2]
+            kept = facts["kept"] if "kept" in facts else self.__dict__.pop("_step_kept", None)
+            self.step_size = self.trust.next_step_size(
+                self.step_size, radius, distance_before=before.goal_distance, distance_after=point.goal_distance,
+                step_norm=step_norm, alignment=facts["alignment"], goal_norm=facts.get("goal_norm"),
+                point_target=self.goal.is_point_target, kept=kept, functional_step=functional_step,
+                probe_size=self.config.probe_size)
         return point
 
     def run(self, n_steps: int | None = None) -> Iterator[PathPoint]:
@@ -180,9 +206,13 @@ class Walker:
 
     # -- explicit, recorded changes ---------------------------------------------------------------------------
     def set_step_size(self, max_step_norm: float) -> None:
-        """Change ε from the next step on; the change is recorded as an event on that step."""
-        old = self.config.max_step_norm
+        """Change ε from the next step on; the change is recorded as an event on that step. With the adaptive
+        step size, ε goes on adapting from the new value, within bounds around it."""
+        old = self.step_size
         self.config = dataclasses.replace(self.config, max_step_norm=max_step_norm)  # validates
+        self.step_size = max_step_norm
+        if self.trust is not None:
+            self.trust = trust_region_for(self.config)
         if old != max_step_norm:
             self._pending_event = f"step size {old:g} -> {max_step_norm:g}"
 
@@ -203,6 +233,8 @@ class Walker:
         base = self.record[at_step]
         child._euclidean_length, child._functional_length = base.euclidean_length, base.functional_length
         child._pending_event = f"branched from step {at_step}"
+        if child.trust is not None and config is None:  # the same settings: go on from that point's ε
+            child.step_size = base.step_size
         return child
 
     def params_at(self, index: int) -> Params:
@@ -228,7 +260,7 @@ class Walker:
         return measures_to_fields({k: float(v) for k, v in values.items()})
 
     def _point(self, **fields) -> PathPoint:
-        return PathPoint(step_size=self.config.max_step_norm, goal_weight=self.goal_weight,
+        return PathPoint(step_size=self.step_size, goal_weight=self.goal_weight, restoring_weight=self.restoring_weight,
                          euclidean_length=self._euclidean_length, functional_length=self._functional_length, **fields)
 
     def _append(self, point: PathPoint, trace_row=None) -> None:
@@ -236,6 +268,13 @@ class Walker:
         # record and then the trace always finds a weight row for every point it read.
         self.trace.append(self.params, trace_row)
         self.record.append(point)
+
+
+def trust_region_for(config: WalkConfig) -> TrustRegion | None:
+    if not config.adaptive_step:
+        return None
+    return TrustRegion(initial=config.max_step_norm, tolerance=config.kept_tolerance,
+                       relax_pull=config.solver == "constrained")
 
 
 @torch.no_grad()

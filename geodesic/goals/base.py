@@ -14,6 +14,11 @@ from ..measures import FUNCTION_DISTANCES, ModelFn
 from ..params import Params
 
 
+def _classes(target: Tensor) -> Tensor:
+    """The class each row of `target` stands for: itself for labels, the largest entry for logits."""
+    return target if target.dim() == 1 else target.argmax(-1)
+
+
 def draw(generator: torch.Generator, n_available: int, n: int) -> Tensor:
     """n indices in [0, n_available), without replacement when possible."""
     if n >= n_available:
@@ -89,6 +94,13 @@ class Goal:
 
     def restoring_value(self, params: Params, inputs: Tensor, target: Tensor) -> Tensor:
         return self.function_distance(self.model_fn(params, inputs), target).sum()
+
+    def restoring_value_and_kept(self, params: Params, inputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, the fraction of the batch on which the network still gives the class it is kept to: the start
+        network's here, the label for connect). One forward pass for both; the adaptive step size reads the
+        second (adaptive.py)."""
+        out = self.model_fn(params, inputs)
+        return self.function_distance(out, target).sum(), (out.argmax(-1) == _classes(target)).float().mean()
 
     # -- progress ---------------------------------------------------------------------------------------
     def distance(self, params: Params) -> float:

@@ -40,6 +40,10 @@ class Connect(Goal):
     def restoring_value(self, params: Params, inputs: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(self.model_fn(params, inputs), labels, reduction="sum")
 
+    def restoring_value_and_kept(self, params: Params, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.model_fn(params, inputs)
+        return F.cross_entropy(out, labels, reduction="sum"), (out.argmax(-1) == labels).float().mean()
+
     def distance_inputs(self) -> tuple:
         return (self.end_params,)
 
