@@ -116,7 +116,7 @@ def sidebar(errors: dict[str, str], device_in_use: str | None) -> bool:
                     key="step_size", format="%.4f", step=0.01)
     st.toggle("auto: adapt ε (and relax ρ) as the walk goes", key="auto_step",
               help="A trust region on the step: ε shrinks when the share of training inputs that keep their class "
-                   "falls more than 2 points, grows back when it is kept, and the constrained walk's restoring "
+                   "falls more than 1.5 points, grows back when it is kept, and the constrained walk's restoring "
                    "pull ρ is relaxed while the goal stalls (geodesic/adaptive.py). The ε and ρ of every step are "
                    "on the Steps chart.")
     _message(errors, "step_size")

@@ -37,7 +37,7 @@ class TrustRegion:
     """The state of one walk's adaptive step (saved with the run, so a resumed walk adapts on from it)."""
 
     initial: float
-    tolerance: float = 0.02  # how far the kept share may fall below its start, as a fraction of the batch
+    tolerance: float = 0.015  # how far the kept share may fall below its start, as a fraction of the batch
     relax_pull: bool = True  # whether the restoring pull may be relaxed (the constrained walk to a point target)
     pull: float = 1.0  # the restoring weight in force ÷ the configured ρ
     kept_start: float | None = None

@@ -24,7 +24,7 @@ from .errors import GeodesicError
 from .metric import PullbackMetric
 from .params import Params, flush_subnormal
 from .path import PathPoint
-from .rows import DenseRows, factored_layers, linear_layer_factors, rows_from_factors
+from .rows import DenseRows, conv_rows_fit, factored_layers, linear_layer_factors, rows_from_factors
 from .step import dense_jacobian_fits, trust_region_coefficients
 from .walker import Walker, measure_values, measures_to_fields
 
@@ -252,6 +252,8 @@ class WalkBatch:
         n_params = sum(t[0].numel() for t in params.values())
         if self.rows_kind == "factored":
             layers = factored_layers(model_fn.network, walkers[0].params)
+            if not conv_rows_fit(model_fn.network, walkers[0].params, len(walkers) * n_rows, probes.device):
+                raise _NotBatchable("the conv layers' rows of the whole batch do not fit in memory")
 
             def factors(p, x):
                 found = linear_layer_factors(model_fn.network, model_fn.buffers, p, x,

@@ -121,7 +121,7 @@ class WalkConfig:
     # every step within [ε/20, 5ε], shrinking when the share of the training batch that keeps its class falls
     # more than kept_tolerance below where it started, or when the goal's progress falls short of its promise.
     adaptive_step: bool = False
-    kept_tolerance: float = 0.02
+    kept_tolerance: float = 0.015
 
     def __post_init__(self):
         _check_choice(self, "solver", SOLVERS)

@@ -16,6 +16,13 @@ costs m²·(width) instead of m²·n, and L v, Lᵀ y are a few small matrix pro
 (n = 26k, m = 160) this replaced a 7.4 ms kernel product by well under a millisecond (BENCHMARKS.md). This is
 the per-layer factorisation used for empirical NTKs and K-FAC; no maintained library exposes it for
 functional (torch.func) models, hence written here and checked against `DenseRows` in the tests.
+
+Conv2d layers (LeNet-5, and a VGG's convolutions) are in the same pass: a conv's weight gradient for row r
+is Σ_p δ_r[:, p] u_i[:, p]ᵀ over output positions p, with u_i[:, p] the input patch at p (F.unfold), no
+longer one outer product, so its rows are written out, (m, out·in·k²) per layer, from one einsum of the
+back-propagated δ and the patches: no per-row backward pass. Conv layers hold few weights (LeNet-5 on 28×28:
+2.6k of 44k), so that costs little beside the Linear layers' factors; `conv_rows_fit` keeps it out of the
+way when the convolutions are large (VGG on the CPU).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
@@ -73,18 +81,41 @@ class _Layer:
 
 
 @dataclass
+class _ConvLayer:
+    weight: str
+    bias: str | None
+    weight_rows: Tensor  # (N, C, out·in·kh·kw): the rows of L for this layer's weight, written out
+    bias_rows: Tensor  # (N, C, out): Σ over positions of δ, the rows for its bias
+
+
+@dataclass
 class LinearLayerRows(JacobianRows):
-    layers: list[_Layer]
+    """Factored rows for Linear layers and written-out rows for Conv2d layers, summed (one L, split by layer)."""
+
+    layers: list[_Layer | _ConvLayer]
+
+    @property
+    def _nc(self) -> tuple[int, int]:
+        first = self.layers[0]
+        n, c, _ = (first.deltas if isinstance(first, _Layer) else first.bias_rows).shape
+        return n, c
 
     @property
     def n_rows(self) -> int:
-        n, c, _ = self.layers[0].deltas.shape
+        n, c = self._nc
         return n * c
 
     def gram(self) -> Tensor:
-        n, c, _ = self.layers[0].deltas.shape
+        n, c = self._nc
         kernel = 0
         for layer in self.layers:
+            if isinstance(layer, _ConvLayer):
+                w = layer.weight_rows.reshape(n * c, -1)
+                kernel = kernel + w @ w.T
+                if layer.bias is not None:
+                    b = layer.bias_rows.reshape(n * c, -1)
+                    kernel = kernel + b @ b.T
+                continue
             d = layer.deltas.reshape(n * c, -1)
             inputs_gram = layer.inputs @ layer.inputs.T  # (N, N)
             if layer.bias is not None:
@@ -93,8 +124,15 @@ class LinearLayerRows(JacobianRows):
         return kernel
 
     def matvec(self, v: Params) -> Tensor:
+        n, c = self._nc
         out = 0
         for layer in self.layers:
+            if isinstance(layer, _ConvLayer):
+                part = layer.weight_rows.reshape(n * c, -1) @ v[layer.weight].reshape(-1)
+                if layer.bias is not None:
+                    part = part + layer.bias_rows.reshape(n * c, -1) @ v[layer.bias]
+                out = out + part.view(n, c)
+                continue
             moved = layer.inputs @ v[layer.weight].T  # (N, out): V a_i
             if layer.bias is not None:
                 moved = moved + v[layer.bias]
@@ -102,9 +140,14 @@ class LinearLayerRows(JacobianRows):
         return out.reshape(-1)
 
     def rmatvec(self, y: Tensor) -> Params:
-        n, c, _ = self.layers[0].deltas.shape
+        n, c = self._nc
         out = {}
         for layer in self.layers:
+            if isinstance(layer, _ConvLayer):
+                out[layer.weight] = y @ layer.weight_rows.reshape(n * c, -1)  # flat: callers reshape with view_as
+                if layer.bias is not None:
+                    out[layer.bias] = y @ layer.bias_rows.reshape(n * c, -1)
+                continue
             summed = torch.einsum("nc,nco->no", y.view(n, c), layer.deltas)  # Σ_c y_ic δ_ic
             out[layer.weight] = summed.T @ layer.inputs
             if layer.bias is not None:
@@ -125,18 +168,30 @@ def _hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
     if state is None:
         return None
     name = state["names"].get(id(module))
-    if name is None or name in state["inputs"] or args[0].dim() != 2:  # called twice, or not (batch, features): give up
+    expected = 4 if isinstance(module, nn.Conv2d) else 2  # (batch, channels, h, w) or (batch, features)
+    if name is None or name in state["inputs"] or args[0].dim() != expected:  # called twice, or other shapes
         state["failed"] = True
         return None
     state["inputs"][name] = args[0].detach()
+    if "shapes" in state:  # the shape pass: only the output shapes are wanted
+        state["shapes"][name] = tuple(output.shape[1:])
+        return None
     return output + state["shifts"][name]
 
 
+def _factorable(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    # a plain convolution: unfold's patches then match the weight's (in, kh, kw) layout exactly
+    return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
+
+
 def linear_layers(module: nn.Module, params: Params) -> dict[str, tuple[str, str | None]] | None:
-    """{module name: (weight key, bias key)} if every parameter in `params` belongs to an nn.Linear, else None."""
+    """{module name: (weight key, bias key)} if every parameter in `params` belongs to an nn.Linear or a plain
+    nn.Conv2d, else None."""
     layers, covered = {}, set()
     for name, m in module.named_modules():
-        if isinstance(m, nn.Linear):
+        if _factorable(m):
             prefix = f"{name}." if name else ""
             weight, bias = prefix + "weight", (prefix + "bias" if m.bias is not None else None)
             layers[name] = (weight, bias)
@@ -151,7 +206,7 @@ def linear_layer_rows(network, buffers: dict, params: Params, inputs: Tensor,
     whitening: logits (N, C) -> (N, C, C), whose row i maps the logits of input i to its whitened outputs
     (H_i^½/√N); applied to the logits of the one forward pass the factors come from."""
     layers = factored_layers(network, params)
-    if layers is None:
+    if layers is None or not conv_rows_fit(network, params, len(inputs) * network.n_classes, inputs.device):
         return None
     factors = linear_layer_factors(network, buffers, params, inputs, whitening)
     if factors is None:
@@ -179,16 +234,43 @@ def factored_layers(network, params: Params) -> dict[str, tuple[str, str | None]
     return cache[key]
 
 
+def conv_rows_fit(network, params: Params, n_rows: int, device: torch.device) -> bool:
+    """Whether the written-out conv rows (n_rows × the conv layers' weights) are small enough to write out: the
+    dense Jacobian's own rule (step.dense_jacobian_fits) applied to the conv part only."""
+    modules = dict(network.module.named_modules())
+    layers = factored_layers(network, params) or {}
+    n_conv = sum(params[k].numel() for name, keys in layers.items() if isinstance(modules[name], nn.Conv2d)
+                 for k in keys if k is not None)
+    return n_conv == 0 or dense_jacobian_fits(n_rows, n_conv, device)
+
+
+def dense_jacobian_fits(n_rows: int, n_params: int, device: torch.device) -> bool:
+    """Whether `linear_solver='auto'` may write L out densely (n_rows × n_params floats).
+
+    On a GPU when L and as much again for computing it take at most half the free memory: measured on an H100,
+    the exact solve through the dense L beat 10 CG iterations 2–3.5× on VGG11 and ResNet-18 (BENCHMARKS.md).
+    On the CPU only while L is small (≤ 5e7 entries, 200 MB): there CG's few products are cheaper."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 2 * 4 * n_rows * n_params <= 0.5 * free
+    return n_rows * n_params <= 5e7
+
+
 def rows_from_factors(layers: dict[str, tuple[str, str | None]], captured: dict[str, Tensor],
                       deltas: dict[str, Tensor]) -> LinearLayerRows:
-    return LinearLayerRows([_Layer(w, b, captured[name], deltas[name]) for name, (w, b) in layers.items()])
+    """The rows from linear_layer_factors' output. A Linear layer's `captured` entry is its inputs (N, in); a conv
+    layer's is its weight rows (N, C, out·in·k²), with its bias rows in `deltas`."""
+    return LinearLayerRows([
+        _ConvLayer(w, b, captured[name], deltas[name]) if captured[name].dim() == 3
+        else _Layer(w, b, captured[name], deltas[name]) for name, (w, b) in layers.items()])
 
 
 def linear_layer_factors(network, buffers: dict, params: Params, inputs: Tensor,
                          whitening: Callable[[Tensor], Tensor]) -> tuple[dict, dict, Tensor] | None:
-    """(layer inputs {name: (N, in)}, deltas {name: (N, C, out)}, whitening (N, C, C)) from one forward pass
-    and C pull-backs, or None if the forward does not fit the factoring. Tensors in, tensors out: this also
-    runs under torch.func.vmap over stacked weights and probes (batch.py)."""
+    """(per layer: Linear inputs (N, in) or conv weight rows (N, C, out·in·k²); Linear deltas (N, C, out) or conv
+    bias rows (N, C, out); whitening (N, C, C)) from one forward pass and C pull-backs, or None if the forward
+    does not fit the factoring. Tensors in, tensors out: this also runs under torch.func.vmap over stacked
+    weights and probes (batch.py)."""
     layers = factored_layers(network, params)
     module = network.module
     modules = dict(module.named_modules())
@@ -197,7 +279,11 @@ def linear_layer_factors(network, buffers: dict, params: Params, inputs: Tensor,
             modules[name].register_forward_hook(_hook)
             setattr(modules[name], _HOOKED, True)
     n = len(inputs)
-    state = {"names": {id(modules[name]): name for name in layers}, "inputs": {}, "failed": False}
+    names = {id(modules[name]): name for name in layers}
+    shapes = _output_shapes(network, buffers, params, inputs, names)
+    if shapes is None:
+        return None
+    state = {"names": names, "inputs": {}, "failed": False}
 
     def whitened(shifts: dict[str, Tensor]) -> Tensor:
         state["shifts"] = shifts
@@ -206,20 +292,45 @@ def linear_layer_factors(network, buffers: dict, params: Params, inputs: Tensor,
         whiten = whitening(logits.detach())  # a fixed map per input, not differentiated
         return torch.einsum("nkc,nc->nk", whiten, logits), (dict(state["inputs"]), whiten)  # aux leaves the transform
 
-    shifts = {name: torch.zeros(n, modules[name].out_features, dtype=inputs.dtype, device=inputs.device)
-              for name in layers}
+    shifts = {name: torch.zeros(n, *shapes[name], dtype=inputs.dtype, device=inputs.device) for name in layers}
     token = _CAPTURE.set(state)
     try:
         outputs, pullback, (captured, whiten) = vjp(whitened, shifts, has_aux=True)
         c = outputs.shape[-1]
         # Input i only reaches output row i, so the pull-back of column k of the outputs holds δ_ik in row i.
         cotangents = torch.eye(c, dtype=outputs.dtype, device=outputs.device)[:, None, :].expand(c, n, c)
-        (deltas,) = vmap(pullback)(cotangents)  # {name: (C, N, out)}
+        (deltas,) = vmap(pullback)(cotangents)  # {name: (C, N, *output shape)}
     finally:
         _CAPTURE.reset(token)
     if state["failed"] or set(captured) != set(layers):
         return None
-    return captured, {name: d.transpose(0, 1).contiguous() for name, d in deltas.items()}, whiten
+    deltas = {name: d.transpose(0, 1) for name, d in deltas.items()}  # (N, C, ...)
+    for name in layers:
+        m = modules[name]
+        if isinstance(m, nn.Conv2d):  # the written-out rows: Σ_p δ[:, p] ⊗ patch_p, one einsum for all rows
+            patches = F.unfold(captured[name], m.kernel_size, m.dilation, m.padding, m.stride)  # (N, in·k², P)
+            d = deltas[name].flatten(3)  # (N, C, out, P)
+            captured[name] = torch.einsum("ncop,nkp->ncok", d, patches).flatten(2)
+            deltas[name] = d.sum(-1)
+        else:
+            deltas[name] = deltas[name].contiguous()
+    return captured, deltas, whiten
+
+
+def _output_shapes(network, buffers: dict, params: Params, inputs: Tensor, names: dict) -> dict | None:
+    """{layer name: its output's shape per input}, from one forward pass (cached per input shape)."""
+    cache = network.module.__dict__.setdefault("_geodesic_output_shapes", {})
+    key = (tuple(inputs.shape[1:]), tuple(params))
+    if key not in cache:
+        state = {"names": names, "inputs": {}, "failed": False, "shapes": {}}
+        token = _CAPTURE.set(state)
+        try:
+            with torch.no_grad():
+                network.apply(params, inputs[:1], buffers)
+        finally:
+            _CAPTURE.reset(token)
+        cache[key] = None if state["failed"] or set(state["shapes"]) != set(names.values()) else state["shapes"]
+    return cache[key]
 
 
 def _agrees_with_jvp(rows: LinearLayerRows, network, buffers, params: Params, inputs: Tensor, whiten: Tensor) -> bool:

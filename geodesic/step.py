@@ -26,7 +26,7 @@ from .config import WalkConfig
 from .errors import WalkDiverged
 from .metric import PullbackMetric, conjugate_gradient
 from .params import Params, add, norm, scale, zeros_like
-from .rows import DenseRows, JacobianRows, LinearLayerRows
+from .rows import DenseRows, JacobianRows, LinearLayerRows, dense_jacobian_fits  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -39,18 +39,6 @@ class Step:
     damping: float | None = None  # μ the constrained step used (None for the penalty walk)
     linear_solver: str | None = None  # how the constrained step was solved: kernel (factored), kernel or cg
     kept: float | None = None  # share of the step's batch given its kept class at the step's start (None: not known)
-
-
-def dense_jacobian_fits(n_rows: int, n_params: int, device: torch.device) -> bool:
-    """Whether `linear_solver='auto'` may write L out densely (n_rows × n_params floats).
-
-    On a GPU when L and as much again for computing it take at most half the free memory: measured on an H100,
-    the exact solve through the dense L beat 10 CG iterations 2–3.5× on VGG11 and ResNet-18 (BENCHMARKS.md).
-    On the CPU only while L is small (≤ 5e7 entries, 200 MB): there CG's few products are cheaper."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return 2 * 4 * n_rows * n_params <= 0.5 * free
-    return n_rows * n_params <= 5e7
 
 
 def trust_region_kernel(jac, v, goal_weight: float, radius: float):
@@ -229,12 +217,14 @@ def _goal_and_restoring(params: Params, goal, batch, restoring_weight: float) ->
     # Plain autograd, not torch.func.grad: the same gradient with less dispatch overhead (0.42 against
     # 0.67 ms per call on the digits MLP, which is most of a penalty step there).
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    inputs, target = goal.restoring_inputs(batch)
     with torch.enable_grad():
-        loss, kept = goal.restoring_value_and_kept(leaves, inputs, target)
+        if hasattr(goal, "restoring_value_and_kept"):  # the engine's goals (goals/base.py)
+            loss, kept = goal.restoring_value_and_kept(leaves, *goal.restoring_inputs(batch))
+        else:  # any object with restoring_loss(params, batch) will do as a goal (the Python API)
+            loss, kept = goal.restoring_loss(leaves, batch), None
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     grad_r = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(params.items(), grads, strict=True)}
-    return v_goal, grad_r, float(kept)
+    return v_goal, grad_r, None if kept is None else float(kept)
 
 
 def constrained_step(params: Params, goal, batch, probe: Tensor, config: WalkConfig, radius: float,

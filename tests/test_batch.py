@@ -128,3 +128,23 @@ def test_batched_eigh_off_the_main_thread_gives_the_same_answer_whatever_the_spl
     assert torch.equal(got["whole/one"][0], lam[3:4]) and torch.equal(got["split/one"][1], u[3:4])
     main_lam, _ = batched_eigh(kernels)  # in place on the main thread
     torch.testing.assert_close(main_lam, lam, rtol=1e-5, atol=1e-4)
+
+
+def test_conv_nets_batch_with_their_factored_rows():
+    """LeNet-5 on the digits images: the conv rows are built under vmap for the whole batch, as for one walk."""
+    from geodesic.batch import rows_kind
+    from geodesic.config import DataConfig, ModelConfig
+
+    def config(seed):
+        return RunConfig(goal=GoalConfig(kind="sparsify"), data=DataConfig("digits-images"),
+                         model=ModelConfig(name="lenet5"), train=TrainConfig(epochs=1), seed=seed,
+                         walk=default_walk("sparsify", "constrained"))
+
+    alone, together = _walkers([config(0), config(1)]), _walkers([config(0), config(1)])
+    assert rows_kind(together[0]) == "factored"
+    batch = WalkBatch(together)
+    for _ in range(3):
+        for a, b in zip([w.step() for w in alone], batch.step(), strict=True):
+            assert b.goal_distance == pytest.approx(a.goal_distance, rel=1e-4)
+            assert b.functional_step == pytest.approx(a.functional_step, rel=1e-2, abs=1e-9)
+            assert b.accuracy == pytest.approx(a.accuracy, abs=1e-6)

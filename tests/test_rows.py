@@ -70,12 +70,38 @@ def test_the_digits_mlp_uses_the_factored_rows_and_the_step_is_unchanged():
     assert fast.damping == pytest.approx(slow.damping, rel=1e-6)
 
 
-def test_networks_with_other_layers_or_shared_layers_fall_back_to_dense_rows():
-    lenet = build_network(ModelConfig(name="lenet5"), (1, 28, 28), 10)
-    params = lenet.init_params(0)
-    metric = PullbackMetric(NetworkFunction(lenet, lenet.buffers), torch.randn(2, 1, 28, 28), "fisher")
-    assert isinstance(metric.jacobian_rows(params), DenseRows)
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+@pytest.mark.parametrize("kind", ["fisher", "logit"])
+def test_conv_rows_match_the_dense_jacobian_in_float64(shape, kind):
+    """LeNet-5 (two Conv2d, three Linear) on every image size it adapts to: the conv rows written out from
+    δ and the unfolded patches, the Linear rows factored, against vmap(jacrev)."""
+    net = build_network(ModelConfig(name="lenet5"), shape, 10)
+    net.module.double()
+    params = {k: v.double() for k, v in net.init_params(0).items()}
+    x = torch.randn(5, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    metric = PullbackMetric(NetworkFunction(net, net.buffers), x, kind)
+    rows = metric.jacobian_rows(params)
+    assert isinstance(rows, LinearLayerRows) and {type(layer).__name__ for layer in rows.layers} == {
+        "_Layer", "_ConvLayer"}
+    dense = DenseRows(metric.jacobian_blocks(params))
+    torch.testing.assert_close(rows.gram(), dense.gram(), rtol=1e-10, atol=1e-12)
+    gen = torch.Generator().manual_seed(1)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in params.items()}
+    torch.testing.assert_close(rows.matvec(v), dense.matvec(v), rtol=1e-10, atol=1e-12)
+    y = torch.randn(rows.n_rows, generator=gen, dtype=torch.float64)
+    back, dense_back = rows.rmatvec(y), dense.rmatvec(y)
+    for k in params:
+        torch.testing.assert_close(back[k].reshape(-1), dense_back[k], rtol=1e-10, atol=1e-12)
 
+
+def test_grouped_convolutions_and_batchnorm_fall_back():
+    grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+    net, params = network_from_module(grouped, (2, 6, 6), 3)
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    assert isinstance(PullbackMetric(NetworkFunction(net, net.buffers), x, "fisher").jacobian_rows(params), DenseRows)
+
+
+def test_networks_with_other_layers_or_shared_layers_fall_back_to_dense_rows():
     class Shared(nn.Module):  # one Linear applied twice: its gradient is not one outer product per input
         def __init__(self):
             super().__init__()

@@ -116,11 +116,15 @@ def test_auto_linear_solver_picks_factored_dense_or_cg_by_model_and_size(monkeyp
         assert float(norm(step.tangent_vec)) <= 0.05 * (1 + 1e-5)
         return step.linear_solver
 
+    import geodesic.rows as rows_module
+
     assert solver_used("mlp", (64,)) == "kernel (factored)"
-    assert solver_used("lenet5", (1, 28, 28)) == "kernel"
+    assert solver_used("lenet5", (1, 28, 28)) == "kernel (factored)"  # Linear factors + written-out conv rows
+    assert solver_used("vgg11", (3, 32, 32)) == "cg"  # its convolutions' rows are too big to write out on the CPU
     assert solver_used("lenet5", (1, 28, 28), "cg") == "cg"
     assert step_module.dense_jacobian_fits(160, 26_000, torch.device("cpu"))
     assert not step_module.dense_jacobian_fits(160, 9_000_000, torch.device("cpu"))  # VGG11 on the CPU: CG
-    monkeypatch.setattr(step_module, "dense_jacobian_fits", lambda *args: False)
-    assert solver_used("lenet5", (1, 28, 28)) == "cg"  # too big to write out densely
+    for module in (step_module, rows_module):
+        monkeypatch.setattr(module, "dense_jacobian_fits", lambda *args: False)
+    assert solver_used("lenet5", (1, 28, 28)) == "cg"  # its conv rows and a dense L are both too big
     assert solver_used("mlp", (64,)) == "kernel (factored)"  # never written out, so never too big
