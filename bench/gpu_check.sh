@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 4), one call on a machine with an NVIDIA GPU: the CUDA tests, step cost ratios, steps per
-# second and peak memory of both step rules (MLP, VGG11, ResNet-18), and two whole digits walks on the GPU.
+# second and peak memory of both step rules (MLP, LeNet-5, VGG11, VGG16, ResNet-18), two whole digits walks and
+# LeNet-5 and VGG11 sparsify walks on the MNIST sample's images on the GPU.
 # Usage: bash bench/gpu_check.sh OUTDIR        (PYTHON=... to pick the interpreter; figures go to BENCHMARKS.md;
 #        DEVICE=cpu rehearses the script on a machine without a GPU)
 set -u
@@ -17,6 +18,10 @@ work=$(mktemp -d)
 } | tee "$out/gpu.txt"
 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15 | tee "$out/pytest-cuda.txt"
 $py -m geodesic.bench --device "$device" --step-cost-only --json "$out/stepcost.json" --markdown "$out/stepcost.md"
+# Issue 12: LeNet-5 and VGG11 sparsify walks on the MNIST sample's images on the GPU, against masked fine-tuning
+# at the same budget (accuracy kept, lowest point, wall time); one seed to fit the check's time.
+$py -m geodesic.bench --device "$device" --only "mnist-sample-images" --seeds 0 --json "$out/images.json" \
+  --markdown "$out/images.md" 2>&1 | grep -v -i warn | tail -8
 for solver in constrained penalty; do
   t0=$EPOCHREALTIME
   $py -m geodesic run --goal sparsify --dataset digits --solver "$solver" --device "$device" --seed 0 \

@@ -40,6 +40,7 @@ class Case:
     penalty: bool = True  # also run the penalty walk
     epochs: int = 30
     adaptive: bool = False  # the walks use the adaptive step size (--step-size auto)
+    model: str = "mlp"
 
 
 @dataclass
@@ -64,7 +65,7 @@ def _walk_budget(summary: dict, config: RunConfig, n_classes: int) -> int:
     return summary["steps"] * per_step
 
 
-def run_case(case: Case, seed: int) -> list[Result]:
+def run_case(case: Case, seed: int, device: str = "cpu") -> list[Result]:
     results = []
     budget = None
     for solver in ("constrained", "penalty") if case.penalty else ("constrained",):
@@ -72,8 +73,8 @@ def run_case(case: Case, seed: int) -> list[Result]:
         config = RunConfig(goal=goal,
                            walk=default_walk(case.goal, solver, adaptive_step=case.adaptive or None),
                            data=DataConfig(case.data),
-                           model=ModelConfig(hidden=case.hidden), train=TrainConfig(epochs=case.epochs), seed=seed,
-                           device="cpu")
+                           model=ModelConfig(name=case.model, hidden=case.hidden),
+                           train=TrainConfig(epochs=case.epochs), seed=seed, device=device)
         t0 = time.perf_counter()
         experiment = build(config)
         build_seconds = time.perf_counter() - t0
@@ -247,7 +248,7 @@ def targets(rows: list[dict], step_costs: list[dict]) -> list[dict]:
             check("98%, auto: end accuracy ≥ masked fine-tuning's (same budget)", 100 * walk["end_accuracy"]["A"],
                   100 * masked["end_accuracy"]["A"], True, "%")
     for cost in step_costs:
-        if cost["model"] in ("mlp", "vgg11"):
+        if cost["model"] in ("mlp", "lenet5", "vgg11", "vgg16", "resnet18"):
             where = f"{cost['model']}, {cost['device_name']}"
             check(f"step cost, penalty ≤ 1.5× SGD ({where})", cost["penalty_ratio"], 1.5, False, "×")
             check(f"step cost, constrained ≤ 4× SGD ({where})", cost["constrained_ratio"], 4, False, "×")
@@ -295,7 +296,7 @@ def markdown(rows: list[dict], step_costs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, device: str = "cpu") -> list[Case]:
     out = [Case("digits sparsify 90%", "sparsify", target_sparsity=0.9),
            Case("digits sparsify 95%", "sparsify", target_sparsity=0.95, penalty=not quick),
            Case("digits new-task permuted (domain-incremental)", "new-task", new_task="permuted"),
@@ -310,6 +311,10 @@ def cases(quick: bool) -> list[Case]:
         out += [Case("mnist-sample MLP 784-300-100-10 sparsify 98%, --step-size auto", "sparsify",
                      data="mnist-sample", hidden=(300, 100), target_sparsity=0.98, penalty=False, epochs=15,
                      adaptive=True)]
+    if device != "cpu":  # issue 12: the paper's conv nets on real images, on the GPU check (bench/gpu_check.sh)
+        out += [Case(f"mnist-sample-images {name} sparsify 90%", "sparsify", data="mnist-sample-images", model=model,
+                     target_sparsity=0.9, penalty=False, epochs=15) for model, name in (("lenet5", "LeNet-5"),
+                                                                                       ("vgg11", "VGG11"))]
     return out
 
 
@@ -319,28 +324,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--json", default="artifacts/bench.json")
     parser.add_argument("--markdown", default="artifacts/bench.md")
-    parser.add_argument("--device", default="cpu", help="device for the step-cost timing (cpu or cuda)")
+    parser.add_argument("--device", default="cpu", help="device for the step-cost timing and the walks (cpu or "
+                        "cuda; cuda adds the conv nets on the MNIST sample's images)")
     parser.add_argument("--step-cost-only", action="store_true")
     parser.add_argument("--only", metavar="TEXT", help="run only the cases whose name contains TEXT (and no step-cost "
                         "timing), e.g. --only '98%%'")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    chosen = [c for c in cases(args.quick) if args.only is None or args.only in c.name]
+    chosen = [c for c in cases(args.quick, args.device) if args.only is None or args.only in c.name]
     if not chosen:
         parser.error(f"--only {args.only!r}: no case's name contains it")
     costs = [] if args.only else [step_cost("mlp", (64,), 10, device=args.device),
+             step_cost("lenet5", (1, 28, 28), 10, device=args.device),
              step_cost("vgg11", (3, 32, 32), 10, device=args.device, n_repeats=3 if args.device == "cpu" else 20,
                        n_warmup=1 if args.device == "cpu" else 3)]
     if (args.device != "cpu" or args.step_cost_only) and not args.only:
-        costs.append(step_cost("resnet18", (3, 32, 32), 10, device=args.device,
-                               n_repeats=3 if args.device == "cpu" else 20))
+        for model in ("vgg16", "resnet18"):
+            costs.append(step_cost(model, (3, 32, 32), 10, device=args.device,
+                                   n_repeats=3 if args.device == "cpu" else 20))
     rows = []
     if not args.step_cost_only:
         per_seed = []
         for seed in args.seeds:
             results = []
             for case in chosen:
-                results += run_case(case, seed)
+                results += run_case(case, seed, args.device)
                 print(f"[{time.perf_counter() - t0:6.0f} s] seed {seed}: {case.name}", flush=True)
             per_seed.append(results)
         rows = aggregate(per_seed)

@@ -306,3 +306,20 @@ def test_conv_models_are_offered_only_for_images_and_walk_on_them():
     assert type(walker(at).network.module).__name__ == "LeNet5"
     button(at, "Step").click().run()
     assert not at.exception and walker(at).n_steps == 1 and live_charts(at)
+
+
+def test_auto_adapts_the_step_and_the_steps_view_shows_epsilon_and_rho():
+    at = start()
+    at.toggle(key="auto_step").set_value(True).run()
+    button(at, "Start a new walk with these settings").click().run()
+    assert not at.exception and walker(at).config.adaptive_step and walker(at).trust is not None
+    assert at.query_params["auto"] in ("1", ["1"])  # the link keeps it
+    for _ in range(3):
+        button(at, "Step").click().run()
+    assert walker(at).n_steps == 3 and not at.exception
+    at.segmented_control[0].set_value("Steps").run()
+    names = {trace.get("name", "") for message in live_charts(at).values() if "full" in message
+             for trace in message["full"]["data"]}
+    assert any(name.endswith(": ε") for name in names) and any(name.endswith(": ρ") for name in names)
+    again = start({"auto": "1"})  # a shared link sets the toggle
+    assert again.toggle(key="auto_step").value is True

@@ -158,3 +158,39 @@ def test_the_live_chart_follows_a_long_walk_and_pause_answers_while_it_runs(serv
     page.get_by_role("button", name="Pause", exact=True).click()
     _no_exception(page)
     page.close()
+
+
+def test_a_fan_of_step_sizes_is_drawn_one_colour_each_and_one_is_kept(server, browser):
+    page = browser.new_page()
+    page.goto(server)
+    page.get_by_role("button", name="Step", exact=True).wait_for(timeout=120_000)
+    page.locator(".geodesic-live-chart.js-plotly-plot").first.wait_for(timeout=60_000)
+    page.get_by_role("button", name="Step", exact=True).click()
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stMetricValue]')]"
+                           ".some(e => e.innerText.trim() === '1')", timeout=30_000)
+    page.get_by_text("Compare step sizes (a fan of walks from here)").click()
+    values = page.get_by_label("Values, 2 to 7, comma-separated")
+    values.fill("0.05, 0.1, 0.4")
+    values.press("Enter")
+    page.get_by_role("button", name="Launch the fan", exact=True).click()
+    labels = ["ε=0.05 @ 1", "ε=0.1 @ 1", "ε=0.4 @ 1"]
+    # Every fan walk gets its own traces on the accuracy chart, each in its own colour, and they grow as it walks.
+    page.wait_for_function(
+        "(labels) => { const el = document.querySelector('.geodesic-live-chart.js-plotly-plot');"
+        " if (!el || !el.data) return false;"
+        " return labels.every(l => el.data.some(t => (t.name || '').startsWith(l + ':') && t.x && t.x.length > 5)); }",
+        arg=labels, timeout=120_000)
+    colours = page.evaluate(
+        "(labels) => { const el = document.querySelector('.geodesic-live-chart.js-plotly-plot');"
+        " return labels.map(l => el._fullData.find(t => (t.name || '').startsWith(l + ':')).line.color); }", labels)
+    assert len(set(colours)) == 3, colours
+    _no_exception(page)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "05-fan.png"), full_page=True)
+    table = page.locator("[data-testid='stDataFrame']").first
+    table.wait_for(timeout=30_000)
+    page.get_by_role("button", name="Keep this one as the walk that steps", exact=True).click()
+    page.get_by_role("button", name="Keep this one as the walk that steps", exact=True).wait_for(
+        state="detached", timeout=30_000)  # the fan is closed: its table and buttons are gone
+    _no_exception(page)
+    page.close()

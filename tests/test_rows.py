@@ -24,15 +24,8 @@ def _mlp(hidden=(6, 5), n_in=4, n_out=3, bias=True):
     return net, params, torch.randn(7, n_in, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("kind", ["fisher", "logit"])
-@pytest.mark.parametrize("bias", [True, False])
-def test_factored_rows_match_dense_rows(kind, bias):
-    net, params, x = _mlp(bias=bias)
-    metric = PullbackMetric(NetworkFunction(net, net.buffers), x, kind)
-    rows = metric.jacobian_rows(params)
-    assert isinstance(rows, LinearLayerRows) and net.module._geodesic_factored_rows_ok is True
-    dense = DenseRows(metric.jacobian_blocks(params))
-    assert rows.n_rows == dense.n_rows == 7 * 3
+def _assert_same_rows(rows, dense, params) -> dict:
+    """K, L v and Lᵀ y of `rows` equal the dense Jacobian's in float64; returns the random v used."""
     torch.testing.assert_close(rows.gram(), dense.gram(), rtol=1e-10, atol=1e-12)
     gen = torch.Generator().manual_seed(1)
     v = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in params.items()}
@@ -42,6 +35,19 @@ def test_factored_rows_match_dense_rows(kind, bias):
     assert set(back) == set(params)
     for k in params:
         torch.testing.assert_close(back[k].reshape(-1), dense_back[k], rtol=1e-10, atol=1e-12)
+    return v
+
+
+@pytest.mark.parametrize("kind", ["fisher", "logit"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_factored_rows_match_dense_rows(kind, bias):
+    net, params, x = _mlp(bias=bias)
+    metric = PullbackMetric(NetworkFunction(net, net.buffers), x, kind)
+    rows = metric.jacobian_rows(params)
+    assert isinstance(rows, LinearLayerRows) and net.module._geodesic_factored_rows_ok is True
+    dense = DenseRows(metric.jacobian_blocks(params))
+    assert rows.n_rows == dense.n_rows == 7 * 3
+    v = _assert_same_rows(rows, dense, params)
     # and the metric the rows define is the metric g·v of the matrix-free products
     gv = metric.metric_vector_product(v, params)
     lt_lv = rows.rmatvec(rows.matvec(v))
@@ -83,15 +89,7 @@ def test_conv_rows_match_the_dense_jacobian_in_float64(shape, kind):
     rows = metric.jacobian_rows(params)
     assert isinstance(rows, LinearLayerRows) and {type(layer).__name__ for layer in rows.layers} == {
         "_Layer", "_ConvLayer"}
-    dense = DenseRows(metric.jacobian_blocks(params))
-    torch.testing.assert_close(rows.gram(), dense.gram(), rtol=1e-10, atol=1e-12)
-    gen = torch.Generator().manual_seed(1)
-    v = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in params.items()}
-    torch.testing.assert_close(rows.matvec(v), dense.matvec(v), rtol=1e-10, atol=1e-12)
-    y = torch.randn(rows.n_rows, generator=gen, dtype=torch.float64)
-    back, dense_back = rows.rmatvec(y), dense.rmatvec(y)
-    for k in params:
-        torch.testing.assert_close(back[k].reshape(-1), dense_back[k], rtol=1e-10, atol=1e-12)
+    _assert_same_rows(rows, DenseRows(metric.jacobian_blocks(params)), params)
 
 
 def test_grouped_convolutions_and_batchnorm_fall_back():
