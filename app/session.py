@@ -17,7 +17,7 @@ import streamlit as st
 
 from geodesic.config import RunConfig
 from geodesic.engine import Engine, EngineSettings, WalkHandle, shared_engine
-from geodesic.errors import ConfigError
+from geodesic.errors import Cancelled, ConfigError
 from geodesic.experiment import Experiment
 from geodesic.projection import PCABasis
 
@@ -49,9 +49,15 @@ def _yield_to_the_engine() -> None:
 _ANALYSIS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="geodesic-analysis", initializer=_yield_to_the_engine)
 
 
+_SHUTTING_DOWN = threading.Event()
+
+
 def _drop_queued_analysis() -> None:
-    """At shutdown, drop the analysis nobody will see: Python joins a pool's threads only after they have run
-    every queued job, so a server stopped while pages waited for baselines took tens of seconds to exit."""
+    """At shutdown, stop the analysis nobody will see: Python joins a pool's threads only after they have run
+    every queued job, so a server stopped while pages waited for baselines took minutes to exit (measured: a
+    masked fine-tuning at the analysis threads' low priority on a busy machine). The running job is asked to
+    stop (its should_stop), the queued ones are dropped."""
+    _SHUTTING_DOWN.set()
     _ANALYSIS.shutdown(wait=False, cancel_futures=True)
 
 
@@ -90,6 +96,7 @@ class AppState:
     active: int = 0  # index into branches of the walk that steps
     baselines: dict = field(default_factory=dict)
     pending_baselines: Future | None = None  # computed on an analysis thread after the first paint
+    stop_baselines: threading.Event | None = None  # set: that computation is no longer wanted
     basis: PCABasis | None = None  # frozen PCA basis (refit on demand)
     umap: dict | None = None  # last UMAP result {"coords", "steps", "params"}
     spectrum: dict | None = None
@@ -124,9 +131,13 @@ def install(experiment: Experiment, baselines=None) -> None:
     s.branches = [Branch("main", experiment.walker)]
     s.active = 0
     s.runner = engine().open(experiment.walker, session_id())
-    s.baselines, s.pending_baselines = {}, None
+    if s.stop_baselines is not None:  # the page moved on: nobody will see the previous walk's baselines
+        s.stop_baselines.set()
+    s.baselines, s.pending_baselines, s.stop_baselines = {}, None, None
     if callable(baselines):
-        s.pending_baselines = _ANALYSIS.submit(baselines, experiment)
+        stop = s.stop_baselines = threading.Event()
+        s.pending_baselines = _ANALYSIS.submit(baselines, experiment,
+                                               lambda: stop.is_set() or _SHUTTING_DOWN.is_set())
     elif baselines:
         s.baselines = baselines
     weakref.finalize(s, s.runner.close)  # the session's state is dropped when its page is gone for good
@@ -145,6 +156,8 @@ def baselines_pending() -> bool:
     s.pending_baselines = None
     try:
         s.baselines = future.result()
+    except Cancelled:  # the page moved on or the server is stopping: nothing to show
+        pass
     except Exception as err:  # noqa: BLE001 - shown, and the walk goes on without them
         s.notice = f"The baselines could not be computed ({type(err).__name__}: {err})."
     return False

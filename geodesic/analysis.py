@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -73,12 +74,13 @@ def loss_on_plane(walker: Walker, basis: PCABasis, extent: np.ndarray, resolutio
 
 
 def goal_baselines(experiment: Experiment, budget_steps: int | None = None,
-                   model_fn: NetworkFunction | None = None) -> dict:
+                   model_fn: NetworkFunction | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
     """What the walk is compared with on the dashboard, at a matched number of forward+backward passes.
 
     sparsify: one-shot pruning and masked fine-tuning (accuracy numbers); new-task: naive fine-tuning
     on task B (a per-step table of accuracy on every task); connect: the straight line on a 21-point α grid.
-    model_fn: the network to use (default the walk's own).
+    model_fn: the network to use (default the walk's own). should_stop: asked as the fine-tuning goes; True
+    raises errors.Cancelled.
     """
     cfg, walker = experiment.config, experiment.walker
     walker = _WithModel(model_fn) if model_fn is not None else walker
@@ -87,14 +89,14 @@ def goal_baselines(experiment: Experiment, budget_steps: int | None = None,
     if cfg.goal.kind == "sparsify":
         s = cfg.goal.target_sparsity
         _, tuned = masked_fine_tune(walker.model_fn, experiment.start, experiment.network.prunable, s, task_a,
-                                    n_steps=min(budget, 500), seed=cfg.seed)
+                                    n_steps=min(budget, 500), seed=cfg.seed, should_stop=should_stop)
         return {"one_shot_accuracy": one_shot_prune(walker.model_fn, experiment.start, experiment.network.prunable,
                                                     s, task_a),
                 "masked_fine_tune_accuracy": tuned, "masked_fine_tune_steps": min(budget, 500)}
     if cfg.goal.kind == "new-task":
         n = min(budget, 600)
         _, history = fine_tune(walker.model_fn, experiment.start, experiment.tasks["B"], n, cfg.seed,
-                               eval_tasks=experiment.tasks, eval_every=max(n // 30, 1))
+                               eval_tasks=experiment.tasks, eval_every=max(n // 30, 1), should_stop=should_stop)
         return {"naive_fine_tune": pd.DataFrame(history)}
     line = straight_line(walker.model_fn, experiment.start, experiment.end, task_a, n_points=21)
     return {"straight_line": pd.DataFrame(line)}
@@ -105,12 +107,13 @@ class _WithModel:
         self.model_fn = model_fn
 
 
-def goal_baselines_apart(experiment: Experiment) -> dict:
+def goal_baselines_apart(experiment: Experiment, should_stop: Callable[[], bool] | None = None) -> dict:
     """goal_baselines on a private copy of the network, so it can run on a thread of its own while the engine
     walks this experiment: torch.func.functional_call swaps a module's parameters while it runs, so two threads
     must never call one module at once (the engine's thread owns the walk's)."""
     network = copy.deepcopy(experiment.network)
-    return goal_baselines(experiment, model_fn=NetworkFunction(network, dict(experiment.walker.buffers)))
+    return goal_baselines(experiment, model_fn=NetworkFunction(network, dict(experiment.walker.buffers)),
+                          should_stop=should_stop)
 
 
 def weights_bytes(walker: Walker) -> bytes:

@@ -2,13 +2,14 @@
 the straight line between two networks, and the barrier numbers (method.md §5)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .data import Dataset
+from .errors import Cancelled
 from .measures import ModelFn, evaluate, magnitude_prune
 from .params import Params, clone
 
@@ -40,10 +41,12 @@ def one_shot_prune(model_fn: ModelFn, params: Params, prunable: tuple[str, ...],
 
 def fine_tune(model_fn: ModelFn, params: Params, task: Dataset, n_steps: int, seed: int, lr: float = 1e-3,
               batch_size: int = 64, mask: dict[str, torch.Tensor] | None = None,
-              eval_tasks: dict[str, Dataset] | None = None, eval_every: int = 0) -> tuple[Params, list[dict]]:
+              eval_tasks: dict[str, Dataset] | None = None, eval_every: int = 0,
+              should_stop: Callable[[], bool] | None = None) -> tuple[Params, list[dict]]:
     """Adam on `task`'s training split for n_steps (one forward+backward each).
 
     mask: weights where mask is False stay exactly zero (masked fine-tuning after pruning).
+    should_stop: asked before every step; True raises Cancelled (a server shutting down, a page that moved on).
     Returns the final params and, every `eval_every` steps, {step, accuracy/NAME...} on `eval_tasks`.
     """
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
@@ -62,6 +65,8 @@ def fine_tune(model_fn: ModelFn, params: Params, task: Dataset, n_steps: int, se
     record(0)
     order, cursor = torch.randperm(len(y), generator=g), 0
     for step in range(1, n_steps + 1):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"fine-tuning stopped at step {step - 1} of {n_steps}")
         if cursor + batch_size > len(y):
             order, cursor = torch.randperm(len(y), generator=g), 0
         index = order[cursor:cursor + batch_size].to(y.device)
@@ -79,11 +84,12 @@ def fine_tune(model_fn: ModelFn, params: Params, task: Dataset, n_steps: int, se
 
 
 def masked_fine_tune(model_fn: ModelFn, params: Params, prunable: tuple[str, ...], target_sparsity: float,
-                     task: Dataset, n_steps: int, seed: int) -> tuple[Params, float]:
+                     task: Dataset, n_steps: int, seed: int,
+                     should_stop: Callable[[], bool] | None = None) -> tuple[Params, float]:
     """(params, test accuracy) of one-shot pruning followed by n_steps of masked fine-tuning."""
     pruned = magnitude_prune(params, prunable, target_sparsity)
     mask = {k: (pruned[k] != 0).float() for k in prunable}
-    tuned, _ = fine_tune(model_fn, pruned, task, n_steps, seed, mask=mask)
+    tuned, _ = fine_tune(model_fn, pruned, task, n_steps, seed, mask=mask, should_stop=should_stop)
     return tuned, evaluate(model_fn, tuned, task.test.x, task.test.y)[1]
 
 

@@ -28,3 +28,7 @@ class OutOfMemory(GeodesicError):
 
 class WalkDiverged(GeodesicError):
     """A step produced a non-finite loss or weight; the walk keeps its last finite point."""
+
+
+class Cancelled(GeodesicError):
+    """A long computation stopped because its caller asked it to (should_stop() returned True)."""

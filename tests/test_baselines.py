@@ -112,3 +112,21 @@ def test_the_table_checks_the_issue_targets_and_says_which_are_missed():
     table = markdown(rows, [cost])
     assert "| target (issue 4) | measured | met |" in table and "**no**" in table
     assert targets([], []) == []  # nothing run, nothing claimed
+
+
+def test_a_fine_tuning_asked_to_stop_stops_at_once():
+    """What lets a stopping server (or a page that moved on) drop the baselines it was computing."""
+    from geodesic.errors import Cancelled
+    from geodesic.models import NetworkFunction
+
+    net = build_network(ModelConfig(hidden=(8,)), (4,), 3)
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    data = from_tensors(x, y, x[:10], y[:10], n_classes=3)
+    asked = []
+
+    def should_stop():
+        asked.append(1)
+        return len(asked) > 3
+
+    with pytest.raises(Cancelled, match="step 3 of 1000"):
+        bl.fine_tune(NetworkFunction(net, net.buffers), net.init_params(0), data, 1000, 0, should_stop=should_stop)
