@@ -103,7 +103,7 @@ def restore_walker(experiment: Experiment, directory: str | Path, state: dict, r
     walker.buffers.update(buffers)
     walker.config = WalkConfig(**state["walk"])
     walker.step_size = state.get("step_size", walker.config.max_step_norm)
-    walker.trust = trust_region_for(walker.config)
+    walker.trust = trust_region_for(walker.config, walker.goal)
     if walker.trust is not None and state.get("trust_region"):
         walker.trust = TrustRegion(**state["trust_region"])
     walker.record = record

@@ -51,7 +51,7 @@ class Walker:
         self.is_done = False
         self.stop_reason = ""
         self.step_size = config.max_step_norm  # ε in force: config's, or the adaptive rule's latest
-        self.trust = trust_region_for(config)
+        self.trust = trust_region_for(config, goal)
         self._pending_event = ""
         self._euclidean_length = 0.0
         self._functional_length = 0.0
@@ -212,7 +212,7 @@ class Walker:
         self.config = dataclasses.replace(self.config, max_step_norm=max_step_norm)  # validates
         self.step_size = max_step_norm
         if self.trust is not None:
-            self.trust = trust_region_for(self.config)
+            self.trust = trust_region_for(self.config, self.goal)
         if old != max_step_norm:
             self._pending_event = f"step size {old:g} -> {max_step_norm:g}"
 
@@ -270,11 +270,14 @@ class Walker:
         self.record.append(point)
 
 
-def trust_region_for(config: WalkConfig) -> TrustRegion | None:
+def trust_region_for(config: WalkConfig, goal: Goal) -> TrustRegion | None:
+    """The adaptive step's state for a new walk (None unless config.adaptive_step). The restoring pull is relaxed
+    only where there is one (the constrained rule) and a point to arrive at (sparsify, connect): a new task has
+    no end the pull keeps it from, only task A to forget."""
     if not config.adaptive_step:
         return None
     return TrustRegion(initial=config.max_step_norm, tolerance=config.kept_tolerance,
-                       relax_pull=config.solver == "constrained")
+                       relax_pull=config.solver == "constrained" and goal.is_point_target)
 
 
 @torch.no_grad()

@@ -106,3 +106,11 @@ def test_a_sweep_takes_auto_among_its_step_sizes(tmp_path):
     cells = expand(_parser().parse_args(["sweep", "--out", "x", "--goal", "sparsify", "--step-size", "0.1,auto"]))
     assert [c.name for c in cells] == ["step-size-0.1", "step-size-auto"]
     assert cells[1].args.step_size == "auto" and math.isclose(cells[0].args.step_size, 0.1)
+
+
+def test_the_pull_is_relaxed_only_on_the_way_to_a_point():
+    assert build(_auto_config("sparsify")).walker.trust.relax_pull
+    assert build(_auto_config("connect")).walker.trust.relax_pull
+    assert not build(_auto_config("new-task")).walker.trust.relax_pull  # no end to reach, only task A to forget
+    assert not build(_auto_config("sparsify", "penalty")).walker.trust.relax_pull  # no ρ in the penalty walk
+    assert math.isnan(build(_auto_config("sparsify", "penalty")).walker.record.last.restoring_weight)  # recorded as none
