@@ -291,7 +291,7 @@ def markdown(rows: list[dict], step_costs: list[dict]) -> str:
                      f"{rate['sgd']:.0f} / {rate['penalty']:.0f} / {rate['constrained']:.1f} | {peak_cell} |")
     checked = targets(rows, step_costs)
     if checked:
-        lines += ["", "| target (issue 4) | measured | met |", "|---|---|---|"]
+        lines += ["", "| target (issues 4, 11, 12) | measured | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['text']} | {'yes' if t['met'] else '**no**'} |" for t in checked]
     return "\n".join(lines)
 
