@@ -113,4 +113,5 @@ def test_the_pull_is_relaxed_only_on_the_way_to_a_point():
     assert build(_auto_config("connect")).walker.trust.relax_pull
     assert not build(_auto_config("new-task")).walker.trust.relax_pull  # no end to reach, only task A to forget
     assert not build(_auto_config("sparsify", "penalty")).walker.trust.relax_pull  # no ρ in the penalty walk
-    assert math.isnan(build(_auto_config("sparsify", "penalty")).walker.record.last.restoring_weight)  # recorded as none
+    penalty = build(_auto_config("sparsify", "penalty")).walker
+    assert math.isnan(penalty.record.last.restoring_weight)  # recorded as none
