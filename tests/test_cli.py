@@ -60,7 +60,7 @@ def test_connect_summary_has_both_barriers(tmp_path):
     (["--goal", "sparsify", "--device", "cuda"], "device: got 'cuda'"),
     (["--goal", "sparsify", "--model", "vgg11"], "needs images"),
     (["--goal", "sparsify", "--save-every", "-1"], "save-every: got -1"),
-    (["--goal", "sparsify", "--step-size", "abc"], "invalid float value: 'abc'"),
+    (["--goal", "sparsify", "--step-size", "abc"], "--step-size: got 'abc'; allowed: a number > 0, or auto"),
     (["--resume", "/nonexistent-run"], "is not a saved run"),
 ])
 def test_bad_settings_exit_2_with_a_message_and_no_traceback(tmp_path, args, fragment):
