@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from browser import ROOT, app_page
 
@@ -12,8 +13,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--port", type=int, default=8598)
+    parser.add_argument("--query", default="", help="URL query of the set-up, e.g. 'auto=1' (default: the defaults)")
+    parser.add_argument("--out", default=str(ROOT / "assets"), help="folder for the PNG files")
     args = parser.parse_args()
-    with app_page(args.port, viewport=(1500, 1100)) as (page, _):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with app_page(args.port, f"?{args.query}" if args.query else "", viewport=(1500, 1100)) as (page, _):
         page.get_by_role("button", name="Run", exact=True).click()
         pause = page.get_by_role("button", name="Pause", exact=True)
         pause.wait_for(timeout=30_000)
@@ -24,11 +29,11 @@ def main() -> None:
             pause.click()
         page.get_by_role("button", name="Run", exact=True).wait_for(timeout=30_000)
         time.sleep(2)
-        page.screenshot(path=str(ROOT / "assets" / "screenshot-overview.png"), full_page=True)
+        page.screenshot(path=str(out / "screenshot-overview.png"), full_page=True)
         for view, name in (("Path", "screenshot-path.png"), ("Steps", "screenshot-steps.png")):
             page.get_by_text(view, exact=True).click()
             time.sleep(3)
-            page.screenshot(path=str(ROOT / "assets" / name), full_page=True)
+            page.screenshot(path=str(out / name), full_page=True)
 
 
 if __name__ == "__main__":

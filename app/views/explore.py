@@ -464,7 +464,8 @@ def render() -> None:
     cfg = s.config
     st.title("geodesic")
     st.caption(f"**{cfg.goal.kind}** on **{cfg.data.name}** with **{cfg.model.name}**, {cfg.walk.solver} step rule "
-               f"(ε={s.walker.config.max_step_norm:g}, {'β' if cfg.walk.solver == 'constrained' else 'λ'}="
+               f"(ε={'auto, now ' if s.walker.trust is not None else ''}{s.walker.step_size:g}, "
+               f"{'β' if cfg.walk.solver == 'constrained' else 'λ'}="
                f"{cfg.walk.goal_weight:g}), seed {cfg.seed}, device {s.experiment.device}"
                + (f"; scenario: {cfg.goal.new_task}" if cfg.goal.kind == "new-task" else ""))
     _drive(s, teach)
