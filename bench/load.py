@@ -40,9 +40,10 @@ def _p95(values: list[float]) -> float | None:
 
 
 def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, threads: int,
-             batching: bool = True) -> dict:
+             batching: bool = True, auto: bool = False) -> dict:
     """n_walks sessions on one engine for `seconds`, and a Step-clicking session beside them."""
-    config = RunConfig(goal=GoalConfig(kind=goal), walk=default_walk(goal, solver), device=device)
+    config = RunConfig(goal=GoalConfig(kind=goal), walk=default_walk(goal, solver, adaptive_step=auto or None),
+                       device=device)
     engine = Engine(EngineSettings(threads=threads, max_walks=max(64, n_walks), max_walks_per_session=1,
                                    batching=batching))
     starts = [build(config.replace(seed=i % 4)).walker for i in range(n_walks)]
@@ -165,6 +166,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8597)
     parser.add_argument("--page-query", default="goal=new-task", help="URL query of the walk the pages run")
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--auto", action="store_true", help="the walks use the adaptive step size (--step-size auto)")
     args = parser.parse_args()
     walks = [int(w) for w in args.walks.split(",")]
     machine = {"machine": platform.node(), "cpus": torch.get_num_threads(), "device": args.device,
@@ -176,7 +178,7 @@ def main() -> None:
             lone = None
             for batching in ([True, False] if args.no_batching else [True]):
                 for n in walks:
-                    row = simulate(goal, solver, n, args.seconds, args.device, args.threads, batching)
+                    row = simulate(goal, solver, n, args.seconds, args.device, args.threads, batching, args.auto)
                     if n == 1 and batching:
                         lone = row["total_steps_per_s"]
                     row["total_over_lone"] = round(row["total_steps_per_s"] / lone, 2) if lone else None
