@@ -323,3 +323,22 @@ def test_auto_adapts_the_step_and_the_steps_view_shows_epsilon_and_rho():
     assert any(name.endswith(": ε") for name in names) and any(name.endswith(": ρ") for name in names)
     again = start({"auto": "1"})  # a shared link sets the toggle
     assert again.toggle(key="auto_step").value is True
+
+
+def test_the_fan_compares_auto_with_fixed_step_sizes():
+    at = start()
+    button(at, "Step").click().run()
+    eps = walker(at).config.max_step_norm
+    at.text_input(key="fan_values_step size ε").set_value(f"{eps:g}, auto").run()
+    button(at, "Launch the fan").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    state = at.session_state["geodesic"]
+    fixed, auto = (state.branches[i].walker for i, _ in state.fan)
+    assert fixed.trust is None and auto.trust is not None and auto.config.max_step_norm == eps
+    assert [state.branches[i].label for i, _ in state.fan] == [f"ε={eps:g} @ 1", "ε=auto @ 1"]
+    button(at, "Stop the fan").click().run()
+    assert not at.exception and state.fan == []
+    at.radio(key="fan_kind").set_value("seed").run()  # only step sizes take auto
+    at.text_input(key="fan_values_seed").set_value("1, auto").run()
+    button(at, "Launch the fan").click().run()
+    assert any("numbers separated by commas" in e.value for e in at.error) and state.fan == []

@@ -257,7 +257,8 @@ def _fan_controls(s) -> None:
         suggested = {"step size ε": f"{eps / 2:g}, {eps:g}, {2 * eps:g}",
                      "goal weight β/λ": ", ".join(f"{walker.config.goal_weight * f:g}" for f in (0.3, 1, 3)),
                      "seed": "1, 2, 3"}[kind]
-        text = c2.text_input("Values, 2 to 7, comma-separated", value=suggested, key=f"fan_values_{kind}")
+        text = c2.text_input("Values, 2 to 7, comma-separated" + (" (auto: the adaptive step)" if kind == "step size ε"
+                                                                   else ""), value=suggested, key=f"fan_values_{kind}")
         c3.caption(f"Each walk starts at step {walker.n_steps} of the walk that steps and runs on the server's "
                    "engine beside the others (one batch when they can share it).")
         if c3.button("Launch the fan", key="fan_launch"):
@@ -269,12 +270,16 @@ def _fan_controls(s) -> None:
                 for value in values:
                     if field_name == "seed":
                         child = s.runner.call(walker.branch, at, walker.config, int(value))
-                    else:
-                        config = dataclasses.replace(walker.config, **{field_name: value})  # validates
+                    elif value == "auto":  # the adaptive step, starting from the walk's ε
+                        config = dataclasses.replace(walker.config, adaptive_step=True)
+                        child = s.runner.call(walker.branch, at, config)
+                    else:  # a number for ε means that fixed ε; β/λ keep the walk's own step (fixed or auto)
+                        fixed = {"adaptive_step": False} if field_name == "max_step_norm" else {}
+                        config = dataclasses.replace(walker.config, **fixed, **{field_name: value})  # validates
                         child = s.runner.call(walker.branch, at, config)
                     walkers.append(child)
                     symbol = {"max_step_norm": "ε", "goal_weight": "β/λ", "seed": "seed"}[field_name]
-                    labels.append(f"{symbol}={value:g} @ {at}")
+                    labels.append(f"{symbol}={value if value == 'auto' else format(value, 'g')} @ {at}")
                 session.launch_fan(walkers, labels, at)
                 st.session_state["_fan_was_running"] = True
                 st.rerun()
@@ -282,14 +287,17 @@ def _fan_controls(s) -> None:
                 st.error(str(err))
 
 
-def _fan_values(text: str, kind: str) -> list[float]:
+def _fan_values(text: str, kind: str) -> list[float | str]:
+    """The fan's values: numbers, and for step sizes also 'auto' (the adaptive step)."""
+    items = [t for t in text.replace(" ", "").split(",") if t]
     try:
-        values = [float(t) for t in text.replace(" ", "").split(",") if t]
+        values = [t if (t == "auto" and kind == "step size ε") else float(t) for t in items]
     except ValueError:
-        raise ConfigError("fan values", text, "numbers separated by commas") from None
+        allowed = "numbers or auto, separated by commas" if kind == "step size ε" else "numbers separated by commas"
+        raise ConfigError("fan values", text, allowed) from None
     if not 2 <= len(values) <= 7 or len(set(values)) != len(values):
         raise ConfigError("fan values", text, "2 to 7 different values")
-    if kind == "seed" and any(v != int(v) or v < 0 for v in values):
+    if kind == "seed" and any(v != int(v) or v < 0 for v in values):  # (no 'auto' here: only step sizes take it)
         raise ConfigError("fan values", text, "whole numbers >= 0 for seeds")
     return values
 

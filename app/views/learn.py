@@ -30,13 +30,19 @@ def render() -> None:
                 "steps on the distance to the start network's outputs plus λ times the goal:")
     st.latex(r"u = \nabla_w \sum_{x\in B} D_B\big(p(x;w),\,p(x;w_0)\big) + \lambda\,\nabla h(w),\qquad "
              r"w \leftarrow w - \varepsilon\, u/\lVert u\rVert")
+    st.markdown("**Choosing ε (auto).** A long step reaches the goal sooner but moves the outputs away from the "
+                "probe, where g does not look. With *auto* the walk sets ε again after every step, like a trust "
+                "region: shorter when the training batch starts to lose the classes the start network gave it, "
+                "back up to its start when it keeps them. Near a point target a walk can also stall where the "
+                "restoring pull cancels the goal's pull, whatever ε is; then auto relaxes ρ, and tightens it again "
+                "first if classes are lost. The **Steps** view plots the ε and ρ of every step.")
     st.subheader("3. Reading the charts")
     st.markdown("- **Overview**: accuracy per task and loss along the path, baselines dashed; vertical dotted lines "
                 "mark step-size changes and branches.\n"
                 "- **Path**: the weights projected with PCA (basis frozen until you refit) or UMAP; colour is what "
                 "the projection loses.\n"
                 "- **Steps**: functional step √(θᵀgθ) against Euclidean step ‖θ‖ — big weight moves, small output "
-                "moves, which is the point of the method.\n"
+                "moves, which is the point of the method — and the ε and ρ in force at each step.\n"
                 "- **Examples**: each row a network along the path, each column a test example, colour the "
                 "probability of the true class.\n"
                 "- **Metric**: the spectrum of g; a fast drop shows how few directions the probe constrains.")
