@@ -30,6 +30,7 @@ from .errors import ConfigError, GeodesicError
 
 BACKENDS = ("local", "ray")
 
+
 def _step_size(text: str) -> float | str:
     return "auto" if text == "auto" else float(text)
 
@@ -130,13 +131,14 @@ def run_sweep(args: argparse.Namespace) -> int:
         from tqdm import tqdm
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="sweep")
     failed: list[str] = []
+    on_done = (lambda _cell: bar.update(1)) if bar is not None else None
     try:
         if backend == "ray" and todo:
             from .sweep_ray import run_on_ray
 
-            failed = run_on_ray(args, todo, out, on_done=bar.update if bar is not None else None)
+            failed = run_on_ray(args, todo, out, on_done=on_done)
         else:
-            walk_cells(todo, out, on_done=(lambda _: bar.update(1)) if bar is not None else None)
+            walk_cells(todo, out, on_done=on_done)
     finally:
         if bar is not None:
             bar.close()

@@ -100,7 +100,8 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def run_on_ray(args, cells: list, out: Path, on_done=None) -> list[str]:
-    """Walk `cells` as Ray tasks and write their folders under `out`; returns one message per failed task."""
+    """Walk `cells` as Ray tasks and write their folders under `out` (on_done(cell) as each lands); returns one
+    message per failed task."""
     try:
         import ray
     except ImportError:
@@ -147,7 +148,7 @@ def run_on_ray(args, cells: list, out: Path, on_done=None) -> list[str]:
             for cell in task:
                 write_cell(out, cell.name, result[cell.name])
                 if on_done is not None:
-                    on_done(1)
+                    on_done(cell)
         return failed
     finally:
         if started_here:
