@@ -1,22 +1,25 @@
-"""The adaptive step size (`--step-size auto`): a trust region on ε, set again after every step.
+"""The adaptive step size (`--step-size auto`): a trust region on the step, set again after every step.
 
 What a step size trades: a longer step reaches the goal in fewer steps, but the step is chosen to keep the
-outputs on this step's probe (N inputs) and moves them elsewhere too, which the restoring pull must then undo;
-and the goal's own first-order picture (its direction, the moving magnitude-pruned target of sparsify) holds
-only over short distances. Measured on the MNIST sample at 98% sparsity: ε = 1 drops test accuracy to 72%
-within 100 steps, while late in the walk ε = 0.05 gets closer to the target than ε = 0.2 in the same number of
-steps (BENCHMARKS.md, "Adaptive step size"). So ε is grown while the walk keeps both
+outputs on this step's probe (N inputs) and moves them elsewhere too, which the restoring pull must then undo.
+Measured on the MNIST sample at 98% sparsity: ε = 1 drops test accuracy to 72% within 100 steps. And near a
+point target a walk can stall whatever ε is: it settles where the restoring pull ρ∇R cancels the goal's unit
+pull (from step 1,000 of the default walk, 300 more steps at ε 0.05 / 0.2 / 1.0 ended 0.75 / 0.95 / 4.4 from the
+target; with ρ = 0.03 it arrived in 349 steps: BENCHMARKS.md, "Adaptive step"). So after every step:
 
-  * what the network computes: the share of this step's training batch on which it still gives the class it
-    is kept to (the start network's; for connect, the label), which the step's restoring pass gives for free.
-    Never the test set. Shrink when it falls more than `tolerance` below where the walk started;
-  * the goal's model: the progress the step made toward the goal against the progress its direction promised
-    (a point target's distance should fall by ‖θ‖ cos(θ, v); a new task's loss by ⟨θ, −∇L⟩), the ratio of a
-    trust-region method. Shrink below RATIO_LOW; grow only above RATIO_HIGH;
-  * and the functional step: shrink when √(θᵀgθ) of one step is over a tenth of the function's budget.
+  * the function is kept: the share of this step's training batch on which the network still gives the class it
+    is kept to (the start network's; for connect, the label) comes free with the restoring pass (never the test
+    set). When its average falls more than `tolerance` below where the walk started, first the restoring pull
+    is tightened back (if it had been relaxed), else ε shrinks (×SHRINK). One step whose functional step
+    ½θᵀgθ per probe input is over a tenth of FUNCTIONAL_BUDGET also shrinks ε;
+  * otherwise, with a margin, ε grows back (×GROW), never above its starting ε₀ nor below ε₀/20;
+  * and when the step went where the goal pointed but the goal came hardly nearer (progress made ÷ progress
+    promised < RATIO_LOW; a point target's distance should fall by ‖θ‖ cos(θ, v), a new task's loss by
+    ⟨θ, −∇L⟩), the restoring pull ρ is relaxed (×RELAX, down to ρ₀·MIN_PULL): only for the constrained walk to
+    a point (sparsify, connect), as the penalty walk's growing λ lets it arrive.
 
-Each signal is averaged over a few steps (each is measured on a random batch). ε stays within
-[ε₀/20, 5 ε₀] of the starting ε₀; every point records the ε it was taken with (PathPoint.step_size).
+Each signal is averaged over a few steps (each is measured on a random batch). Every point records the ε and ρ
+it was taken with (PathPoint.step_size, restoring_weight).
 """
 from __future__ import annotations
 

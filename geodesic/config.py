@@ -118,8 +118,8 @@ class WalkConfig:
     # where ∇R balances λ(w − target), short of a point target; growing λ lets the walk arrive.
     goal_weight_growth: float = 1.0
     # The adaptive step size (`--step-size auto`, adaptive.py): ε starts at max_step_norm and is set again after
-    # every step within [ε/20, 5ε], shrinking when the share of the training batch that keeps its class falls
-    # more than kept_tolerance below where it started, or when the goal's progress falls short of its promise.
+    # every step within [ε/20, ε], shrinking when the share of the training batch that keeps its class falls
+    # more than kept_tolerance below where it started; the constrained walk's ρ is relaxed while the goal stalls.
     adaptive_step: bool = False
     kept_tolerance: float = 0.015
 
