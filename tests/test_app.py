@@ -255,14 +255,19 @@ def test_a_bad_engine_setting_is_reported_and_the_defaults_used(monkeypatch, cap
         session._PROBLEMS.clear()
 
 
-def test_a_fan_of_step_sizes_walks_side_by_side_and_one_is_kept():
+def _fan_of_step_sizes(values) -> tuple[AppTest, float, object]:
+    """(app, the walk's ε, its state) after one Step and a fan launched with values(ε) as the step sizes."""
     at = start()
     button(at, "Step").click().run()
     eps = walker(at).config.max_step_norm
-    at.text_input(key="fan_values_step size ε").set_value(f"{eps / 2:g}, {2 * eps:g}").run()
+    at.text_input(key="fan_values_step size ε").set_value(values(eps)).run()
     button(at, "Launch the fan").click().run()
     assert not at.exception, [e.value for e in at.exception]
-    state = at.session_state["geodesic"]
+    return at, eps, at.session_state["geodesic"]
+
+
+def test_a_fan_of_step_sizes_walks_side_by_side_and_one_is_kept():
+    at, eps, state = _fan_of_step_sizes(lambda eps: f"{eps / 2:g}, {2 * eps:g}")
     assert len(state.fan) == 2 and len(state.branches) == 3
     fan_walkers = [state.branches[i].walker for i, _ in state.fan]
     assert [w.config.max_step_norm for w in fan_walkers] == [eps / 2, 2 * eps]
@@ -326,13 +331,7 @@ def test_auto_adapts_the_step_and_the_steps_view_shows_epsilon_and_rho():
 
 
 def test_the_fan_compares_auto_with_fixed_step_sizes():
-    at = start()
-    button(at, "Step").click().run()
-    eps = walker(at).config.max_step_norm
-    at.text_input(key="fan_values_step size ε").set_value(f"{eps:g}, auto").run()
-    button(at, "Launch the fan").click().run()
-    assert not at.exception, [e.value for e in at.exception]
-    state = at.session_state["geodesic"]
+    at, eps, state = _fan_of_step_sizes(lambda eps: f"{eps:g}, auto")
     fixed, auto = (state.branches[i].walker for i, _ in state.fan)
     assert fixed.trust is None and auto.trust is not None and auto.config.max_step_norm == eps
     assert [state.branches[i].label for i, _ in state.fan] == [f"ε={eps:g} @ 1", "ε=auto @ 1"]
