@@ -103,13 +103,12 @@ class Walker:
                 metric = PullbackMetric(self.model_fn, probe, cfg.metric)
                 functional_step = float(metric.squared_norm(step.tangent_vec, self.params))
             step_seconds = time.perf_counter() - t0
-            self._step_kept = step.kept
         except WalkDiverged:
             self.fail_diverged()
         except torch.OutOfMemoryError as err:  # nothing was changed: the walk stays at its last point
             self.fail_out_of_memory(err)
         new_params, event = self.land(new_params, functional_step)
-        return self.commit(new_params, event, step.goal_direction, functional_step, step_seconds)
+        return self.commit(new_params, event, step.goal_direction, functional_step, step_seconds, kept=step.kept)
 
     # The stages of a step, shared with WalkBatch (batch.py), which runs the rule and the measurements of
     # many walkers as one computation and hands each walker its own results.
@@ -163,10 +162,11 @@ class Walker:
         return new_params, event
 
     def commit(self, new_params: Params, event: str, goal_direction: Params, functional_step: float,
-               step_seconds: float, measures: dict | None = None, facts: dict | None = None) -> PathPoint:
+               step_seconds: float, measures: dict | None = None, facts: dict | None = None,
+               kept: float | None = None) -> PathPoint:
         """Move to `new_params` and record the point. measures: what `measures(new_params)` returns; facts: the
         step's 'step_norm', 'alignment' with the goal and 'trace_row' (WalkBatch works these out for all its
-        walks at once), when known."""
+        walks at once, with the 'kept' share of the batch), when known; kept: that share, for the adaptive step."""
         if facts is None:
             moved = {k: new_params[k] - self.params[k] for k in new_params}  # the step actually taken
             facts = {"step_norm": float(norm(moved)), "alignment": cosine(moved, goal_direction), "trace_row": None}
@@ -189,7 +189,7 @@ class Walker:
         self._append(point, facts["trace_row"])
         if self.trust is not None and not self.is_done:
             before = self.record[len(self.record) - 2]
-            kept = facts["kept"] if "kept" in facts else self.__dict__.pop("_step_kept", None)
+            kept = facts.get("kept", kept)
             self.step_size = self.trust.next_step_size(
                 self.step_size, radius, distance_before=before.goal_distance, distance_after=point.goal_distance,
                 step_norm=step_norm, alignment=facts["alignment"], goal_norm=facts.get("goal_norm"),
