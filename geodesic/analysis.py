@@ -4,7 +4,6 @@ Each function takes engine objects and returns numpy arrays, pandas frames or pl
 """
 from __future__ import annotations
 
-import copy
 import io
 from collections.abc import Callable
 
@@ -16,7 +15,7 @@ from .baselines import fine_tune, masked_fine_tune, one_shot_prune, straight_lin
 from .experiment import Experiment
 from .measures import evaluate, true_class_probability
 from .metric import PullbackMetric
-from .models import NetworkFunction
+from .models import NetworkFunction, build_network
 from .params import unflatten
 from .projection import PCABasis
 from .walker import Walker
@@ -110,8 +109,12 @@ class _WithModel:
 def goal_baselines_apart(experiment: Experiment, should_stop: Callable[[], bool] | None = None) -> dict:
     """goal_baselines on a private copy of the network, so it can run on a thread of its own while the engine
     walks this experiment: torch.func.functional_call swaps a module's parameters while it runs, so two threads
-    must never call one module at once (the engine's thread owns the walk's)."""
-    network = copy.deepcopy(experiment.network)
+    must never call one module at once (the engine's thread owns the walk's). The copy is built anew from the
+    walk's settings, not deep-copied from the module: reading that module while the engine's thread has swapped
+    its parameters for torch.func wrappers fails ("Cannot access storage of TensorWrapper", seen in a CI run).
+    The module's own parameters are never used (weights are passed in), only its structure."""
+    net = experiment.network
+    network = build_network(experiment.config.model, net.input_shape, net.n_classes).to(experiment.device)
     return goal_baselines(experiment, model_fn=NetworkFunction(network, dict(experiment.walker.buffers)),
                           should_stop=should_stop)
 
