@@ -8,6 +8,7 @@ from __future__ import annotations
 import streamlit as st
 
 from geodesic.config import (
+    DEFAULT_STEP_GUARD,
     GOALS,
     NEW_TASKS,
     SOLVERS,
@@ -29,7 +30,7 @@ URL_FIELDS = {
     "step_size": ("eps", float), "goal_weight": ("beta", float), "restoring_weight": ("rho", float),
     "probe_size": ("probe", int), "seed": ("seed", int), "device": ("device", str),
     "target_sparsity": ("sparsity", float), "new_task": ("protocol", str), "memory_size": ("memory", int),
-    "auto_step": ("auto", int),
+    "auto_step": ("auto", int), "guard": ("guard", int),
 }
 # engine setting (as ConfigError names it) -> widget key, so a message lands next to its control
 SETTING_TO_WIDGET = {"max-step-norm": "step_size", "goal-weight": "goal_weight", "restoring-weight": "restoring_weight",
@@ -51,7 +52,7 @@ def init_widgets() -> None:
     params = st.query_params
     values = {"goal": "sparsify", "dataset": "digits", "model": "mlp", "solver": "constrained", "seed": 0,
               "device": "auto", "target_sparsity": 0.9, "new_task": "permuted", "memory_size": 500, "data_root": "",
-              "auto_step": False}
+              "auto_step": False, "guard": None}
     for key, (name, _) in URL_FIELDS.items():
         if name in params and key in ("goal", "solver"):
             values[key] = params[name]
@@ -72,9 +73,18 @@ def init_widgets() -> None:
                                                                   f"one of {', '.join(allowed)}; default used")
             values[key] = {"dataset": "digits", "model": "mlp", "device": "auto", "new_task": "permuted"}[key]
     values["auto_step"] = bool(values["auto_step"])
+    values["guard"] = _guard_default(values) if values["guard"] is None else bool(values["guard"])
     for key, value in values.items():
         st.session_state[key] = value
     st.session_state["_widgets_ready"] = True
+
+
+def _guard_default(values) -> bool:
+    """Whether the engine guards this goal, step rule and model's steps by default (conv nets' sparsify walks)."""
+    try:
+        return default_walk(values["goal"], values["solver"], values["model"]).step_guard > 0
+    except ConfigError:
+        return False
 
 
 def _reset_walk_fields() -> None:
@@ -83,6 +93,13 @@ def _reset_walk_fields() -> None:
     if (ss.goal, ss.solver) in WALK_DEFAULTS:
         for key, value in _walk_defaults(ss.goal, ss.solver).items():
             ss[key] = value
+    _reset_guard()
+
+
+def _reset_guard() -> None:
+    """Goal, step rule or model changed: the step guard goes back to that set-up's default."""
+    ss = st.session_state
+    ss.guard = _guard_default({"goal": ss.goal, "solver": ss.solver, "model": ss.model})
 
 
 def _message(errors: dict[str, str], key: str) -> None:
@@ -105,7 +122,8 @@ def sidebar(errors: dict[str, str], device_in_use: str | None) -> bool:
     models = MODEL_NAMES if is_image_data(ss.dataset) else ("mlp",)
     if ss.model not in models:
         ss.model = models[0]
-    st.selectbox("Model", models, key="model")
+        _reset_guard()
+    st.selectbox("Model", models, key="model", on_change=_reset_guard)
     if len(models) == 1:
         st.caption("LeNet-5, VGG and ResNet-18 need images: choose digits-images, mnist-sample-images or a "
                    "torchvision set (MNIST, CIFAR) to use them.")
@@ -119,6 +137,11 @@ def sidebar(errors: dict[str, str], device_in_use: str | None) -> bool:
                    "falls more than 1.5 points, grows back when it is kept, and the constrained walk's restoring "
                    "pull ρ is relaxed while the goal stalls (geodesic/adaptive.py). The ε and ρ of every step are "
                    "on the Steps chart.")
+    st.toggle("guard: halve steps that lose training examples", key="guard",
+              help="A step that lowers the share of training inputs keeping their class by more than "
+                   f"{DEFAULT_STEP_GUARD:.1%} is halved (up to 5 times) before it is taken (geodesic/guard.py). On by "
+                   "default for conv nets' sparsify walks, whose long steps otherwise dip far below the start's "
+                   "accuracy near the target.")
     _message(errors, "step_size")
     label = "Goal weight β" if ss.solver == "constrained" else "Goal weight λ"
     st.number_input(label, key="goal_weight", format="%.4f", step=0.001)
@@ -152,9 +175,10 @@ def sidebar(errors: dict[str, str], device_in_use: str | None) -> bool:
 def config_from_widgets() -> RunConfig:
     """The RunConfig the widgets describe; raises ConfigError naming the setting."""
     ss = st.session_state
-    walk = default_walk(ss.goal, ss.solver, max_step_norm=ss.step_size, goal_weight=ss.goal_weight,
+    walk = default_walk(ss.goal, ss.solver, ss.model, max_step_norm=ss.step_size, goal_weight=ss.goal_weight,
                         restoring_weight=ss.restoring_weight if ss.solver == "constrained" else None,
-                        probe_size=ss.probe_size, adaptive_step=bool(ss.get("auto_step")) or None)
+                        probe_size=ss.probe_size, adaptive_step=bool(ss.get("auto_step")) or None,
+                        step_guard=DEFAULT_STEP_GUARD if ss.get("guard") else 0.0)
     root = ss.get("data_root") or None
     if ss.dataset in TORCHVISION_SETS and not root:
         raise ConfigError("data", ss.dataset, "a data folder holding torchvision's files for this dataset")
@@ -177,4 +201,7 @@ def write_url(config: RunConfig, teach: bool) -> None:
         "device": config.device, "sparsity": f"{config.goal.target_sparsity:g}", "protocol": config.goal.new_task,
         "memory": str(config.goal.memory_size), **({"teach": "1"} if teach else {}),
         **({"auto": "1"} if config.walk.adaptive_step else {}),
+        **({"guard": "1" if config.walk.step_guard else "0"}
+           if bool(config.walk.step_guard) != _guard_default(
+               {"goal": config.goal.kind, "solver": config.walk.solver, "model": config.model.name}) else {}),
     })

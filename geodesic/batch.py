@@ -21,6 +21,8 @@ from torch.func import grad_and_value, vmap
 from torch.profiler import record_function
 
 from .errors import GeodesicError
+from .guard import HALVINGS as GUARD_HALVINGS
+from .guard import guard_inputs, kept_share
 from .metric import PullbackMetric
 from .params import Params, flush_subnormal
 from .path import PathPoint
@@ -53,7 +55,7 @@ def _batch_key(walker: Walker) -> tuple | None:
     measured = walker.measure_inputs()
     weights = tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in walker.params.items())
     return (measured["drift_from"], repr(network.module), weights,
-            cfg.solver, cfg.metric, cfg.probe_size, cfg.batch_size, rows, goal.name, goal.n_outputs,
+            cfg.solver, cfg.metric, cfg.probe_size, cfg.batch_size, cfg.step_guard, rows, goal.name, goal.n_outputs,
             getattr(goal, "target_sparsity", None), tuple(goal.anchor_inputs.shape[1:]),
             shapes(measured["extra"]), shapes(measured["distance"]),
             tuple((name, shapes(xy)) for name, xy in measured["tests"].items()), shapes(measured["drift"]))
@@ -186,7 +188,12 @@ class WalkBatch:
             else:
                 theta, functional = self._constrained(walkers, params, probes, v_goal, grad_restoring, radius,
                                                       goal_weight, per_walk)
-            new_params = flush_subnormal({k: params[k] + theta[k] for k in params})
+            guard_after = None
+            if cfg.step_guard:
+                new_params, taken, guard_after = self._guard(walkers, params, theta)
+                functional = functional * taken.to(functional) ** 2  # θᵀgθ is quadratic in θ
+            else:
+                new_params = flush_subnormal({k: params[k] + theta[k] for k in params})
         step_seconds = (time.perf_counter() - t0) / len(walkers)  # the batch's time, shared by its walks
 
         # Measure every walk where its step lands, all at once, and what each walker would work out about its
@@ -214,6 +221,8 @@ class WalkBatch:
                 kept = landed is stepped
                 results.append(walker.commit(landed, event, direction, facts["functional_step"], step_seconds,
                                              measures[i] if kept else None, facts if kept else None))
+                if guard_after is not None:
+                    walker.remember_guard(stepped, guard_after[i])
         return results
 
     def _step_facts(self, walkers: list[Walker], params: Params, new_params: Params, theta: Params,
@@ -279,6 +288,32 @@ class WalkBatch:
         theta = {k: _bcast(per_walk(along_v), p) * p + _bcast(half_beta, p) * back[k].view_as(p) for k, p in v.items()}
         functional = vmap(lambda *a: rows(*a[:-1]).matvec(a[-1]).pow(2).sum())(*row_args, theta)
         return theta, functional
+
+    def _guard(self, walkers: list[Walker], params: Params, theta: Params) -> tuple[Params, Tensor, list[float]]:
+        """Walker.guard for K walks at once: (new params, the share of each θ taken (K,), each walk's guard share
+        where it lands). Every try measures all K walks in one vmapped forward pass; a walk that passed keeps its
+        step while the others are halved."""
+        key = ("guard", *(id(w) for w in walkers))
+        if key not in self._static:
+            self._static[key] = _stack([guard_inputs(w.goal) for w in walkers])
+        inputs, classes = self._static[key]
+        share = vmap(lambda p, x, c: kept_share(self.model_fn, p, x, c))
+        remembered = [w.__dict__.get("_guard_state") for w in walkers]
+        if all(r is not None and r[0] is w.params for r, w in zip(remembered, walkers, strict=True)):
+            before = torch.tensor([r[1] for r in remembered], dtype=torch.float64)
+        else:
+            before = share(params, inputs, classes).double().cpu()
+        limit = self.config.step_guard
+        taken = torch.ones(len(walkers), dtype=torch.float64)
+        for tries in range(GUARD_HALVINGS + 1):
+            factor = taken.to(device=classes.device, dtype=next(iter(theta.values())).dtype)
+            new_params = flush_subnormal({k: params[k] + _bcast(factor, t) * t for k, t in theta.items()})
+            after = share(new_params, inputs, classes).double().cpu()
+            short = after < before - limit
+            if tries == GUARD_HALVINGS or not short.any():
+                break
+            taken = torch.where(short, taken / 2, taken)
+        return new_params, taken, after.tolist()
 
     # -- measuring ---------------------------------------------------------------------------------------------
     def _measures(self, walkers: list[Walker], params: Params) -> list[dict]:

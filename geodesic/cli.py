@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--restoring-weight", type=float, help="ρ, the pull back onto equivalent networks (constrained)")
     run.add_argument("--metric", choices=METRICS, help="fisher (probabilities) or logit (raw outputs)")
     run.add_argument("--probe-size", type=int, help="N, inputs the metric is evaluated on each step")
+    run.add_argument("--step-guard", type=float, metavar="SHARE",
+                     help="halve a step (up to 5 times) while it lowers the share of training inputs that keep "
+                          "their class by more than SHARE; 0 turns it off (default: 0.003 for conv nets' "
+                          "constrained sparsify walks, else 0)")
     run.add_argument("--batch-size", type=int, help="inputs for the restoring loss and the goal's gradient")
     run.add_argument("--n-steps", type=int, help="most steps to take (stops earlier at the goal)")
     run.add_argument("--seed", type=int, default=0, help="start network and batches; connect uses seed and seed+1")
@@ -116,10 +120,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.goal is None:
         raise ConfigError("goal", None, ", ".join(GOALS))
     auto = args.step_size == "auto"
-    walk = default_walk(args.goal, args.solver, max_step_norm=None if auto else args.step_size,
+    walk = default_walk(args.goal, args.solver, args.model, max_step_norm=None if auto else args.step_size,
                         adaptive_step=True if auto else None, goal_weight=args.goal_weight,
                         restoring_weight=args.restoring_weight, goal_weight_growth=args.goal_weight_growth,
-                        metric=args.metric, probe_size=args.probe_size,
+                        metric=args.metric, probe_size=args.probe_size, step_guard=args.step_guard,
                         batch_size=args.batch_size, n_steps=args.n_steps)
     return RunConfig(
         goal=GoalConfig(kind=args.goal, target_sparsity=args.target_sparsity, new_task=args.new_task,

@@ -42,7 +42,8 @@ _step_size.__name__ = "number or auto"
 LISTS = (("goal", "goal", str), ("dataset", "dataset", str), ("model", "model", str), ("solver", "solver", str),
          ("step-size", "step_size", _step_size), ("goal-weight", "goal_weight", float),
          ("goal-weight-growth", "goal_weight_growth", float), ("restoring-weight", "restoring_weight", float),
-         ("metric", "metric", str), ("probe-size", "probe_size", int), ("batch-size", "batch_size", int),
+         ("metric", "metric", str), ("probe-size", "probe_size", int), ("step-guard", "step_guard", float),
+         ("batch-size", "batch_size", int),
          ("n-steps", "n_steps", int), ("seed", "seed", int), ("target-sparsity", "target_sparsity", float),
          ("tolerance", "tolerance", float), ("new-task", "new_task", str), ("memory-size", "memory_size", int))
 

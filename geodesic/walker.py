@@ -20,10 +20,12 @@ from .config import WalkConfig
 from .data import Dataset
 from .errors import ConfigError, OutOfMemory, WalkDiverged
 from .goals import Goal
+from .guard import HALVINGS as GUARD_HALVINGS
+from .guard import guard_inputs, kept_share
 from .measures import logits_of, loss_and_accuracy
 from .metric import PullbackMetric
 from .models import Network, NetworkFunction, recompute_batchnorm
-from .params import Params, add, clone, cosine, flush_subnormal, is_finite, norm, unflatten
+from .params import Params, add, clone, cosine, flush_subnormal, is_finite, norm, scale, unflatten
 from .path import PathPoint, PathRecord, WeightTrace
 from .step import STEP_RULES
 
@@ -97,18 +99,52 @@ class Walker:
         cfg = self.step_config()
         try:
             step = STEP_RULES[cfg.solver](self.params, self.goal, batch, probe, cfg, self.radius(), self.model_fn)
-            new_params = flush_subnormal(add(self.params, step.tangent_vec))
             functional_step = step.functional_step
             if functional_step is None:  # measured (one jvp on the step's probe), not part of the rule's cost
                 metric = PullbackMetric(self.model_fn, probe, cfg.metric)
                 functional_step = float(metric.squared_norm(step.tangent_vec, self.params))
+            new_params, taken, kept_after = self.guard(step.tangent_vec)
+            functional_step *= taken ** 2  # θᵀgθ is quadratic in θ
             step_seconds = time.perf_counter() - t0
         except WalkDiverged:
             self.fail_diverged()
         except torch.OutOfMemoryError as err:  # nothing was changed: the walk stays at its last point
             self.fail_out_of_memory(err)
-        new_params, event = self.land(new_params, functional_step)
-        return self.commit(new_params, event, step.goal_direction, functional_step, step_seconds, kept=step.kept)
+        landed, event = self.land(new_params, functional_step)
+        point = self.commit(landed, event, step.goal_direction, functional_step, step_seconds, kept=step.kept)
+        self.remember_guard(new_params, kept_after)
+        return point
+
+    def guard(self, theta: Params) -> tuple[Params, float, float | None]:
+        """(where the step lands, the share of the proposed step θ taken, the guard examples' kept share there):
+        θ halved while it lowers that share by more than config.step_guard (guard.py); (w + θ, 1, None) when
+        the guard is off."""
+        limit = self.config.step_guard
+        if not limit:
+            return flush_subnormal(add(self.params, theta)), 1.0, None
+        inputs, classes = guard_inputs(self.goal)
+        before = self._guard_before(inputs, classes)
+        taken = 1.0
+        for tries in range(GUARD_HALVINGS + 1):
+            new_params = flush_subnormal(add(self.params, theta if taken == 1.0 else scale(theta, taken)))
+            after = float(kept_share(self.model_fn, new_params, inputs, classes))
+            if after >= before - limit or tries == GUARD_HALVINGS:
+                break
+            taken /= 2
+        return new_params, taken, after
+
+    def _guard_before(self, inputs: Tensor, classes: Tensor) -> float:
+        """The guard examples' kept share at the current point (remembered from the step that led here)."""
+        remembered = self.__dict__.get("_guard_state")
+        if remembered is not None and remembered[0] is self.params:
+            return remembered[1]
+        return float(kept_share(self.model_fn, self.params, inputs, classes))
+
+    def remember_guard(self, stepped: Params, kept_after: float | None) -> None:
+        """Keep the guard's measurement at the point just committed, when it is that point (not projected or
+        snapped, and no BatchNorm statistics recomputed under it)."""
+        if kept_after is not None and self.params is stepped and not self.network.has_batchnorm:
+            self._guard_state = (self.params, kept_after)
 
     # The stages of a step, shared with WalkBatch (batch.py), which runs the rule and the measurements of
     # many walkers as one computation and hands each walker its own results.

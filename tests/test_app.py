@@ -309,8 +309,16 @@ def test_conv_models_are_offered_only_for_images_and_walk_on_them():
     at = start({"dataset": "digits-images", "model": "lenet5"})
     assert "lenet5" in at.selectbox(key="model").options
     assert type(walker(at).network.module).__name__ == "LeNet5"
+    assert at.toggle(key="guard").value is True and walker(at).config.step_guard > 0  # conv nets' default
     button(at, "Step").click().run()
     assert not at.exception and walker(at).n_steps == 1 and live_charts(at)
+    assert "guard" not in at.query_params  # the default needs no word in the link
+    at.toggle(key="guard").set_value(False).run()
+    button(at, "Start a new walk with these settings").click().run()
+    assert not at.exception and walker(at).config.step_guard == 0
+    assert at.query_params["guard"] in ("0", ["0"])  # a link to the unguarded walk says so
+    assert start({"dataset": "digits-images", "model": "lenet5", "guard": "0"}).toggle(key="guard").value is False
+    assert flat.toggle(key="guard").value is False  # an MLP walk is not guarded by default
 
 
 def test_auto_adapts_the_step_and_the_steps_view_shows_epsilon_and_rho():

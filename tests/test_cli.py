@@ -60,6 +60,7 @@ def test_connect_summary_has_both_barriers(tmp_path):
     (["--goal", "sparsify", "--device", "cuda"], "device: got 'cuda'"),
     (["--goal", "sparsify", "--model", "vgg11"], "needs images"),
     (["--goal", "sparsify", "--save-every", "-1"], "save-every: got -1"),
+    (["--goal", "sparsify", "--step-guard", "1.5"], "step-guard: got 1.5"),
     (["--goal", "sparsify", "--step-size", "abc"], "--step-size: got 'abc'; allowed: a number > 0, or auto"),
     (["--resume", "/nonexistent-run"], "is not a saved run"),
 ])

@@ -1,0 +1,80 @@
+"""The step guard (guard.py): a step that lowers the share of training inputs keeping their class by more than
+`step_guard` is halved before it is taken; alone and batched alike; conv nets' sparsify walks have it on."""
+import pytest
+import torch
+
+from geodesic.batch import WalkBatch, batch_key
+from geodesic.config import GoalConfig, RunConfig, TrainConfig, WalkConfig, default_walk
+from geodesic.errors import ConfigError
+from geodesic.experiment import build
+from geodesic.guard import HALVINGS, guard_inputs, kept_share
+
+LIMIT = 0.003
+LONG = 1.5  # ε far beyond the tuned 0.2: steps that move other inputs' classes, so the guard has work to do
+
+
+def _walker(guard: float, seed: int = 0, eps: float = LONG):
+    config = RunConfig(goal=GoalConfig(kind="sparsify"), train=TrainConfig(epochs=10), seed=seed,
+                       walk=default_walk("sparsify", "constrained", max_step_norm=eps, step_guard=guard))
+    return build(config).walker
+
+
+def _share(walker) -> float:
+    inputs, classes = guard_inputs(walker.goal)
+    return float(kept_share(walker.model_fn, walker.params, inputs, classes))
+
+
+def test_a_guarded_step_loses_at_most_its_limit_or_is_halved_to_the_end():
+    unguarded, guarded = _walker(0.0), _walker(LIMIT)
+    worst_unguarded = 0.0
+    for _ in range(12):
+        before = _share(unguarded)
+        unguarded.step()
+        worst_unguarded = max(worst_unguarded, before - _share(unguarded))
+    assert worst_unguarded > LIMIT  # without the guard these steps cost more than the limit: the test can fail
+    halved = 0
+    for _ in range(12):
+        before, radius = _share(guarded), guarded.radius()
+        point = guarded.step()
+        after = _share(guarded)
+        shortest = radius / 2 ** HALVINGS
+        assert after >= before - LIMIT - 1e-7 or point.step_norm == pytest.approx(shortest, rel=1e-3)
+        assert shortest * (1 - 1e-3) <= point.step_norm <= radius * (1 + 1e-3)
+        halved += point.step_norm < radius * 0.99
+    assert halved > 0
+
+
+def test_the_guard_is_off_by_default_for_mlps_and_on_for_conv_nets_sparsify_walks():
+    assert default_walk("sparsify", "constrained").step_guard == 0
+    assert default_walk("sparsify", "constrained", "lenet5").step_guard == LIMIT
+    assert default_walk("sparsify", "constrained", "vgg11", step_guard=0.0).step_guard == 0  # the user's word wins
+    assert default_walk("new-task", "constrained", "lenet5").step_guard == 0
+    config = RunConfig(walk=default_walk("sparsify", "constrained", "lenet5"))
+    assert RunConfig.from_dict(config.to_dict()).walk.step_guard == LIMIT  # saved and resumed with the run
+    for bad in (-0.1, 1.0, float("nan"), True, "0.1"):
+        with pytest.raises(ConfigError, match="step-guard"):
+            WalkConfig(step_guard=bad)
+
+
+def test_batched_guarded_walks_follow_the_paths_of_separate_walkers():
+    settings = [(0, LONG), (1, LONG), (0, LONG / 3)]
+    alone = [_walker(LIMIT, s, e) for s, e in settings]
+    together = [_walker(LIMIT, s, e) for s, e in settings]
+    assert len({batch_key(w) for w in together}) == 1
+    assert batch_key(_walker(0.0)) != batch_key(together[0])  # guarded and unguarded walks are batched apart
+    batch = WalkBatch(together)
+    halved = 0
+    for _ in range(8):
+        radii = [w.radius() for w in alone]
+        expected = [w.step() for w in alone]
+        got = batch.step()
+        for a, b, radius in zip(expected, got, radii, strict=True):
+            assert b.step == a.step
+            assert b.step_norm == pytest.approx(a.step_norm, rel=1e-4)
+            assert b.functional_step == pytest.approx(a.functional_step, rel=1e-3, abs=1e-9)
+            assert b.accuracy == pytest.approx(a.accuracy, abs=1e-6)
+            halved += a.step_norm < radius * 0.99
+    assert halved > 0  # the guard shortened some of these steps, differently per walk
+    for a, b in zip(alone, together, strict=True):  # steps of length up to 1.5: float32 noise ~1e-5 after 8
+        for k in a.params:
+            torch.testing.assert_close(b.params[k], a.params[k], atol=1e-4, rtol=1e-4)
