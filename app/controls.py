@@ -82,7 +82,7 @@ def init_widgets() -> None:
 def _guard_default(values) -> bool:
     """Whether the engine guards this goal, step rule and model's steps by default (conv nets' sparsify walks)."""
     try:
-        return default_walk(values["goal"], values["solver"], values["model"]).step_guard > 0
+        return default_walk(values["goal"], values["solver"], model=values["model"]).step_guard > 0
     except ConfigError:
         return False
 
@@ -175,7 +175,7 @@ def sidebar(errors: dict[str, str], device_in_use: str | None) -> bool:
 def config_from_widgets() -> RunConfig:
     """The RunConfig the widgets describe; raises ConfigError naming the setting."""
     ss = st.session_state
-    walk = default_walk(ss.goal, ss.solver, ss.model, max_step_norm=ss.step_size, goal_weight=ss.goal_weight,
+    walk = default_walk(ss.goal, ss.solver, model=ss.model, max_step_norm=ss.step_size, goal_weight=ss.goal_weight,
                         restoring_weight=ss.restoring_weight if ss.solver == "constrained" else None,
                         probe_size=ss.probe_size, adaptive_step=bool(ss.get("auto_step")) or None,
                         step_guard=DEFAULT_STEP_GUARD if ss.get("guard") else 0.0)

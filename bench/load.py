@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from geodesic.config import GoalConfig, RunConfig, default_walk  # noqa: E402
+from geodesic.config import DataConfig, GoalConfig, ModelConfig, RunConfig, default_walk  # noqa: E402
 from geodesic.engine import Engine, EngineSettings  # noqa: E402
 from geodesic.experiment import build  # noqa: E402
 
@@ -40,10 +40,10 @@ def _p95(values: list[float]) -> float | None:
 
 
 def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, threads: int,
-             batching: bool = True, auto: bool = False) -> dict:
+             batching: bool = True, auto: bool = False, dataset: str = "digits", model: str = "mlp") -> dict:
     """n_walks sessions on one engine for `seconds`, and a Step-clicking session beside them."""
-    config = RunConfig(goal=GoalConfig(kind=goal), walk=default_walk(goal, solver, adaptive_step=auto or None),
-                       device=device)
+    config = RunConfig(goal=GoalConfig(kind=goal), data=DataConfig(name=dataset), model=ModelConfig(name=model),
+                       walk=default_walk(goal, solver, model=model, adaptive_step=auto or None), device=device)
     engine = Engine(EngineSettings(threads=threads, max_walks=max(64, n_walks), max_walks_per_session=1,
                                    batching=batching))
     starts = [build(config.replace(seed=i % 4)).walker for i in range(n_walks)]
@@ -98,7 +98,8 @@ def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, 
     elapsed = time.perf_counter() - t0
     engine.stop()
     rates = [s / elapsed for s in steps]
-    return {"goal": goal, "solver": solver, "walks": n_walks, "batching": batching, "seconds": round(elapsed, 1),
+    return {"goal": goal, "solver": solver, "model": model, "walks": n_walks, "batching": batching,
+            "seconds": round(elapsed, 1),
             "min_steps_per_s": round(min(rates), 1), "median_steps_per_s": round(statistics.median(rates), 1),
             "total_steps_per_s": round(sum(rates), 1), "slowest_over_fastest":
                 round(min(rates) / max(rates), 2) if max(rates) else None,
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--page-query", default="goal=new-task", help="URL query of the walk the pages run")
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--auto", action="store_true", help="the walks use the adaptive step size (--step-size auto)")
+    parser.add_argument("--dataset", default="digits", help="the walks' dataset (e.g. digits-images for conv nets)")
+    parser.add_argument("--model", default="mlp", help="the walks' model (lenet5: conv rows and the step guard)")
     args = parser.parse_args()
     walks = [int(w) for w in args.walks.split(",")]
     machine = {"machine": platform.node(), "cpus": torch.get_num_threads(), "device": args.device,
@@ -178,7 +181,8 @@ def main() -> None:
             lone = None
             for batching in ([True, False] if args.no_batching else [True]):
                 for n in walks:
-                    row = simulate(goal, solver, n, args.seconds, args.device, args.threads, batching, args.auto)
+                    row = simulate(goal, solver, n, args.seconds, args.device, args.threads, batching, args.auto,
+                                   args.dataset, args.model)
                     if n == 1 and batching:
                         lone = row["total_steps_per_s"]
                     row["total_over_lone"] = round(row["total_steps_per_s"] / lone, 2) if lone else None

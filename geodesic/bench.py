@@ -71,7 +71,7 @@ def run_case(case: Case, seed: int, device: str = "cpu") -> list[Result]:
     for solver in ("constrained", "penalty") if case.penalty else ("constrained",):
         goal = GoalConfig(kind=case.goal, target_sparsity=case.target_sparsity, new_task=case.new_task)
         config = RunConfig(goal=goal,
-                           walk=default_walk(case.goal, solver, case.model, adaptive_step=case.adaptive or None),
+                           walk=default_walk(case.goal, solver, model=case.model, adaptive_step=case.adaptive or None),
                            data=DataConfig(case.data),
                            model=ModelConfig(name=case.model, hidden=case.hidden),
                            train=TrainConfig(epochs=case.epochs), seed=seed, device=device)

@@ -120,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.goal is None:
         raise ConfigError("goal", None, ", ".join(GOALS))
     auto = args.step_size == "auto"
-    walk = default_walk(args.goal, args.solver, args.model, max_step_norm=None if auto else args.step_size,
+    walk = default_walk(args.goal, args.solver, model=args.model, max_step_norm=None if auto else args.step_size,
                         adaptive_step=True if auto else None, goal_weight=args.goal_weight,
                         restoring_weight=args.restoring_weight, goal_weight_growth=args.goal_weight_growth,
                         metric=args.metric, probe_size=args.probe_size, step_guard=args.step_guard,
