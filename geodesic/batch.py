@@ -297,22 +297,35 @@ class WalkBatch:
         if key not in self._static:
             self._static[key] = _stack([guard_inputs(w.goal) for w in walkers])
         inputs, classes = self._static[key]
-        share = vmap(lambda p, x, c: kept_share(self.model_fn, p, x, c))
+        if classes.device.type == "cuda":  # one vmapped forward pass for all walks: fewer kernel launches
+            share = vmap(lambda p, x, c: kept_share(self.model_fn, p, x, c))
+        else:
+            # Walk by walk on the CPU: a vmapped conv net runs grouped convolutions and max-pooling over
+            # K·1,024 inputs at a third of the speed of K plain passes (LeNet-5, 8 walks: 13 against 4 ms a walk).
+            def share(p, x, c):
+                return torch.stack([kept_share(self.model_fn, {k: v[i] for k, v in p.items()}, x[i], c[i])
+                                    for i in range(len(x))])
         remembered = [w.__dict__.get("_guard_state") for w in walkers]
         if all(r is not None and r[0] is w.params for r, w in zip(remembered, walkers, strict=True)):
             before = torch.tensor([r[1] for r in remembered], dtype=torch.float64)
         else:
             before = share(params, inputs, classes).double().cpu()
         limit = self.config.step_guard
+        dtype = next(iter(theta.values())).dtype
         taken = torch.ones(len(walkers), dtype=torch.float64)
-        for tries in range(GUARD_HALVINGS + 1):
-            factor = taken.to(device=classes.device, dtype=next(iter(theta.values())).dtype)
-            new_params = flush_subnormal({k: params[k] + _bcast(factor, t) * t for k, t in theta.items()})
-            after = share(new_params, inputs, classes).double().cpu()
-            short = after < before - limit
-            if tries == GUARD_HALVINGS or not short.any():
+        new_params = flush_subnormal({k: params[k] + theta[k] for k in params})
+        after = share(new_params, inputs, classes).double().cpu()
+        for _ in range(GUARD_HALVINGS):
+            short = (after < before - limit).nonzero().flatten()
+            if not len(short):
                 break
-            taken = torch.where(short, taken / 2, taken)
+            # Only the walks still short are halved and measured again (a try costs a forward pass per walk).
+            taken[short] /= 2
+            at = short.to(classes.device)
+            factor = taken[short].to(device=classes.device, dtype=dtype)
+            retried = flush_subnormal({k: params[k][at] + _bcast(factor, t[at]) * t[at] for k, t in theta.items()})
+            after[short] = share(retried, inputs[at], classes[at]).double().cpu()
+            new_params = {k: v.index_copy(0, at, retried[k]) for k, v in new_params.items()}
         return new_params, taken, after.tolist()
 
     # -- measuring ---------------------------------------------------------------------------------------------
