@@ -310,6 +310,7 @@ def test_conv_models_are_offered_only_for_images_and_walk_on_them():
     assert "lenet5" in at.selectbox(key="model").options
     assert type(walker(at).network.module).__name__ == "LeNet5"
     assert at.toggle(key="guard").value is True and walker(at).config.step_guard > 0  # conv nets' default
+    assert any("steps guarded at 0.3%" in c.value for c in at.caption)
     button(at, "Step").click().run()
     assert not at.exception and walker(at).n_steps == 1 and live_charts(at)
     assert "guard" not in at.query_params  # the default needs no word in the link

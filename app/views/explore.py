@@ -474,7 +474,9 @@ def render() -> None:
     st.caption(f"**{cfg.goal.kind}** on **{cfg.data.name}** with **{cfg.model.name}**, {cfg.walk.solver} step rule "
                f"(ε={'auto, now ' if s.walker.trust is not None else ''}{s.walker.step_size:g}, "
                f"{'β' if cfg.walk.solver == 'constrained' else 'λ'}="
-               f"{cfg.walk.goal_weight:g}), seed {cfg.seed}, device {s.experiment.device}"
+               f"{cfg.walk.goal_weight:g}"
+               f"{f', steps guarded at {cfg.walk.step_guard:.1%}' if cfg.walk.step_guard else ''}), seed {cfg.seed}, "
+               f"device {s.experiment.device}"
                + (f"; scenario: {cfg.goal.new_task}" if cfg.goal.kind == "new-task" else ""))
     _drive(s, teach)
     available = [v for v in VIEWS if v != "Boundary" or s.walker.tasks["A"].train.x.shape[1:] == (2,)]
