@@ -8,6 +8,7 @@ Python API (the CLI and the dashboard drive the same objects):
     walker = Walker(net, params, goal, WalkConfig(), tasks={"A": data})
     for point in walker.run(500): ...
 """
+from . import _quiet  # noqa: F401  (first: silences one PyTorch-internal warning, see _quiet.py)
 from .config import DataConfig, GoalConfig, ModelConfig, RunConfig, TrainConfig, WalkConfig, default_walk
 from .data import Dataset, from_tensors, load_dataset
 from .errors import CheckpointError, ConfigError, DataError, GeodesicError, WalkDiverged
