@@ -78,3 +78,26 @@ def test_batched_guarded_walks_follow_the_paths_of_separate_walkers():
     for a, b in zip(alone, together, strict=True):  # steps of length up to 1.5: float32 noise ~1e-5 after 8
         for k in a.params:
             torch.testing.assert_close(b.params[k], a.params[k], atol=1e-4, rtol=1e-4)
+
+
+def test_a_diverging_guarded_walk_stops_alone_in_a_batch():
+    import math
+
+    from geodesic.errors import WalkDiverged
+
+    walkers = [_walker(LIMIT, s) for s in (0, 1, 2)]
+    batch = WalkBatch(walkers)
+    batch.step()
+    bad = walkers[1]
+    bad.params = {k: v.clone() for k, v in bad.params.items()}
+    next(iter(bad.params.values()))[0, 0] = math.nan
+    results = batch.step()
+    assert isinstance(results[1], WalkDiverged) and bad.is_done and bad.n_steps == 1
+    assert [r.step for r in (results[0], results[2])] == [2, 2]
+    alone = _walker(LIMIT, 3)
+    alone.step()
+    alone.params = {k: v.clone() for k, v in alone.params.items()}
+    next(iter(alone.params.values()))[0, 0] = math.nan
+    with pytest.raises(WalkDiverged):
+        alone.step()
+    assert alone.n_steps == 1  # kept its last finite point
