@@ -297,7 +297,7 @@ class WalkBatch:
         if key not in self._static:
             self._static[key] = _stack([guard_inputs(w.goal) for w in walkers])
         inputs, classes = self._static[key]
-        if classes.device.type == "cuda":  # one vmapped forward pass for all walks: fewer kernel launches
+        if classes.device.type == "cuda" or VMAP_GUARD_ON_CPU:  # one vmapped pass for all walks: fewer launches
             share = vmap(lambda p, x, c: kept_share(self.model_fn, p, x, c))
         else:
             # Walk by walk on the CPU: a vmapped conv net runs grouped convolutions and max-pooling over
@@ -337,6 +337,9 @@ class WalkBatch:
         values = vmap(measure, in_dims=(0, _in_dims(static)))(params, static)
         columns = {k: v.tolist() for k, v in values.items()}  # one device-to-host copy per measure
         return [measures_to_fields({k: column[i] for k, column in columns.items()}) for i in range(len(walkers))]
+
+
+VMAP_GUARD_ON_CPU = False  # the guard's vmapped pass on the CPU as well (tests check it against walk by walk)
 
 
 class _NotBatchable(GeodesicError):

@@ -103,3 +103,25 @@ def test_a_batch_of_walks_on_cuda_follows_the_separate_walks(solver):
         for k in a.params:
             assert b.params[k].device.type == "cuda"
             torch.testing.assert_close(b.params[k], a.params[k], atol=1e-4, rtol=1e-3)
+
+
+def test_guarded_lenet5_walks_on_cuda_batch_like_separate_walks():
+    """The step guard's vmapped pass (batch.py, on CUDA) against each walk's own guard, on the conv path."""
+    from geodesic.batch import WalkBatch
+    from geodesic.config import DataConfig, GoalConfig, TrainConfig
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    configs = [RunConfig(goal=GoalConfig(kind="sparsify"), data=DataConfig(name="digits-images"),
+                         model=ModelConfig(name="lenet5"), train=TrainConfig(epochs=5), device="cuda", seed=s,
+                         walk=default_walk("sparsify", "constrained", model="lenet5", max_step_norm=1.0))
+               for s in (0, 1)]
+    assert configs[0].walk.step_guard > 0
+    alone, together = [build(c).walker for c in configs], [build(c).walker for c in configs]
+    batch = WalkBatch(together)
+    for _ in range(5):
+        expected = [w.step() for w in alone]
+        for a, b in zip(expected, batch.step(), strict=True):
+            assert b.step == a.step
+            assert b.step_norm == pytest.approx(a.step_norm, rel=1e-3)  # the same halvings
+            assert b.accuracy == pytest.approx(a.accuracy, abs=3e-3)

@@ -56,7 +56,11 @@ def test_the_guard_is_off_by_default_for_mlps_and_on_for_conv_nets_sparsify_walk
             WalkConfig(step_guard=bad)
 
 
-def test_batched_guarded_walks_follow_the_paths_of_separate_walkers():
+@pytest.mark.parametrize("vmapped", [False, True], ids=["walk-by-walk", "vmapped"])
+def test_batched_guarded_walks_follow_the_paths_of_separate_walkers(vmapped, monkeypatch):
+    import geodesic.batch
+
+    monkeypatch.setattr(geodesic.batch, "VMAP_GUARD_ON_CPU", vmapped)  # the CUDA path's vmapped guard, on the CPU
     settings = [(0, LONG), (1, LONG), (0, LONG / 3)]
     alone = [_walker(LIMIT, s, e) for s, e in settings]
     together = [_walker(LIMIT, s, e) for s, e in settings]
