@@ -291,8 +291,8 @@ class WalkBatch:
 
     def _guard(self, walkers: list[Walker], params: Params, theta: Params) -> tuple[Params, Tensor, list[float]]:
         """Walker.guard for K walks at once: (new params, the share of each θ taken (K,), each walk's guard share
-        where it lands). Every try measures all K walks in one vmapped forward pass; a walk that passed keeps its
-        step while the others are halved."""
+        where it lands). The first try measures all K walks; each later one only the walks still short, whose
+        steps are halved while the others keep theirs."""
         key = ("guard", *(id(w) for w in walkers))
         if key not in self._static:
             self._static[key] = _stack([guard_inputs(w.goal) for w in walkers])

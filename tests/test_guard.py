@@ -49,6 +49,10 @@ def test_the_guard_is_off_by_default_for_mlps_and_on_for_conv_nets_sparsify_walk
     assert default_walk("sparsify", "constrained", "lenet5").step_guard == LIMIT
     assert default_walk("sparsify", "constrained", "vgg11", step_guard=0.0).step_guard == 0  # the user's word wins
     assert default_walk("new-task", "constrained", "lenet5").step_guard == 0
+    from geodesic.config import CONV_MODELS
+    from geodesic.models import MODEL_NAMES
+
+    assert set(CONV_MODELS) == set(MODEL_NAMES) - {"mlp"}  # every conv model gets the conv defaults
     config = RunConfig(walk=default_walk("sparsify", "constrained", "lenet5"))
     assert RunConfig.from_dict(config.to_dict()).walk.step_guard == LIMIT  # saved and resumed with the run
     for bad in (-0.1, 1.0, float("nan"), True, "0.1"):
