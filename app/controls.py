@@ -22,6 +22,7 @@ from geodesic.config import (
 )
 from geodesic.data import DATASETS, TORCHVISION_SETS, is_image_data
 from geodesic.errors import ConfigError
+from geodesic.guard import KL_BUDGET
 from geodesic.models import MODEL_NAMES
 
 # widget key -> (query parameter, type); the URL reproduces the set-up
@@ -139,9 +140,10 @@ def sidebar(errors: dict[str, str], device_in_use: str | None) -> bool:
                    "on the Steps chart.")
     st.toggle("guard: halve steps that lose training examples", key="guard",
               help="A step that lowers the share of training inputs keeping their class by more than "
-                   f"{DEFAULT_STEP_GUARD:.1%} is halved (up to 5 times) before it is taken (geodesic/guard.py). On by "
-                   "default for conv nets' sparsify walks, whose long steps otherwise dip far below the start's "
-                   "accuracy near the target.")
+                   f"{DEFAULT_STEP_GUARD:.1%}, or moves their predicted distributions by more than {KL_BUDGET:g} "
+                   "nats (mean KL), is halved (up to 5 times) before it is taken (geodesic/guard.py). On by default "
+                   "for conv nets' sparsify walks, whose long steps otherwise dip far below the start's accuracy "
+                   "near the target.")
     _message(errors, "step_size")
     label = "Goal weight β" if ss.solver == "constrained" else "Goal weight λ"
     st.number_input(label, key="goal_weight", format="%.4f", step=0.001)

@@ -22,7 +22,7 @@ from torch.profiler import record_function
 
 from .errors import GeodesicError
 from .guard import HALVINGS as GUARD_HALVINGS
-from .guard import guard_inputs, kept_share
+from .guard import accepts, guard_inputs, guard_outputs
 from .metric import PullbackMetric
 from .params import Params, flush_subnormal
 from .path import PathPoint
@@ -289,44 +289,44 @@ class WalkBatch:
         functional = vmap(lambda *a: rows(*a[:-1]).matvec(a[-1]).pow(2).sum())(*row_args, theta)
         return theta, functional
 
-    def _guard(self, walkers: list[Walker], params: Params, theta: Params) -> tuple[Params, Tensor, list[float]]:
-        """Walker.guard for K walks at once: (new params, the share of each θ taken (K,), each walk's guard share
-        where it lands). The first try measures all K walks; each later one only the walks still short, whose
-        steps are halved while the others keep theirs."""
+    def _guard(self, walkers: list[Walker], params: Params, theta: Params) -> tuple[Params, Tensor, Tensor]:
+        """Walker.guard for K walks at once: (new params, the share of each θ taken (K,), each walk's guard
+        log-probabilities where it lands (K, n, C)). The first try measures all K walks; each later one only the
+        walks still failing, whose steps are halved while the others keep theirs."""
         key = ("guard", *(id(w) for w in walkers))
         if key not in self._static:
             self._static[key] = _stack([guard_inputs(w.goal) for w in walkers])
         inputs, classes = self._static[key]
         if classes.device.type == "cuda" or VMAP_GUARD_ON_CPU:  # one vmapped pass for all walks: fewer launches
-            share = vmap(lambda p, x, c: kept_share(self.model_fn, p, x, c))
+            outputs = vmap(lambda p, x: guard_outputs(self.model_fn, p, x))
         else:
             # Walk by walk on the CPU: a vmapped conv net runs grouped convolutions and max-pooling over
             # K·1,024 inputs at a third of the speed of K plain passes (LeNet-5, 8 walks: 13 against 4 ms a walk).
-            def share(p, x, c):
-                return torch.stack([kept_share(self.model_fn, {k: v[i] for k, v in p.items()}, x[i], c[i])
+            def outputs(p, x):
+                return torch.stack([guard_outputs(self.model_fn, {k: v[i] for k, v in p.items()}, x[i])
                                     for i in range(len(x))])
         remembered = [w.__dict__.get("_guard_state") for w in walkers]
         if all(r is not None and r[0] is w.params for r, w in zip(remembered, walkers, strict=True)):
-            before = torch.tensor([r[1] for r in remembered], dtype=torch.float64)
+            before = torch.stack([r[1] for r in remembered])
         else:
-            before = share(params, inputs, classes).double().cpu()
+            before = outputs(params, inputs)
         limit = self.config.step_guard
         dtype = next(iter(theta.values())).dtype
         taken = torch.ones(len(walkers), dtype=torch.float64)
         new_params = flush_subnormal({k: params[k] + theta[k] for k in params})
-        after = share(new_params, inputs, classes).double().cpu()
+        after = outputs(new_params, inputs)
         for _ in range(GUARD_HALVINGS):
-            short = (after < before - limit).nonzero().flatten()
-            if not len(short):
+            failing = (~accepts(before, after, classes, limit)).nonzero().flatten()
+            if not len(failing):
                 break
-            # Only the walks still short are halved and measured again (a try costs a forward pass per walk).
-            taken[short] /= 2
-            at = short.to(classes.device)
-            factor = taken[short].to(device=classes.device, dtype=dtype)
+            # Only the walks still failing are halved and measured again (a try costs a forward pass per walk).
+            taken[failing.cpu()] /= 2
+            at = failing
+            factor = taken[at.cpu()].to(device=classes.device, dtype=dtype)
             retried = flush_subnormal({k: params[k][at] + _bcast(factor, t[at]) * t[at] for k, t in theta.items()})
-            after[short] = share(retried, inputs[at], classes[at]).double().cpu()
+            after = after.index_copy(0, at, outputs(retried, inputs[at]))
             new_params = {k: v.index_copy(0, at, retried[k]) for k, v in new_params.items()}
-        return new_params, taken, after.tolist()
+        return new_params, taken, after
 
     # -- measuring ---------------------------------------------------------------------------------------------
     def _measures(self, walkers: list[Walker], params: Params) -> list[dict]:

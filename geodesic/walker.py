@@ -21,7 +21,7 @@ from .data import Dataset
 from .errors import ConfigError, OutOfMemory, WalkDiverged
 from .goals import Goal
 from .guard import HALVINGS as GUARD_HALVINGS
-from .guard import guard_inputs, kept_share
+from .guard import accepts, guard_inputs, guard_outputs
 from .measures import logits_of, loss_and_accuracy
 from .metric import PullbackMetric
 from .models import Network, NetworkFunction, recompute_batchnorm
@@ -103,7 +103,7 @@ class Walker:
             if functional_step is None:  # measured (one jvp on the step's probe), not part of the rule's cost
                 metric = PullbackMetric(self.model_fn, probe, cfg.metric)
                 functional_step = float(metric.squared_norm(step.tangent_vec, self.params))
-            new_params, taken, kept_after = self.guard(step.tangent_vec)
+            new_params, taken, guarded = self.guard(step.tangent_vec)
             functional_step *= taken ** 2  # θᵀgθ is quadratic in θ
             step_seconds = time.perf_counter() - t0
         except WalkDiverged:
@@ -112,39 +112,39 @@ class Walker:
             self.fail_out_of_memory(err)
         landed, event = self.land(new_params, functional_step)
         point = self.commit(landed, event, step.goal_direction, functional_step, step_seconds, kept=step.kept)
-        self.remember_guard(new_params, kept_after)
+        self.remember_guard(new_params, guarded)
         return point
 
-    def guard(self, theta: Params) -> tuple[Params, float, float | None]:
-        """(where the step lands, the share of the proposed step θ taken, the guard examples' kept share there):
-        θ halved while it lowers that share by more than config.step_guard (guard.py); (w + θ, 1, None) when
-        the guard is off."""
+    def guard(self, theta: Params) -> tuple[Params, float, Tensor | None]:
+        """(where the step lands, the share of the proposed step θ taken, the guard examples' log-probabilities
+        there): θ halved while the step fails the guard (guard.py: the kept share falls by more than
+        config.step_guard, or the outputs move by more than KL_BUDGET); (w + θ, 1, None) when the guard is off."""
         limit = self.config.step_guard
         if not limit:
             return flush_subnormal(add(self.params, theta)), 1.0, None
         inputs, classes = guard_inputs(self.goal)
-        before = self._guard_before(inputs, classes)
+        before = self._guard_before(inputs)
         taken = 1.0
         for tries in range(GUARD_HALVINGS + 1):
             new_params = flush_subnormal(add(self.params, theta if taken == 1.0 else scale(theta, taken)))
-            after = float(kept_share(self.model_fn, new_params, inputs, classes))
-            if after >= before - limit or tries == GUARD_HALVINGS:
+            after = guard_outputs(self.model_fn, new_params, inputs)
+            if tries == GUARD_HALVINGS or bool(accepts(before, after, classes, limit)):
                 break
             taken /= 2
         return new_params, taken, after
 
-    def _guard_before(self, inputs: Tensor, classes: Tensor) -> float:
-        """The guard examples' kept share at the current point (remembered from the step that led here)."""
+    def _guard_before(self, inputs: Tensor) -> Tensor:
+        """The guard examples' log-probabilities at the current point (remembered from the step that led here)."""
         remembered = self.__dict__.get("_guard_state")
         if remembered is not None and remembered[0] is self.params:
             return remembered[1]
-        return float(kept_share(self.model_fn, self.params, inputs, classes))
+        return guard_outputs(self.model_fn, self.params, inputs)
 
-    def remember_guard(self, stepped: Params, kept_after: float | None) -> None:
+    def remember_guard(self, stepped: Params, outputs: Tensor | None) -> None:
         """Keep the guard's measurement at the point just committed, when it is that point (not projected or
         snapped, and no BatchNorm statistics recomputed under it)."""
-        if kept_after is not None and self.params is stepped and not self.network.has_batchnorm:
-            self._guard_state = (self.params, kept_after)
+        if outputs is not None and self.params is stepped and not self.network.has_batchnorm:
+            self._guard_state = (self.params, outputs)
 
     # The stages of a step, shared with WalkBatch (batch.py), which runs the rule and the measurements of
     # many walkers as one computation and hands each walker its own results.

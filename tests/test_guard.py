@@ -1,5 +1,6 @@
 """The step guard (guard.py): a step that lowers the share of training inputs keeping their class by more than
-`step_guard` is halved before it is taken; alone and batched alike; conv nets' sparsify walks have it on."""
+`step_guard`, or moves their outputs by more than KL_BUDGET, is halved before it is taken; alone and batched
+alike; conv nets' sparsify walks have it on."""
 import pytest
 import torch
 
@@ -7,7 +8,7 @@ from geodesic.batch import WalkBatch, batch_key
 from geodesic.config import GoalConfig, RunConfig, TrainConfig, WalkConfig, default_walk
 from geodesic.errors import ConfigError
 from geodesic.experiment import build
-from geodesic.guard import HALVINGS, guard_inputs, kept_share
+from geodesic.guard import HALVINGS, KL_BUDGET, guard_inputs, guard_outputs, kept_and_moved
 
 LIMIT = 0.003
 LONG = 1.5  # ε far beyond the tuned 0.2: steps that move other inputs' classes, so the guard has work to do
@@ -19,9 +20,12 @@ def _walker(guard: float, seed: int = 0, eps: float = LONG):
     return build(config).walker
 
 
+def _outputs(walker):
+    return guard_outputs(walker.model_fn, walker.params, guard_inputs(walker.goal)[0])
+
+
 def _share(walker) -> float:
-    inputs, classes = guard_inputs(walker.goal)
-    return float(kept_share(walker.model_fn, walker.params, inputs, classes))
+    return float(kept_and_moved(_outputs(walker), _outputs(walker), guard_inputs(walker.goal)[1])[0])
 
 
 def test_a_guarded_step_loses_at_most_its_limit_or_is_halved_to_the_end():
@@ -33,12 +37,16 @@ def test_a_guarded_step_loses_at_most_its_limit_or_is_halved_to_the_end():
         worst_unguarded = max(worst_unguarded, before - _share(unguarded))
     assert worst_unguarded > LIMIT  # without the guard these steps cost more than the limit: the test can fail
     halved = 0
+    classes = guard_inputs(guarded.goal)[1]
     for _ in range(12):
-        before, radius = _share(guarded), guarded.radius()
+        before, radius = _outputs(guarded), guarded.radius()
         point = guarded.step()
-        after = _share(guarded)
+        after = _outputs(guarded)
+        kept_before, _ = kept_and_moved(before, before, classes)
+        kept_after, moved = kept_and_moved(before, after, classes)
         shortest = radius / 2 ** HALVINGS
-        assert after >= before - LIMIT - 1e-7 or point.step_norm == pytest.approx(shortest, rel=1e-3)
+        assert (kept_after >= kept_before - LIMIT - 1e-7 and moved <= KL_BUDGET + 1e-7
+                or point.step_norm == pytest.approx(shortest, rel=1e-3))
         assert shortest * (1 - 1e-3) <= point.step_norm <= radius * (1 + 1e-3)
         halved += point.step_norm < radius * 0.99
     assert halved > 0
