@@ -84,21 +84,29 @@ def test_a_walk_on_cuda_keeps_accuracy_and_its_weights_load_on_the_cpu(tmp_path)
         torch.testing.assert_close(loaded[k], v.cpu())
 
 
-@pytest.mark.parametrize("solver", ["constrained", "penalty"])
-def test_a_batch_of_walks_on_cuda_follows_the_separate_walks(solver):
+def _batched_and_alone(configs: list, n_steps: int = 5, accuracy_tolerance: float = 2e-3):
+    """(separate walkers, batched walkers) of `configs`, after n_steps; each batched point checked against its
+    separate twin (step number, accuracy, distance, step length)."""
     from geodesic.batch import WalkBatch
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    configs = [dataclasses.replace(RunConfig(device="cuda", seed=s), walk=default_walk("sparsify", solver))
-               for s in (0, 1, 2)]
     alone, together = [build(c).walker for c in configs], [build(c).walker for c in configs]
     batch = WalkBatch(together)
-    for _ in range(5):
+    for _ in range(n_steps):
         expected = [w.step() for w in alone]
         for a, b in zip(expected, batch.step(), strict=True):
             assert b.step == a.step
-            assert b.accuracy == pytest.approx(a.accuracy, abs=2e-3)  # one test example of 360 may flip on a GPU
+            assert b.accuracy == pytest.approx(a.accuracy, abs=accuracy_tolerance)
             assert b.goal_distance == pytest.approx(a.goal_distance, rel=1e-3)
+            assert b.step_norm == pytest.approx(a.step_norm, rel=1e-3)  # a guarded step: the same halvings
+    return alone, together
+
+
+@pytest.mark.parametrize("solver", ["constrained", "penalty"])
+def test_a_batch_of_walks_on_cuda_follows_the_separate_walks(solver):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    configs = [dataclasses.replace(RunConfig(device="cuda", seed=s), walk=default_walk("sparsify", solver))
+               for s in (0, 1, 2)]
+    alone, together = _batched_and_alone(configs)
     for a, b in zip(alone, together, strict=True):
         for k in a.params:
             assert b.params[k].device.type == "cuda"
@@ -107,7 +115,6 @@ def test_a_batch_of_walks_on_cuda_follows_the_separate_walks(solver):
 
 def test_guarded_lenet5_walks_on_cuda_batch_like_separate_walks():
     """The step guard's vmapped pass (batch.py, on CUDA) against each walk's own guard, on the conv path."""
-    from geodesic.batch import WalkBatch
     from geodesic.config import DataConfig, GoalConfig, TrainConfig
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -117,11 +124,4 @@ def test_guarded_lenet5_walks_on_cuda_batch_like_separate_walks():
                          walk=default_walk("sparsify", "constrained", model="lenet5", max_step_norm=1.0))
                for s in (0, 1)]
     assert configs[0].walk.step_guard > 0
-    alone, together = [build(c).walker for c in configs], [build(c).walker for c in configs]
-    batch = WalkBatch(together)
-    for _ in range(5):
-        expected = [w.step() for w in alone]
-        for a, b in zip(expected, batch.step(), strict=True):
-            assert b.step == a.step
-            assert b.step_norm == pytest.approx(a.step_norm, rel=1e-3)  # the same halvings
-            assert b.accuracy == pytest.approx(a.accuracy, abs=3e-3)
+    _batched_and_alone(configs, accuracy_tolerance=3e-3)  # one test example of 360 may flip on a GPU
