@@ -25,7 +25,8 @@ def _outputs(walker):
 
 
 def _share(walker) -> float:
-    return float(kept_and_moved(_outputs(walker), _outputs(walker), guard_inputs(walker.goal)[1])[0])
+    outputs = _outputs(walker)
+    return float(kept_and_moved(outputs, outputs, guard_inputs(walker.goal)[1])[0])
 
 
 def test_a_guarded_step_loses_at_most_its_limit_or_is_halved_to_the_end():
