@@ -6,7 +6,6 @@ Each session's walks live in its own state; the walking itself is done by the se
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import threading
 import weakref
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 import streamlit as st
 
 from geodesic.config import RunConfig
-from geodesic.engine import Engine, EngineSettings, WalkHandle, shared_engine
+from geodesic.engine import Engine, EngineSettings, WalkHandle, background_thread, shared_engine
 from geodesic.errors import Cancelled, ConfigError
 from geodesic.experiment import Experiment
 from geodesic.projection import PCABasis
@@ -39,11 +38,9 @@ _PROBLEMS: list[str] = []
 # Slow analysis a page shows when it is ready (the goal's baselines), beside the engine rather than on its
 # thread, so nobody's walk waits for it. Each job works on its own copy of the network (goal_baselines_apart).
 def _yield_to_the_engine() -> None:
-    """Lower this analysis thread's CPU priority (Linux: nice is per thread), so the walks go first."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (AttributeError, OSError):  # not Linux, or not allowed: run at the normal priority
-        pass
+    """A lower CPU priority for this analysis thread, so the walks go first, and no more PyTorch threads than
+    the engine's (geodesic.engine.background_thread)."""
+    background_thread(engine().settings)
 
 
 _ANALYSIS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="geodesic-analysis", initializer=_yield_to_the_engine)

@@ -1,12 +1,14 @@
 """The engine: many sessions walking at once from many threads, batched, fair, each failing alone."""
 import math
+import os
+import sys
 import threading
 import time
 
 import pytest
 
 from geodesic.config import GoalConfig, RunConfig, TrainConfig, default_walk
-from geodesic.engine import CapacityError, Engine, EngineSettings
+from geodesic.engine import CapacityError, Engine, EngineSettings, background_thread
 from geodesic.errors import ConfigError
 from geodesic.experiment import build
 
@@ -211,3 +213,29 @@ def test_baselines_computed_beside_a_walk_leave_its_path_alone():
     assert got["masked_fine_tune_accuracy"] == pytest.approx(reference["masked_fine_tune_accuracy"], abs=0.006)
     for a, b in zip(expected, experiment.walker.record.points[1:16], strict=True):
         assert b.accuracy == pytest.approx(a.accuracy, abs=0.006) and b.loss == pytest.approx(a.loss, rel=1e-3)
+
+
+def test_an_analysis_thread_yields_to_the_engine_and_uses_its_thread_count():
+    """The app's analysis threads (baselines beside a walk) run at a lower priority and with the engine's
+    PyTorch thread count, whatever the default was when the thread started."""
+    import torch
+
+    seen = {}
+
+    def analysis() -> None:
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        background_thread(EngineSettings(threads=1), niceness=5)
+        seen["niceness"] = os.getpriority(os.PRIO_PROCESS, tid) - before
+        seen["threads"] = torch.get_num_threads()
+        torch.randn(256, 256) @ torch.randn(256, 256)  # a product on this thread works as usual
+
+    previous = torch.get_num_threads()
+    try:
+        thread = threading.Thread(target=analysis)
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(previous)
+    assert seen["threads"] == 1
+    assert seen["niceness"] == 5 or sys.platform != "linux"
