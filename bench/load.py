@@ -6,8 +6,10 @@ clicking Step while they run. Reference in the same run: one lone walk through t
 set-up: per-session steps/s (min, median), total, total ÷ lone, slowest ÷ fastest, errors, and the p95 time of a
 Step (click to point recorded).
 
-Part 2, pages (--pages M): one `streamlit run` server and Debian's Chromium; one page runs the default walk
-alone, then M pages run at once (each its own session) and a further page clicks Step while they run. Prints
+Part 2, pages (--pages M): one `streamlit run` server and Debian's Chromium; a first page opens the walk and
+waits for its baselines (the teacher opening the link: pages opening the same walk share them, so the lone page
+and the M pages all find them ready), then one page runs the walk alone, then M pages run at once (each its own
+session) and a further page clicks Step while they run. Prints
 per-page steps/s (read from each page's step counter), each as a fraction of the lone page, errors shown on the
 pages, and the p95 time from a Step click to the new step number on screen.
 
@@ -146,6 +148,9 @@ def pages(n_pages: int, seconds: float, port: int, query: str = "goal=new-task")
 
     with app_server(port) as (url, _), chromium() as context:
         url = f"{url}/?{query}" if query else url
+        first = open_page(context, url)[0]  # the teacher's page: the baselines every later page shares
+        first.get_by_text("Computing the baselines", exact=False).wait_for(state="detached", timeout=120_000)
+        first.close()
         lone, lone_errors, _ = run_pages(context, url, 1, clicker=False)
         rates, shown, latencies = run_pages(context, url, n_pages, clicker=True)
     return {"pages": n_pages, "query": query, "lone_page_steps_per_s": round(lone[0], 1),

@@ -4,14 +4,21 @@ Each function takes engine objects and returns numpy arrays, pandas frames or pl
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import io
+import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .baselines import fine_tune, masked_fine_tune, one_shot_prune, straight_line
+from .errors import Cancelled
 from .experiment import Experiment
 from .measures import evaluate, true_class_probability
 from .metric import PullbackMetric
@@ -117,6 +124,109 @@ def goal_baselines_apart(experiment: Experiment, should_stop: Callable[[], bool]
     network = build_network(experiment.config.model, net.input_shape, net.n_classes).to(experiment.device)
     return goal_baselines(experiment, model_fn=NetworkFunction(network, dict(experiment.walker.buffers)),
                           should_stop=should_stop)
+
+
+class SharedResults:
+    """Results that many callers ask for with the same inputs, computed once per process and shared.
+
+    Why: a class opens the teacher's link, so every page asks for the same baselines (the same start network,
+    goal and data); on a 2-core laptop serving 30 pages that was 30 × ~1.2 s of CPU taken from the walks.
+    Callers asking while the result is being computed wait for that computation instead of starting their own.
+    compute(should_stop) is asked to stop only when every caller waiting for it has stopped wanting it; a
+    stopped computation is started again for a caller that still wants it. Errors reach every waiting caller
+    and are not kept. The most recent `max_entries` results are kept; callers must not change them
+    (shared_goal_baselines_apart hands out copies). Safe to call from any number of threads.
+    """
+
+    def __init__(self, max_entries: int = 16):
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._done: OrderedDict = OrderedDict()
+        self._running: dict = {}  # key -> (Future, [the waiting callers' should_stop])
+        self.n_computed = 0
+
+    def get(self, key, compute: Callable[[Callable[[], bool]], object],
+            should_stop: Callable[[], bool] | None = None):
+        wants_it_no_more = should_stop or (lambda: False)
+        while True:
+            with self._lock:
+                if key in self._done:
+                    self._done.move_to_end(key)
+                    return self._done[key]
+                mine = key not in self._running
+                if mine:
+                    self._running[key] = (Future(), [])
+                future, stops = self._running[key]
+                stops.append(wants_it_no_more)
+            if mine:
+                return self._compute(key, compute, future, stops)
+            while not future.done():
+                if wants_it_no_more():
+                    raise Cancelled("no longer wanted")
+                try:
+                    future.result(timeout=0.1)
+                except (TimeoutError, Cancelled):
+                    continue
+                except Exception:  # noqa: BLE001 - raised below, from the future itself
+                    break
+            if not isinstance(future.exception(), Cancelled):
+                return future.result()
+            if wants_it_no_more():  # everybody had stopped wanting it, this caller too
+                raise Cancelled("no longer wanted")
+
+    def _compute(self, key, compute, future: Future, stops: list):
+        def nobody_wants_it() -> bool:
+            with self._lock:
+                waiting = list(stops)
+            return all(stop() for stop in waiting)
+
+        try:
+            result = compute(nobody_wants_it)
+        except BaseException as err:
+            with self._lock:
+                del self._running[key]
+            future.set_exception(err)
+            raise
+        with self._lock:
+            del self._running[key]
+            self._done[key] = result
+            self.n_computed += 1
+            while len(self._done) > self.max_entries:
+                self._done.popitem(last=False)
+        future.set_result(result)
+        return result
+
+
+def baselines_key(experiment: Experiment) -> str:
+    """What goal_baselines depends on, as a digest: the settings (of the walk, only its length: the budget), the
+    start (and end) weights and buffers, and the tasks' data. Two experiments with the same key get the same
+    baselines."""
+    settings = experiment.config.to_dict()
+    settings["walk"] = {"n_steps": experiment.config.walk.n_steps}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    tensors = {f"start.{k}": v for k, v in experiment.start.items()}
+    tensors.update({f"end.{k}": v for k, v in (experiment.end or {}).items()})
+    tensors.update({f"buffer.{k}": v for k, v in experiment.buffers.items()})
+    for name, task in experiment.tasks.items():
+        for split in ("train", "test"):
+            part = getattr(task, split)
+            tensors.update({f"{name}.{split}.x": part.x, f"{name}.{split}.y": part.y})
+    for name in sorted(tensors):
+        value = tensors[name].detach()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+_SHARED_BASELINES = SharedResults()
+
+
+def shared_goal_baselines_apart(experiment: Experiment, should_stop: Callable[[], bool] | None = None) -> dict:
+    """goal_baselines_apart, computed once per process for the same inputs (baselines_key) however many
+    sessions ask at once; each caller gets its own copy."""
+    result = _SHARED_BASELINES.get(baselines_key(experiment),
+                                   lambda stop: goal_baselines_apart(experiment, should_stop=stop), should_stop)
+    return copy.deepcopy(result)
 
 
 def weights_bytes(walker: Walker) -> bytes:

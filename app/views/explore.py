@@ -35,8 +35,9 @@ def _build(config) -> None:
     experiment = build(config, progress=progress)
     bar.empty()
     # The baselines take about a second: the page is drawn first and they join the charts when ready; they
-    # are computed beside the engine, on a copy of the network, so a Run clicked meanwhile starts at once.
-    session.install(experiment, analysis.goal_baselines_apart)
+    # are computed beside the engine, on a copy of the network, so a Run clicked meanwhile starts at once; pages
+    # that open the same walk (a class at the teacher's link) share one computation.
+    session.install(experiment, analysis.shared_goal_baselines_apart)
 
 
 def _start_walk(config) -> None:
