@@ -26,6 +26,9 @@ def warm_up() -> None:
     from geodesic.autodiff import warm_up as warm_up_torch
 
     warm_up_torch()  # torch.func's own lazy imports
+    from geodesic.worker import analysis_process
+
+    analysis_process().start()  # the baselines' process imports PyTorch while the server starts, not on a first page
     frame = pd.DataFrame({"step": [0, 1], "accuracy/A": [0.9, 0.9], "loss/A": [0.3, 0.3], "sparsity": [0.0, 0.1],
                           "goal_distance": [1.0, 0.9], "event": ["start", ""]})
     charts.accuracy_and_loss([("main", frame)]).to_json()

@@ -19,6 +19,7 @@ from geodesic.engine import Engine, EngineSettings, WalkHandle, background_threa
 from geodesic.errors import Cancelled, ConfigError
 from geodesic.experiment import Experiment
 from geodesic.projection import PCABasis
+from geodesic.worker import shutdown_analysis_process
 
 
 @functools.cache  # once per server process: the settings do not change, and a bad value is said once
@@ -36,14 +37,15 @@ def engine() -> Engine:
 
 _PROBLEMS: list[str] = []
 # Slow analysis a page shows when it is ready (the goal's baselines), beside the engine rather than on its
-# thread, so nobody's walk waits for it. Each job works on its own copy of the network (goal_baselines_apart).
+# thread, so nobody's walk waits for it. A thread of this pool waits for each (computed in the analysis process,
+# geodesic/worker.py, or on the thread on its own copy of the network: goal_baselines_apart); waiting is cheap.
 def _yield_to_the_engine() -> None:
     """A lower CPU priority for this analysis thread, so the walks go first, and no more PyTorch threads than
     the engine's (geodesic.engine.background_thread)."""
     background_thread(engine().settings)
 
 
-_ANALYSIS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="geodesic-analysis", initializer=_yield_to_the_engine)
+_ANALYSIS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="geodesic-analysis", initializer=_yield_to_the_engine)
 
 
 _SHUTTING_DOWN = threading.Event()
@@ -56,6 +58,7 @@ def _drop_queued_analysis() -> None:
     stop (its should_stop), the queued ones are dropped."""
     _SHUTTING_DOWN.set()
     _ANALYSIS.shutdown(wait=False, cancel_futures=True)
+    shutdown_analysis_process()
 
 
 # Called before the interpreter joins the pool's threads (the hook concurrent.futures itself uses; later hooks run

@@ -80,9 +80,21 @@ def _observer() -> list[psutil.Process]:
     return procs
 
 
-def _cpu(proc: psutil.Process) -> float:
+def _own_cpu(proc: psutil.Process) -> float:
     times = proc.cpu_times()
     return times.user + times.system
+
+
+def _cpu(proc: psutil.Process) -> float:
+    """CPU seconds used so far by `proc` and its live child processes (the server's analysis process)."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
 
 
 def headless(goal: str, solver: str, seconds: float) -> float:
@@ -98,6 +110,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8599)
     parser.add_argument("--view", default="Overview", help="which view is open while the walk runs")
     parser.add_argument("--query", default="", help="URL query for the set-up, e.g. solver=penalty")
+    parser.add_argument("--samples", help="also write every sample (seconds, step shown, chart updates, points) here")
     parser.add_argument("--sample-every", type=float, default=0.25,
                         help="seconds between reads of the page's step counter (each read is a round trip "
                              "through Playwright's driver, which shares the cores with the walk)")
@@ -116,7 +129,7 @@ def main() -> None:
         pause.wait_for(timeout=30_000)
         server_proc = psutil.Process(server.pid)
         observer = _observer()
-        cpu0, server0, observer0 = _chromium_cpu(), _cpu(server_proc), sum(_cpu(p) for p in observer)
+        cpu0, server0, observer0 = _chromium_cpu(), _cpu(server_proc), sum(_own_cpu(p) for p in observer)
         samples, t0, finished = [], time.perf_counter(), False
         while time.perf_counter() - t0 < args.seconds:
             samples.append((time.perf_counter() - t0, *page.evaluate(READ)))
@@ -127,7 +140,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         browser_cores = (_chromium_cpu() - cpu0) / wall
         server_cores = (_cpu(server_proc) - server0) / wall
-        observer_cores = (sum(_cpu(p) for p in observer) - observer0) / wall
+        observer_cores = (sum(_own_cpu(p) for p in observer) - observer0) / wall
         pause_answer = None
         if not finished:  # the walk still runs: how long until the page answers a Pause click
             t_click = time.perf_counter()
@@ -163,6 +176,9 @@ def main() -> None:
               "first_fifth_steps_per_second": round(rate(samples[:fifth]), 1),
               "last_fifth_steps_per_second": round(rate(samples[-fifth:]), 1)}
     print(json.dumps(result))
+    if args.samples:
+        with open(args.samples, "w") as f:
+            json.dump(samples, f)
 
 
 if __name__ == "__main__":

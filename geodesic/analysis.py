@@ -221,11 +221,14 @@ def baselines_key(experiment: Experiment) -> str:
 _SHARED_BASELINES = SharedResults()
 
 
-def shared_goal_baselines_apart(experiment: Experiment, should_stop: Callable[[], bool] | None = None) -> dict:
-    """goal_baselines_apart, computed once per process for the same inputs (baselines_key) however many
-    sessions ask at once; each caller gets its own copy."""
+def shared_goal_baselines_apart(experiment: Experiment, should_stop: Callable[[], bool] | None = None,
+                                compute: Callable[..., dict] | None = None) -> dict:
+    """goal_baselines_apart (or `compute(experiment, should_stop)`, e.g. worker.AnalysisProcess.goal_baselines),
+    computed once per process for the same inputs (baselines_key) however many sessions ask at once; each caller
+    gets its own copy."""
+    compute = compute or goal_baselines_apart
     result = _SHARED_BASELINES.get(baselines_key(experiment),
-                                   lambda stop: goal_baselines_apart(experiment, should_stop=stop), should_stop)
+                                   lambda stop: compute(experiment, should_stop=stop), should_stop)
     return copy.deepcopy(result)
 
 

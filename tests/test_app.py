@@ -1,5 +1,6 @@
 """The dashboard under Streamlit's AppTest: starts, steps, runs and pauses, renders every view, records
 ε changes, keeps sessions apart, and answers bad settings next to the control keeping the walk."""
+import json
 import time
 from pathlib import Path
 
@@ -350,3 +351,20 @@ def test_the_fan_compares_auto_with_fixed_step_sizes():
     at.text_input(key="fan_values_seed").set_value("1, auto").run()
     button(at, "Launch the fan").click().run()
     assert any("numbers separated by commas" in e.value for e in at.error) and state.fan == []
+
+
+def test_the_baselines_arrive_from_their_process_and_join_the_charts():
+    """The page is drawn first; the baselines come from the analysis process (geodesic/worker.py) while the
+    page refreshes, and then the accuracy chart shows them."""
+    at = start()
+    t0 = time.monotonic()
+    while at.session_state["geodesic"].pending_baselines is not None or not at.session_state["geodesic"].baselines:
+        assert time.monotonic() - t0 < 120, "the baselines never arrived"
+        time.sleep(0.2)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+    baselines = at.session_state["geodesic"].baselines
+    assert 0.0 < baselines["masked_fine_tune_accuracy"] <= 1.0
+    assert "Computing the baselines" not in " ".join(c.value for c in at.caption)
+    drawn = json.dumps(list(live_charts(at).values()))
+    assert "masked fine-tuning" in drawn.lower()

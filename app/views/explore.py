@@ -9,7 +9,7 @@ import streamlit as st
 
 from app import charts, controls, session
 from app.live_chart import live_plotly_chart, live_runs_chart, thin_for_drawing
-from geodesic import analysis
+from geodesic import analysis, worker
 from geodesic.engine import CapacityError
 from geodesic.errors import ConfigError, GeodesicError
 from geodesic.experiment import build
@@ -35,9 +35,10 @@ def _build(config) -> None:
     experiment = build(config, progress=progress)
     bar.empty()
     # The baselines take about a second: the page is drawn first and they join the charts when ready; they
-    # are computed beside the engine, on a copy of the network, so a Run clicked meanwhile starts at once; pages
-    # that open the same walk (a class at the teacher's link) share one computation.
-    session.install(experiment, analysis.shared_goal_baselines_apart)
+    # are computed in a process of their own beside the engine (geodesic/worker.py), so a Run clicked meanwhile
+    # starts at once and walks at full speed; pages that open the same walk (a class at the teacher's link) share
+    # one computation.
+    session.install(experiment, worker.shared_goal_baselines_in_process)
 
 
 def _start_walk(config) -> None:
