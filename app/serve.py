@@ -8,8 +8,14 @@ script finds them loaded.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# OpenMP workers that sleep between parallel regions instead of spinning: when the engine steps a batch on several
+# threads, its workers then take no CPU from serving pages between ops. Read when PyTorch loads its OpenMP
+# library, so set before anything imports torch (measured with bench/load.py, BENCHMARKS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 

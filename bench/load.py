@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import platform
 import statistics
 import sys
@@ -29,6 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# As the server sets it (app/serve.py): OpenMP workers sleep between parallel regions instead of spinning.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -42,12 +45,13 @@ def _p95(values: list[float]) -> float | None:
 
 
 def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, threads: int,
-             batching: bool = True, auto: bool = False, dataset: str = "digits", model: str = "mlp") -> dict:
+             batching: bool = True, auto: bool = False, dataset: str = "digits", model: str = "mlp",
+             tune: bool = True) -> dict:
     """n_walks sessions on one engine for `seconds`, and a Step-clicking session beside them."""
     config = RunConfig(goal=GoalConfig(kind=goal), data=DataConfig(name=dataset), model=ModelConfig(name=model),
                        walk=default_walk(goal, solver, model=model, adaptive_step=auto or None), device=device)
     engine = Engine(EngineSettings(threads=threads, max_walks=max(64, n_walks), max_walks_per_session=1,
-                                   batching=batching))
+                                   batching=batching, tune_threads=tune))
     starts = [build(config.replace(seed=i % 4)).walker for i in range(n_walks)]
     clicker = build(config).walker
     clicker.branch(0).step()  # PyTorch imports parts of itself on a first step (seconds on some machines): not timed
@@ -105,7 +109,8 @@ def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, 
             "min_steps_per_s": round(min(rates), 1), "median_steps_per_s": round(statistics.median(rates), 1),
             "total_steps_per_s": round(sum(rates), 1), "slowest_over_fastest":
                 round(min(rates) / max(rates), 2) if max(rates) else None,
-            "errors": len(errors), "error_messages": errors[:3], "step_click_p95_s": _p95(latencies)}
+            "errors": len(errors), "error_messages": errors[:3], "step_click_p95_s": _p95(latencies),
+            "threads_chosen": sorted(set(engine.tuner.chosen().values()))}
 
 
 def pages(n_pages: int, seconds: float, port: int, query: str = "goal=new-task") -> dict:
@@ -166,7 +171,10 @@ def main() -> None:
     parser.add_argument("--goals", default="sparsify")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="PyTorch threads for the engine (0: half the cores)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="PyTorch threads for the engine: the most the tuner tries (0: every core), or with "
+                             "--no-tune the count used (0: half the cores)")
+    parser.add_argument("--no-tune", action="store_true", help="no thread tuning: the engine's fixed count")
     parser.add_argument("--no-batching", action="store_true", help="also measure with batching off, for comparison")
     parser.add_argument("--pages", type=int, default=0, help="also run this many Chromium pages against one server")
     parser.add_argument("--port", type=int, default=8597)
@@ -187,11 +195,12 @@ def main() -> None:
             for batching in ([True, False] if args.no_batching else [True]):
                 for n in walks:
                     row = simulate(goal, solver, n, args.seconds, args.device, args.threads, batching, args.auto,
-                                   args.dataset, args.model)
+                                   args.dataset, args.model, tune=not args.no_tune)
                     if n == 1 and batching:
                         lone = row["total_steps_per_s"]
                     row["total_over_lone"] = round(row["total_steps_per_s"] / lone, 2) if lone else None
-                    row["engine_threads"] = args.threads or EngineSettings().n_threads
+                    settings = EngineSettings(threads=args.threads, tune_threads=not args.no_tune)
+                    row["engine_threads"] = settings.thread_candidates
                     results.append(row)
                     print(json.dumps(row), flush=True)
     if args.pages:

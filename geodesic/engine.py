@@ -51,7 +51,8 @@ class EngineSettings:
 
     max_walks: int = 64  # running walks on this server at once, every session together
     max_walks_per_session: int = 8  # running walks one browser session may have at once
-    threads: int = 0  # PyTorch's intra-op threads for the engine (0: half the cores, leaving the rest to serving)
+    threads: int = 0  # PyTorch's intra-op threads for the engine: the most it tries (0: every core) if tune_threads
+    tune_threads: bool = True  # time each kind of step on 1, 2, 4, ... threads and keep the fastest (ThreadTuner)
     max_batch: int = 32  # most walks stepped as one batch
     batching: bool = True  # step compatible walks together (False: one at a time, for comparison)
     idle_seconds: float = 120.0  # a running walk that no page has read for this long is paused
@@ -63,7 +64,8 @@ class EngineSettings:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(_env_name(name), value, "an integer >= 1")
         if not isinstance(self.threads, int) or self.threads < 0:
-            raise ConfigError(_env_name("threads"), self.threads, "an integer >= 0 (0: half the cores)")
+            raise ConfigError(_env_name("threads"), self.threads,
+                              "an integer >= 0 (0: every core if tune_threads, else half of them)")
         if not isinstance(self.idle_seconds, (int, float)) or not self.idle_seconds > 0:
             raise ConfigError(_env_name("idle_seconds"), self.idle_seconds, "a number of seconds > 0")
         if self.device not in ("", "auto", "cpu", "cuda", "mps"):
@@ -71,7 +73,15 @@ class EngineSettings:
 
     @property
     def n_threads(self) -> int:
+        """The engine's threads when they are not tuned, and the analysis threads' beside it."""
         return self.threads or max(1, (os.cpu_count() or 2) // 2)
+
+    @property
+    def thread_candidates(self) -> list[int]:
+        """The thread counts the engine may use."""
+        if not self.tune_threads:
+            return [self.n_threads]
+        return thread_candidates(self.threads or os.cpu_count() or 1)
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> EngineSettings:
@@ -180,6 +190,65 @@ class WalkHandle:
         self.error, self._running = message, False
 
 
+class ThreadTuner:
+    """PyTorch's thread count for each kind of step the engine takes, chosen by timing it (as cuDNN's benchmark
+    mode picks a convolution algorithm): each candidate count is tried for a few steps, the fastest kept, and
+    the choice timed again after `retune_every` steps, since the load changes as pages come and go.
+
+    Why: no one count is right. A lone walk of the default MLP is a chain of tiny ops, and on this 2-core machine
+    it steps at 130 steps/s on one thread and 69-76 on two; eight of them batched step at 173 in total on one
+    thread and 196 on two (bench/load.py, BENCHMARKS.md). A kind of step is its batch key (same model, rule,
+    shapes, device) and the number of walks in the batch, rounded up to a power of two.
+    """
+
+    def __init__(self, candidates: list[int], trials: int = 4, retune_every: int = 2000):
+        self.candidates = sorted(set(candidates))
+        self.trials, self.retune_every = trials, retune_every
+        self._times: dict = {}  # kind -> {threads: [seconds per step]}
+        self._chosen: dict = {}  # kind -> (threads, steps since chosen)
+
+    @staticmethod
+    def kind(key, n_walks: int) -> tuple:
+        return key, 1 << max(n_walks - 1, 0).bit_length()
+
+    def choose(self, kind) -> int:
+        if len(self.candidates) == 1:
+            return self.candidates[0]
+        chosen = self._chosen.get(kind)
+        if chosen is not None:
+            threads, used = chosen
+            if used < self.retune_every:
+                self._chosen[kind] = (threads, used + 1)
+                return threads
+            del self._chosen[kind]
+            self._times.pop(kind, None)
+        times = self._times.setdefault(kind, {t: [] for t in self.candidates})
+        # The first step of a kind pays for its set-up (a new batch's functions): timed, then dropped.
+        return min(self.candidates, key=lambda t: len(times[t]))
+
+    def record(self, kind, threads: int, seconds: float) -> None:
+        times = self._times.get(kind)
+        if times is None or threads not in times:
+            return
+        times[threads].append(seconds)
+        if all(len(v) >= self.trials + 1 for v in times.values()):
+            best = min(times, key=lambda t: sorted(times[t][1:])[len(times[t][1:]) // 2])
+            self._chosen[kind] = (best, 0)
+
+    def chosen(self) -> dict:
+        """{kind: threads} decided so far (for benchmarks and tests)."""
+        return {kind: threads for kind, (threads, _) in self._chosen.items()}
+
+
+def thread_candidates(most: int) -> list[int]:
+    """1, 2, 4, ... up to `most`, and `most` itself."""
+    counts, t = {most}, 1
+    while t < most:
+        counts.add(t)
+        t *= 2
+    return sorted(counts)
+
+
 class Engine:
     """Owns all walking in this process (see the module's docstring). `open(walker, session)` gives a handle."""
 
@@ -195,6 +264,7 @@ class Engine:
         self._stepping: set[int] = set()  # ids of the handles whose step is under way
         self.n_steps = 0  # steps taken since start, all walks together
         self.n_errors = 0  # walks stopped by an error
+        self.tuner = ThreadTuner(self.settings.thread_candidates)
 
     # -- what sessions call ------------------------------------------------------------------------------------
     def open(self, walker: Walker, session: str = "") -> WalkHandle:
@@ -260,7 +330,7 @@ class Engine:
 
     # -- the worker ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        if self.settings.n_threads and torch.get_num_threads() != self.settings.n_threads:
+        if torch.get_num_threads() != self.settings.n_threads:  # until the tuner picks a count per kind of step
             torch.set_num_threads(self.settings.n_threads)
         # Every torch op releases the GIL and takes it back. While a page's thread runs Python (building charts),
         # taking it back waits for that thread to be told to drop it, by default after 5 ms: a step of a few
@@ -324,6 +394,16 @@ class Engine:
             self._step(chunk)
             self._run_jobs()
 
+    @staticmethod
+    def _kind_key(walker: Walker):
+        """What makes two steps the same work for the thread tuner: the batch key, or for a walk never batched
+        its model, rule and device."""
+        key = batch_key(walker)
+        if key is None:
+            key = ("unbatched", repr(walker.network.module), walker.config.solver, walker.config.linear_solver,
+                   str(next(iter(walker.params.values())).device))
+        return key
+
     def _step(self, handles: list[WalkHandle]) -> None:
         with self._cond:
             handles = [h for h in handles if h.is_running]  # paused or closed since the round began
@@ -338,6 +418,11 @@ class Engine:
                 self._cond.notify_all()
 
     def _step_handles(self, handles: list[WalkHandle]) -> None:
+        kind = self.tuner.kind(self._kind_key(handles[0].walker), len(handles))
+        threads = self.tuner.choose(kind)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        t0 = time.perf_counter()
         try:
             if len(handles) == 1:
                 try:
@@ -356,6 +441,7 @@ class Engine:
             traceback.print_exc(file=sys.stderr)
             results = [GeodesicError(f"internal error while stepping ({type(err).__name__}: {err}); "
                                      "the walk is kept at its last point") for _ in handles]
+        self.tuner.record(kind, threads, (time.perf_counter() - t0) / len(handles))
         now = time.monotonic()
         for handle, result in zip(handles, results, strict=True):
             if isinstance(result, BaseException):

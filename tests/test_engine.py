@@ -239,3 +239,53 @@ def test_an_analysis_thread_yields_to_the_engine_and_uses_its_thread_count():
         torch.set_num_threads(previous)
     assert seen["threads"] == 1
     assert seen["niceness"] == 5 or sys.platform != "linux"
+
+
+def test_the_thread_tuner_times_every_count_and_keeps_the_fastest():
+    from geodesic.engine import ThreadTuner, thread_candidates
+
+    assert thread_candidates(1) == [1] and thread_candidates(2) == [1, 2]
+    assert thread_candidates(16) == [1, 2, 4, 8, 16] and thread_candidates(6) == [1, 2, 4, 6]
+    tuner = ThreadTuner([1, 2, 4], trials=3, retune_every=10)
+    cost = {1: 0.010, 2: 0.004, 4: 0.006}  # seconds per step on each count
+    kind = tuner.kind("mlp", 8)
+    assert kind == ("mlp", 8) and tuner.kind("mlp", 5) == ("mlp", 8) and tuner.kind("mlp", 1) == ("mlp", 1)
+    tried = []
+    for _ in range(12):
+        threads = tuner.choose(kind)
+        tried.append(threads)
+        # The first step on each count pays a set-up cost that must not decide.
+        tuner.record(kind, threads, cost[threads] + (1.0 if tried.count(threads) == 1 and threads == 2 else 0.0))
+    assert sorted(set(tried)) == [1, 2, 4] and all(tried.count(t) == 4 for t in (1, 2, 4))
+    assert tuner.chosen() == {kind: 2}
+    assert [tuner.choose(kind) for _ in range(10)] == [2] * 10
+    assert tuner.choose(kind) in (1, 2, 4) and kind not in tuner.chosen()  # timed again after retune_every steps
+    assert ThreadTuner([3]).choose(kind) == 3
+
+
+def test_an_engine_that_tunes_its_threads_walks_the_same_path():
+    """The tuner changes how many threads step a walk, not where it goes (up to float noise)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    try:
+        alone = build(RunConfig()).walker
+        expected = [alone.step() for _ in range(20)]
+        walker = build(RunConfig()).walker
+        engine = Engine(EngineSettings(threads=2))
+        assert engine.settings.thread_candidates == [1, 2]
+        handle = engine.open(walker)
+        handle.run()
+        t0 = time.monotonic()
+        while walker.n_steps < 20 and time.monotonic() - t0 < 60:
+            time.sleep(0.01)
+        handle.pause()
+        engine.stop()
+        assert walker.n_steps >= 20 and not handle.error
+        assert set(engine.tuner.chosen().values()) <= {1, 2} and len(engine.tuner.chosen()) == 1
+        for a, b in zip(expected, walker.record.points[1:21], strict=True):
+            assert b.accuracy == pytest.approx(a.accuracy, abs=0.006) and b.loss == pytest.approx(a.loss, rel=1e-3)
+        fixed = EngineSettings(threads=3, tune_threads=False)
+        assert fixed.thread_candidates == [3]
+    finally:
+        torch.set_num_threads(previous)
