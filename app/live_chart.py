@@ -94,6 +94,55 @@ function apply(Plotly, div, data, setStateValue) {
   div.dataset.points = String(state.points);  // read by the browser tests
 }
 
+// A chart out of sight (scrolled away, or its tab in the background) draws nothing: its messages wait and are
+// drawn when it comes back into view. Each update redraws a whole plotly chart (about 15 ms of the browser's main
+// thread per chart here), and the second chart of a page is usually below the fold.
+const MAX_PENDING = 100;  // more than this waiting (half a minute): drop them and ask for a full draw instead
+
+function inView(div) {
+  return div.__inView !== false && document.visibilityState !== "hidden";
+}
+
+function draw(div, data) {
+  div.__queue = (div.__queue || Promise.resolve())
+    .then(() => loadPlotly())
+    .then((Plotly) => apply(Plotly, div, data, div.__setStateValue))
+    .catch((err) => {
+      console.error("geodesic live chart:", err);
+      const state = div.__geodesic;
+      if (state && state.seq !== null && !data.full) {  // an update that did not apply: redraw from scratch
+        state.seq = null;
+        div.__setStateValue("want_full", `${data.seq}:error`);
+      } else {
+        div.textContent = `The chart could not be drawn: ${err}`;
+      }
+    });
+}
+
+function flush(div) {
+  const pending = div.__pending || [];
+  div.__pending = [];
+  div.dataset.pending = "0";
+  for (const data of pending) draw(div, data);  // a gap (dropped messages) makes apply() ask for a full draw
+}
+
+function watch(div) {
+  if (div.__observer) return;
+  div.__observer = new IntersectionObserver((entries) => {
+    const was = inView(div);
+    div.__inView = entries[entries.length - 1].isIntersecting;
+    if (!was && inView(div)) flush(div);
+  }, { rootMargin: "200px" });
+  div.__observer.observe(div);
+  if (!window.__geodesicVisibility) {
+    window.__geodesicVisibility = true;
+    document.addEventListener("visibilitychange", () => {
+      if (document.visibilityState === "hidden") return;
+      for (const chart of document.querySelectorAll(".geodesic-live-chart")) if (inView(chart)) flush(chart);
+    });
+  }
+}
+
 export default function (component) {
   const { data, parentElement, setStateValue } = component;
   let div = parentElement.querySelector(".geodesic-live-chart");
@@ -102,20 +151,19 @@ export default function (component) {
     div.className = "geodesic-live-chart";
     parentElement.appendChild(div);
   }
+  div.__setStateValue = setStateValue;
+  watch(div);
   if (!data) return;
-  div.__queue = (div.__queue || Promise.resolve())
-    .then(() => loadPlotly())
-    .then((Plotly) => apply(Plotly, div, data, setStateValue))
-    .catch((err) => {
-      console.error("geodesic live chart:", err);
-      const state = div.__geodesic;
-      if (state && state.seq !== null && !data.full) {  // an update that did not apply: redraw from scratch
-        state.seq = null;
-        setStateValue("want_full", `${data.seq}:error`);
-      } else {
-        div.textContent = `The chart could not be drawn: ${err}`;
-      }
-    });
+  if (inView(div) && !(div.__pending && div.__pending.length)) {
+    draw(div, data);
+    return;
+  }
+  const pending = div.__pending || (div.__pending = []);
+  if (data.full) pending.length = 0;  // a full draw replaces everything before it
+  pending.push(data);
+  if (pending.length > MAX_PENDING) pending.splice(0, pending.length - 1);
+  div.dataset.pending = String(pending.length);  // read by the browser tests
+  if (inView(div)) flush(div);
 }
 """
 

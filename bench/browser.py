@@ -66,3 +66,14 @@ def app_page(port: int, path: str = "", viewport: tuple[int, int] = (1400, 1000)
     its first chart is drawn, and how long that took from opening the page."""
     with app_server(port) as (url, _), chromium(viewport) as context:
         yield open_page(context, f"{url}/{path}")
+
+
+def bring_charts_up_to_date(page) -> None:
+    """Scroll every live chart into view and back: a chart out of sight keeps its updates until it is seen
+    (app/live_chart.py), and a full-page screenshot does not scroll."""
+    for chart in page.locator(".geodesic-live-chart").all():
+        chart.scroll_into_view_if_needed()
+        page.wait_for_timeout(400)
+    # Streamlit scrolls an inner container, not the window: put every scrolled element back at its top.
+    page.evaluate("() => { for (const el of document.querySelectorAll('*')) if (el.scrollTop) el.scrollTop = 0; }")
+    page.wait_for_timeout(400)

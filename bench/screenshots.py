@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from browser import ROOT, app_page
+from browser import ROOT, app_page, bring_charts_up_to_date
 
 
 def main() -> None:
@@ -29,10 +29,12 @@ def main() -> None:
             pause.click()
         page.get_by_role("button", name="Run", exact=True).wait_for(timeout=30_000)
         time.sleep(2)
+        bring_charts_up_to_date(page)
         page.screenshot(path=str(out / "screenshot-overview.png"), full_page=True)
         for view, name in (("Path", "screenshot-path.png"), ("Steps", "screenshot-steps.png")):
             page.get_by_text(view, exact=True).click()
             time.sleep(3)
+            bring_charts_up_to_date(page)
             page.screenshot(path=str(out / name), full_page=True)
 
 

@@ -160,6 +160,33 @@ def test_the_live_chart_follows_a_long_walk_and_pause_answers_while_it_runs(serv
     page.close()
 
 
+def test_a_chart_out_of_sight_waits_and_catches_up_when_scrolled_to(server, browser):
+    """The second live chart starts below the fold: while the walk runs it keeps its updates instead of drawing
+    them, and when scrolled into view it draws them and follows the walk again."""
+    page = browser.new_page()
+    page.goto(f"{server}/?goal=new-task")
+    page.locator(".geodesic-live-chart.js-plotly-plot").first.wait_for(timeout=120_000)
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.wait_for_function("() => parseInt(document.querySelector('[data-testid=stMetricValue]').innerText) > 200",
+                           timeout=120_000)
+    read = ("() => [...document.querySelectorAll('.geodesic-live-chart')].map(c => ["
+            "c.getBoundingClientRect().top, Number(c.dataset.pending || 0), c.data && c.data[0].x ? "
+            "c.data[0].x.length : 0])")
+    charts = page.evaluate(read)
+    assert len(charts) >= 2
+    top, pending, points = charts[1]
+    assert top > 1000 and pending > 0, charts  # below the 1,000-pixel viewport: updates wait
+    assert points < charts[0][2] - 50, charts  # and it has drawn none of them
+    page.locator(".geodesic-live-chart").nth(1).scroll_into_view_if_needed()
+    page.wait_for_function("() => { const c = document.querySelectorAll('.geodesic-live-chart')[1];"
+                           " const v = parseInt(document.querySelector('[data-testid=stMetricValue]').innerText);"
+                           " return c.data && Math.abs(c.data[0].x.length - (v + 1)) <= 40; }", timeout=30_000)
+    assert page.evaluate(read)[1][1] == 0
+    page.get_by_role("button", name="Pause", exact=True).click()
+    _no_exception(page)
+    page.close()
+
+
 def test_a_fan_of_step_sizes_is_drawn_one_colour_each_and_one_is_kept(server, browser):
     page = browser.new_page()
     page.goto(server)
