@@ -195,9 +195,9 @@ class ThreadTuner:
     mode picks a convolution algorithm): each candidate count is tried for a few steps, the fastest kept, and
     the choice timed again after `retune_every` steps, since the load changes as pages come and go.
 
-    Why: no one count is right. A lone walk of the default MLP is a chain of tiny ops, and on this 2-core machine
-    it steps at 130 steps/s on one thread and 69-76 on two; eight of them batched step at 173 in total on one
-    thread and 196 on two (bench/load.py, BENCHMARKS.md). A kind of step is its batch key (same model, rule,
+    Why: no one count is right. Measured through the engine on this 2-core machine (bench/load.py, BENCHMARKS.md):
+    a lone walk of the default MLP, a chain of tiny ops, steps at 152 steps/s on one thread and 85 on two; a lone
+    LeNet-5 walk on 28×28 images at 2.2 on one and 4.6 on two. A kind of step is its batch key (same model, rule,
     shapes, device) and the number of walks in the batch, rounded up to a power of two.
     """
 
@@ -222,6 +222,9 @@ class ThreadTuner:
                 return threads
             del self._chosen[kind]
             self._times.pop(kind, None)
+        if kind not in self._times and len(self._times) >= 256:  # a long-lived server that saw many set-ups
+            self._times.clear()
+            self._chosen.clear()
         times = self._times.setdefault(kind, {t: [] for t in self.candidates})
         # The first step of a kind pays for its set-up (a new batch's functions): timed, then dropped.
         return min(self.candidates, key=lambda t: len(times[t]))
@@ -237,7 +240,7 @@ class ThreadTuner:
 
     def chosen(self) -> dict:
         """{kind: threads} decided so far (for benchmarks and tests)."""
-        return {kind: threads for kind, (threads, _) in self._chosen.items()}
+        return {kind: threads for kind, (threads, _) in list(self._chosen.items())}
 
 
 def thread_candidates(most: int) -> list[int]:
@@ -400,8 +403,9 @@ class Engine:
         its model, rule and device."""
         key = batch_key(walker)
         if key is None:
-            key = ("unbatched", repr(walker.network.module), walker.config.solver, walker.config.linear_solver,
-                   str(next(iter(walker.params.values())).device))
+            first = next(iter(walker.params.values()))
+            key = ("unbatched", type(walker.network.module).__name__, sum(p.numel() for p in walker.params.values()),
+                   walker.config.solver, walker.config.linear_solver, str(first.device))
         return key
 
     def _step(self, handles: list[WalkHandle]) -> None:

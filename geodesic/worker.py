@@ -45,6 +45,13 @@ class _Job:
     buffers: dict
     tasks: dict
 
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.start.values(), *(self.end or {}).values(), *self.buffers.values()]
+        for task in self.tasks.values():
+            tensors += [task.train.x, task.train.y, task.test.x, task.test.y]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     @classmethod
     def of(cls, experiment) -> _Job:
         def cpu(tensors):
@@ -118,8 +125,8 @@ def _run(job_id: int, job: _Job) -> dict:
 class AnalysisProcess:
     """One worker process for the goal's baselines (started on first use, or by `start()`); thread-safe."""
 
-    def __init__(self, threads: int = 1, niceness: int = 10):
-        self.threads, self.niceness = threads, niceness
+    def __init__(self, threads: int = 1, niceness: int = 10, max_bytes: int = 256 * 2**20):
+        self.threads, self.niceness, self.max_bytes = threads, niceness, max_bytes
         self._context = multiprocessing.get_context("spawn")
         self._stop = self._context.Value("q", 0)
         self._lock = threading.Lock()
@@ -140,14 +147,21 @@ class AnalysisProcess:
 
     def goal_baselines(self, experiment, should_stop: Callable[[], bool] | None = None) -> dict:
         """analysis.goal_baselines of `experiment`, computed in the worker process (the experiment's own network
-        is not touched). should_stop is asked every 0.1 s; True stops the job and raises Cancelled."""
+        is not touched). should_stop is asked every 0.1 s; True stops the job and raises Cancelled. Data and
+        weights over `max_bytes` (a large torchvision set) are not copied to the process: the baselines are then
+        computed on the calling thread (analysis.goal_baselines_apart), as before the process existed."""
+        job = _Job.of(experiment)
+        if job.nbytes > self.max_bytes:
+            from .analysis import goal_baselines_apart
+
+            return goal_baselines_apart(experiment, should_stop=should_stop)
         job_id = next(self._ids)
         pool = self._executor()
         try:
-            future = pool.submit(_run, job_id, _Job.of(experiment))
+            future = pool.submit(_run, job_id, job)
         except BrokenProcessPool:
             pool = self._replace(pool)
-            future = pool.submit(_run, job_id, _Job.of(experiment))
+            future = pool.submit(_run, job_id, job)
         while True:
             try:
                 return future.result(timeout=0.1)

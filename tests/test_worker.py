@@ -90,3 +90,12 @@ def test_sessions_asking_at_once_share_one_job(process, monkeypatch):
         t.join(60)
     assert shared.n_computed == 1
     assert all(r is not None and r["naive_fine_tune"].equals(results[0]["naive_fine_tune"]) for r in results)
+
+
+def test_data_too_large_to_copy_is_worked_on_the_calling_thread():
+    """Over max_bytes (a large torchvision set) nothing is sent to the process: the baselines are computed here."""
+    p = worker.AnalysisProcess(max_bytes=1)
+    experiment = build(RunConfig(goal=GoalConfig(kind="connect")))
+    got = p.goal_baselines(experiment)
+    assert len(got["straight_line"]) == 21
+    assert p._pool is None  # no process was started for it
