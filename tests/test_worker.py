@@ -22,10 +22,14 @@ def process():
     p.shutdown()
 
 
+@pytest.mark.parametrize("where", ["process", "thread"])
 @pytest.mark.parametrize("kind", ["sparsify", "new-task", "connect"])
-def test_the_process_gives_the_baselines_of_the_servers_own(process, kind):
+def test_the_baselines_apart_equal_the_walks_own(process, kind, where):
+    """Computed in the analysis process, or on a thread with a copy of the network (the fallback for large
+    data), the baselines are those of the walk's own network."""
     experiment = build(RunConfig(goal=GoalConfig(kind=kind)))
-    got = process.goal_baselines(experiment)
+    got = (process.goal_baselines(experiment) if where == "process"
+           else analysis.goal_baselines_apart(experiment))
     expected = analysis.goal_baselines(experiment)
     assert got.keys() == expected.keys()
     for name, value in expected.items():
