@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,9 +46,11 @@ def read_tensors(path: str | Path, max_bytes: int = MAX_CHECKPOINT_BYTES) -> dic
         except Exception as err:
             raise CheckpointError(f"{path}: not a readable .safetensors file ({err})") from err
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # PyTorch's note on pickle protocols says nothing the error below does not
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for code-carrying pickles, others for truncated files
-        reason = str(err).split("\n")[0]
+        reason = _load_failure(str(err))
         raise CheckpointError(f"{path}: refused to load: only plain tensors are accepted, and this file "
                               f"is not a plain state dict ({type(err).__name__}: {reason})") from err
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
@@ -80,3 +83,12 @@ def match_params(tensors: dict[str, torch.Tensor], like: Params, source: str = "
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} (is it for another model?)")
     return params, new_buffers
+
+
+def _load_failure(message: str) -> str:
+    """The part of torch.load's error that says what is wrong with the file. PyTorch's message also suggests
+    loading again with weights_only=False, which would run the file's code: never shown to a user here."""
+    detail = message.split("WeightsUnpickler error:", 1)
+    if len(detail) == 2:
+        return " ".join(detail[1].split("Check the documentation", 1)[0].split())
+    return message.split("\n")[0].split(" In PyTorch 2.6", 1)[0]

@@ -153,6 +153,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.save_every < 0:
         raise ConfigError("save-every", args.save_every, "an integer >= 0")
 
+    start_tensors = read_tensors(start_path) if start_path is not None else None  # a refused file: before any bar
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -163,8 +164,13 @@ def run_command(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.set_description_str(f"{what} {fraction:.0%}")
 
-    start_tensors = read_tensors(start_path) if start_path is not None else None
-    experiment = build(config, progress=progress, start_tensors=start_tensors, start_source=str(start_path))
+    try:
+        experiment = build(config, progress=progress, start_tensors=start_tensors, start_source=str(start_path))
+    except BaseException:
+        if bar is not None:  # the error is said on a clean line, not after the bar's text
+            bar.leave = False
+            bar.close()
+        raise
     store = RunStore(out, save_every=args.save_every)
     if args.resume:
         restore_walker(experiment, out, state, record)
