@@ -368,3 +368,28 @@ def test_the_baselines_arrive_from_their_process_and_join_the_charts():
     assert "Computing the baselines" not in " ".join(c.value for c in at.caption)
     drawn = json.dumps(list(live_charts(at).values()))
     assert "masked fine-tuning" in drawn.lower()
+
+
+def test_a_run_the_server_refuses_says_why_and_keeps_the_walk():
+    """Run at the server's limit: the page says so next to the buttons, the walk stays where it was and can be
+    run once a place is free."""
+    from geodesic.engine import CapacityError
+
+    at = start()
+    handle = at.session_state["geodesic"].runner
+    real_run = handle.run
+
+    def refuse():
+        raise CapacityError("the server already runs 64 walks (GEODESIC_MAX_WALKS); try again when one stops")
+
+    handle.run = refuse
+    button(at, "Run").click().run()
+    assert not at.exception
+    assert any("GEODESIC_MAX_WALKS" in e.value for e in at.error)
+    assert button(at, "Run") is not None and metric(at, "step") == "0" and not handle.is_running
+    handle.run = real_run
+    button(at, "Run").click().run()
+    assert not at.error and (handle.is_running or walker(at).n_steps > 0)
+    if handle.is_running:
+        button(at, "Pause").click().run()
+    assert not handle.is_running
