@@ -193,7 +193,8 @@ class WalkHandle:
 class ThreadTuner:
     """PyTorch's thread count for each kind of step the engine takes, chosen by timing it (as cuDNN's benchmark
     mode picks a convolution algorithm): each candidate count is tried for a few steps, the fastest kept, and
-    the choice timed again after `retune_every` steps, since the load changes as pages come and go.
+    the choice timed again after `retune_seconds`, since the load changes as pages come and go (by time, not by
+    steps: a fast walk would otherwise spend its slow trials every few seconds).
 
     Why: no one count is right. Measured through the engine on this 2-core machine (bench/load.py, BENCHMARKS.md):
     a lone walk of the default MLP, a chain of tiny ops, steps at 152 steps/s on one thread and 85 on two; a lone
@@ -201,11 +202,12 @@ class ThreadTuner:
     shapes, device) and the number of walks in the batch, rounded up to a power of two.
     """
 
-    def __init__(self, candidates: list[int], trials: int = 4, retune_every: int = 2000):
+    def __init__(self, candidates: list[int], trials: int = 4, retune_seconds: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.candidates = sorted(set(candidates))
-        self.trials, self.retune_every = trials, retune_every
+        self.trials, self.retune_seconds, self.clock = trials, retune_seconds, clock
         self._times: dict = {}  # kind -> {threads: [seconds per step]}
-        self._chosen: dict = {}  # kind -> (threads, steps since chosen)
+        self._chosen: dict = {}  # kind -> (threads, when chosen)
 
     @staticmethod
     def kind(key, n_walks: int) -> tuple:
@@ -216,9 +218,8 @@ class ThreadTuner:
             return self.candidates[0]
         chosen = self._chosen.get(kind)
         if chosen is not None:
-            threads, used = chosen
-            if used < self.retune_every:
-                self._chosen[kind] = (threads, used + 1)
+            threads, since = chosen
+            if self.clock() - since < self.retune_seconds:
                 return threads
             del self._chosen[kind]
             self._times.pop(kind, None)
@@ -236,7 +237,7 @@ class ThreadTuner:
         times[threads].append(seconds)
         if all(len(v) >= self.trials + 1 for v in times.values()):
             best = min(times, key=lambda t: sorted(times[t][1:])[len(times[t][1:]) // 2])
-            self._chosen[kind] = (best, 0)
+            self._chosen[kind] = (best, self.clock())
 
     def chosen(self) -> dict:
         """{kind: threads} decided so far (for benchmarks and tests)."""
