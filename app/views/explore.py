@@ -343,16 +343,18 @@ def _live(s) -> None:
         if not s.runner.is_running:
             st.rerun(scope="app")
     pending = session.baselines_pending()
-    if not s.runner.is_running and st.session_state.get("_was_running"):  # stopped by itself: stop the timer
+    stopped = not s.runner.is_running and st.session_state.get("_was_running")  # stopped by itself
+    # Draw first, then rerun the page to stop the timer: the walk's last point shows at once, not a page later.
+    _draw(s)
+    if pending:
+        st.caption("Computing the baselines the walk is compared with; they join the charts when ready.")
+    if stopped:
         st.session_state["_was_running"] = False
         st.rerun(scope="app")
     if st.session_state.get("_baselines_pending") and not pending:  # they arrived: stop the timer
         st.session_state["_baselines_pending"] = False
         if not s.runner.is_running:
             st.rerun(scope="app")
-    _draw(s)
-    if pending:
-        st.caption("Computing the baselines the walk is compared with; they join the charts when ready.")
 
 
 def _draw(s) -> None:
