@@ -55,6 +55,8 @@ def app():
 def test_app_starts_on_the_default_walk(app):
     assert metric(app, "step") == "0"
     assert walker(app).goal.name == "sparsify"
+    pruned = walker(app).record.last.extra["prune_now_accuracy/A"]
+    assert metric(app, "prune now") == f"{100 * pruned:.1f}%"  # the projection's accuracy beside w's own
     assert len(live_charts(app)) >= 2  # accuracy/loss and sparsity charts on the first paint
     assert all("full" in message for message in live_charts(app).values())  # a new page draws them whole
 

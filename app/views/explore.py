@@ -231,9 +231,15 @@ def _status(s) -> None:
     last = walker.record.last
     cols = st.columns(5)
     cols[0].metric("step", last.step)
-    for i, (task, acc) in enumerate(list(last.accuracy.items())[:2]):
+    tasks = list(last.accuracy.items())[:2]
+    for i, (task, acc) in enumerate(tasks):
         start = walker.record[0].accuracy[task]
         cols[1 + i].metric(f"accuracy {task}", f"{100 * acc:.1f}%", f"{100 * (acc - start):+.1f} pts")
+    pruned = last.extra.get("prune_now_accuracy/A")
+    if len(tasks) == 1 and pruned is not None:  # sparsify: the accuracy of w's projection, beside w's own
+        cols[2].metric("prune now", f"{100 * pruned:.1f}%",
+                       help="Test accuracy of the current weights with the target share of smallest weights set "
+                            "to zero now: what the network would keep if the walk stopped here")
     cols[3].metric("sparsity", f"{100 * last.sparsity:.1f}%")
     cols[4].metric("distance to goal", f"{last.goal_distance:.3g}")
     if session.settings_problem():
