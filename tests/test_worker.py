@@ -64,7 +64,9 @@ def test_a_process_that_dies_is_reported_and_replaced():
 
         t = threading.Thread(target=ask)
         t.start()
-        time.sleep(0.3)
+        t0 = time.monotonic()  # kill as soon as the job is handed over (queued or running: both must be reported)
+        while not (p._pool is not None and p._pool._pending_work_items) and time.monotonic() - t0 < 30:
+            time.sleep(0.005)
         for proc in list(p._pool._processes.values()):  # what the OS does to a process out of memory
             proc.kill()
         t.join(60)
