@@ -12,10 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-# OpenMP workers that sleep between parallel regions instead of spinning: when the engine steps a batch on several
-# threads, its workers then take no CPU from serving pages between ops. Read when PyTorch loads its OpenMP
-# library, so set before anything imports torch (measured with bench/load.py, BENCHMARKS.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP workers that wait for the next parallel region by spinning a few microseconds, then sleep. GNU OpenMP's
+# default spins ~300,000 times (a busy engine's workers then hold a core that pages need); OMP_WAIT_POLICY=PASSIVE
+# (no spin) wakes them from sleep for every op, which cost a batch of 8 walks on 2 threads a third of its speed.
+# 10,000 spins (tens of microseconds) keep both gains (bench/batch_profile.py, bench/load.py, BENCHMARKS.md).
+# libgomp reads this when PyTorch loads it, so it is set before anything imports torch; the environment's wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +45,12 @@ def warm_up() -> None:
 
 
 def main() -> None:
-    warm_up()
+    sys.path.insert(0, str(ROOT))
+    from geodesic.engine import on_a_passing_thread
+
+    # Not on this main thread, which serves pages from now on: an OpenMP team it kept would slow the engine's
+    # (geodesic.engine.on_a_passing_thread).
+    on_a_passing_thread(warm_up)
     from streamlit.web import cli
 
     sys.argv = ["streamlit", "run", str(ROOT / "app" / "streamlit_app.py"), *sys.argv[1:]]

@@ -4,12 +4,13 @@ For each K and step rule: milliseconds per batch step, steps/s per walk and in t
 (Walker.step) beside it in the same run; with --profile, the top operators of one K by self CPU time and the
 number of kernels launched per batch step (a GPU step of tiny matrices is bound by launches, not arithmetic).
 
-Usage: python bench/batch_profile.py [--device cuda] [--walks 1,8,32] [--steps 20] [--profile 32]
+Usage: python bench/batch_profile.py [--device cuda] [--walks 1,8,32] [--steps 20] [--profile 32] [--keep-freed-mb 0]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from geodesic.allocator import DEFAULT_KEEP_FREED_MB, keep_freed_memory  # noqa: E402
 from geodesic.batch import WalkBatch  # noqa: E402
 from geodesic.config import GoalConfig, RunConfig, default_walk  # noqa: E402
 from geodesic.experiment import build  # noqa: E402
@@ -37,13 +39,16 @@ def measure(goal: str, solver: str, n_walks: int, n_steps: int, device: str, top
     for _ in range(3):
         step()
     _sync(device)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     for _ in range(n_steps):
         step()
     _sync(device)
     ms = 1000 * (time.perf_counter() - t0) / n_steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n_steps
     row = {"goal": goal, "solver": solver, "walks": n_walks, "ms_per_batch_step": round(ms, 2),
-           "steps_per_s_each": round(1000 / ms, 1), "steps_per_s_total": round(1000 * n_walks / ms, 1)}
+           "steps_per_s_each": round(1000 / ms, 1), "steps_per_s_total": round(1000 * n_walks / ms, 1),
+           "page_faults_per_batch_step": round(faults)}
     if top:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=activities) as prof:
@@ -66,7 +71,11 @@ def main() -> None:
     parser.add_argument("--goal", default="sparsify")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile", type=int, default=0, help="profile the batch of this many walks")
+    parser.add_argument("--keep-freed-mb", type=int, default=DEFAULT_KEEP_FREED_MB,
+                        help="the engine's keep_freed_mb (geodesic/allocator.py); 0: malloc as it comes")
     args = parser.parse_args()
+    print(json.dumps({"keep_freed_mb": args.keep_freed_mb, "in_force": keep_freed_memory(args.keep_freed_mb),
+                      "threads": torch.get_num_threads()}), flush=True)
     for solver in args.solvers.split(","):
         for n in (int(w) for w in args.walks.split(",")):
             print(json.dumps(measure(args.goal, solver, n, args.steps, args.device, n == args.profile)), flush=True)

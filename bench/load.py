@@ -30,13 +30,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# As the server sets it (app/serve.py): OpenMP workers sleep between parallel regions instead of spinning.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As the server sets it (app/serve.py): OpenMP workers spin briefly between parallel regions, then sleep.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import torch  # noqa: E402
 
 from geodesic.config import DataConfig, GoalConfig, ModelConfig, RunConfig, default_walk  # noqa: E402
-from geodesic.engine import Engine, EngineSettings  # noqa: E402
+from geodesic.engine import Engine, EngineSettings, on_a_passing_thread  # noqa: E402
 from geodesic.experiment import build  # noqa: E402
 
 
@@ -52,9 +53,14 @@ def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, 
                        walk=default_walk(goal, solver, model=model, adaptive_step=auto or None), device=device)
     engine = Engine(EngineSettings(threads=threads, max_walks=max(64, n_walks), max_walks_per_session=1,
                                    batching=batching, tune_threads=tune))
-    starts = [build(config.replace(seed=i % 4)).walker for i in range(n_walks)]
-    clicker = build(config).walker
-    clicker.branch(0).step()  # PyTorch imports parts of itself on a first step (seconds on some machines): not timed
+    def prepare() -> tuple[list, object]:
+        starts = [build(config.replace(seed=i % 4)).walker for i in range(n_walks)]
+        clicker = build(config).walker
+        clicker.branch(0).step()  # PyTorch imports parts of itself on a first step (seconds on some machines)
+        return starts, clicker
+
+    # As app.serve warms up: on a thread that ends, so that no OpenMP team outlives it (engine.on_a_passing_thread)
+    starts, clicker = on_a_passing_thread(prepare)
     steps, errors, latencies = [0] * n_walks, [], []
     stop = threading.Event()
 

@@ -213,6 +213,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .allocator import DEFAULT_KEEP_FREED_MB, keep_freed_memory
+
+    keep_freed_memory(DEFAULT_KEEP_FREED_MB)  # as the engine does (allocator.py): this process walks and exits
     try:
         if args.command == "sweep":
             from .sweep import run_sweep

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import DEFAULT_KEEP_FREED_MB, keep_freed_memory
 from .batch import WalkBatch, batch_key
 from .errors import ConfigError, GeodesicError
 from .path import PathPoint
@@ -57,8 +58,12 @@ class EngineSettings:
     batching: bool = True  # step compatible walks together (False: one at a time, for comparison)
     idle_seconds: float = 120.0  # a running walk that no page has read for this long is paused
     device: str = ""  # device for walks whose settings say 'auto' (empty: cuda, then mps, then cpu)
+    keep_freed_mb: int = DEFAULT_KEEP_FREED_MB  # freed memory kept for the next steps (allocator.py); 0: malloc's own
 
     def __post_init__(self):
+        if isinstance(self.keep_freed_mb, bool) or not isinstance(self.keep_freed_mb, int) or self.keep_freed_mb < 0:
+            raise ConfigError(_env_name("keep_freed_mb"), self.keep_freed_mb,
+                              "an integer >= 0 (megabytes; 0: malloc's own default)")
         for name in ("max_walks", "max_walks_per_session", "max_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -341,6 +346,9 @@ class Engine:
         # hundred small ops then took seconds (measured in Chromium: 4.3 steps/s, a Step click 18 s at p95).
         # A shorter interval bounds that wait per op (bench/load.py --pages, BENCHMARKS.md).
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        # A batch's megabyte-sized tensors are reused from the heap instead of being mapped and faulted in anew at
+        # every step (allocator.py: 8 penalty walks, 21 -> 17 ms a batch step on this project's 2-core machine).
+        keep_freed_memory(self.settings.keep_freed_mb)
         while True:
             with self._cond:
                 while not self._stopped and not self._jobs and not self._due():
@@ -487,3 +495,30 @@ def background_thread(settings: EngineSettings, niceness: int = 10) -> None:
             pass
     if settings.n_threads:
         torch.set_num_threads(settings.n_threads)  # this thread's OpenMP and MKL counts (and the default: the same)
+
+
+def on_a_passing_thread(fn: Callable[[], object]) -> object:
+    """fn()'s result, computed on a thread that ends with it (its exception re-raised here).
+
+    For PyTorch work done once by a thread that lives on, such as a server's warm-up on its main thread. GNU
+    OpenMP keeps a team of workers for every thread that has run a parallel op, until that thread ends, and when
+    its workers outnumber the cores, every team, the engine's included, stops spinning between ops (libgomp's
+    throttled spin count) and sleeps instead. Measured on 2 cores (`bench/load.py`, BENCHMARKS.md): with the main
+    thread's team alive, the engine's 2-thread batches ran no faster than on 1 thread; with it gone, 8 constrained
+    walks on 2 threads stepped 2.2× a lone walk.
+    """
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append((True, fn()))
+        except BaseException as err:  # noqa: BLE001 - handed back to the caller below
+            result.append((False, err))
+
+    thread = threading.Thread(target=run, name="geodesic-passing")
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value

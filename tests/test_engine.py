@@ -8,7 +8,7 @@ import time
 import pytest
 
 from geodesic.config import GoalConfig, RunConfig, TrainConfig, default_walk
-from geodesic.engine import CapacityError, Engine, EngineSettings, background_thread
+from geodesic.engine import CapacityError, Engine, EngineSettings, background_thread, on_a_passing_thread
 from geodesic.errors import ConfigError
 from geodesic.experiment import build
 
@@ -180,6 +180,9 @@ def test_settings_from_the_environment_and_a_file(tmp_path):
         EngineSettings.from_env({"GEODESIC_MAX_WALKS_PER_SESSION": "many"})
     with pytest.raises(ConfigError, match="GEODESIC_TORCH_THREADS"):
         EngineSettings.from_env({"GEODESIC_TORCH_THREADS": "-2"})
+    assert EngineSettings.from_env({"GEODESIC_KEEP_FREED_MB": "0"}).keep_freed_mb == 0
+    with pytest.raises(ConfigError, match="GEODESIC_KEEP_FREED_MB"):
+        EngineSettings.from_env({"GEODESIC_KEEP_FREED_MB": "-1"})
     path.write_text("[engine]\nmax_walkz = 3\n")
     with pytest.raises(ConfigError, match="max_walkz"):
         EngineSettings.from_env({"GEODESIC_SERVER_CONFIG": str(path)})
@@ -292,3 +295,15 @@ def test_an_engine_that_tunes_its_threads_walks_the_same_path():
         assert fixed.thread_candidates == [3]
     finally:
         torch.set_num_threads(previous)
+
+
+def test_work_on_a_passing_thread_returns_its_result_and_its_error():
+    seen = []
+    assert on_a_passing_thread(lambda: seen.append(threading.current_thread()) or 42) == 42
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()  # ended, and its OpenMP team with it
+
+    def fails():
+        raise ConfigError("x", 1, "2")
+
+    with pytest.raises(ConfigError, match="x"):
+        on_a_passing_thread(fails)
