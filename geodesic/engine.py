@@ -204,10 +204,11 @@ class ThreadTuner:
     Why: no one count is right. Measured through the engine on this 2-core machine (bench/load.py, BENCHMARKS.md):
     a lone walk of the default MLP, a chain of tiny ops, steps at 152 steps/s on one thread and 85 on two; a lone
     LeNet-5 walk on 28×28 images at 2.2 on one and 4.6 on two. A kind of step is its batch key (same model, rule,
-    shapes, device) and the number of walks in the batch, rounded up to a power of two.
+    shapes, device) and the number of walks in the batch, rounded up to a power of two. Eight trials a count (the
+    median kept): with four, 8 sparsify penalty walks on 2 cores kept the slower count in one run of three.
     """
 
-    def __init__(self, candidates: list[int], trials: int = 4, retune_seconds: float = 60.0,
+    def __init__(self, candidates: list[int], trials: int = 8, retune_seconds: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
         self.candidates = sorted(set(candidates))
         self.trials, self.retune_seconds, self.clock = trials, retune_seconds, clock
