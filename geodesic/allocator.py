@@ -5,7 +5,7 @@ floats) and frees them a few microseconds later. glibc's malloc serves blocks th
 returns them with `munmap` (its threshold starts at 128 kB and only grows when such a block is freed), so the
 next step pays a page fault per 4 kB page to touch them again. Measured on this project's 2-core machine, 8
 penalty walks of the default set-up as one `WalkBatch` on one thread: 2,300 page faults and about 4 ms of a 21 ms
-batch step (`bench/batch_profile.py --allocator-mb 0` against the default, BENCHMARKS.md). Setting malloc's mmap
+batch step (`bench/batch_profile.py --keep-freed-mb 0` against the default, BENCHMARKS.md). Setting malloc's mmap
 threshold to its 32 MB ceiling and raising its trim threshold keeps such blocks in the heap: the process keeps
 its peak working set (what it already reached) instead of returning and refaulting it.
 
