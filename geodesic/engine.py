@@ -209,11 +209,15 @@ class ThreadTuner:
     """
 
     def __init__(self, candidates: list[int], trials: int = 8, retune_seconds: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, first_retune_seconds: float = 5.0):
         self.candidates = sorted(set(candidates))
         self.trials, self.retune_seconds, self.clock = trials, retune_seconds, clock
+        # A kind's first choice is timed while its sessions are still opening their walks (threads starting, first
+        # reads): in one run of three it kept the slower count for 8 penalty walks. So it is timed once more soon.
+        self.first_retune_seconds = min(first_retune_seconds, retune_seconds)
         self._times: dict = {}  # kind -> {threads: [seconds per step]}
-        self._chosen: dict = {}  # kind -> (threads, when chosen)
+        self._chosen: dict = {}  # kind -> (threads, when chosen, seconds until it is timed again)
+        self._settled: set = set()  # kinds chosen at least once
 
     @staticmethod
     def kind(key, n_walks: int) -> tuple:
@@ -224,30 +228,33 @@ class ThreadTuner:
             return self.candidates[0]
         chosen = self._chosen.get(kind)
         if chosen is not None:
-            threads, since = chosen
-            if self.clock() - since < self.retune_seconds:
+            threads, since, keep = chosen
+            if self.clock() - since < keep:
                 return threads
             del self._chosen[kind]
             self._times.pop(kind, None)
         if kind not in self._times and len(self._times) >= 256:  # a long-lived server that saw many set-ups
             self._times.clear()
             self._chosen.clear()
+            self._settled.clear()
         times = self._times.setdefault(kind, {t: [] for t in self.candidates})
         # The first step of a kind pays for its set-up (a new batch's functions): timed, then dropped.
         return min(self.candidates, key=lambda t: len(times[t]))
 
     def record(self, kind, threads: int, seconds: float) -> None:
         times = self._times.get(kind)
-        if times is None or threads not in times:
-            return
+        if times is None or threads not in times or kind in self._chosen:  # timed only while on trial: a step
+            return  # after the choice would choose again, restart the clock, and the choice would never be timed again
         times[threads].append(seconds)
         if all(len(v) >= self.trials + 1 for v in times.values()):
             best = min(times, key=lambda t: sorted(times[t][1:])[len(times[t][1:]) // 2])
-            self._chosen[kind] = (best, self.clock())
+            keep = self.retune_seconds if kind in self._settled else self.first_retune_seconds
+            self._settled.add(kind)
+            self._chosen[kind] = (best, self.clock(), keep)
 
     def chosen(self) -> dict:
         """{kind: threads} decided so far (for benchmarks and tests)."""
-        return {kind: threads for kind, (threads, _) in list(self._chosen.items())}
+        return {kind: threads for kind, (threads, _, _) in list(self._chosen.items())}
 
 
 def thread_candidates(most: int) -> list[int]:

@@ -250,7 +250,7 @@ def test_the_thread_tuner_times_every_count_and_keeps_the_fastest():
     assert thread_candidates(1) == [1] and thread_candidates(2) == [1, 2]
     assert thread_candidates(16) == [1, 2, 4, 8, 16] and thread_candidates(6) == [1, 2, 4, 6]
     now = [0.0]
-    tuner = ThreadTuner([1, 2, 4], trials=3, retune_seconds=60.0, clock=lambda: now[0])
+    tuner = ThreadTuner([1, 2, 4], trials=3, retune_seconds=60.0, clock=lambda: now[0], first_retune_seconds=0.0)
     cost = {1: 0.010, 2: 0.004, 4: 0.006}  # seconds per step on each count
     kind = tuner.kind("mlp", 8)
     assert kind == ("mlp", 8) and tuner.kind("mlp", 5) == ("mlp", 8) and tuner.kind("mlp", 1) == ("mlp", 1)
@@ -262,11 +262,28 @@ def test_the_thread_tuner_times_every_count_and_keeps_the_fastest():
         tuner.record(kind, threads, cost[threads] + (1.0 if tried.count(threads) == 1 and threads == 2 else 0.0))
     assert sorted(set(tried)) == [1, 2, 4] and all(tried.count(t) == 4 for t in (1, 2, 4))
     assert tuner.chosen() == {kind: 2}
+    # The first choice is provisional (here after 0 s): timed again at once, then kept for a minute.
+    assert tuner.choose(kind) in (1, 2, 4) and kind not in tuner.chosen()
+    for _ in range(12):
+        threads = tuner.choose(kind)
+        tuner.record(kind, threads, cost[threads])
+    assert tuner.chosen() == {kind: 2}
     now[0] = 59.0
     assert [tuner.choose(kind) for _ in range(10)] == [2] * 10
+    for _ in range(10):  # steps on the chosen count do not postpone the next timing
+        tuner.record(kind, 2, cost[2])
     now[0] = 61.0
     assert tuner.choose(kind) in (1, 2, 4) and kind not in tuner.chosen()  # timed again after a minute
     assert ThreadTuner([3]).choose(kind) == 3
+    later = ThreadTuner([1, 2], trials=1, clock=lambda: now[0])  # by default the first choice lasts 5 s
+    for _ in range(4):
+        threads = later.choose(kind)
+        later.record(kind, threads, cost[threads])
+    now[0] += 4.9
+    assert later.chosen() == {kind: 2} and later.choose(kind) == 2
+    now[0] += 0.2
+    later.choose(kind)
+    assert kind not in later.chosen()
 
 
 def test_an_engine_that_tunes_its_threads_walks_the_same_path():
