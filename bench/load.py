@@ -64,8 +64,14 @@ def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, 
     steps, errors, latencies = [0] * n_walks, [], []
     stop = threading.Event()
 
+    def fresh_walk(i: int):
+        # A page builds its walk in a script run, on a thread that ends with the run; these sessions live on, so
+        # they build it on a thread that ends likewise: one that kept an OpenMP team (the branch's matrix products
+        # start one) would throttle the engine's (engine.on_a_passing_thread).
+        return on_a_passing_thread(lambda: starts[i].branch(0))
+
     def session(i: int) -> None:
-        handle = engine.open(starts[i].branch(0), session=f"s{i}")
+        handle = engine.open(fresh_walk(i), session=f"s{i}")
         handle.run()
         done = 0
         while not stop.is_set():
@@ -76,7 +82,7 @@ def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, 
                 break
             if handle.walker.is_done:  # a user presses Reset: a fresh walk from the same start
                 done += handle.walker.n_steps
-                handle.swap(starts[i].branch(0))
+                handle.swap(fresh_walk(i))
                 handle.run()
             steps[i] = done + handle.walker.n_steps
             time.sleep(0.3)
