@@ -17,6 +17,7 @@ and nobody would get faster with more hardware. Here a single worker thread does
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sys
 import threading
@@ -195,6 +196,14 @@ class WalkHandle:
         self.error, self._running = message, False
 
 
+# Doubling the engine's threads must make a step at least this much faster. The cores it takes are shared with
+# the pages' own work and, on a laptop, with the browsers: on 2 cores, with the fastest count kept whatever its
+# gain, a lone default walk in Chromium fell from 0.82-0.85 to 0.55-0.57 of its headless speed and the server
+# took 1.05 cores instead of 0.8, while 8 batched walks gain 1.3-1.9x from a second thread (bench/
+# dashboard_speed.py, bench/load.py, BENCHMARKS.md).
+MIN_SPEEDUP_PER_DOUBLING = 1.2
+
+
 class ThreadTuner:
     """PyTorch's thread count for each kind of step the engine takes, chosen by timing it (as cuDNN's benchmark
     mode picks a convolution algorithm): each candidate count is tried for a few steps, the fastest kept, and
@@ -247,7 +256,11 @@ class ThreadTuner:
             return  # after the choice would choose again, restart the clock, and the choice would never be timed again
         times[threads].append(seconds)
         if all(len(v) >= self.trials + 1 for v in times.values()):
-            best = min(times, key=lambda t: sorted(times[t][1:])[len(times[t][1:]) // 2])
+            median = {t: sorted(v[1:])[len(v[1:]) // 2] for t, v in times.items()}
+            best = self.candidates[0]
+            for t in self.candidates[1:]:  # more threads only where they pay for the cores they take
+                if median[t] * MIN_SPEEDUP_PER_DOUBLING ** math.log2(t / best) <= median[best]:
+                    best = t
             keep = self.retune_seconds if kind in self._settled else self.first_retune_seconds
             self._settled.add(kind)
             self._chosen[kind] = (best, self.clock(), keep)

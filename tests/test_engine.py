@@ -275,6 +275,12 @@ def test_the_thread_tuner_times_every_count_and_keeps_the_fastest():
     now[0] = 61.0
     assert tuner.choose(kind) in (1, 2, 4) and kind not in tuner.chosen()  # timed again after a minute
     assert ThreadTuner([3]).choose(kind) == 3
+    # A second thread that makes a step only a little faster is not worth the core it takes from the pages.
+    frugal = ThreadTuner([1, 2], trials=2, clock=lambda: now[0])
+    for _ in range(6):
+        threads = frugal.choose(kind)
+        frugal.record(kind, threads, {1: 0.010, 2: 0.009}[threads])
+    assert frugal.chosen() == {kind: 1}
     later = ThreadTuner([1, 2], trials=1, clock=lambda: now[0])  # by default the first choice lasts 5 s
     for _ in range(4):
         threads = later.choose(kind)
