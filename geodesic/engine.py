@@ -54,7 +54,7 @@ class EngineSettings:
     max_walks: int = 64  # running walks on this server at once, every session together
     max_walks_per_session: int = 8  # running walks one browser session may have at once
     threads: int = 0  # PyTorch's intra-op threads for the engine: the most it tries (0: every core) if tune_threads
-    tune_threads: bool = True  # time each kind of step on 1, 2, 4, ... threads and keep the fastest (ThreadTuner)
+    tune_threads: bool = True  # time each kind of step on 1, 2, 4, ... threads, keep the best (ThreadTuner)
     max_batch: int = 32  # most walks stepped as one batch
     batching: bool = True  # step compatible walks together (False: one at a time, for comparison)
     idle_seconds: float = 120.0  # a running walk that no page has read for this long is paused
@@ -206,9 +206,10 @@ MIN_SPEEDUP_PER_DOUBLING = 1.2
 
 class ThreadTuner:
     """PyTorch's thread count for each kind of step the engine takes, chosen by timing it (as cuDNN's benchmark
-    mode picks a convolution algorithm): each candidate count is tried for a few steps, the fastest kept, and
-    the choice timed again after `retune_seconds`, since the load changes as pages come and go (by time, not by
-    steps: a fast walk would otherwise spend its slow trials every few seconds).
+    mode picks a convolution algorithm): each candidate count is tried for a few steps, the fastest that pays for its
+    cores kept (MIN_SPEEDUP_PER_DOUBLING), and the choice timed again after `retune_seconds`, since the load changes
+    as pages come and go (by time, not by steps: a fast walk would otherwise spend its slow trials every few
+    seconds).
 
     Why: no one count is right. Measured through the engine on this 2-core machine (bench/load.py, BENCHMARKS.md):
     a lone walk of the default MLP, a chain of tiny ops, steps at 152 steps/s on one thread and 85 on two; a lone
