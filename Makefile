@@ -8,6 +8,7 @@ PORT ?= 8501
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-ray.txt
+	@python3 -c "import shutil; free = shutil.disk_usage('.').free / 2**30; free < 8 and print(f'warning: {free:.1f} GB free here; the environment takes about 7 GB (PyTorch and its CUDA libraries): pip may stop with No space left on device')"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt -r requirements-ray.txt
