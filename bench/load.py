@@ -9,9 +9,9 @@ Step (click to point recorded).
 Part 2, pages (--pages M): one `streamlit run` server and Debian's Chromium; a first page opens the walk and
 waits for its baselines (the teacher opening the link: pages opening the same walk share them, so the lone page
 and the M pages all find them ready), then one page runs the walk alone, then M pages run at once (each its own
-session) and a further page clicks Step while they run. Prints
-per-page steps/s (read from each page's step counter), each as a fraction of the lone page, errors shown on the
-pages, and the p95 time from a Step click to the new step number on screen.
+session), first on their own, then while a further page clicks Step. Prints per-page steps/s (read from each
+page's step counter), each as a fraction of the lone page (without and with the clicking page), errors shown on
+the pages, and the p95 time from a Step click to the new step number on screen.
 
 Usage: python bench/load.py [--walks 1,8,32] [--solvers constrained,penalty] [--goals sparsify,new-task,connect]
                             [--seconds 8] [--device cpu] [--pages 3] [--json out.json]
@@ -134,26 +134,33 @@ def pages(n_pages: int, seconds: float, port: int, query: str = "goal=new-task")
            " return el ? parseInt(el.innerText) : 0; }"
     errors_js = "() => document.querySelectorAll('[data-testid=stException]').length"
 
-    def run_pages(context, url: str, n: int, clicker: bool) -> tuple[list[float], int, list[float]]:
+    def rates_over(pages_, seconds_: float, clicker=None) -> tuple[list[float], list[float]]:
+        """(steps/s of each walking page over `seconds_`, Step click latencies of `clicker` meanwhile)."""
+        start = [page.evaluate(read) for page in pages_]
+        latencies, t0 = [], time.perf_counter()
+        while time.perf_counter() - t0 < seconds_:
+            if clicker is not None:
+                before = clicker.evaluate(read)
+                t_click = time.perf_counter()
+                clicker.get_by_role("button", name="Step", exact=True).click()
+                clicker.wait_for_function(f"() => ({read})() > {before}", timeout=30_000, polling=20)
+                latencies.append(time.perf_counter() - t_click)
+            time.sleep(0.3)
+        elapsed = time.perf_counter() - t0
+        return [(page.evaluate(read) - s0) / elapsed for page, s0 in zip(pages_, start, strict=True)], latencies
+
+    def run_pages(context, url: str, n: int, clicker: bool) -> tuple[list[float], int, list[float], list[float]]:
+        """n pages run the walk at once: their steps/s, then (clicker) their steps/s while one more page clicks
+        Step every 0.3 s, and the click latencies. The target (each page >= 0.4 of a lone page) names n pages;
+        the clicks, a further session's full reruns, are the Step-latency target's load and measured apart."""
         opened = [open_page(context, url)[0] for _ in range(n + (1 if clicker else 0))]
         walking = opened[:n]
         for page in walking:
             page.get_by_role("button", name="Run", exact=True).click()
         for page in walking:
             page.get_by_role("button", name="Pause", exact=True).wait_for(timeout=60_000)
-        start = [page.evaluate(read) for page in walking]
-        latencies, t0 = [], time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            if clicker:
-                page = opened[-1]
-                before = page.evaluate(read)
-                t_click = time.perf_counter()
-                page.get_by_role("button", name="Step", exact=True).click()
-                page.wait_for_function(f"() => ({read})() > {before}", timeout=30_000, polling=20)
-                latencies.append(time.perf_counter() - t_click)
-            time.sleep(0.3)
-        elapsed = time.perf_counter() - t0
-        rates = [(page.evaluate(read) - s0) / elapsed for page, s0 in zip(walking, start, strict=True)]
+        rates, _ = rates_over(walking, seconds)
+        clicking, latencies = rates_over(walking, seconds, opened[-1]) if clicker else ([], [])
         shown = sum(page.evaluate(errors_js) for page in opened)
         for page in walking:
             pause = page.get_by_role("button", name="Pause", exact=True)
@@ -161,18 +168,19 @@ def pages(n_pages: int, seconds: float, port: int, query: str = "goal=new-task")
                 pause.click()
         for page in opened:
             page.close()
-        return rates, shown, latencies
+        return rates, shown, latencies, clicking
 
     with app_server(port) as (url, _), chromium() as context:
         url = f"{url}/?{query}" if query else url
         first = open_page(context, url)[0]  # the teacher's page: the baselines every later page shares
         first.get_by_text("Computing the baselines", exact=False).wait_for(state="detached", timeout=120_000)
         first.close()
-        lone, lone_errors, _ = run_pages(context, url, 1, clicker=False)
-        rates, shown, latencies = run_pages(context, url, n_pages, clicker=True)
+        lone, lone_errors, _, _ = run_pages(context, url, 1, clicker=False)
+        rates, shown, latencies, clicking = run_pages(context, url, n_pages, clicker=True)
     return {"pages": n_pages, "query": query, "lone_page_steps_per_s": round(lone[0], 1),
             "page_steps_per_s": [round(r, 1) for r in rates],
             "each_over_lone": [round(r / lone[0], 2) for r in rates] if lone[0] else None,
+            "each_over_lone_while_a_page_clicks_step": [round(r / lone[0], 2) for r in clicking] if lone[0] else None,
             "exceptions_shown": lone_errors + shown, "step_click_p95_s": _p95(latencies)}
 
 

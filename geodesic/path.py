@@ -102,6 +102,7 @@ class PathRecord:
         self.points: list[PathPoint] = list(points or [])
         self._frame: pd.DataFrame | None = None  # the table of the first len(self._frame) points, built once
         self._frame_lock = threading.Lock()
+        self._lowest: dict[str, tuple[int, float]] = {}  # task -> (points looked at, lowest accuracy among them)
 
     def append(self, point: PathPoint) -> None:
         self.points.append(point)
@@ -135,6 +136,16 @@ class PathRecord:
     def min_accuracy(self) -> dict[str, float]:
         tasks = self.points[0].accuracy
         return {t: min(p.accuracy[t] for p in self.points) for t in tasks}
+
+    def lowest_accuracy(self, task: str) -> float:
+        """The lowest test accuracy of `task` along the path so far. Kept as the path grows, so a page that shows
+        it on every refresh of a running walk looks only at the points added since (points are never changed)."""
+        seen, value = self._lowest.get(task, (0, float("inf")))
+        n = len(self.points)  # the engine may append meanwhile: the next call takes the rest
+        for point in self.points[seen:n]:
+            value = min(value, point.accuracy[task])
+        self._lowest[task] = (n, value)
+        return value
 
     def save(self, path: str | Path) -> None:
         """Write the table as Parquet atomically (a crash mid-write leaves the previous file)."""

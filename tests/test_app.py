@@ -305,6 +305,53 @@ def test_a_bad_fan_is_refused_and_the_walk_kept():
 
 
 
+def test_a_fan_starts_from_a_chosen_earlier_step():
+    at = start()
+    for _ in range(3):
+        button(at, "Step").click().run()
+    main = walker(at)
+    at.number_input(key="fan_from_step").set_value(1).run()
+    at.text_input(key="fan_values_step size ε").set_value("0.05, 0.1").run()
+    button(at, "Launch the fan").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    state = at.session_state["geodesic"]
+    assert [state.branches[i].label for i, _ in state.fan] == ["ε=0.05 @ 1", "ε=0.1 @ 1"]
+    for i, _ in state.fan:  # each fan walk shares the path up to step 1, not the main walk's later steps
+        fan_walker = state.branches[i].walker
+        assert fan_walker.record[1].step == 1 and fan_walker.record[1].accuracy == main.record[1].accuracy
+        assert all(p.event != "" or p.step_size in (0.05, 0.1) for p in fan_walker.record.points[2:])
+    button(at, "Stop the fan").click().run()
+    at.number_input(key="fan_from_step").set_value(99).run()  # later than the walk: refused, nothing launched
+    button(at, "Launch the fan").click().run()
+    assert any("fan from step" in e.value for e in at.error) and not state.fan and len(state.branches) == 3
+
+
+def test_a_fan_from_a_walk_that_stopped_asks_for_an_earlier_step():
+    from types import SimpleNamespace
+
+    from app.views.explore import _fan_start
+    from geodesic.errors import ConfigError
+
+    done = SimpleNamespace(is_done=True, n_steps=298, stop_reason="goal reached")
+    with pytest.raises(ConfigError, match="an earlier step .0 to 297.*goal reached"):
+        _fan_start(done, None)
+    assert _fan_start(done, 0) == 0 and _fan_start(done, 297.0) == 297
+    running = SimpleNamespace(is_done=False, n_steps=40, stop_reason=None)
+    assert _fan_start(running, None) == 40
+    with pytest.raises(ConfigError):
+        _fan_start(running, 41)
+
+
+@pytest.mark.parametrize("goal", ["new-task", "connect"])
+def test_goals_without_sparsity_show_the_lowest_accuracy_instead(goal):
+    at = start({"goal": goal})
+    for _ in range(3):
+        button(at, "Step").click().run()
+    lowest = min(p.accuracy["A"] for p in walker(at).record.points)
+    assert metric(at, "lowest A so far") == f"{100 * lowest:.1f}%"
+    assert not any(m.label == "sparsity" for m in at.metric)
+
+
 def test_conv_models_are_offered_only_for_images_and_walk_on_them():
     flat = start()
     assert list(flat.selectbox(key="model").options) == ["mlp"]

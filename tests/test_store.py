@@ -119,3 +119,30 @@ def test_the_table_of_a_growing_record_is_built_from_new_points_only_and_matches
     pd.testing.assert_frame_equal(record.to_frame(), expected)
     assert "scratch" not in record.to_frame()
     assert seen == sorted(seen) and seen[-1] <= 400  # each read saw a prefix of the path, growing
+
+
+def test_the_lowest_accuracy_so_far_follows_a_growing_record_read_while_it_grows():
+    import dataclasses
+    import random
+    import threading
+
+    from geodesic.path import PathPoint, PathRecord
+
+    base = PathPoint(step=0, step_size=0.1, goal_weight=1.0, step_norm=0.0, functional_step=0.0,
+                     euclidean_length=0.0, functional_length=0.0, drift=0.0, alignment=0.0, loss={"A": 1.0},
+                     accuracy={"A": 0.9}, sparsity=0.0, goal_distance=3.0, step_seconds=0.0, event="start")
+    record, rng = PathRecord([base]), random.Random(0)
+    stop, seen = threading.Event(), []
+
+    def reader():  # a page's refreshes while the engine appends
+        while not stop.is_set():
+            seen.append(record.lowest_accuracy("A"))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(1, 500):
+        record.append(dataclasses.replace(base, step=i, accuracy={"A": rng.uniform(0.5, 1.0)}, event=""))
+    stop.set()
+    thread.join()
+    assert record.lowest_accuracy("A") == min(p.accuracy["A"] for p in record.points) < 0.9
+    assert seen == sorted(seen, reverse=True)  # each read saw a prefix: the lowest only falls

@@ -240,7 +240,11 @@ def _status(s) -> None:
         cols[2].metric("prune now", f"{100 * pruned:.1f}%",
                        help="Test accuracy of the current weights with the target share of smallest weights set "
                             "to zero now: what the network would keep if the walk stopped here")
-    cols[3].metric("sparsity", f"{100 * last.sparsity:.1f}%")
+    if s.config.goal.kind == "sparsify":
+        cols[3].metric("sparsity", f"{100 * last.sparsity:.1f}%")
+    else:  # sparsity stays 0 on these goals; what they are judged by is the accuracy kept all along the path
+        cols[3].metric("lowest A so far", f"{100 * walker.record.lowest_accuracy('A'):.1f}%",
+                       help="The lowest test accuracy of task A at any step of this walk so far")
     cols[4].metric("distance to goal", f"{last.goal_distance:.3g}")
     if session.settings_problem():
         st.warning(session.settings_problem())
@@ -267,12 +271,16 @@ def _fan_controls(s) -> None:
                      "seed": "1, 2, 3"}[kind]
         text = c2.text_input("Values, 2 to 7, comma-separated" + (" (auto: the adaptive step)" if kind == "step size ε"
                                                                    else ""), value=suggested, key=f"fan_values_{kind}")
-        c3.caption(f"Each walk starts at step {walker.n_steps} of the walk that steps and runs on the server's "
-                   "engine beside the others (one batch when they can share it).")
+        at_text = c3.number_input("From step", min_value=0, value=None, step=1, key="fan_from_step",
+                                  placeholder=f"this one ({walker.n_steps})",
+                                  help="Empty: the current point. Any earlier step of the walk that steps works too, "
+                                       "e.g. 0 to compare from the start network.")
+        c3.caption("Each walk starts there and runs on the server's engine beside the others (one batch when they "
+                   "can share it).")
         if c3.button("Launch the fan", key="fan_launch"):
             try:
                 values = _fan_values(text, kind)
-                at = walker.n_steps
+                at = _fan_start(walker, at_text)
                 field_name = FAN_KINDS[kind]
                 walkers, labels = [], []
                 for value in values:
@@ -293,6 +301,20 @@ def _fan_controls(s) -> None:
                 st.rerun()
             except (ConfigError, CapacityError) as err:
                 st.error(str(err))
+
+
+def _fan_start(walker, chosen: float | None) -> int:
+    """The step the fan starts from: the current point when none is chosen. A walk that has stopped (its goal
+    reached, or its step limit) gives walks that stop at once, so there the user is asked for an earlier step."""
+    if chosen is None:
+        if walker.is_done:
+            raise ConfigError("fan from step", f"the current point (step {walker.n_steps})",
+                              f"an earlier step (0 to {walker.n_steps - 1}): the walk stopped here "
+                              f"({walker.stop_reason}), so walks from here would stop at once")
+        return walker.n_steps
+    if chosen != int(chosen) or not 0 <= chosen <= walker.n_steps:
+        raise ConfigError("fan from step", chosen, f"a step of this walk, 0 to {walker.n_steps}")
+    return int(chosen)
 
 
 def _fan_values(text: str, kind: str) -> list[float | str]:
