@@ -253,4 +253,8 @@ def sweep_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
             if key in s:
                 row[key] = s[key]
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    for name in (cells[0].settings if cells else ()):  # e.g. --step-size 0.05,0.1,auto: one column, one type
+        if name in table and table[name].map(type).nunique() > 1:
+            table[name] = table[name].map(lambda v: v if isinstance(v, str) else format(v, "g"))
+    return table

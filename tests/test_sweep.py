@@ -72,6 +72,17 @@ def test_a_sweep_writes_cells_and_a_table_and_a_rerun_skips_finished_cells(tmp_p
     assert len(pd.read_parquet(out / "sweep.parquet")) == 6
 
 
+def test_fixed_and_adaptive_step_sizes_share_one_column(tmp_path):
+    """The issue's own example, --step-size 0.05,0.1,auto: numbers and 'auto' in one Parquet column."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--goal", "sparsify", "--step-size", "0.1,auto", "--n-steps", "6", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    table = pd.read_parquet(out / "sweep.parquet")
+    assert sorted(table["step-size"]) == ["0.1", "auto"] and (table["steps"] == 6).all()
+    assert "step-size-auto" in (out / "sweep.html").read_text()
+    assert main(argv) == 0 and len(pd.read_parquet(out / "sweep.parquet")) == 2  # a rerun reads it back
+
+
 def test_a_killed_sweep_loses_only_the_cells_in_flight(tmp_path):
     out = tmp_path / "sweep"
     argv = [sys.executable, "-m", "geodesic", "sweep", "--goal", "sparsify", "--n-steps", "3,2000", "--seed", "0",
