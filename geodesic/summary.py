@@ -21,7 +21,7 @@ def summarize(experiment: Experiment, wall_seconds: float) -> dict:
         "new_task": cfg.goal.new_task if cfg.goal.kind == "new-task" else None,
         "target_sparsity": cfg.goal.target_sparsity if cfg.goal.kind == "sparsify" else None,
         "seed": cfg.seed, "device": str(experiment.device), "steps": last.step,
-        "reached_goal": walker.stop_reason == "goal reached", "stop_reason": walker.stop_reason,
+        "reached_goal": walker.stop_reason == "goal reached", "stop_reason": _stop_reason(walker),
         "wall_seconds": wall_seconds, "step_seconds_mean": (
             sum(p.step_seconds for p in record.points[1:]) / max(len(record) - 1, 1)),
         "start": point(first), "end": point(last), "min_test_accuracy": record.min_accuracy(),
@@ -37,3 +37,13 @@ def summarize(experiment: Experiment, wall_seconds: float) -> dict:
             linear_min_test_accuracy=float(line["accuracy"].min()),
         )
     return summary
+
+
+def _stop_reason(walker) -> str:
+    """Why the walk ended: the walker's own reason (goal reached, diverged ...) or, for a walk that is not done,
+    its step limit or that it was stopped before it (interrupted, paused and saved)."""
+    if walker.stop_reason:
+        return walker.stop_reason
+    if walker.n_steps >= walker.config.n_steps:
+        return f"step limit ({walker.config.n_steps} steps)"
+    return f"stopped at step {walker.n_steps} of {walker.config.n_steps}"

@@ -79,6 +79,7 @@ def test_fixed_and_adaptive_step_sizes_share_one_column(tmp_path):
     assert main(argv) == 0
     table = pd.read_parquet(out / "sweep.parquet")
     assert sorted(table["step-size"]) == ["0.1", "auto"] and (table["steps"] == 6).all()
+    assert (table["stop_reason"] == "step limit (6 steps)").all()  # not an empty reason for a walk cut short
     assert "step-size-auto" in (out / "sweep.html").read_text()
     assert main(argv) == 0 and len(pd.read_parquet(out / "sweep.parquet")) == 2  # a rerun reads it back
 
