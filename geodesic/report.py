@@ -1,4 +1,5 @@
-"""The sweep's HTML report: accuracy kept along the path for every cell, and the best cell of each goal.
+"""The sweep's HTML report: accuracy along the path for every cell, the accuracy each kept against its steps,
+the best cell of each goal and a table of every cell.
 
 The engine stays free of UI libraries: the report is a static page built from plain JSON, drawn by plotly.js
 (the file the installed plotly package ships, found without importing the package and embedded, so the
@@ -40,24 +41,46 @@ def write_sweep_report(out: Path, table: pd.DataFrame, paths: dict[str, pd.DataF
     layout = {"title": {"text": "Test accuracy (task A) along the path, one line per cell"}, "height": 560,
               "xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "test accuracy (%)"}},
               "template": {"layout": {"plot_bgcolor": "white"}}}
+    # Each cell as one point: the steps it took against the accuracy it kept all along (its lowest point), and
+    # where it ended; cells that did not reach their goal are hollow.
+    kept = []
+    for reached in (True, False):
+        part = table[table["reached_goal"] == reached]
+        if len(part):
+            kept.append({"type": "scatter", "mode": "markers", "name": "reached the goal" if reached else "did not",
+                         "x": part["steps"].tolist(), "y": (100 * part["min_accuracy/A"]).round(3).tolist(),
+                         "text": part["cell"].tolist(), "hovertemplate": "%{text}<br>%{x} steps, lowest %{y}%",
+                         "marker": {"size": 11, "symbol": "circle" if reached else "circle-open"}})
+    kept_layout = {"title": {"text": "Accuracy kept (lowest test accuracy A along the path) against steps, "
+                                     "one point per cell"}, "height": 420,
+                   "xaxis": {"title": {"text": "steps"}}, "yaxis": {"title": {"text": "lowest test accuracy (%)"}},
+                   "template": {"layout": {"plot_bgcolor": "white"}}}
     best = best_cells(table).drop(columns=["stop_reason"], errors="ignore")
 
     def cell(value) -> str:
         return html.escape(f"{value:.4g}" if isinstance(value, float) else str(value))
 
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in best.columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-                   for row in best.itertuples(index=False))
+    def html_table(frame: pd.DataFrame) -> str:
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+                       for row in frame.itertuples(index=False))
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    every = table.sort_values(["goal", "min_accuracy/A"], ascending=[True, False])
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Sweep: {len(table)} cells</title>
 <style>body{{font-family:sans-serif;margin:24px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style>
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{white-space:nowrap;text-align:left}}</style>
 <script>{plotly_js()}</script></head>
 <body><h1>Sweep: {len(table)} cells ({html.escape(str(out))})</h1>
 <div id="paths"></div>
+<div id="kept"></div>
 <h2>Best cell per goal (lowest accuracy kept, then end accuracy, then steps)</h2>
-<table><tr>{head}</tr>{body}</table>
-<script>Plotly.newPlot("paths", {json.dumps(traces)}, {json.dumps(layout)}, {{"displaylogo": false}});</script>
+{html_table(best)}
+<h2>Every cell (by goal, most accuracy kept first)</h2>
+{html_table(every)}
+<script>Plotly.newPlot("paths", {json.dumps(traces)}, {json.dumps(layout)}, {{"displaylogo": false}});
+Plotly.newPlot("kept", {json.dumps(kept)}, {json.dumps(kept_layout)}, {{"displaylogo": false}});</script>
 </body></html>
 """
     path, tmp = out / "sweep.html", out / "sweep.html.tmp"

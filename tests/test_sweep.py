@@ -64,7 +64,8 @@ def test_a_sweep_writes_cells_and_a_table_and_a_rerun_skips_finished_cells(tmp_p
         for name in ("summary.json", "steps.parquet", "config.json", "weights/final.safetensors"):
             assert (out / "cells" / cell / name).is_file()
     report = (out / "sweep.html").read_text()
-    assert all(cell in report for cell in table["cell"]) and "Best cell per goal" in report
+    assert all(cell in report for cell in table["cell"]) and "Best cell per goal" in report and "Every cell" in report
+    assert report.count("Plotly.newPlot") == 2  # paths, and accuracy kept against steps
     assert "src=\"https://cdn" not in report and len(report) > 1_000_000  # plotly.js embedded: opens offline
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/summary.json")}
     assert main([*argv[:4], "0.1,0.2,0.4", *argv[5:]]) == 0  # one more step size: only its cells run
