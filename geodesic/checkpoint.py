@@ -40,7 +40,13 @@ def read_tensors(path: str | Path, max_bytes: int = MAX_CHECKPOINT_BYTES) -> dic
     size = path.stat().st_size
     if size > max_bytes:
         raise CheckpointError(f"{path}: {size / 1e6:.0f} MB is over the {max_bytes / 1e6:.0f} MB limit for weights")
-    if path.suffix == ".safetensors":
+    with path.open("rb") as f:
+        head = f.read(9)
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"  # 8-byte header length, then its JSON
+    if not (path.suffix == ".safetensors" or looks_safetensors or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path}: not a weights file: neither .safetensors nor a PyTorch checkpoint "
+                              f"(.pt/.pth, a zip archive or a pickle); it starts with {head[:8]!r}")
+    if path.suffix == ".safetensors" or looks_safetensors:
         try:
             return load_file(str(path))
         except Exception as err:

@@ -61,3 +61,14 @@ def test_truncated_and_oversized_files_are_refused(tmp_path):
         read_tensors(tmp_path / "w.safetensors", max_bytes=10)
     with pytest.raises(CheckpointError, match="no such file"):
         read_tensors(tmp_path / "absent.pt")
+
+
+def test_a_file_that_is_no_weights_file_is_named_so_and_safetensors_are_known_by_their_header(tmp_path):
+    (tmp_path / "notes.pt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name in ("notes.pt", "empty.pth"):
+        with pytest.raises(CheckpointError, match="not a weights file: neither .safetensors nor a PyTorch checkpoint"):
+            read_tensors(tmp_path / name)
+    save_weights({"w": torch.arange(3.0)}, tmp_path / "w.safetensors")
+    (tmp_path / "w.bin").write_bytes((tmp_path / "w.safetensors").read_bytes())  # renamed by a user
+    assert torch.equal(read_tensors(tmp_path / "w.bin")["w"], torch.arange(3.0))
