@@ -70,7 +70,8 @@ def write_sweep_report(out: Path, table: pd.DataFrame, paths: dict[str, pd.DataF
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Sweep: {len(table)} cells</title>
 <style>body{{font-family:sans-serif;margin:24px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{white-space:nowrap;text-align:left}}</style>
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child{{white-space:nowrap;text-align:left}}</style>
 <script>{plotly_js()}</script></head>
 <body><h1>Sweep: {len(table)} cells ({html.escape(str(out))})</h1>
 <div id="paths"></div>
