@@ -132,19 +132,80 @@ def check_run_name(name: str) -> str:
 
 
 def list_runs(root: str | Path) -> list[dict]:
-    """Saved runs under `root`, newest first: {name, goal, solver, dataset, steps, modified}."""
+    """Saved runs under `root`, newest first: {name, goal, solver, dataset, steps, modified}. Folders being saved
+    or deleted (hidden names, see save_run) are not runs yet or any more; one deleted while listed is skipped."""
     root = Path(root)
     runs = []
     for folder in root.iterdir() if root.is_dir() else []:
+        if folder.name.startswith("."):
+            continue
         try:
             config = json.loads((folder / "config.json").read_text())
             state = json.loads((folder / "state.json").read_text())
+            modified = (folder / "state.json").stat().st_mtime
         except (OSError, ValueError):
             continue
         runs.append({"name": folder.name, "goal": config["goal"]["kind"], "solver": config["walk"]["solver"],
-                     "dataset": config["data"]["name"], "steps": state["step"],
-                     "modified": (folder / "state.json").stat().st_mtime})
+                     "dataset": config["data"]["name"], "steps": state["step"], "modified": modified})
     return sorted(runs, key=lambda r: -r["modified"])
+
+
+# The store is shared by everyone using a server (each page a thread of one process) and by CLI runs: saving,
+# renaming and deleting each end in one rename, which the file system does atomically, so two people acting on
+# the same name at once get one result and a clear message, never a run mixed from two walks.
+
+def save_run(experiment: Experiment, root: str | Path, name: str, summary: dict) -> Path:
+    """Save the experiment's walk as run `name` under `root`: written in a hidden folder, then renamed into place.
+    Raises CheckpointError if a run of that name exists (nothing is overwritten)."""
+    import shutil
+    import uuid
+
+    root = Path(root)
+    target = root / check_run_name(name)
+    if target.exists():
+        raise CheckpointError(f"a run named {name} exists already: choose another name, or delete that run first")
+    staging = root / f".saving-{uuid.uuid4().hex}"
+    try:
+        store = RunStore(staging)
+        store.begin(experiment)
+        store.finish(experiment, summary)
+        save_trace(experiment, staging)
+        try:
+            staging.rename(target)  # fails if someone saved a run of that name meanwhile
+        except OSError as err:
+            raise CheckpointError(f"a run named {name} exists already: choose another name, "
+                                  "or delete that run first") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def rename_run(root: str | Path, name: str, new_name: str) -> None:
+    """Rename a saved run; refuses a name in use, and says so if the run is gone (deleted or renamed meanwhile)."""
+    root = Path(root)
+    source, target = root / check_run_name(name), root / check_run_name(new_name)
+    if target.exists():
+        raise CheckpointError(f"a run named {new_name} exists already")
+    try:
+        source.rename(target)  # onto a run saved meanwhile (a folder with files) this fails
+    except FileNotFoundError as err:
+        raise CheckpointError(f"the run {name} is no longer in the store (deleted or renamed meanwhile)") from err
+    except OSError as err:
+        raise CheckpointError(f"a run named {new_name} exists already") from err
+
+
+def delete_run(root: str | Path, name: str) -> None:
+    """Delete a saved run: first renamed to a hidden name (at once gone from every list), then removed."""
+    import shutil
+    import uuid
+
+    root = Path(root)
+    doomed = root / f".deleting-{uuid.uuid4().hex}"
+    try:
+        (root / check_run_name(name)).rename(doomed)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"the run {name} is no longer in the store (deleted or renamed meanwhile)") from err
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_trace(experiment: Experiment, directory: str | Path) -> None:

@@ -231,6 +231,38 @@ def test_save_reload_compare_rename_and_delete_runs(tmp_path, monkeypatch):
     assert not at.exception
 
 
+def test_a_run_deleted_from_another_page_is_not_acted_on_here(tmp_path, monkeypatch):
+    """Two people on the Runs page of one server: one deletes the run the other has chosen; the other's Delete
+    (or Rename, Reload) then refuses instead of acting on the run the list falls back to, and the page's
+    comparison of saved runs carries on."""
+    monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
+    a, b = (AppTest.from_function(_two_pages, default_timeout=180) for _ in range(2))
+    a.run()
+    button(a, "Step").click().run()
+    a.query_params["page"] = "runs"
+    a.run()
+    for name in ("kept", "doomed"):
+        a.text_input(key="save_name").set_value(name).run()
+        button(a, "Save").click().run()
+    a.text_input(key="save_name").set_value("kept").run()
+    button(a, "Save").click().run()  # a name in use: refused, the saved run untouched
+    assert any("exists already" in e.value for e in a.error)
+    a.run()
+    a.selectbox(key="run_choice").set_value("doomed").run()
+    a.checkbox(key="confirm_delete").check().run()
+    b.query_params["page"] = "runs"
+    b.run()
+    b.selectbox(key="run_choice").set_value("doomed").run()
+    b.checkbox(key="confirm_delete").check().run()
+    button(b, "Delete").click().run()
+    assert not (tmp_path / "store" / "doomed").exists() and not b.exception
+    button(a, "Delete").click().run()  # a still shows "doomed" chosen; the list now starts with "kept"
+    assert any("no longer in the store" in e.value for e in a.error)
+    assert (tmp_path / "store" / "kept" / "steps.parquet").exists() and not a.exception
+    a.run()
+    assert a.multiselect(key="compare_runs").value == ["kept"] and len(a.get("plotly_chart")) == 2
+
+
 def test_settings_survive_moving_between_pages(tmp_path, monkeypatch):
     monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
     at = AppTest.from_function(_two_pages, default_timeout=180)

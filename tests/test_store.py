@@ -146,3 +146,57 @@ def test_the_lowest_accuracy_so_far_follows_a_growing_record_read_while_it_grows
     thread.join()
     assert record.lowest_accuracy("A") == min(p.accuracy["A"] for p in record.points) < 0.9
     assert seen == sorted(seen, reverse=True)  # each read saw a prefix: the lowest only falls
+
+
+def test_the_shared_store_under_people_acting_at_once(tmp_path):
+    """Several pages saving under one name, renaming and deleting one run at once: one wins each time, the others
+    get a clear error, and no run is ever mixed from two walks."""
+    import threading
+
+    from geodesic.checkpoint import read_tensors
+    from geodesic.store import delete_run, list_runs, rename_run, save_run
+    from geodesic.summary import summarize
+
+    experiments = []
+    for seed in range(4):  # four different walks (different start networks)
+        experiment = build(RunConfig(goal=GoalConfig(kind="sparsify"), seed=seed,
+                                     walk=default_walk("sparsify", "constrained", n_steps=5)))
+        for _ in range(seed + 1):
+            experiment.walker.step()
+        experiments.append(experiment)
+    root = tmp_path / "store"
+
+    def at_once(fn, args_list):
+        barrier, outcomes = threading.Barrier(len(args_list)), []
+
+        def one(args):
+            barrier.wait()
+            try:
+                outcomes.append(("ok", fn(*args)))
+            except CheckpointError as err:
+                outcomes.append(("error", str(err)))
+
+        threads = [threading.Thread(target=one, args=(a,)) for a in args_list]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return outcomes
+
+    saved = at_once(save_run, [(e, root, "shared", summarize(e, 0.0)) for e in experiments])
+    assert [kind for kind, _ in saved].count("ok") == 1
+    assert all("exists already" in text for kind, text in saved if kind == "error")
+    config, state, record = load_run(root / "shared")
+    winner = experiments[config.seed]  # the saved settings, table and weights all come from the same walk
+    assert state["step"] == winner.walker.n_steps == len(record) - 1
+    start = read_tensors(root / "shared" / "weights" / "start.safetensors")
+    assert all(torch.equal(start[k], winner.start[k]) for k in winner.start)
+    assert [r["name"] for r in list_runs(root)] == ["shared"]  # no half-saved folder is listed
+    assert sorted(p.name for p in root.iterdir()) == ["shared"]  # and none is left behind
+
+    renamed = at_once(rename_run, [(root, "shared", f"new-{i}") for i in range(4)])
+    assert [kind for kind, _ in renamed].count("ok") == 1
+    assert all("no longer in the store" in text for kind, text in renamed if kind == "error")
+    (name,) = [r["name"] for r in list_runs(root)]
+    deleted = at_once(delete_run, [(root, name)] * 4)
+    assert [kind for kind, _ in deleted].count("ok") == 1 and list(root.iterdir()) == []

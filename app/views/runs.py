@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,14 +18,15 @@ from geodesic.errors import GeodesicError
 from geodesic.experiment import build
 from geodesic.path import PathRecord
 from geodesic.store import (
-    RunStore,
     check_run_name,
+    delete_run,
     export_zip,
     list_runs,
     load_run,
     load_trace,
+    rename_run,
     restore_walker,
-    save_trace,
+    save_run,
 )
 from geodesic.summary import summarize
 
@@ -38,15 +38,11 @@ def store_root() -> Path:
 
 
 def _save(s, name: str) -> None:
-    directory = store_root() / check_run_name(name)
     experiment = s.experiment
     walker = s.walker
     if walker is not experiment.walker:  # saving a branch: store that walker's path
         experiment = dataclasses.replace(experiment, walker=walker)
-    store = RunStore(directory)
-    store.begin(experiment)
-    store.finish(experiment, summarize(experiment, wall_seconds=0.0))
-    save_trace(experiment, directory)
+    save_run(experiment, store_root(), name, summarize(experiment, wall_seconds=0.0))
 
 
 def _reload(name: str) -> None:
@@ -112,31 +108,46 @@ def render() -> None:
     names = [r["name"] for r in runs]
     c1, c2, c3 = st.columns(3)
     chosen = c1.selectbox("Run", names, key="run_choice")
-    if c1.button("Reload into Explore"):
+    # A run deleted or renamed from another page leaves this box on the first run of the list; an action clicked
+    # meanwhile would act on a run the user did not choose: refused instead, and the list shown anew.
+    shown, st.session_state["_run_shown"] = st.session_state.get("_run_shown"), chosen
+    vanished = shown is not None and shown != chosen and shown not in names
+    if vanished and any(st.session_state.get(k) for k in ("reload_run", "rename_run", "delete_run")):
+        st.error(f"The run you chose, {shown}, is no longer in the store (deleted or renamed from another page): "
+                 "nothing was done. Choose again.")
+        return
+    if c1.button("Reload into Explore", key="reload_run"):
         try:
             _reload(chosen)
             st.success(f"Reloaded {chosen}: open Explore to continue or branch it.")
         except GeodesicError as err:
             st.error(str(err))
     new_name = c2.text_input("Rename to", key="rename_to")
-    if c2.button("Rename") and new_name:
+    if c2.button("Rename", key="rename_run") and new_name:
         try:
-            target = root / check_run_name(new_name)
-            if target.exists():
-                st.error(f"A run named {new_name} exists already.")
-            else:
-                (root / check_run_name(chosen)).rename(target)
-                st.rerun()
+            rename_run(root, chosen, new_name)
+            st.rerun()
         except GeodesicError as err:
             st.error(str(err))
     c1.download_button("Export (zip: settings, table, weights)", lambda: export_zip(root / check_run_name(chosen)),
                        f"{chosen}.zip", "application/zip")
     confirm = c3.checkbox("Yes, delete it", key="confirm_delete")
-    if c3.button("Delete", disabled=not confirm):
-        shutil.rmtree(root / check_run_name(chosen))
-        st.rerun()
-    compare = st.multiselect("Compare on the same charts", names, default=names[: min(2, len(names))])
-    if compare:
-        frames = [(n, PathRecord.load(root / check_run_name(n) / "steps.parquet").to_frame()) for n in compare]
+    if c3.button("Delete", disabled=not confirm, key="delete_run"):
+        try:
+            delete_run(root, chosen)
+            st.rerun()
+        except GeodesicError as err:
+            st.error(str(err))
+    # The store is shared: a run chosen here may be renamed or deleted from another page meanwhile (Streamlit then
+    # drops it from this selection), or between the listing above and the reading below.
+    compare = st.multiselect("Compare on the same charts", names, default=names[: min(2, len(names))],
+                             key="compare_runs")
+    frames = []
+    for n in compare:
+        try:
+            frames.append((n, PathRecord.load(root / check_run_name(n) / "steps.parquet").to_frame()))
+        except (OSError, ValueError, GeodesicError):
+            st.warning(f"{n} could not be read (deleted, renamed or still being written from another page).")
+    if frames:
         st.plotly_chart(charts.accuracy_and_loss(frames), key="compare_acc")
         st.plotly_chart(charts.step_lengths(frames), key="compare_steps")
