@@ -200,6 +200,10 @@ def test_a_fan_of_step_sizes_is_drawn_one_colour_each_and_one_is_kept(server, br
     values.fill("0.05, 0.1, 0.4")
     values.press("Enter")
     page.get_by_role("button", name="Launch the fan", exact=True).click()
+    page.locator("[data-testid='stDataFrame']").first.wait_for(timeout=30_000)  # the fan's table, above the charts
+    # The fan's controls and table push the chart below a 1000-pixel window, and a chart out of sight keeps its
+    # updates until it is seen (app/live_chart.py): look at it, as a user would scroll to it.
+    page.locator(".geodesic-live-chart").first.scroll_into_view_if_needed()
     labels = ["ε=0.05 @ 1", "ε=0.1 @ 1", "ε=0.4 @ 1"]
     # Every fan walk gets its own traces on the accuracy chart, each in its own colour, and they grow as it walks.
     page.wait_for_function(
