@@ -12,6 +12,7 @@ previous good version in place.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import time
 from pathlib import Path
@@ -166,13 +167,18 @@ def save_run(experiment: Experiment, root: str | Path, name: str, summary: dict)
         raise CheckpointError(f"a run named {name} exists already: choose another name, or delete that run first")
     staging = root / f".saving-{uuid.uuid4().hex}"
     try:
-        store = RunStore(staging)
-        store.begin(experiment)
-        store.finish(experiment, summary)
-        save_trace(experiment, staging)
+        try:
+            store = RunStore(staging)
+            store.begin(experiment)
+            store.finish(experiment, summary)
+            save_trace(experiment, staging)
+        except OSError as err:  # a store folder that cannot be written (permissions, a full disk)
+            raise CheckpointError(f"the run {name} could not be saved in {root} ({err.strerror or err})") from err
         try:
             staging.rename(target)  # fails if someone saved a run of that name meanwhile
         except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise CheckpointError(f"the run {name} could not be saved ({err.strerror})") from err
             raise CheckpointError(f"a run named {name} exists already: choose another name, "
                                   "or delete that run first") from err
     finally:
@@ -191,7 +197,9 @@ def rename_run(root: str | Path, name: str, new_name: str) -> None:
     except FileNotFoundError as err:
         raise CheckpointError(f"the run {name} is no longer in the store (deleted or renamed meanwhile)") from err
     except OSError as err:
-        raise CheckpointError(f"a run named {new_name} exists already") from err
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise CheckpointError(f"a run named {new_name} exists already") from err
+        raise CheckpointError(f"the run {name} could not be renamed ({err.strerror})") from err
 
 
 def delete_run(root: str | Path, name: str) -> None:

@@ -200,3 +200,15 @@ def test_the_shared_store_under_people_acting_at_once(tmp_path):
     (name,) = [r["name"] for r in list_runs(root)]
     deleted = at_once(delete_run, [(root, name)] * 4)
     assert [kind for kind, _ in deleted].count("ok") == 1 and list(root.iterdir()) == []
+
+
+def test_saving_into_a_store_that_cannot_be_written_is_a_clear_error(tmp_path):
+    from geodesic.store import save_run
+    from geodesic.summary import summarize
+
+    experiment = build(RunConfig(goal=GoalConfig(kind="sparsify"), walk=default_walk("sparsify", "constrained")))
+    root = tmp_path / "store"
+    root.write_text("a file where the store's folder should be")
+    with pytest.raises(CheckpointError, match="could not be saved"):
+        save_run(experiment, root, "mine", summarize(experiment, 0.0))
+    assert root.read_text().startswith("a file")  # nothing the user had is lost
