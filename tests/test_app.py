@@ -130,6 +130,14 @@ def test_each_goal_renders(goal):
     assert not at.exception and live_charts(at)
 
 
+def test_the_view_on_show_stays_when_clicked_again():
+    at = start()
+    control = at.segmented_control[0]
+    assert control.proto.required  # the browser keeps a required segment selected when it is clicked again
+    control.set_value(None).run()  # and were it ever empty, the page shows the Overview, not the Data table
+    assert not at.exception and live_charts(at) and not at.get("download_button")
+
+
 def test_toy_data_shows_the_decision_boundary():
     at = start({"dataset": "moons"})
     at.segmented_control[0].set_value("Boundary").run()

@@ -388,7 +388,7 @@ def _live(s) -> None:
 def _draw(s) -> None:
     _status(s)
     _fan_table(s)
-    view = st.session_state.get("view", VIEWS[0])
+    view = st.session_state.get("view") or VIEWS[0]
     runs = _runs(s)
     if view == "Overview":
         _overview(s, runs)
@@ -522,7 +522,9 @@ def render() -> None:
                + (f"; scenario: {cfg.goal.new_task}" if cfg.goal.kind == "new-task" else ""))
     _drive(s, teach)
     available = [v for v in VIEWS if v != "Boundary" or s.walker.tasks["A"].train.x.shape[1:] == (2,)]
-    st.segmented_control("View", available, key="view", default=available[0], label_visibility="collapsed")
+    # required: clicking the view on show keeps it (it used to deselect it, and the page fell through to Data)
+    st.segmented_control("View", available, key="view", default=available[0], required=True,
+                         label_visibility="collapsed")
     st.session_state["_baselines_pending"] = session.baselines_pending()
     live = s.runner.is_running or st.session_state["_baselines_pending"] or session.fan_running()
     st.fragment(run_every=REFRESH_SECONDS if live else None)(_live)(s)
