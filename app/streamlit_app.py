@@ -8,7 +8,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run a
 
 from app.views import explore, learn, runs  # noqa: E402
 
-st.set_page_config(page_title="geodesic", page_icon=":material/explore:", layout="wide")
+# The tab's icon is a file of ours: a Material icon there is fetched from fonts.gstatic.com, which offline
+# machines (and classrooms behind a firewall) cannot reach. The navigation's icons come with Streamlit's own font.
+FAVICON = Path(__file__).resolve().parents[1] / "assets" / "favicon.png"
+st.set_page_config(page_title="geodesic", page_icon=str(FAVICON), layout="wide")
 pages = [st.Page(explore.render, title="Explore", icon=":material/explore:", url_path="explore", default=True),
          st.Page(runs.render, title="Runs", icon=":material/folder_open:", url_path="runs"),
          st.Page(learn.render, title="Learn", icon=":material/school:", url_path="learn")]

@@ -82,6 +82,8 @@ def _step_value(page) -> int:
 def test_step_and_run_change_the_charts(server, browser):
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page()
+    elsewhere = []  # the app works offline: nothing the page loads may come from another host
+    page.on("request", lambda r: elsewhere.append(r.url) if not r.url.startswith((server, "data:", "blob:")) else None)
     page.goto(server)
     page.get_by_role("button", name="Step", exact=True).wait_for(timeout=120_000)
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
@@ -122,6 +124,7 @@ def test_step_and_run_change_the_charts(server, browser):
     page.get_by_text("How a functionally invariant walk works").wait_for(timeout=30_000)
     _no_exception(page)
     page.screenshot(path=str(SHOTS / "04-learn.png"), full_page=True)
+    assert elsewhere == [], elsewhere  # e.g. a Material icon as the tab's icon is fetched from fonts.gstatic.com
     page.close()
 
 
