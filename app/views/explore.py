@@ -275,9 +275,9 @@ def _fan_controls(s) -> None:
                                   placeholder=f"this one ({walker.n_steps})",
                                   help="Empty: the current point. Any earlier step of the walk that steps works too, "
                                        "e.g. 0 to compare from the start network.")
-        c3.caption("Each walk starts there and runs on the server's engine beside the others (one batch when they "
-                   "can share it).")
-        if c3.button("Launch the fan", key="fan_launch"):
+        if c3.button("Launch the fan", key="fan_launch",
+                     help="Each walk starts at that step and runs on the server's engine beside the others (one "
+                          "batch when they can share it)."):
             try:
                 values = _fan_values(text, kind)
                 at = _fan_start(walker, at_text)
