@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,13 +66,37 @@ def start_network(network: Network, dataset: Dataset, dataset_key: dict, model: 
     path = cache_dir() / f"start-{_cache_key(dataset_key, model, config, seed)}.safetensors"
     init = network.init_params(seed)
     device = next(iter(init.values())).device
-    if path.is_file():
-        try:
-            params, buffers = match_params(read_tensors(path), init, str(path), network.buffers)
-            return {k: v.to(device) for k, v in params.items()}, buffers
-        except Exception:
-            path.unlink(missing_ok=True)  # a corrupt cache entry is retrained, never trusted
-    params, buffers = train(network, init, dataset, config, seed, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(params, path, buffers)
+
+    def cached() -> tuple[Params, dict] | None:
+        if path.is_file():
+            try:
+                params, buffers = match_params(read_tensors(path), init, str(path), network.buffers)
+                return {k: v.to(device) for k, v in params.items()}, buffers
+            except Exception:
+                path.unlink(missing_ok=True)  # a corrupt cache entry is retrained, never trusted
+        return None
+
+    found = cached()
+    if found is not None:
+        return found
+    # A class opening the teacher's link asks for the same start network from many sessions at once: one trains
+    # it, the others wait and read it from the cache (training the same network 30 times over would take the
+    # server's cores for 30 times as long). Across processes the atomic write keeps the file whole.
+    with _training_lock(path):
+        found = cached()
+        if found is not None:
+            return found
+        params, buffers = train(network, init, dataset, config, seed, progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(params, path, buffers)
     return params, buffers
+
+
+_TRAINING_LOCKS: dict[Path, threading.Lock] = {}
+_TRAINING_LOCKS_GUARD = threading.Lock()
+
+
+def _training_lock(path: Path) -> threading.Lock:
+    """One lock per cache entry, for the life of the process (a few bytes per start network ever asked for)."""
+    with _TRAINING_LOCKS_GUARD:
+        return _TRAINING_LOCKS.setdefault(path, threading.Lock())

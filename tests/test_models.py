@@ -82,3 +82,40 @@ def test_a_step_of_each_rule_on_lenet5_images(size, solver):
     step = rule(params, goal, goal.sample(gen, 16), x[:4], config, 0.05, goal.model_fn)
     length = float(sum(v.pow(2).sum() for v in step.tangent_vec.values()).sqrt())
     assert 0 < length <= 0.05 * (1 + 1e-4)
+
+
+def test_sessions_asking_for_the_same_start_network_at_once_train_it_once(tmp_path, monkeypatch):
+    """A class opening one link: many sessions build the same walk at once; one trains, the rest read the cache."""
+    import threading
+    import time
+
+    from geodesic import training
+    from geodesic.config import GoalConfig, RunConfig, TrainConfig
+    from geodesic.experiment import build
+
+    monkeypatch.setenv("GEODESIC_CACHE", str(tmp_path / "cache"))
+    calls, real_train = [], training.train
+
+    def counted(*args, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(0.3)  # long enough for every other session to arrive meanwhile
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train", counted)
+    config = RunConfig(goal=GoalConfig(kind="sparsify"), train=TrainConfig(epochs=2))
+    barrier, starts, errors = threading.Barrier(6), [], []
+
+    def session():
+        barrier.wait()
+        try:
+            starts.append(build(config).start)
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=session) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(calls) == 1 and len(starts) == 6
+    assert all(torch.equal(s[k], starts[0][k]) for s in starts for k in s)  # every session walks the same network
