@@ -100,10 +100,15 @@ def test_every_view_renders(app, view):
         assert len(app.get("download_button")) == 4
 
 
-def test_changing_step_size_mid_walk_is_recorded(app):
+def test_changing_step_size_mid_walk_is_recorded(app, monkeypatch):
+    import threading
+
     app.segmented_control[0].set_value("Overview").run()
+    w, threads, real = walker(app), [], walker(app).set_step_size
+    monkeypatch.setattr(w, "set_step_size", lambda eps: (threads.append(threading.current_thread().name), real(eps)))
     app.number_input(key="eps_now").set_value(0.05).run()
     button(app, "Apply to this walk").click().run()
+    assert threads == ["geodesic-engine"]  # between two steps on the engine's thread, never mid-step from the page's
     button(app, "Step").click().run()
     last = walker(app).record.last
     assert last.step_size == 0.05 and last.event.startswith("step size")
@@ -269,6 +274,49 @@ def test_a_run_deleted_from_another_page_is_not_acted_on_here(tmp_path, monkeypa
     assert (tmp_path / "store" / "kept" / "steps.parquet").exists() and not a.exception
     a.run()
     assert a.multiselect(key="compare_runs").value == ["kept"] and len(a.get("plotly_chart")) == 2
+
+
+def test_a_running_walk_is_saved_at_one_point_and_runs_on(tmp_path, monkeypatch):
+    from geodesic.experiment import build
+    from geodesic.store import load_run, restore_walker
+
+    monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
+    at = AppTest.from_function(_two_pages, default_timeout=180)
+    at.query_params["goal"] = "new-task"  # a walk with no end
+    at.run()
+    button(at, "Run").click().run()
+    state = at.session_state["geodesic"]
+    at.query_params["page"] = "runs"
+    at.run()
+    t0 = time.monotonic()
+    while state.walker.n_steps < 20:  # the engine walks on while the Runs page is open
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.05)
+    from app.views import runs
+
+    steps_while_saving, real_save = [], runs.save_run
+
+    def watched_save(*args):
+        before = state.walker.n_steps
+        time.sleep(0.3)  # as a long walk's files take: no step may land meanwhile
+        path = real_save(*args)
+        steps_while_saving.append(state.walker.n_steps - before)
+        return path
+
+    monkeypatch.setattr(runs, "save_run", watched_save)
+    at.text_input(key="save_name").set_value("running").run()
+    button(at, "Save").click().run()
+    assert not at.exception and not at.error and steps_while_saving == [0]
+    config, saved, record = load_run(tmp_path / "store" / "running")
+    experiment = build(config)
+    restore_walker(experiment, tmp_path / "store" / "running", saved, record)  # table, weights, state agree
+    assert experiment.walker.n_steps == saved["step"] >= 20
+    n = state.walker.n_steps
+    t0 = time.monotonic()
+    while state.walker.n_steps <= n + 5:  # and it runs on after the save
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.05)
+    state.runner.pause()
 
 
 def test_settings_survive_moving_between_pages(tmp_path, monkeypatch):

@@ -448,7 +448,9 @@ def _drive(s, teach: bool) -> None:
                                   key="eps_now")
         if st.button("Apply to this walk"):
             try:
-                walker.set_step_size(new_eps)
+                # On the engine's thread, between two steps: a running walk is stepped there, and a change made
+                # from this page's thread could land in the middle of a step (its ε used for one part of it).
+                s.runner.call(walker.set_step_size, new_eps)
                 st.toast(f"ε = {new_eps:g} from step {walker.n_steps + 1} (marked on the charts)")
             except ConfigError as err:
                 st.error(str(err))

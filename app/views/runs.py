@@ -42,7 +42,16 @@ def _save(s, name: str) -> None:
     walker = s.walker
     if walker is not experiment.walker:  # saving a branch: store that walker's path
         experiment = dataclasses.replace(experiment, walker=walker)
-    save_run(experiment, store_root(), name, summarize(experiment, wall_seconds=0.0))
+    # A walk still running (the engine steps it while this page is open) is paused for the save, so that its
+    # table, weights and state are written at one point; it runs on afterwards.
+    was_running = s.runner.is_running
+    if was_running:
+        s.runner.pause()  # returns once a step under way has landed
+    try:
+        save_run(experiment, store_root(), name, summarize(experiment, wall_seconds=0.0))
+    finally:
+        if was_running:
+            s.runner.run()
 
 
 def _reload(name: str) -> None:
