@@ -261,7 +261,8 @@ class WalkBatch:
         n_params = sum(t[0].numel() for t in params.values())
         if self.rows_kind == "factored":
             layers = factored_layers(model_fn.network, walkers[0].params)
-            if not conv_rows_fit(model_fn.network, walkers[0].params, len(walkers) * n_rows, probes.device):
+            if not conv_rows_fit(model_fn.network, walkers[0].params, len(walkers) * n_rows, probes.device,
+                                 probes[0], len(walkers)):
                 raise _NotBatchable("the conv layers' rows of the whole batch do not fit in memory")
 
             def factors(p, x):
@@ -282,12 +283,11 @@ class WalkBatch:
             row_args = (blocks,)
         kernel = vmap(lambda *a: rows(*a).gram())(*row_args)
         jv = vmap(lambda *a: rows(*a[:-1]).matvec(a[-1]))(*row_args, v)
-        along_v, y, _ = trust_region_coefficients(kernel, jv, _batched_norm2(v), goal_weight, radius)
+        along_v, y, _, functional = trust_region_coefficients(kernel, jv, _batched_norm2(v), goal_weight, radius)
         back = vmap(lambda *a: rows(*a[:-1]).rmatvec(a[-1]))(*row_args, y.to(probes.dtype))
         half_beta = per_walk(goal_weight / 2)
         theta = {k: _bcast(per_walk(along_v), p) * p + _bcast(half_beta, p) * back[k].view_as(p) for k, p in v.items()}
-        functional = vmap(lambda *a: rows(*a[:-1]).matvec(a[-1]).pow(2).sum())(*row_args, theta)
-        return theta, functional
+        return theta, functional.to(probes.dtype)
 
     def _guard(self, walkers: list[Walker], params: Params, theta: Params) -> tuple[Params, Tensor, Tensor]:
         """Walker.guard for K walks at once: (new params, the share of each θ taken (K,), each walk's guard

@@ -23,6 +23,15 @@ longer one outer product, so its rows are written out, (m, out·in·k²) per lay
 back-propagated δ and the patches: no per-row backward pass. Conv layers hold few weights (LeNet-5 on 28×28:
 2.6k of 44k), so that costs little beside the Linear layers' factors; `conv_rows_fit` keeps it out of the
 way when the convolutions are large (VGG on the CPU).
+
+A deep conv layer has many weights but few output positions (VGG11's last four on 32×32 inputs: 2.4M weights
+each, 4 or 16 positions). There the rows are not written out: the layer keeps δ and the patches, and
+
+    K[r, s] = Σ_p Σ_q (δ_r[:, p] · δ_s[:, q]) (u_i[:, p] · u_j[:, q] + 1_bias),
+
+m²·P² products of small vectors instead of m²·(out·in·k²) (the "ghost" form of per-example gradient norms,
+Goodfellow 2015; Li et al. 2022), with L v and Lᵀ y as one convolution-sized product each. `_conv_forms`
+picks the form with fewer operations per layer; both are checked against the dense Jacobian in float64.
 """
 from __future__ import annotations
 
@@ -89,15 +98,23 @@ class _ConvLayer:
 
 
 @dataclass
+class _PatchConvLayer:
+    weight: str
+    bias: str | None
+    patches: Tensor  # u: (N, in·kh·kw, P), the layer's input patches for each probe input (F.unfold)
+    deltas: Tensor  # δ: (N, C, out, P), back-propagated to the layer's output positions
+
+
+@dataclass
 class LinearLayerRows(JacobianRows):
     """Factored rows for Linear layers and written-out rows for Conv2d layers, summed (one L, split by layer)."""
 
-    layers: list[_Layer | _ConvLayer]
+    layers: list[_Layer | _ConvLayer | _PatchConvLayer]
 
     @property
     def _nc(self) -> tuple[int, int]:
         first = self.layers[0]
-        n, c, _ = (first.deltas if isinstance(first, _Layer) else first.bias_rows).shape
+        n, c = (first.bias_rows if isinstance(first, _ConvLayer) else first.deltas).shape[:2]
         return n, c
 
     @property
@@ -109,6 +126,16 @@ class LinearLayerRows(JacobianRows):
         n, c = self._nc
         kernel = 0
         for layer in self.layers:
+            if isinstance(layer, _PatchConvLayer):
+                positions = layer.deltas.shape[-1]
+                d = layer.deltas.transpose(2, 3).reshape(n * c * positions, -1)  # rows (i, c, p): δ at p
+                u = layer.patches.transpose(1, 2).reshape(n * positions, -1)  # rows (i, p): the patch at p
+                dd = (d @ d.T).view(n, c, positions, n, c, positions)
+                uu = (u @ u.T).view(n, positions, n, positions)
+                if layer.bias is not None:
+                    uu = uu + 1
+                kernel = kernel + torch.einsum("icpjdq,ipjq->icjd", dd, uu).reshape(n * c, n * c)
+                continue
             if isinstance(layer, _ConvLayer):
                 w = layer.weight_rows.reshape(n * c, -1)
                 kernel = kernel + w @ w.T
@@ -127,6 +154,13 @@ class LinearLayerRows(JacobianRows):
         n, c = self._nc
         out = 0
         for layer in self.layers:
+            if isinstance(layer, _PatchConvLayer):
+                weight = v[layer.weight]
+                moved = torch.einsum("nkp,ok->nop", layer.patches, weight.reshape(weight.shape[0], -1))  # V u_p
+                if layer.bias is not None:
+                    moved = moved + v[layer.bias][:, None]
+                out = out + torch.einsum("ncop,nop->nc", layer.deltas, moved)
+                continue
             if isinstance(layer, _ConvLayer):
                 part = layer.weight_rows.reshape(n * c, -1) @ v[layer.weight].reshape(-1)
                 if layer.bias is not None:
@@ -143,6 +177,12 @@ class LinearLayerRows(JacobianRows):
         n, c = self._nc
         out = {}
         for layer in self.layers:
+            if isinstance(layer, _PatchConvLayer):
+                summed = torch.einsum("nc,ncop->nop", y.view(n, c), layer.deltas)  # Σ_c y_ic δ_ic
+                out[layer.weight] = torch.einsum("nop,nkp->ok", summed, layer.patches).reshape(-1)  # flat
+                if layer.bias is not None:
+                    out[layer.bias] = summed.sum((0, 2))
+                continue
             if isinstance(layer, _ConvLayer):
                 out[layer.weight] = y @ layer.weight_rows.reshape(n * c, -1)  # flat: callers reshape with view_as
                 if layer.bias is not None:
@@ -154,6 +194,9 @@ class LinearLayerRows(JacobianRows):
                 out[layer.bias] = summed.sum(0)
         return out
 
+
+# "written" or "patches" makes every conv layer take that form (the tests); None: `_conv_forms` picks per layer.
+FORCE_CONV_FORM: str | None = None
 
 # Capture state for the Linear-layer hooks: set only inside `linear_layer_rows`, per thread/context, so a
 # module shared between sessions runs unchanged everywhere else.
@@ -206,7 +249,7 @@ def linear_layer_rows(network, buffers: dict, params: Params, inputs: Tensor,
     whitening: logits (N, C) -> (N, C, C), whose row i maps the logits of input i to its whitened outputs
     (H_i^½/√N); applied to the logits of the one forward pass the factors come from."""
     layers = factored_layers(network, params)
-    if layers is None or not conv_rows_fit(network, params, len(inputs) * network.n_classes, inputs.device):
+    if layers is None or not conv_rows_fit(network, params, len(inputs) * network.n_classes, inputs.device, inputs):
         return None
     factors = linear_layer_factors(network, buffers, params, inputs, whitening)
     if factors is None:
@@ -234,14 +277,48 @@ def factored_layers(network, params: Params) -> dict[str, tuple[str, str | None]
     return cache[key]
 
 
-def conv_rows_fit(network, params: Params, n_rows: int, device: torch.device) -> bool:
-    """Whether the written-out conv rows (n_rows × the conv layers' weights) are small enough to write out: the
-    dense Jacobian's own rule (step.dense_jacobian_fits) applied to the conv part only."""
+def conv_rows_fit(network, params: Params, n_rows: int, device: torch.device, inputs: Tensor | None = None,
+                  n_walks: int = 1) -> bool:
+    """Whether the conv layers' rows are small enough: the dense Jacobian's own rule (step.dense_jacobian_fits)
+    applied to the conv part only, the written-out layers' n_rows × weights plus the patch-form layers' (N·C·P)²
+    products (`inputs`, the probe, picks each layer's form; without it every conv layer counts as written out).
+    n_rows counts the rows of all `n_walks` walks."""
     modules = dict(network.module.named_modules())
     layers = factored_layers(network, params) or {}
-    n_conv = sum(params[k].numel() for name, keys in layers.items() if isinstance(modules[name], nn.Conv2d)
-                 for k in keys if k is not None)
-    return n_conv == 0 or dense_jacobian_fits(n_rows, n_conv, device)
+    conv = {name: keys for name, keys in layers.items() if isinstance(modules[name], nn.Conv2d)}
+    if not conv:
+        return True
+    forms = {}
+    if inputs is not None:
+        shapes = _output_shapes(network, network.buffers, params, inputs, {id(modules[name]): name for name in layers})
+        forms = _conv_forms(modules, conv, shapes, len(inputs), n_rows // (n_walks * len(inputs))) if shapes else {}
+    entries = 0
+    for name, keys in conv.items():
+        if name in forms and forms[name][0] == "patches":
+            entries += n_walks * forms[name][1]
+        else:
+            entries += n_rows * sum(params[k].numel() for k in keys if k is not None)
+    return dense_jacobian_fits(1, entries, device)
+
+
+def _conv_forms(modules: dict, conv: dict, shapes: dict, n: int, c: int) -> dict[str, tuple[str, int]]:
+    """{conv layer: ("written" or "patches", the entries it holds)}, per layer the form with fewer operations for
+    N = n probe inputs and C = c outputs: written-out rows cost m·W·(P + m) (the einsum and K), the patch form
+    (m·P)²·out + (n·P)²·in·k² + (m·P)² (its two products and their contraction), m = n·c, W weights."""
+    forms = {}
+    m = n * c
+    for name in conv:
+        module = modules[name]
+        out, positions = shapes[name][0], int(torch.tensor(shapes[name][1:]).prod())
+        patch = module.weight[0].numel()  # in·kh·kw
+        weights = out * patch
+        written = m * weights * (positions + m)
+        by_patches = (m * positions) ** 2 * (out + 1) + (n * positions) ** 2 * patch
+        if by_patches < written:
+            forms[name] = ("patches", (m * positions) ** 2 + (n * positions) ** 2 + n * c * out * positions)
+        else:
+            forms[name] = ("written", m * weights)
+    return forms
 
 
 def dense_jacobian_fits(n_rows: int, n_params: int, device: torch.device) -> bool:
@@ -259,10 +336,16 @@ def dense_jacobian_fits(n_rows: int, n_params: int, device: torch.device) -> boo
 def rows_from_factors(layers: dict[str, tuple[str, str | None]], captured: dict[str, Tensor],
                       deltas: dict[str, Tensor]) -> LinearLayerRows:
     """The rows from linear_layer_factors' output. A Linear layer's `captured` entry is its inputs (N, in); a conv
-    layer's is its weight rows (N, C, out·in·k²), with its bias rows in `deltas`."""
-    return LinearLayerRows([
-        _ConvLayer(w, b, captured[name], deltas[name]) if captured[name].dim() == 3
-        else _Layer(w, b, captured[name], deltas[name]) for name, (w, b) in layers.items()])
+    layer's is its weight rows (N, C, out·in·k²), with its bias rows in `deltas`, or in the patch form its
+    patches (N, in·k², P), with δ (N, C, out, P) in `deltas`."""
+    def layer(name, w, b):
+        if deltas[name].dim() == 4:
+            return _PatchConvLayer(w, b, captured[name], deltas[name])
+        if captured[name].dim() == 3:
+            return _ConvLayer(w, b, captured[name], deltas[name])
+        return _Layer(w, b, captured[name], deltas[name])
+
+    return LinearLayerRows([layer(name, w, b) for name, (w, b) in layers.items()])
 
 
 def linear_layer_factors(network, buffers: dict, params: Params, inputs: Tensor,
@@ -272,12 +355,7 @@ def linear_layer_factors(network, buffers: dict, params: Params, inputs: Tensor,
     does not fit the factoring. Tensors in, tensors out: this also runs under torch.func.vmap over stacked
     weights and probes (batch.py)."""
     layers = factored_layers(network, params)
-    module = network.module
-    modules = dict(module.named_modules())
-    for name in layers:
-        if not getattr(modules[name], _HOOKED, False):
-            modules[name].register_forward_hook(_hook)
-            setattr(modules[name], _HOOKED, True)
+    modules = dict(network.module.named_modules())
     n = len(inputs)
     names = {id(modules[name]): name for name in layers}
     shapes = _output_shapes(network, buffers, params, inputs, names)
@@ -305,11 +383,17 @@ def linear_layer_factors(network, buffers: dict, params: Params, inputs: Tensor,
     if state["failed"] or set(captured) != set(layers):
         return None
     deltas = {name: d.transpose(0, 1) for name, d in deltas.items()}  # (N, C, ...)
+    conv = {name: keys for name, keys in layers.items() if isinstance(modules[name], nn.Conv2d)}
+    forms = _conv_forms(modules, conv, shapes, n, c) if conv else {}
     for name in layers:
         m = modules[name]
-        if isinstance(m, nn.Conv2d):  # the written-out rows: Σ_p δ[:, p] ⊗ patch_p, one einsum for all rows
+        if isinstance(m, nn.Conv2d):
             patches = F.unfold(captured[name], m.kernel_size, m.dilation, m.padding, m.stride)  # (N, in·k², P)
             d = deltas[name].flatten(3)  # (N, C, out, P)
+            if (FORCE_CONV_FORM or forms[name][0]) == "patches":
+                captured[name], deltas[name] = patches, d
+                continue
+            # the written-out rows: Σ_p δ[:, p] ⊗ patch_p, one einsum for all rows
             captured[name] = torch.einsum("ncop,nkp->ncok", d, patches).flatten(2)
             deltas[name] = d.sum(-1)
         else:
@@ -322,6 +406,10 @@ def _output_shapes(network, buffers: dict, params: Params, inputs: Tensor, names
     cache = network.module.__dict__.setdefault("_geodesic_output_shapes", {})
     key = (tuple(inputs.shape[1:]), tuple(params))
     if key not in cache:
+        for module in network.module.modules():  # the capture hooks, once per layer (inert outside _CAPTURE)
+            if id(module) in names and not getattr(module, _HOOKED, False):
+                module.register_forward_hook(_hook)
+                setattr(module, _HOOKED, True)
         state = {"names": names, "inputs": {}, "failed": False, "shapes": {}}
         token = _CAPTURE.set(state)
         try:

@@ -42,28 +42,31 @@ class Step:
 
 
 def trust_region_kernel(jac, v, goal_weight: float, radius: float):
-    """(θ, μ) with θ = (β/2)(LᵀL + μI)⁻¹ v and ‖θ‖ = radius (μ = 0 if the pseudo-inverse step fits).
+    """(θ, μ, θᵀgθ) with θ = (β/2)(LᵀL + μI)⁻¹ v and ‖θ‖ = radius (μ = 0 if the pseudo-inverse step fits).
 
     jac: L, (m, n) with g = LᵀL and m ≪ n, as JacobianRows (then v and θ are Params) or as one tensor (v and
     θ flat). Only K = L Lᵀ, L v and Lᵀ y are used, so L need never be written out (rows.py). One walk is a
     batch of one for `trust_region_coefficients`, which a batch of walks (batch.py) calls directly.
     """
     if isinstance(jac, Tensor):  # one dense L and flat vectors
-        theta, mu = trust_region_kernel(DenseRows({"v": jac}), {"v": v}, goal_weight, radius)
-        return theta["v"], mu
+        theta, mu, functional = trust_region_kernel(DenseRows({"v": jac}), {"v": v}, goal_weight, radius)
+        return theta["v"], mu, functional
     rows: JacobianRows = jac
     if goal_weight == 0:
-        return zeros_like(v), math.inf
+        return zeros_like(v), math.inf, 0.0
     v_norm2 = sum(p.double().pow(2).sum() for p in v.values())
     dtype = next(iter(v.values())).dtype
-    along_v, y, mu = trust_region_coefficients(rows.gram()[None], rows.matvec(v)[None], v_norm2[None],
-                                               torch.tensor([goal_weight], dtype=torch.float64),
-                                               torch.tensor([radius], dtype=torch.float64))
+    along_v, y, mu, functional = trust_region_coefficients(
+        rows.gram()[None], rows.matvec(v)[None], v_norm2[None], torch.tensor([goal_weight], dtype=torch.float64),
+        torch.tensor([radius], dtype=torch.float64))
     back = rows.rmatvec(y[0].to(dtype))
     half_beta = goal_weight / 2
     theta = {k: along_v[0].to(p) * p + half_beta * back[k].view_as(p) for k, p in v.items()}
-    return theta, float(mu[0])
+    return theta, float(mu[0]), float(functional[0])
 
+
+# The CPU solves μ through the eigendecomposition (MKL's is fast there); True sends it the GPU's way (the tests).
+CHOLESKY_ON_CPU = False
 
 _EIGH_POOL: ThreadPoolExecutor | None = None
 _EIGH_POOL_LOCK = threading.Lock()
@@ -114,8 +117,8 @@ def batched_eigh(kernel: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def trust_region_coefficients(kernel: Tensor, jv: Tensor, v_norm2: Tensor, goal_weight: Tensor, radius: Tensor
-                              ) -> tuple[Tensor, Tensor, Tensor]:
-    """For K walks at once: (a, y, μ) such that θ_k = a_k v_k + (β_k/2) L_kᵀ y_k solves walk k's step.
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For K walks at once: (a, y, μ, θᵀgθ) such that θ_k = a_k v_k + (β_k/2) L_kᵀ y_k solves walk k's step.
 
     kernel: K = L Lᵀ, (K, m, m); jv: L v, (K, m); v_norm2: ‖v‖², (K,); goal_weight β and radius ε: (K,).
     Works in the m-dimensional row space of L: with K = U Λ Uᵀ, the eigenvectors of g with non-zero
@@ -123,14 +126,30 @@ def trust_region_coefficients(kernel: Tensor, jv: Tensor, v_norm2: Tensor, goal_
         θ(μ) = (β/2) [ v/μ + V diag(1/(Λ+μ) − 1/μ) c ],
         ‖θ(μ)‖² = (β/2)² [ Σ c²/(λ+μ)² + ‖v_⊥‖²/μ² ],   decreasing in μ (`secular_damping` solves for μ).
     μ = 0: the pseudo-inverse step fits (a = 0); μ = inf: ε is tiny against β‖v‖ and θ is the plain gradient
-    step of length ε (a = ε/‖v‖, y = 0), or β = 0 and θ = 0.
+    step of length ε (a = ε/‖v‖, y = 0), or β = 0 and θ = 0. θᵀgθ = ‖L θ‖² with L θ = a L v + (β/2) K y, from
+    these m-vectors: no further product with L.
+
+    On a GPU the eigendecomposition is left out (`_coefficients_by_cholesky`) unless μ falls to the noise floor
+    of K, where only the eigendecomposition's rank cut-off tells signal from noise.
     """
+    if not (torch.isfinite(kernel).all() and torch.isfinite(jv).all() and torch.isfinite(v_norm2).all()):
+        raise WalkDiverged("the metric or the goal direction is not finite")
+    device = kernel.device
+    half_beta = goal_weight.double().to(device) / 2
+    by_cholesky = device.type != "cpu" or CHOLESKY_ON_CPU
+    found = _coefficients_by_cholesky(kernel, jv, v_norm2, half_beta, radius) if by_cholesky else None
+    along_v, y, mu_t = found if found is not None else _coefficients_by_eigh(kernel, jv, v_norm2, half_beta, radius)
+    moved = along_v[:, None] * jv.double() + half_beta[:, None] * (kernel.double() @ y[..., None]).squeeze(-1)
+    return along_v, y, mu_t, moved.pow(2).sum(-1)
+
+
+def _coefficients_by_eigh(kernel: Tensor, jv: Tensor, v_norm2: Tensor, half_beta: Tensor, radius: Tensor
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """(a, y, μ) through the eigendecomposition of K and `secular_damping` (the CPU's way, and the fallback)."""
     # K and L v come in the weights' dtype, so K is only known to about m·eps(dtype)·λ_max: eigenvalues below
     # that are noise and their directions are treated as the null space of g (the numerical rank, as in
     # numpy's matrix_rank). The eigendecomposition runs in that dtype too (in float32 it takes half the
     # time of float64, measured on the digits MLP); the secular equation for μ is solved in float64.
-    if not (torch.isfinite(kernel).all() and torch.isfinite(jv).all() and torch.isfinite(v_norm2).all()):
-        raise WalkDiverged("the metric or the goal direction is not finite")
     # A small eigenproblem is latency-bound on a GPU (cuSOLVER launches many tiny kernels): solve it on the CPU.
     device = kernel.device
     small = device.type != "cpu" and kernel.shape[-1] <= 512
@@ -143,7 +162,6 @@ def trust_region_coefficients(kernel: Tensor, jv: Tensor, v_norm2: Tensor, goal_
     c = torch.where(keep, (u.mT @ jv[..., None]).squeeze(-1).double() / lam.sqrt(), 0)
     v_norm2 = v_norm2.double().to(device)
     perp2 = (v_norm2 - c.pow(2).sum(-1)).clamp_min(0)
-    half_beta = goal_weight.to(device) / 2
     mu = secular_damping(lam.cpu().numpy(), c.pow(2).cpu().numpy(), perp2.cpu().numpy(), half_beta.cpu().numpy(),
                          radius.double().numpy())
     mu_t = torch.as_tensor(mu, device=device)
@@ -157,6 +175,79 @@ def trust_region_coefficients(kernel: Tensor, jv: Tensor, v_norm2: Tensor, goal_
     along_v = torch.where(positive, half_beta / safe_mu[:, 0], 0)
     along_v = torch.where(gradient_step, radius.to(device) / v_norm2.sqrt().clamp_min(1e-300), along_v)
     return along_v, y, mu_t
+
+
+def _coefficients_by_cholesky(kernel: Tensor, jv: Tensor, v_norm2: Tensor, half_beta: Tensor, radius: Tensor,
+                              hi_cap: float = 1e12) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(a, y, μ) as `_coefficients_by_eigh` gives them, from Cholesky factorisations of K + μI only; None when some
+    walk's μ lies at or below K's noise floor (then only the eigendecomposition's rank cut-off will do).
+
+    Why: on a GPU an eigendecomposition of a stack of 160×160 kernels is latency-bound (cuSOLVER's took longer
+    than the CPU's, and the CPU's means a round trip; BENCHMARKS.md, H200), while a batched Cholesky takes about
+    0.2 ms. By Woodbury, (LᵀL + μI)⁻¹ = (I − Lᵀ(K + μI)⁻¹L)/μ, so with w = L v and z = (K + μI)⁻¹ w
+        θ(μ) = (β/2μ)(v − Lᵀz),   ‖θ‖² = (β/2)² (‖v‖² − wᵀz − μ zᵀz)/μ²,
+        d‖θ‖²/dμ = (β/2)² (2 zᵀ(K + μI)⁻¹z/μ − 2(‖v‖² − wᵀz − μ zᵀz)/μ³),
+    and μ comes from the same safeguarded Newton iteration as `secular_damping` (φ = 1/‖θ‖ − 1/ε), vectorised
+    over walks on the device, in float64. Then a = β/(2μ) and y = −z/μ.
+    """
+    device, m = kernel.device, kernel.shape[-1]
+    k64, w, v2 = kernel.double(), jv.double(), v_norm2.double().to(device)
+    r = radius.double().to(device)
+    hb = half_beta
+    eye = torch.eye(m, dtype=torch.float64, device=device)
+    # The eigh path's rank cut-off is m·eps(dtype)·λ_max; ‖K‖_F ≥ λ_max puts this floor at or above it.
+    floor = (m * torch.finfo(kernel.dtype).eps * torch.linalg.matrix_norm(k64)).clamp_min(1e-300)
+
+    def evaluate(mu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        chol, info = torch.linalg.cholesky_ex(k64 + mu[:, None, None] * eye)
+        z = torch.cholesky_solve(w[..., None], chol)
+        z2 = torch.cholesky_solve(z, chol)[..., 0]
+        z = z[..., 0]
+        rest = (v2 - (w * z).sum(-1) - mu * (z * z).sum(-1)).clamp_min(0)  # ‖v − Lᵀz‖²
+        n2 = hb**2 * rest / mu**2
+        dn2 = hb**2 * (2 * (z * z2).sum(-1) / mu - 2 * rest / mu**3)
+        return n2, dn2, z, info == 0
+
+    moving = hb > 0
+    # ‖θ(μ)‖ ≤ (β/2)‖v‖/μ, so μ* ≤ (β/2)‖v‖/ε: the bracket's top and the starting point.
+    top = hb * v2.sqrt() / r
+    hi = torch.minimum(torch.maximum(top, floor), torch.full_like(top, hi_cap))
+    lo = floor
+    n2_floor, _, _, ok_floor = evaluate(floor)
+    capped = moving & (top > hi_cap)
+    at_floor = moving & (~ok_floor | (n2_floor <= r**2))  # μ* at or under the noise floor
+    any_capped, any_at_floor = torch.stack([capped.any(), at_floor.any()]).tolist()  # one wait for the device
+    gradient_step = torch.zeros_like(moving)
+    if any_capped:  # where even μ = hi_cap leaves the step too long, the plain gradient step
+        gradient_step = capped & (evaluate(hi)[0] > r**2)
+    todo = moving & ~gradient_step
+    if any_at_floor and bool((todo & at_floor).any()):
+        return None
+    mu = hi.clone()
+    z_final = torch.zeros_like(w)
+    for _ in range(100):
+        n2, dn2, z, ok = evaluate(mu)
+        too_long = ~ok | (n2 > r**2)  # μ too small
+        lo, hi = torch.where(todo & too_long, mu, lo), torch.where(todo & ~too_long, mu, hi)
+        n = n2.sqrt()
+        newton = mu - (1 / n - 1 / r) / (-0.5 * dn2 / n**3)
+        inside = ok & torch.isfinite(newton) & (newton > lo) & (newton < hi)
+        step = torch.where(inside, newton, (lo * hi).sqrt())
+        done = todo & ok & (((n - r).abs() <= 1e-12 * r) | (hi <= lo * (1 + 1e-12)))
+        z_final = torch.where(done[:, None], z, z_final)
+        todo = todo & ~done
+        if not bool(todo.any()):
+            break
+        mu = torch.where(todo, step, mu)
+    else:
+        return None
+    solved = moving & ~gradient_step
+    safe_mu = torch.where(solved, mu, 1.0)
+    mu = torch.where(solved, mu, torch.inf)
+    along_v = torch.where(solved, hb / safe_mu, 0)
+    along_v = torch.where(gradient_step, r / v2.sqrt().clamp_min(1e-300), along_v)
+    y = torch.where(solved[:, None], -z_final / safe_mu[:, None], 0)
+    return along_v, y, mu
 
 
 def secular_damping(lam: np.ndarray, c2: np.ndarray, perp2: np.ndarray, half_beta: np.ndarray,
@@ -250,9 +341,9 @@ def constrained_step(params: Params, goal, batch, probe: Tensor, config: WalkCon
         dense_ok = config.linear_solver == "kernel" or dense_jacobian_fits(n_rows, n_params, probe.device)
         rows = metric.jacobian_rows(params, allow_dense=dense_ok)  # None: only a dense L would do, too big
     if rows is not None:
-        theta, mu = trust_region_kernel(rows, v, config.goal_weight, radius)
+        theta, mu, functional = trust_region_kernel(rows, v, config.goal_weight, radius)
         solver = "kernel (factored)" if isinstance(rows, LinearLayerRows) else "kernel"
-        return Step(theta, v_goal, float(rows.matvec(theta).pow(2).sum()), mu, solver, kept)
+        return Step(theta, v_goal, functional, mu, solver, kept)
     mu = config.damping
     x = conjugate_gradient(lambda t: add(metric.metric_vector_product(t, params), t, alpha=mu), v, config.cg_iters)
     theta = scale(x, config.goal_weight / 2)

@@ -125,3 +125,72 @@ def test_guarded_lenet5_walks_on_cuda_batch_like_separate_walks():
                for s in (0, 1)]
     assert configs[0].walk.step_guard > 0
     _batched_and_alone(configs, accuracy_tolerance=3e-3)  # one test example of 360 may flip on a GPU
+
+
+def test_the_trust_region_solve_on_cuda_needs_no_eigendecomposition_and_matches_the_cpu(monkeypatch):
+    """On the GPU μ comes from Cholesky factorisations of K + μI; the answer equals the CPU's eigendecomposition."""
+    import geodesic.step as step_module
+    from tests.test_step import _problems
+
+    _, _, kernel, jv, v2, beta, radius = _problems()
+    cpu = step_module.trust_region_coefficients(kernel, jv, v2, beta, radius)
+
+    def no_eigh(*args):
+        raise AssertionError("the GPU path decomposed K")
+
+    monkeypatch.setattr(step_module, "batched_eigh", no_eigh)
+    cuda = step_module.trust_region_coefficients(kernel.cuda(), jv.cuda(), v2.cuda(), beta, radius)
+    for got, want in zip(cuda, cpu, strict=True):
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-8, atol=1e-12)
+
+
+def test_conv_rows_in_the_patch_form_on_cuda_match_the_dense_jacobian(monkeypatch):
+    from torch import nn
+
+    from geodesic import rows as rows_module
+    from geodesic.metric import PullbackMetric
+    from geodesic.models import NetworkFunction, network_from_module
+    from tests.test_rows import _assert_same_rows
+
+    monkeypatch.setattr(rows_module, "FORCE_CONV_FORM", "patches")
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 5, 3, stride=2), nn.Tanh(),
+                           nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(20, 3)).double().cuda()
+    net, params = network_from_module(module, (3, 12, 12), 3)
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64, device="cuda")
+    metric = PullbackMetric(NetworkFunction(net, net.buffers), x, "fisher")
+    rows = metric.jacobian_rows(params)
+    assert [type(layer).__name__ for layer in rows.layers] == ["_PatchConvLayer", "_PatchConvLayer", "_Layer"]
+    _assert_same_rows(rows, rows_module.DenseRows(metric.jacobian_blocks(params)), params)
+
+
+def test_vgg11_constrained_step_on_cuda_equals_the_step_through_written_out_rows(monkeypatch):
+    """The default VGG11 step on a GPU (deep convolutions as patches, μ by Cholesky) against every conv row
+    written out and μ through the eigendecomposition: the same step, to float32's rounding of K."""
+    assert_same_step_both_ways(monkeypatch, "vgg11", (3, 32, 32), "cuda")
+
+
+def assert_same_step_both_ways(monkeypatch, model, shape, device):
+    from geodesic import rows as rows_module
+    from geodesic import step as step_module
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    goal, batch, moved, probe = _setup(model, shape, device)
+    config = WalkConfig(solver="constrained", probe_size=8, batch_size=64, goal_weight=0.003, restoring_weight=0.3,
+                        linear_solver="kernel")
+    steps = []
+    for form, cholesky in ((None, True), ("written", False)):
+        monkeypatch.setattr(rows_module, "FORCE_CONV_FORM", form)
+        monkeypatch.setattr(step_module, "CHOLESKY_ON_CPU", cholesky)
+        if not cholesky:
+            monkeypatch.setattr(step_module, "_coefficients_by_cholesky", lambda *args: None)
+        rows = step_module.PullbackMetric(goal.model_fn, probe, config.metric).jacobian_rows(moved)
+        steps.append((constrained_step(moved, goal, batch, probe, config, 0.1, goal.model_fn),
+                      {type(layer).__name__ for layer in rows.layers}))
+    (fast, fast_kinds), (slow, slow_kinds) = steps
+    assert fast.linear_solver == slow.linear_solver == "kernel (factored)"
+    assert "_PatchConvLayer" in fast_kinds and "_PatchConvLayer" not in slow_kinds
+    diff = sum(float((fast.tangent_vec[k] - v).pow(2).sum()) for k, v in slow.tangent_vec.items()) ** 0.5
+    assert diff <= 1e-3 * sum(float(v.pow(2).sum()) for v in slow.tangent_vec.values()) ** 0.5
+    assert fast.damping == pytest.approx(slow.damping, rel=1e-3)

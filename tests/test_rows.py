@@ -156,3 +156,53 @@ def test_a_forward_that_mixes_inputs_is_caught_and_falls_back_to_dense_rows():
     assert isinstance(rows, DenseRows)
     assert net.module._geodesic_factored_rows_ok is False  # the check against a jvp caught it
     assert metric.jacobian_rows(params, allow_dense=False) is None  # remembered: not checked again
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_rows_in_the_patch_form_match_the_dense_jacobian_in_float64(monkeypatch, shape, bias):
+    """Every conv layer kept as δ and patches (K from their products, no rows written out), with stride, padding
+    and dilation, against vmap(jacrev)."""
+    from geodesic import rows as rows_module
+
+    monkeypatch.setattr(rows_module, "FORCE_CONV_FORM", "patches")
+    torch.manual_seed(0)
+    c = shape[0]
+    module = nn.Sequential(nn.Conv2d(c, 4, 3, padding=1, bias=bias), nn.Tanh(),
+                           nn.Conv2d(4, 5, 3, stride=2, dilation=2, padding=(2, 1), bias=bias), nn.Tanh(),
+                           nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(20, 3, bias=bias)).double()
+    net, params = network_from_module(module, shape, 3)
+    x = torch.randn(4, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    metric = PullbackMetric(NetworkFunction(net, net.buffers), x, "fisher")
+    rows = metric.jacobian_rows(params)
+    assert isinstance(rows, LinearLayerRows)
+    assert [type(layer).__name__ for layer in rows.layers] == ["_PatchConvLayer", "_PatchConvLayer", "_Layer"]
+    _assert_same_rows(rows, DenseRows(metric.jacobian_blocks(params)), params)
+
+
+def test_vgg_keeps_its_deep_conv_layers_in_the_patch_form():
+    """VGG11 on 32×32 inputs: the early layers (many positions, few weights) written out, the deep ones (2.4M
+    weights, 4 or 16 positions) as patches, and the step through them equal to the all-written one."""
+    from geodesic import rows as rows_module
+
+    net = build_network(ModelConfig(name="vgg11"), (3, 32, 32), 10)
+    params = net.init_params(0)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    metric = PullbackMetric(NetworkFunction(net, net.buffers), x, "fisher")
+    modules = dict(net.module.named_modules())
+    layers = rows_module.factored_layers(net, params)
+    conv = {k: v for k, v in layers.items() if isinstance(modules[k], nn.Conv2d)}
+    shapes = rows_module._output_shapes(net, net.buffers, params, x, {id(modules[k]): k for k in layers})
+    forms = [form for form, _ in rows_module._conv_forms(modules, conv, shapes, 16, 10).values()]
+    assert forms == ["written"] * 4 + ["patches"] * 4
+    rows = metric.jacobian_rows(params)  # a probe of 2: m = 20, so more layers take the patch form
+    kinds = [type(layer).__name__ for layer in rows.layers]
+    assert "_PatchConvLayer" in kinds and kinds[-1] == "_Layer"
+    rows_module.FORCE_CONV_FORM = "written"
+    try:
+        written = metric.jacobian_rows(params)
+    finally:
+        rows_module.FORCE_CONV_FORM = None
+    assert {type(layer).__name__ for layer in written.layers} == {"_ConvLayer", "_Layer"}
+    k, k_written = rows.gram(), written.gram()
+    torch.testing.assert_close(k, k_written, rtol=1e-4, atol=1e-4 * float(k_written.abs().max()))
