@@ -22,6 +22,13 @@ work=$(mktemp -d)
 } | tee "$out/gpu.txt"
 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15 | tee "$out/pytest-cuda.txt"
 $py -m geodesic.bench --device "$device" --step-cost-only --json "$out/stepcost.json" --markdown "$out/stepcost.md"
+# Issue 12: where each model's constrained step goes, phase by phase; and, same run, the step as it was before the
+# patch form and the Cholesky solve (every conv row written out, μ through the eigendecomposition on the CPU).
+for model in mlp vgg11 vgg16 resnet18; do
+  $py bench/step_profile.py --model "$model" --device "$device" --repeats 10 2>&1 | grep -v -i warn | tee -a "$out/step-profile.txt"
+done
+$py bench/step_profile.py --model vgg11 --device "$device" --repeats 10 --conv-form written --solve eigh 2>&1 \
+  | grep -v -i warn | tee -a "$out/step-profile.txt"
 # Issue 12: LeNet-5 and VGG11 sparsify walks on the MNIST sample's images on the GPU, against masked fine-tuning
 # at the same budget (accuracy kept, lowest point, wall time); one seed to fit the check's time.
 $py -m geodesic.bench --device "$device" --only "mnist-sample-images" --seeds 0 --json "$out/images.json" \

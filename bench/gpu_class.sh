@@ -18,6 +18,9 @@ export PYTHONUNBUFFERED=1 GEODESIC_CACHE=${GEODESIC_CACHE:-$(mktemp -d)}
   $py -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_batch.py 2>&1 | tail -2
   echo "== batch_profile $device"
   $py bench/batch_profile.py --device "$device" --walks 1,8,32 --steps 20 --profile 32 2>&1 | grep -v -i "warn\|USDT"
+  echo "== batch_profile $device, new-task constrained (issue 11's fan of 8 against one walk)"
+  $py bench/batch_profile.py --device "$device" --goal new-task --solvers constrained --walks 1,8 --steps 20 2>&1 \
+    | grep '^{'
   echo "== batch_profile cpu"
   $py bench/batch_profile.py --device cpu --walks 1,8,32 --steps 10 2>&1 | grep '^{'
   echo "== load $device"

@@ -5,11 +5,18 @@ and restoring gradients, L's rows (the probe's pull-backs), K = L Lᵀ, the trus
 L θ (θᵀgθ), and the whole step as the walker runs it. With --profile, the top operators of the whole step by
 device time and by CPU time.
 
+--conv-form written/patches makes every conv layer take that form (default: each layer's cheaper one); --solve
+eigh/cholesky picks how μ is found (default: Cholesky on a GPU, the eigendecomposition on the CPU); --fit-any lifts
+the memory rule that sends big conv nets to CG on the CPU, so the exact step can be profiled there too (and
+adds the CG step beside it).
+
 Usage: python bench/step_profile.py [--model vgg11] [--device cuda] [--repeats 10] [--profile]
+       [--conv-form written|patches] [--solve eigh|cholesky] [--fit-any]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -21,6 +28,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from geodesic import rows as rows_module  # noqa: E402
+from geodesic import step as step_module  # noqa: E402
 from geodesic.config import ModelConfig, WalkConfig  # noqa: E402
 from geodesic.data import from_tensors  # noqa: E402
 from geodesic.experiment import resolve_device  # noqa: E402
@@ -41,7 +50,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--probe-size", type=int, default=16)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--conv-form", choices=["written", "patches"])
+    parser.add_argument("--solve", choices=["eigh", "cholesky"])
+    parser.add_argument("--fit-any", action="store_true")
     args = parser.parse_args()
+    rows_module.FORCE_CONV_FORM = args.conv_form
+    if args.solve == "cholesky":
+        step_module.CHOLESKY_ON_CPU = True
+    elif args.solve == "eigh":
+        step_module._coefficients_by_cholesky = lambda *a: None
+    if args.fit_any:
+        rows_module.dense_jacobian_fits = lambda *a: True
     dev = resolve_device(args.device)
     shape = SHAPES.get(args.model, (3, 32, 32))
     gen = torch.Generator().manual_seed(0)
@@ -55,7 +74,7 @@ def main() -> None:
     probe = x[:args.probe_size]
     model_fn = goal.model_fn
     config = WalkConfig(solver="constrained", probe_size=args.probe_size, batch_size=args.batch_size,
-                        goal_weight=0.003, restoring_weight=0.3)
+                        goal_weight=0.003, restoring_weight=0.3, linear_solver="kernel" if args.fit_any else "auto")
     moved = {k: v + 1e-3 * torch.randn_like(v) for k, v in params.items()}
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     optimizer = torch.optim.SGD(leaves.values(), lr=1e-3)
@@ -74,7 +93,7 @@ def main() -> None:
     jv = rows.matvec(v)
     v2 = sum(p.double().pow(2).sum() for p in v.values())[None]
     beta, eps = torch.tensor([0.003], dtype=torch.float64), torch.tensor([0.1], dtype=torch.float64)
-    _, coef_y, _ = trust_region_coefficients(kernel[None], jv[None], v2, beta, eps)
+    _, coef_y, _, _ = trust_region_coefficients(kernel[None], jv[None], v2, beta, eps)
     yy = coef_y[0].to(kernel.dtype)
     phases = {
         "sgd step (reference)": sgd,
@@ -86,6 +105,9 @@ def main() -> None:
         "Lᵀ y": lambda: rows.rmatvec(yy),
         "whole constrained step": lambda: constrained_step(moved, goal, batch, probe, config, 0.1, model_fn),
     }
+    if args.fit_any:  # the exact step against the one CG would take in its place
+        cg = dataclasses.replace(config, linear_solver="cg")
+        phases["whole step, CG instead"] = lambda: constrained_step(moved, goal, batch, probe, cg, 0.1, model_fn)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = {k: [] for k in phases}
     for _ in range(2):
@@ -98,7 +120,8 @@ def main() -> None:
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
-    print(f"{args.model} on {dev} ({type(rows).__name__}, {rows.n_rows} rows, "
+    forms = sorted({type(layer).__name__ for layer in getattr(rows, "layers", [])})
+    print(f"{args.model} on {dev} ({type(rows).__name__} {forms}, {rows.n_rows} rows, "
           f"{sum(p.numel() for p in params.values()):,} params), median ms of {args.repeats}:")
     sgd_ms = 1000 * statistics.median(times["sgd step (reference)"])
     for name, t in times.items():

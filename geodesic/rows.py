@@ -24,6 +24,9 @@ back-propagated δ and the patches: no per-row backward pass. Conv layers hold f
 2.6k of 44k), so that costs little beside the Linear layers' factors; `conv_rows_fit` keeps it out of the
 way when the convolutions are large (VGG on the CPU).
 
+A BatchNorm2d layer in eval mode is y = γ x̂ + b per channel, with x̂ fixed by the running statistics, so its
+rows are Σ_p δ_r x̂_i and Σ_p δ_r per channel, written out (m × 2·channels): ResNet-18 takes the factored rows.
+
 A deep conv layer has many weights but few output positions (VGG11's last four on 32×32 inputs: 2.4M weights
 each, 4 or 16 positions). There the rows are not written out: the layer keeps δ and the patches, and
 
@@ -211,11 +214,15 @@ def _hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
     if state is None:
         return None
     name = state["names"].get(id(module))
-    expected = 4 if isinstance(module, nn.Conv2d) else 2  # (batch, channels, h, w) or (batch, features)
-    if name is None or name in state["inputs"] or args[0].dim() != expected:  # called twice, or other shapes
-        state["failed"] = True
+    expected = 4 if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) else 2  # (batch, channels, h, w) or (batch, in)
+    if name is None or name in state["inputs"] or args[0].dim() != expected or module.training:
+        state["failed"] = True  # called twice, other shapes, or a BatchNorm mixing the batch's inputs
         return None
-    state["inputs"][name] = args[0].detach()
+    x = args[0].detach()
+    if isinstance(module, nn.BatchNorm2d):  # its weight multiplies the normalised input x̂, per channel
+        scale = torch.rsqrt(module.running_var + module.eps)  # the buffers of this call (functional_call)
+        x = (x - module.running_mean[:, None, None]) * scale[:, None, None]
+    state["inputs"][name] = x
     if "shapes" in state:  # the shape pass: only the output shapes are wanted
         state["shapes"][name] = tuple(output.shape[1:])
         return None
@@ -225,6 +232,8 @@ def _hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
 def _factorable(m: nn.Module) -> bool:
     if isinstance(m, nn.Linear):
         return True
+    if isinstance(m, nn.BatchNorm2d):  # in eval mode (the hook checks): y = γ x̂ + b per channel, x̂ fixed by the buffers
+        return m.affine and m.track_running_stats
     # a plain convolution: unfold's patches then match the weight's (in, kh, kw) layout exactly
     return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
 
@@ -387,6 +396,11 @@ def linear_layer_factors(network, buffers: dict, params: Params, inputs: Tensor,
     forms = _conv_forms(modules, conv, shapes, n, c) if conv else {}
     for name in layers:
         m = modules[name]
+        if isinstance(m, nn.BatchNorm2d):  # rows written out, 2 per channel: Σ_p δ x̂ for γ, Σ_p δ for b
+            d = deltas[name].flatten(3)  # (N, C, channels, P)
+            captured[name] = torch.einsum("ncop,nop->nco", d, captured[name].flatten(2))
+            deltas[name] = d.sum(-1)
+            continue
         if isinstance(m, nn.Conv2d):
             patches = F.unfold(captured[name], m.kernel_size, m.dilation, m.padding, m.stride)  # (N, in·k², P)
             d = deltas[name].flatten(3)  # (N, C, out, P)

@@ -10,7 +10,7 @@ from geodesic.data import from_tensors
 from geodesic.goals import Sparsify
 from geodesic.metric import PullbackMetric
 from geodesic.models import NetworkFunction, build_network, network_from_module
-from geodesic.rows import DenseRows, LinearLayerRows
+from geodesic.rows import DenseRows, LinearLayerRows, linear_layers
 from geodesic.step import constrained_step
 
 
@@ -92,11 +92,63 @@ def test_conv_rows_match_the_dense_jacobian_in_float64(shape, kind):
     _assert_same_rows(rows, DenseRows(metric.jacobian_blocks(params)), params)
 
 
-def test_grouped_convolutions_and_batchnorm_fall_back():
+def test_grouped_convolutions_and_batch_statistics_fall_back():
     grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
     net, params = network_from_module(grouped, (2, 6, 6), 3)
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
     assert isinstance(PullbackMetric(NetworkFunction(net, net.buffers), x, "fisher").jacobian_rows(params), DenseRows)
+    no_stats = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(),
+                             nn.Linear(4 * 4 * 4, 3)).double()  # normalised by the batch's own statistics
+    assert linear_layers(no_stats, dict(no_stats.named_parameters())) is None
+
+
+class _Residual(nn.Module):
+    """Conv-BN-ReLU twice with a skip connection, as in a ResNet block."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+@pytest.mark.parametrize("form", [None, "patches"])
+def test_batchnorm_and_residual_blocks_take_the_factored_rows(monkeypatch, form):
+    """Eval-mode BatchNorm (running statistics not at 0 and 1) in a residual block, against vmap(jacrev) in
+    float64; with every conv layer written out or as patches."""
+    from geodesic import rows as rows_module
+
+    monkeypatch.setattr(rows_module, "FORCE_CONV_FORM", form)
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(inplace=True), _Residual(3),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4)).double()
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    module.eval()
+    net, params = network_from_module(module, (2, 6, 6), 4)
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    metric = PullbackMetric(NetworkFunction(net, net.buffers), x, "fisher")
+    rows = metric.jacobian_rows(params)
+    assert isinstance(rows, LinearLayerRows) and len(rows.layers) == 7  # 3 conv, 3 BatchNorm, 1 Linear
+    _assert_same_rows(rows, DenseRows(metric.jacobian_blocks(params)), params)
+    # the buffers passed to the call are the ones x̂ is normalised with, not the module's own
+    other = {k: v + 0.5 if "running_mean" in k else v for k, v in net.buffers.items()}
+    metric = PullbackMetric(NetworkFunction(net, other), x, "fisher")
+    _assert_same_rows(metric.jacobian_rows(params), DenseRows(metric.jacobian_blocks(params)), params)
+
+
+def test_resnet18_takes_the_factored_rows():
+    net = build_network(ModelConfig(name="resnet18"), (3, 8, 8), 10)
+    params = net.init_params(0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    rows = PullbackMetric(NetworkFunction(net, net.buffers), x, "fisher").jacobian_rows(params, allow_dense=False)
+    assert isinstance(rows, LinearLayerRows) and net.module._geodesic_factored_rows_ok is True  # agreed with a jvp
 
 
 def test_networks_with_other_layers_or_shared_layers_fall_back_to_dense_rows():
