@@ -74,7 +74,8 @@ def rows_kind(walker: Walker) -> str | None:
         return "dense"
     # The factored rows are checked once per network against a jvp (rows.py) before any batch relies on them.
     probe = walker.goal.anchor_inputs[: cfg.probe_size]
-    rows = PullbackMetric(walker.model_fn, probe, cfg.metric).jacobian_rows(walker.params, allow_dense=False)
+    rows = PullbackMetric(walker.model_fn, probe, cfg.metric).jacobian_rows(walker.params, allow_dense=False,
+                                                                           size_rule=cfg.linear_solver != "kernel")
     return "factored" if rows is not None else "dense"
 
 

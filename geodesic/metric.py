@@ -102,12 +102,14 @@ class PullbackMetric:
             whiten = torch.eye(c, dtype=logits.dtype, device=logits.device).expand(n, c, c)
         return whiten / n ** 0.5
 
-    def jacobian_rows(self, base_point: Params, allow_dense: bool = True) -> JacobianRows | None:
-        """L in the cheapest exact form: factored per layer for Linear-only networks, dense blocks otherwise
-        (None if those are not allowed)."""
+    def jacobian_rows(self, base_point: Params, allow_dense: bool = True, size_rule: bool = True
+                      ) -> JacobianRows | None:
+        """L in the cheapest exact form: factored per layer for networks of Linear, Conv2d and eval-mode
+        BatchNorm2d layers, dense blocks otherwise (None if those are not allowed). size_rule=False: the factored
+        rows even where their conv part is bigger than `auto` would write out (the exact step was asked for)."""
         if isinstance(self.model_fn, NetworkFunction):
             rows = linear_layer_rows(self.model_fn.network, self.model_fn.buffers, base_point, self.inputs,
-                                     self._whitening_from_logits)
+                                     self._whitening_from_logits, size_rule)
             if rows is not None:
                 return rows
         return DenseRows(self.jacobian_blocks(base_point)) if allow_dense else None

@@ -198,6 +198,9 @@ class LinearLayerRows(JacobianRows):
         return out
 
 
+# The most entries the conv layers' rows may hold on the CPU (conv_rows_fit says why).
+CPU_CONV_ENTRIES = 2e8
+
 # "written" or "patches" makes every conv layer take that form (the tests); None: `_conv_forms` picks per layer.
 FORCE_CONV_FORM: str | None = None
 
@@ -252,13 +255,15 @@ def linear_layers(module: nn.Module, params: Params) -> dict[str, tuple[str, str
 
 
 def linear_layer_rows(network, buffers: dict, params: Params, inputs: Tensor,
-                      whitening: Callable[[Tensor], Tensor]) -> LinearLayerRows | None:
+                      whitening: Callable[[Tensor], Tensor], size_rule: bool = True) -> LinearLayerRows | None:
     """The factored L at `params` for a network made of Linear layers only; None when it does not apply.
 
     whitening: logits (N, C) -> (N, C, C), whose row i maps the logits of input i to its whitened outputs
-    (H_i^½/√N); applied to the logits of the one forward pass the factors come from."""
+    (H_i^½/√N); applied to the logits of the one forward pass the factors come from. size_rule=False skips
+    `conv_rows_fit` (the caller asked for the exact step whatever its size)."""
     layers = factored_layers(network, params)
-    if layers is None or not conv_rows_fit(network, params, len(inputs) * network.n_classes, inputs.device, inputs):
+    if layers is None or (size_rule and not conv_rows_fit(network, params, len(inputs) * network.n_classes,
+                                                          inputs.device, inputs)):
         return None
     factors = linear_layer_factors(network, buffers, params, inputs, whitening)
     if factors is None:
@@ -307,6 +312,13 @@ def conv_rows_fit(network, params: Params, n_rows: int, device: torch.device, in
             entries += n_walks * forms[name][1]
         else:
             entries += n_rows * sum(params[k].numel() for k in keys if k is not None)
+    if device.type == "cpu":
+        # Up to 2e8 entries (800 MB) on the CPU, not the dense L's 5e7: measured on 2 cores with 16 probe inputs
+        # (bench/step_profile.py --fit-any, BENCHMARKS.md), the exact step through these rows beat CG's 10
+        # products for ResNet-18 on 8×8 images (5.6e7 entries: 706 against 1,371 ms) and VGG11 on 32×32 (1.7e8:
+        # 3.4× against 3.7× SGD), and lost to it for VGG16 (3.0e8: 4.1× against 2.6×) and ResNet-18 on 32×32
+        # (4.8e8: 3.2× against 2.9×).
+        return entries <= CPU_CONV_ENTRIES
     return dense_jacobian_fits(1, entries, device)
 
 

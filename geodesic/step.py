@@ -339,7 +339,9 @@ def constrained_step(params: Params, goal, batch, probe: Tensor, config: WalkCon
     rows = None
     if config.linear_solver == "kernel" or (config.linear_solver == "auto" and n_rows <= 2048):
         dense_ok = config.linear_solver == "kernel" or dense_jacobian_fits(n_rows, n_params, probe.device)
-        rows = metric.jacobian_rows(params, allow_dense=dense_ok)  # None: only a dense L would do, too big
+        # None: only a dense L would do, and it is too big. Asked for the exact step (kernel), the factored rows
+        # are taken whatever their size: they are always smaller than the dense L that would be written instead.
+        rows = metric.jacobian_rows(params, allow_dense=dense_ok, size_rule=config.linear_solver != "kernel")
     if rows is not None:
         theta, mu, functional = trust_region_kernel(rows, v, config.goal_weight, radius)
         solver = "kernel (factored)" if isinstance(rows, LinearLayerRows) else "kernel"

@@ -120,17 +120,20 @@ def test_auto_linear_solver_picks_factored_dense_or_cg_by_model_and_size(monkeyp
 
     assert solver_used("mlp", (64,)) == "kernel (factored)"
     assert solver_used("lenet5", (1, 28, 28)) == "kernel (factored)"  # Linear factors + written-out conv rows
-    # VGG11's early convolutions' rows (16 probe inputs × 10 outputs × 0.96M weights) are too big to write out on
-    # the CPU; with 4 probe inputs they fit, and its deep convolutions take the patch form (rows.py)
-    assert solver_used("vgg11", (3, 32, 32), probe_size=16) == "cg"
-    assert solver_used("vgg11", (3, 32, 32)) == "kernel (factored)"
+    # VGG16's early convolutions' rows (16 probe inputs × 10 outputs × 1.7M weights) are too big to write out on
+    # the CPU; VGG11's (0.96M weights) are not, and the deep convolutions of both take the patch form (rows.py)
+    assert solver_used("vgg16", (3, 32, 32), probe_size=16) == "cg"
+    assert solver_used("vgg11", (3, 32, 32), probe_size=16) == "kernel (factored)"
     assert solver_used("lenet5", (1, 28, 28), "cg") == "cg"
     assert step_module.dense_jacobian_fits(160, 26_000, torch.device("cpu"))
     assert not step_module.dense_jacobian_fits(160, 9_000_000, torch.device("cpu"))  # VGG11 on the CPU: CG
     for module in (step_module, rows_module):
         monkeypatch.setattr(module, "dense_jacobian_fits", lambda *args: False)
+    monkeypatch.setattr(rows_module, "CPU_CONV_ENTRIES", 0)
     assert solver_used("lenet5", (1, 28, 28)) == "cg"  # its conv rows and a dense L are both too big
     assert solver_used("mlp", (64,)) == "kernel (factored)"  # never written out, so never too big
+    # asked for the exact step, the factored rows whatever their size, never the bigger dense L
+    assert solver_used("lenet5", (1, 28, 28), "kernel") == "kernel (factored)"
 
 
 def _problems(seed: int = 0):
@@ -142,8 +145,8 @@ def _problems(seed: int = 0):
                                                                                    dtype=torch.float64)
     ls[2] = ls[2] * torch.logspace(-3, 2, 12, dtype=torch.float64)[:, None]
     vs = torch.randn(5, 40, generator=gen, dtype=torch.float64)
-    kernel = torch.stack([l @ l.T for l in ls])
-    jv = torch.stack([l @ v for l, v in zip(ls, vs)])
+    kernel = torch.stack([jac @ jac.T for jac in ls])
+    jv = torch.stack([jac @ v for jac, v in zip(ls, vs, strict=True)])
     beta = torch.tensor([1.0, 0.5, 2.0, 0.0, 1e9], dtype=torch.float64)
     radius = torch.tensor([0.1, 0.3, 0.05, 0.1, 1e-9], dtype=torch.float64)
     return ls, vs, kernel, jv, vs.pow(2).sum(-1), beta, radius
@@ -160,12 +163,12 @@ def test_cholesky_coefficients_match_the_eigendecomposition():
     torch.testing.assert_close(mu[:3], mu_e[:3], rtol=1e-9, atol=0)
     assert mu[3] == math.inf and mu[4] == math.inf and mu_e[3] == math.inf and mu_e[4] == math.inf
     torch.testing.assert_close(a, a_e, rtol=1e-9, atol=1e-12)
-    for k, (l, v) in enumerate(zip(ls, vs)):
-        theta, theta_e = a[k] * v + beta[k] / 2 * l.T @ y[k], a_e[k] * v + beta[k] / 2 * l.T @ y_e[k]
+    for k, (jac, v) in enumerate(zip(ls, vs, strict=True)):
+        theta, theta_e = a[k] * v + beta[k] / 2 * jac.T @ y[k], a_e[k] * v + beta[k] / 2 * jac.T @ y_e[k]
         torch.testing.assert_close(theta, theta_e, rtol=1e-8, atol=1e-12)
         if k in (0, 1, 2):  # the bound is active and θ solves (g + μI) θ = (β/2) v
             assert float(theta.norm()) == pytest.approx(float(radius[k]), rel=1e-9)
-            g = l.T @ l
+            g = jac.T @ jac
             torch.testing.assert_close((g + mu[k] * torch.eye(40, dtype=g.dtype)) @ theta, beta[k] / 2 * v)
     assert float(a[3]) == 0 and float(y[3].abs().max()) == 0  # β = 0: no step
     assert float((a[4] * vs[4]).norm()) == pytest.approx(1e-9, rel=1e-9)  # the plain gradient step of length ε
@@ -195,9 +198,9 @@ def test_functional_step_from_the_row_space_is_theta_g_theta():
             a, y, _, functional = step.trust_region_coefficients(kernel, jv, v2, beta, radius)
         finally:
             step.CHOLESKY_ON_CPU = False
-        for k, (l, v) in enumerate(zip(ls, vs)):
-            theta = a[k] * v + beta[k] / 2 * l.T @ y[k]
-            assert float(functional[k]) == pytest.approx(float((l @ theta).pow(2).sum()), rel=1e-8, abs=1e-30)
+        for k, (jac, v) in enumerate(zip(ls, vs, strict=True)):
+            theta = a[k] * v + beta[k] / 2 * jac.T @ y[k]
+            assert float(functional[k]) == pytest.approx(float((jac @ theta).pow(2).sum()), rel=1e-8, abs=1e-30)
 
 
 def test_a_walk_solved_by_cholesky_follows_the_eigendecomposition_walk(monkeypatch):
