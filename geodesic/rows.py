@@ -39,6 +39,7 @@ picks the form with fewer operations per layer; both are checked against the den
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -208,6 +209,7 @@ FORCE_CONV_FORM: str | None = None
 # module shared between sessions runs unchanged everywhere else.
 _CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("geodesic_linear_capture", default=None)
 _HOOKED = "_geodesic_linear_hook"
+_HOOK_LOCK = threading.Lock()  # sessions share modules: two registering at once would hook a layer twice
 _LAYERS = "_geodesic_linear_layers"  # {parameter names: linear_layers(...)}, cached on the module
 _VERIFIED = "_geodesic_factored_rows_ok"  # None until checked once against a jvp, then True or False
 
@@ -427,15 +429,22 @@ def linear_layer_factors(network, buffers: dict, params: Params, inputs: Tensor,
     return captured, deltas, whiten
 
 
+def _hook_layers(module: nn.Module, names: dict) -> None:
+    """The capture hook on each layer in `names` (by id), once: inert outside `_CAPTURE`. Under a lock, so that
+    two threads that meet a fresh module at once (the Python API; the server steps on one thread) hook it once."""
+    with _HOOK_LOCK:
+        for layer in module.modules():
+            if id(layer) in names and not getattr(layer, _HOOKED, False):
+                layer.register_forward_hook(_hook)
+                setattr(layer, _HOOKED, True)
+
+
 def _output_shapes(network, buffers: dict, params: Params, inputs: Tensor, names: dict) -> dict | None:
     """{layer name: its output's shape per input}, from one forward pass (cached per input shape)."""
     cache = network.module.__dict__.setdefault("_geodesic_output_shapes", {})
     key = (tuple(inputs.shape[1:]), tuple(params))
     if key not in cache:
-        for module in network.module.modules():  # the capture hooks, once per layer (inert outside _CAPTURE)
-            if id(module) in names and not getattr(module, _HOOKED, False):
-                module.register_forward_hook(_hook)
-                setattr(module, _HOOKED, True)
+        _hook_layers(network.module, names)
         state = {"names": names, "inputs": {}, "failed": False, "shapes": {}}
         token = _CAPTURE.set(state)
         try:

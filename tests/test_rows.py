@@ -190,6 +190,41 @@ def test_the_hooks_are_inert_in_other_threads_while_rows_are_built():
     assert errors == []
 
 
+def test_threads_meeting_a_fresh_network_at_once_hook_each_layer_once():
+    """Eight threads hook the layers of a network nobody has hooked yet, all at once: one capture hook per layer
+    (two would make every capture fail, and the rows fall back to dense for good)."""
+    import sys
+
+    from geodesic import rows as rows_module
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between almost any two bytecodes: the race shows if there is one
+    try:
+        _hook_at_once(rows_module)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _hook_at_once(rows_module):
+    for _ in range(20):
+        net = build_network(ModelConfig(name="lenet5"), (1, 8, 8), 10)
+        layers = rows_module.factored_layers(net, net.init_params(0))
+        modules = dict(net.module.named_modules())
+        names = {id(modules[name]): name for name in layers}
+        start = threading.Barrier(8)
+
+        def hook(names=names, net=net, start=start):
+            start.wait()
+            rows_module._hook_layers(net.module, names)
+
+        threads = [threading.Thread(target=hook) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [len(modules[name]._forward_hooks) for name in layers] == [1] * len(layers)
+
+
 def test_a_forward_that_mixes_inputs_is_caught_and_falls_back_to_dense_rows():
     class Centred(nn.Module):  # Linear layers only, but each output depends on the whole batch
         def __init__(self):
