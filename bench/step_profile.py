@@ -11,7 +11,7 @@ the memory rule that sends big conv nets to CG on the CPU, so the exact step can
 adds the CG step beside it).
 
 Usage: python bench/step_profile.py [--model vgg11] [--device cuda] [--repeats 10] [--profile]
-       [--conv-form written|patches] [--solve eigh|cholesky] [--fit-any]
+       [--conv-form written|patches] [--solve eigh|cholesky] [--fit-any] [--shape 1,8,8]
 """
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--conv-form", choices=["written", "patches"])
     parser.add_argument("--solve", choices=["eigh", "cholesky"])
     parser.add_argument("--fit-any", action="store_true")
+    parser.add_argument("--shape", help="input shape, comma-separated (default: 64 for the MLP, 1,28,28 for "
+                        "LeNet-5, 3,32,32 for the others)")
     args = parser.parse_args()
     rows_module.FORCE_CONV_FORM = args.conv_form
     if args.solve == "cholesky":
@@ -62,7 +64,7 @@ def main() -> None:
     if args.fit_any:
         rows_module.dense_jacobian_fits = lambda *a: True
     dev = resolve_device(args.device)
-    shape = SHAPES.get(args.model, (3, 32, 32))
+    shape = tuple(int(d) for d in args.shape.split(",")) if args.shape else SHAPES.get(args.model, (3, 32, 32))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, *shape, generator=gen).to(dev)
     y = torch.randint(0, 10, (args.batch_size,), generator=gen).to(dev)
@@ -121,7 +123,7 @@ def main() -> None:
             sync()
             times[name].append(time.perf_counter() - t0)
     forms = sorted({type(layer).__name__ for layer in getattr(rows, "layers", [])})
-    print(f"{args.model} on {dev} ({type(rows).__name__} {forms}, {rows.n_rows} rows, "
+    print(f"{args.model} {'x'.join(map(str, shape))} on {dev} ({type(rows).__name__} {forms}, {rows.n_rows} rows, "
           f"{sum(p.numel() for p in params.values()):,} params), median ms of {args.repeats}:")
     sgd_ms = 1000 * statistics.median(times["sgd step (reference)"])
     for name, t in times.items():

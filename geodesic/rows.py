@@ -317,7 +317,7 @@ def conv_rows_fit(network, params: Params, n_rows: int, device: torch.device, in
     if device.type == "cpu":
         # Up to 2e8 entries (800 MB) on the CPU, not the dense L's 5e7: measured on 2 cores with 16 probe inputs
         # (bench/step_profile.py --fit-any, BENCHMARKS.md), the exact step through these rows beat CG's 10
-        # products for ResNet-18 on 8×8 images (5.6e7 entries: 706 against 1,371 ms) and VGG11 on 32×32 (1.7e8:
+        # products for ResNet-18 on 8×8 images (5.6e7 entries: 583 against 1,187 ms) and VGG11 on 32×32 (1.7e8:
         # 3.4× against 3.7× SGD), and lost to it for VGG16 (3.0e8: 4.1× against 2.6×) and ResNet-18 on 32×32
         # (4.8e8: 3.2× against 2.9×).
         return entries <= CPU_CONV_ENTRIES
