@@ -6,9 +6,14 @@ and nobody would get faster with more hardware. Here a single worker thread does
 
 - Sessions hold a `WalkHandle` and ask (`run`, `pause`, `step_once`, `call`); they only read the walker's
   record, which the engine appends to. Nothing else touches torch for a walk.
-- Each round steps every running walk once (fair share in steps), compatible walks together as one `WalkBatch`
-  (batch.py): same architecture, step rule, probe and batch shapes and device. A Step click or a `call` (a
-  spectrum, a contour) is served between two batch steps, so it waits for at most one of them.
+- Walks share the engine's time, not its steps (`fair_share`): each walk is charged the seconds its steps take
+  (a batch's split among its walks), and a round steps the walks whose charge is within `FAIR_QUANTUM` of the
+  least. Walks that cost alike step in turn; beside a VGG walk of 350 ms a step, an MLP walk of 5 ms takes
+  about 70 steps to its one instead of one (the MLP's page would otherwise crawl at the VGG's pace). A walk
+  banks at most `FAIR_CREDIT` seconds, so one started, resumed or sped up later does not take the engine for
+  long. Compatible walks step together as one `WalkBatch` (batch.py): same architecture, step rule, probe and
+  batch shapes and device. A Step click or a `call` (a spectrum, a contour) is served between two batch steps,
+  so it waits for at most one of them.
 - A walk that diverges or runs out of memory stops with its own message (`handle.error`); the others go on.
   A running walk nobody has looked at for `idle_seconds` (its page was closed) is paused and its slot freed.
 - Limits (`EngineSettings`, from `geodesic-server.toml` or the environment): running walks in total and per
@@ -39,6 +44,8 @@ from .path import PathPoint
 from .walker import Walker
 
 SWITCH_INTERVAL = float(os.environ.get("GEODESIC_SWITCH_INTERVAL", "0.0002"))  # seconds; see Engine._loop
+FAIR_QUANTUM = 0.02  # seconds: walks charged within this of the least step in the same round (fair_share 'time')
+FAIR_CREDIT = 0.5  # seconds: the most engine time a walk can be owed by the others
 
 
 class CapacityError(GeodesicError):
@@ -60,6 +67,7 @@ class EngineSettings:
     idle_seconds: float = 120.0  # a running walk that no page has read for this long is paused
     device: str = ""  # device for walks whose settings say 'auto' (empty: cuda, then mps, then cpu)
     keep_freed_mb: int = DEFAULT_KEEP_FREED_MB  # freed memory kept for the next steps (allocator.py); 0: malloc's own
+    fair_share: str = "time"  # walks share the engine's seconds ('time') or take one step each per round ('steps')
 
     def __post_init__(self):
         if isinstance(self.keep_freed_mb, bool) or not isinstance(self.keep_freed_mb, int) or self.keep_freed_mb < 0:
@@ -76,6 +84,8 @@ class EngineSettings:
             raise ConfigError(_env_name("idle_seconds"), self.idle_seconds, "a number of seconds > 0")
         if self.device not in ("", "auto", "cpu", "cuda", "mps"):
             raise ConfigError(_env_name("device"), self.device, "auto, cpu, cuda or mps")
+        if self.fair_share not in ("time", "steps"):
+            raise ConfigError(_env_name("fair_share"), self.fair_share, "time or steps")
 
     @property
     def n_threads(self) -> int:
@@ -138,6 +148,7 @@ class WalkHandle:
         self.max_rate: float | None = None  # steps per second while running (None: as fast as the engine goes)
         self._running = False
         self._next_due = 0.0
+        self.engine_seconds = 0.0  # the engine's time charged to this walk (its share of each batch step)
         self.last_seen = time.monotonic()
         self.is_closed = False
 
@@ -414,9 +425,16 @@ class Engine:
         return min([1.0, *[max(w, 0.001) for w in waits]])
 
     def _round(self) -> None:
-        """Every due walk takes one step: compatible ones as one batch, groups in turn, calls served between."""
+        """The due walks furthest behind in engine time (every due walk, with fair_share 'steps') take one step:
+        compatible ones as one batch, groups in turn, calls served between."""
         with self._cond:
             due = self._due()
+        if due and self.settings.fair_share == "time":
+            most = max(h.engine_seconds for h in due)
+            for h in due:  # nobody is owed more than FAIR_CREDIT (a walk started or resumed later, slow motion)
+                h.engine_seconds = max(h.engine_seconds, most - FAIR_CREDIT)
+            least = min(h.engine_seconds for h in due)
+            due = [h for h in due if h.engine_seconds <= least + FAIR_QUANTUM]
         groups: dict[object, list[WalkHandle]] = {}
         for h in due:
             key = batch_key(h.walker) if self.settings.batching else None
@@ -476,9 +494,11 @@ class Engine:
             traceback.print_exc(file=sys.stderr)
             results = [GeodesicError(f"internal error while stepping ({type(err).__name__}: {err}); "
                                      "the walk is kept at its last point") for _ in handles]
-        self.tuner.record(kind, threads, (time.perf_counter() - t0) / len(handles))
+        seconds = (time.perf_counter() - t0) / len(handles)
+        self.tuner.record(kind, threads, seconds)
         now = time.monotonic()
         for handle, result in zip(handles, results, strict=True):
+            handle.engine_seconds += seconds
             if isinstance(result, BaseException):
                 handle._stop(str(result))
                 self.n_errors += 1

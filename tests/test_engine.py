@@ -89,17 +89,69 @@ def test_sessions_walk_at_once_through_one_engine(engine):
     assert engine.n_errors == 0
 
 
-def test_every_running_walk_gets_steps_in_turn(engine):
-    """Two batchable walks, a penalty walk and a CG walk (never batched): equal steps per round."""
-    walkers = [_walker(seed=0), _walker(seed=1), _walker(solver="penalty"), _walker(linear_solver="cg")]
-    handles = [engine.open(w, "class") for w in walkers]
-    for h in handles:
-        h.run()
-    _wait(lambda: min(w.n_steps for w in walkers) >= 10)
-    for h in handles:
+def test_every_running_walk_gets_steps_in_turn():
+    """fair_share 'steps': two batchable walks, a penalty walk and a CG walk (never batched), equal steps per
+    round."""
+    engine = Engine(EngineSettings(threads=1, fair_share="steps"))
+    try:
+        walkers = [_walker(seed=0), _walker(seed=1), _walker(solver="penalty"), _walker(linear_solver="cg")]
+        handles = [engine.open(w, "class") for w in walkers]
+        for h in handles:
+            h.run()
+        _wait(lambda: min(w.n_steps for w in walkers) >= 10)
+        for h in handles:
+            h.pause()
+        counts = [w.n_steps for w in walkers]
+        assert max(counts) - min(counts) <= 2, counts
+    finally:
+        engine.stop()
+
+
+class _SlowWalker:
+    """A walker whose every step also takes `seconds` of the engine's time (a big model's step, in a test)."""
+
+    def __init__(self, walker, seconds):
+        self._walker, self._seconds = walker, seconds
+
+    def step(self):
+        time.sleep(self._seconds)
+        return self._walker.step()
+
+    def __getattr__(self, name):
+        return getattr(self._walker, name)
+
+
+def test_walks_share_the_engines_time_not_its_steps(engine):
+    """Beside a walk whose steps take 0.2 s, a light walk takes many steps to its one, and both get about half
+    of the engine's time; a walk started later is owed at most FAIR_CREDIT."""
+    from geodesic.engine import FAIR_CREDIT
+
+    heavy_walker = _SlowWalker(_walker(linear_solver="cg"), 0.2)  # CG: never batched with the light walk
+    light_walker = _walker(seed=1)
+    heavy, light = engine.open(heavy_walker, "a"), engine.open(light_walker, "b")
+    heavy.run()
+    light.run()
+    _wait(lambda: heavy_walker.n_steps >= 5)
+    for h in (heavy, light):
         h.pause()
-    counts = [w.n_steps for w in walkers]
-    assert max(counts) - min(counts) <= 2, counts
+    assert light_walker.n_steps >= 5 * heavy_walker.n_steps, (light_walker.n_steps, heavy_walker.n_steps)
+    share = light.engine_seconds / (light.engine_seconds + heavy.engine_seconds)
+    assert 0.3 < share < 0.7, share
+    # a third walk started now is owed at most FAIR_CREDIT of the others' time, not all of it
+    late_walker = _walker(seed=2)
+    late = engine.open(late_walker, "c")
+    for h in (heavy, light, late):
+        h.run()
+    _wait(lambda: heavy_walker.n_steps >= 8)
+    for h in (heavy, light, late):
+        h.pause()
+    assert late.engine_seconds >= max(heavy.engine_seconds, light.engine_seconds) - FAIR_CREDIT - 0.3
+
+
+def test_fair_share_setting_is_checked():
+    with pytest.raises(ConfigError, match="GEODESIC_FAIR_SHARE"):
+        EngineSettings(fair_share="random")
+    assert EngineSettings.from_env({"GEODESIC_FAIR_SHARE": "steps"}).fair_share == "steps"
 
 
 def test_step_once_takes_exactly_one_step_while_others_run(engine):
