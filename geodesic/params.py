@@ -45,12 +45,6 @@ def norm(a: Params) -> Tensor:
     return dot(a, a).clamp_min(0).sqrt()
 
 
-def cosine(a: Params, b: Params) -> float:
-    """cos(a, b); 0 when either is the zero vector."""
-    denom = float(norm(a) * norm(b))
-    return float(dot(a, b)) / denom if denom > 0 else 0.0
-
-
 def flatten(a: Params, keys: Iterable[str] | None = None) -> Tensor:
     """One 1-D tensor of every entry, in key order (the order of `a` unless `keys` is given)."""
     keys = list(a) if keys is None else list(keys)
@@ -67,7 +61,8 @@ def unflatten(flat: Tensor, like: Params) -> Params:
 
 
 def is_finite(a: Params) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in a.values())
+    # one answer from the device for all tensors, not one per tensor (each is a wait on a GPU)
+    return not a or bool(torch.stack([torch.isfinite(v).all() for v in a.values()]).all())
 
 
 def flush_subnormal(a: Params) -> Params:

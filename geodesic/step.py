@@ -62,7 +62,8 @@ def trust_region_kernel(jac, v, goal_weight: float, radius: float):
     back = rows.rmatvec(y[0].to(dtype))
     half_beta = goal_weight / 2
     theta = {k: along_v[0].to(p) * p + half_beta * back[k].view_as(p) for k, p in v.items()}
-    return theta, float(mu[0]), float(functional[0])
+    mu_value, functional_value = torch.stack([mu[0].double(), functional[0].double()]).tolist()
+    return theta, mu_value, functional_value
 
 
 # The CPU solves μ through the eigendecomposition (MKL's is fast there); True sends it the GPU's way (the tests).
@@ -132,7 +133,8 @@ def trust_region_coefficients(kernel: Tensor, jv: Tensor, v_norm2: Tensor, goal_
     On a GPU the eigendecomposition is left out (`_coefficients_by_cholesky`) unless μ falls to the noise floor
     of K, where only the eigendecomposition's rank cut-off tells signal from noise.
     """
-    if not (torch.isfinite(kernel).all() and torch.isfinite(jv).all() and torch.isfinite(v_norm2).all()):
+    finite = torch.stack([torch.isfinite(t).all().to(kernel.device) for t in (kernel, jv, v_norm2)]).all()
+    if not bool(finite):  # one wait for the device, not three
         raise WalkDiverged("the metric or the goal direction is not finite")
     device = kernel.device
     half_beta = goal_weight.double().to(device) / 2

@@ -25,7 +25,7 @@ from .guard import accepts, guard_inputs, guard_outputs
 from .measures import logits_of, loss_and_accuracy
 from .metric import PullbackMetric
 from .models import Network, NetworkFunction, recompute_batchnorm
-from .params import Params, add, clone, cosine, flush_subnormal, is_finite, norm, scale, unflatten
+from .params import Params, add, clone, dot, flush_subnormal, is_finite, norm, scale, unflatten
 from .path import PathPoint, PathRecord, WeightTrace
 from .step import STEP_RULES
 
@@ -205,9 +205,13 @@ class Walker:
         walks at once, with the 'kept' share of the batch), when known; kept: that share, for the adaptive step."""
         if facts is None:
             moved = {k: new_params[k] - self.params[k] for k in new_params}  # the step actually taken
-            facts = {"step_norm": float(norm(moved)), "alignment": cosine(moved, goal_direction), "trace_row": None}
+            # cos(θ, v_goal) (0 for a zero vector) and the norms, from one answer of the device
+            moved_norm, goal_norm = norm(moved), norm(goal_direction)
+            step_norm, denom, inner, goal_norm = torch.stack(
+                [moved_norm, moved_norm * goal_norm, dot(moved, goal_direction), goal_norm]).tolist()
+            facts = {"step_norm": step_norm, "alignment": inner / denom if denom > 0 else 0.0, "trace_row": None}
             if self.trust is not None and not self.goal.is_point_target:
-                facts["goal_norm"] = float(norm(goal_direction))
+                facts["goal_norm"] = goal_norm
         radius = self.radius()  # what this step was allowed (the record still ends at the step's start)
         step_norm = facts["step_norm"]
         self._euclidean_length += step_norm
@@ -293,7 +297,10 @@ class Walker:
         """What is recorded about a point besides its step: loss and accuracy per task, drift, sparsity, distance
         to the goal and the goal's own numbers."""
         values = measure_values(self.goal, self.model_fn, self.network.prunable, params, self.measure_inputs())
-        return measures_to_fields({k: float(v) for k, v in values.items()})
+        device = next(iter(params.values())).device
+        # one answer from the device for every measure (float() of each would wait for it once per value)
+        flat = torch.stack([torch.as_tensor(v, device=device).double() for v in values.values()]).tolist()
+        return measures_to_fields(dict(zip(values, flat, strict=True)))
 
     def _point(self, **fields) -> PathPoint:
         return PathPoint(step_size=self.step_size, goal_weight=self.goal_weight, restoring_weight=self.restoring_weight,
