@@ -1,0 +1,65 @@
+"""How many times one walker step waits for the device: every float(), bool(), .item(), .tolist() or .numpy() of
+a tensor, counted on this machine's CPU (on a GPU each is a wait for the queued kernels), by source line.
+
+The constrained step is solved the GPU's way (μ by Cholesky, step.CHOLESKY_ON_CPU), so the count is the GPU's.
+
+Usage: python bench/syncs.py [--goal sparsify] [--solver constrained] [--steps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+from geodesic import step as step_module  # noqa: E402
+from geodesic.config import GoalConfig, RunConfig, default_walk  # noqa: E402
+from geodesic.experiment import build  # noqa: E402
+
+WAITS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+         torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__index__}
+
+
+class CountWaits(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.by_line: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in WAITS:
+            frames = [f for f in traceback.extract_stack()[:-1] if "/geodesic/" in f.filename]
+            if frames:
+                f = frames[-1]
+                self.by_line[f"{f.filename.split('/')[-1]}:{f.lineno}  {(f.line or '')[:80]}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--goal", default="sparsify")
+    parser.add_argument("--solver", default="constrained")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    step_module.CHOLESKY_ON_CPU = True
+    walker = build(RunConfig(goal=GoalConfig(kind=args.goal),
+                             walk=default_walk(args.goal, args.solver, n_steps=10**6))).walker
+    for _ in range(3):
+        walker.step()
+    counter = CountWaits()
+    with counter:
+        for _ in range(args.steps):
+            walker.step()
+    total = sum(counter.by_line.values()) / args.steps
+    print(f"{args.goal} {args.solver}: {total:.1f} waits per step")
+    for line, n in counter.by_line.most_common():
+        print(f"  {n / args.steps:5.1f}  {line}")
+
+
+if __name__ == "__main__":
+    main()
