@@ -110,8 +110,16 @@ class Walker:
             self.fail_diverged()
         except torch.OutOfMemoryError as err:  # nothing was changed: the walk stays at its last point
             self.fail_out_of_memory(err)
-        landed, event = self.land(new_params, functional_step)
-        point = self.commit(landed, event, step.goal_direction, functional_step, step_seconds, kept=step.kept)
+        measures = None
+        if self.goal.is_point_target and not self.network.has_batchnorm:
+            # Measured before landing, as WalkBatch does: the goal's distance comes with the measures (for
+            # sparsify one global top-k and one wait for the device fewer); re-measured if the walk lands elsewhere.
+            measures = self.measures(new_params)
+        landed, event = self.land(new_params, functional_step, None if measures is None else measures["goal_distance"])
+        if landed is not new_params:
+            measures = None
+        point = self.commit(landed, event, step.goal_direction, functional_step, step_seconds, measures=measures,
+                            kept=step.kept)
         self.remember_guard(new_params, guarded)
         return point
 

@@ -127,7 +127,7 @@ def test_walks_share_the_engines_time_not_its_steps(engine):
     from geodesic.engine import FAIR_CREDIT
 
     heavy_walker = _SlowWalker(_walker(linear_solver="cg"), 0.2)  # CG: never batched with the light walk
-    light_walker = _walker(seed=1)
+    light_walker = _walker("new-task", seed=1)  # a walk with no end point: it walks the whole time
     heavy, light = engine.open(heavy_walker, "a"), engine.open(light_walker, "b")
     heavy.run()
     light.run()
@@ -138,7 +138,7 @@ def test_walks_share_the_engines_time_not_its_steps(engine):
     share = light.engine_seconds / (light.engine_seconds + heavy.engine_seconds)
     assert 0.3 < share < 0.7, share
     # a third walk started now is owed at most FAIR_CREDIT of the others' time, not all of it
-    late_walker = _walker(seed=2)
+    late_walker = _walker("new-task", seed=2)
     late = engine.open(late_walker, "c")
     for h in (heavy, light, late):
         h.run()
