@@ -342,7 +342,8 @@ def constrained_step(params: Params, goal, batch, probe: Tensor, config: WalkCon
     if config.linear_solver == "kernel" or (config.linear_solver == "auto" and n_rows <= 2048):
         dense_ok = config.linear_solver == "kernel" or dense_jacobian_fits(n_rows, n_params, probe.device)
         # None: only a dense L would do, and it is too big. Asked for the exact step (kernel), the factored rows
-        # are taken whatever their size: they are always smaller than the dense L that would be written instead.
+        # are taken whatever their size: the dense L, the alternative, holds far more (5.9 GB against 0.6 GB for
+        # VGG11's conv rows on 32×32 inputs, BENCHMARKS.md).
         rows = metric.jacobian_rows(params, allow_dense=dense_ok, size_rule=config.linear_solver != "kernel")
     if rows is not None:
         theta, mu, functional = trust_region_kernel(rows, v, config.goal_weight, radius)
