@@ -3,7 +3,9 @@ a tensor, counted on this machine's CPU (on a GPU each is a wait for the queued 
 
 The constrained step is solved the GPU's way (μ by Cholesky, step.CHOLESKY_ON_CPU), so the count is the GPU's.
 
-Usage: python bench/syncs.py [--goal sparsify] [--solver constrained] [--steps 5]
+With --walks K > 1 it counts one batch step of K such walks (WalkBatch, as the engine steps them).
+
+Usage: python bench/syncs.py [--goal sparsify] [--solver constrained] [--steps 5] [--walks 8]
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from geodesic import step as step_module  # noqa: E402
+from geodesic.batch import WalkBatch  # noqa: E402
 from geodesic.config import GoalConfig, RunConfig, default_walk  # noqa: E402
 from geodesic.experiment import build  # noqa: E402
 
@@ -45,18 +48,23 @@ def main() -> None:
     parser.add_argument("--goal", default="sparsify")
     parser.add_argument("--solver", default="constrained")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--walks", type=int, default=1)
     args = parser.parse_args()
     step_module.CHOLESKY_ON_CPU = True
     walker = build(RunConfig(goal=GoalConfig(kind=args.goal),
                              walk=default_walk(args.goal, args.solver, n_steps=10**6))).walker
+    step = walker.step
+    if args.walks > 1:
+        step = WalkBatch([walker.branch(0, seed=i) for i in range(args.walks)]).step
     for _ in range(3):
-        walker.step()
+        step()
     counter = CountWaits()
     with counter:
         for _ in range(args.steps):
-            walker.step()
+            step()
     total = sum(counter.by_line.values()) / args.steps
-    print(f"{args.goal} {args.solver}: {total:.1f} waits per step")
+    what = "walker step" if args.walks == 1 else f"batch step of {args.walks} walks"
+    print(f"{args.goal} {args.solver}: {total:.1f} waits per {what}")
     for line, n in counter.by_line.most_common():
         print(f"  {n / args.steps:5.1f}  {line}")
 

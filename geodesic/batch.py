@@ -336,7 +336,8 @@ class WalkBatch:
         prunable = walkers[0].network.prunable
         measure = lambda p, inputs: measure_values(self.goal, self.model_fn, prunable, p, inputs)
         values = vmap(measure, in_dims=(0, _in_dims(static)))(params, static)
-        columns = {k: v.tolist() for k, v in values.items()}  # one device-to-host copy per measure
+        # one device-to-host copy for every measure of every walk (float64 holds each dtype's values exactly)
+        columns = dict(zip(values, torch.stack([v.double() for v in values.values()]).tolist(), strict=True))
         return [measures_to_fields({k: column[i] for k, column in columns.items()}) for i in range(len(walkers))]
 
 
