@@ -10,8 +10,8 @@ and nobody would get faster with more hardware. Here a single worker thread does
   (a batch's split among its walks), and a round steps the walks whose charge is within `FAIR_QUANTUM` of the
   least. Walks that cost alike step in turn; beside a VGG walk of 350 ms a step, an MLP walk of 5 ms takes
   about 70 steps to its one instead of one (the MLP's page would otherwise crawl at the VGG's pace). A walk
-  banks at most `FAIR_CREDIT` seconds, so one started, resumed or sped up later does not take the engine for
-  long. Compatible walks step together as one `WalkBatch` (batch.py): same architecture, step rule, probe and
+  that starts, resumes or leaves slow motion is owed at most `FAIR_CREDIT` seconds by the running ones, so it
+  does not take the engine for long. Compatible walks step together as one `WalkBatch` (batch.py): same architecture, step rule, probe and
   batch shapes and device. A Step click or a `call` (a spectrum, a contour) is served between two batch steps,
   so it waits for at most one of them.
 - A walk that diverges or runs out of memory stops with its own message (`handle.error`); the others go on.
@@ -45,7 +45,7 @@ from .walker import Walker
 
 SWITCH_INTERVAL = float(os.environ.get("GEODESIC_SWITCH_INTERVAL", "0.0002"))  # seconds; see Engine._loop
 FAIR_QUANTUM = 0.02  # seconds: walks charged within this of the least step in the same round (fair_share 'time')
-FAIR_CREDIT = 0.5  # seconds: the most engine time a walk can be owed by the others
+FAIR_CREDIT = 0.5  # seconds: the most engine time a walk joining the running ones can be owed by them
 
 
 class CapacityError(GeodesicError):
@@ -172,7 +172,10 @@ class WalkHandle:
 
     def set_rate(self, steps_per_second: float | None) -> None:
         """Slow motion: at most this many steps per second (None or 0: as fast as possible)."""
-        self.max_rate = steps_per_second or None
+        with self.engine._cond:
+            if self.max_rate and not steps_per_second:  # back to full speed: owed at most FAIR_CREDIT
+                self.engine._rejoin(self)
+            self.max_rate = steps_per_second or None
 
     def swap(self, walker: Walker) -> None:
         """Drive another walker (a branch, or a rebuilt walk); pauses first."""
@@ -340,8 +343,16 @@ class Engine:
                 raise CapacityError(f"the server runs {s.max_walks} walks, its limit (GEODESIC_MAX_WALKS): try "
                                     "again when one pauses or finishes, or ask whoever runs the server to raise it")
             handle.error, handle._running, handle._next_due = None, True, 0.0
+            self._rejoin(handle)
             self._ensure_thread()
             self._cond.notify_all()
+
+    def _rejoin(self, handle: WalkHandle) -> None:
+        """A walk that starts, resumes or leaves slow motion is owed at most FAIR_CREDIT seconds by the running
+        walks (it would otherwise take the engine until its charge caught up with theirs). Called under _cond."""
+        others = [h.engine_seconds for h in self._handles if h is not handle and h.is_running]
+        if others:
+            handle.engine_seconds = max(handle.engine_seconds, min(others) - FAIR_CREDIT)
 
     def _call_soon(self, fn: Callable) -> Future:
         future: Future = Future()
@@ -430,9 +441,6 @@ class Engine:
         with self._cond:
             due = self._due()
         if due and self.settings.fair_share == "time":
-            most = max(h.engine_seconds for h in due)
-            for h in due:  # nobody is owed more than FAIR_CREDIT (a walk started or resumed later, slow motion)
-                h.engine_seconds = max(h.engine_seconds, most - FAIR_CREDIT)
             least = min(h.engine_seconds for h in due)
             due = [h for h in due if h.engine_seconds <= least + FAIR_QUANTUM]
         groups: dict[object, list[WalkHandle]] = {}

@@ -137,15 +137,28 @@ def test_walks_share_the_engines_time_not_its_steps(engine):
     assert light_walker.n_steps >= 5 * heavy_walker.n_steps, (light_walker.n_steps, heavy_walker.n_steps)
     share = light.engine_seconds / (light.engine_seconds + heavy.engine_seconds)
     assert 0.3 < share < 0.7, share
-    # a third walk started now is owed at most FAIR_CREDIT of the others' time, not all of it
+    # a third walk started now is owed at most FAIR_CREDIT of the others' time, not all of it: the others go on
     late_walker = _walker("new-task", seed=2)
     late = engine.open(late_walker, "c")
-    for h in (heavy, light, late):
-        h.run()
+    heavy.run()
+    light.run()
+    late.run()
+    assert late.engine_seconds >= min(heavy.engine_seconds, light.engine_seconds) - FAIR_CREDIT - 1e-9
+    light_steps = light_walker.n_steps
     _wait(lambda: heavy_walker.n_steps >= 8)
     for h in (heavy, light, late):
         h.pause()
-    assert late.engine_seconds >= max(heavy.engine_seconds, light.engine_seconds) - FAIR_CREDIT - 0.3
+    assert light_walker.n_steps > light_steps + 20 and late_walker.n_steps > 20
+    # leaving slow motion: owed at most FAIR_CREDIT by the running walks too
+    heavy.run()
+    light.run()
+    late.set_rate(1.0)
+    late.engine_seconds = 0.0  # as if it had stepped slowly for a long time
+    late.set_rate(None)
+    assert late.engine_seconds >= min(heavy.engine_seconds, light.engine_seconds) - FAIR_CREDIT - 0.3
+    assert late.engine_seconds > 0
+    heavy.pause()
+    light.pause()
 
 
 def test_fair_share_setting_is_checked():
