@@ -11,9 +11,9 @@ and nobody would get faster with more hardware. Here a single worker thread does
   least. Walks that cost alike step in turn; beside a VGG walk of 350 ms a step, an MLP walk of 5 ms takes
   about 70 steps to its one instead of one (the MLP's page would otherwise crawl at the VGG's pace). A walk
   that starts, resumes or leaves slow motion is owed at most `FAIR_CREDIT` seconds by the running ones, so it
-  does not take the engine for long. Compatible walks step together as one `WalkBatch` (batch.py): same architecture, step rule, probe and
-  batch shapes and device. A Step click or a `call` (a spectrum, a contour) is served between two batch steps,
-  so it waits for at most one of them.
+  does not take the engine for long. Compatible walks step together as one `WalkBatch` (batch.py): same
+  architecture, step rule, probe and batch shapes and device. A Step click or a `call` (a spectrum, a contour)
+  is served between two batch steps, so it waits for at most one of them.
 - A walk that diverges or runs out of memory stops with its own message (`handle.error`); the others go on.
   A running walk nobody has looked at for `idle_seconds` (its page was closed) is paused and its slot freed.
 - Limits (`EngineSettings`, from `geodesic-server.toml` or the environment): running walks in total and per
