@@ -16,11 +16,15 @@ export PYTHONUNBUFFERED=1 GEODESIC_CACHE=${GEODESIC_CACHE:-$(mktemp -d)}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
   $py -c "import torch, os; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cpus', os.cpu_count())"
   $py -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_batch.py 2>&1 | tail -2
-  echo "== batch_profile $device"
+  echo "== batch_profile $device (steps replayed as CUDA graphs, graphs.py 'auto')"
   $py bench/batch_profile.py --device "$device" --walks 1,8,32 --steps 20 --profile 32 2>&1 | grep -v -i "warn\|USDT"
-  echo "== batch_profile $device, new-task constrained (issue 11's fan of 8 against one walk)"
+  echo "== batch_profile $device without graphs (GEODESIC_CUDA_GRAPHS=off: every kernel launched from Python)"
+  GEODESIC_CUDA_GRAPHS=off $py bench/batch_profile.py --device "$device" --walks 1,8,32 --steps 20 2>&1 | grep '^{'
+  echo "== batch_profile $device, new-task constrained (issue 11's fan of 8 against one walk), graphs and not"
   $py bench/batch_profile.py --device "$device" --goal new-task --solvers constrained --walks 1,8 --steps 20 2>&1 \
     | grep '^{'
+  GEODESIC_CUDA_GRAPHS=off $py bench/batch_profile.py --device "$device" --goal new-task --solvers constrained \
+    --walks 1,8 --steps 20 2>&1 | grep '^{'
   echo "== batch_profile cpu"
   $py bench/batch_profile.py --device cpu --walks 1,8,32 --steps 10 2>&1 | grep '^{'
   echo "== load $device"

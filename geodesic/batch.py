@@ -13,6 +13,7 @@ memory) is retried walk by walk from the same draws, so only the walk at fault s
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 from torch.profiler import record_function
 
+from . import graphs
 from .errors import GeodesicError
 from .guard import HALVINGS as GUARD_HALVINGS
 from .guard import accepts, guard_inputs, guard_outputs
@@ -27,7 +29,7 @@ from .metric import PullbackMetric
 from .params import Params, flush_subnormal
 from .path import PathPoint
 from .rows import DenseRows, conv_rows_fit, factored_layers, linear_layer_factors, rows_from_factors
-from .step import dense_jacobian_fits, trust_region_coefficients
+from .step import coefficients_without_waiting, dense_jacobian_fits, trust_region_coefficients
 from .walker import Walker, measure_values, measures_to_fields
 
 
@@ -120,6 +122,7 @@ class WalkBatch:
         self.goal, self.model_fn, self.config = lead.goal, lead.model_fn, lead.config
         self.rows_kind = rows_kind(lead)
         self._static: dict[tuple, object] = {}
+        self.fused_failed = False  # its CUDA graph could not be recorded: this batch steps the waiting way
 
     def __len__(self) -> int:
         return len(self.walkers)
@@ -139,7 +142,7 @@ class WalkBatch:
         for walker, state in zip(active, states, strict=True):
             walker.generator.set_state(state)
             try:
-                results.append(walker.step())
+                results.append(walker.step_waiting())
             except GeodesicError as err:
                 results.append(err)
         return results
@@ -156,9 +159,14 @@ class WalkBatch:
     def _step_together(self, walkers: list[Walker]) -> list[PathPoint | GeodesicError]:
         # The named ranges show up in torch.profiler (bench/batch_profile.py --profile K).
         t0 = time.perf_counter()
-        goal, model_fn, cfg = self.goal, self.model_fn, self.config
+        goal, cfg = self.goal, self.config
         with record_function("batch.draw"):
             draws = [w.draw() for w in walkers]
+        if self._fused_wanted(walkers):
+            results = self._step_fused(walkers, draws, t0)
+            if results is not None:
+                return results
+        with record_function("batch.draw"):
             params = _stack([w.params for w in walkers])
             probes = torch.stack([probe for _, probe in draws])
             configs = [w.step_config() for w in walkers]
@@ -179,13 +187,8 @@ class WalkBatch:
 
         with record_function("batch.solve"):
             if cfg.solver == "penalty":
-                # u = ∇R − λ v_goal,  θ = −ε u / ‖u‖   (penalty_step, for K walks)
-                u = {k: grad_restoring[k] - _bcast(per_walk(goal_weight), v) * v for k, v in v_goal.items()}
-                length = _batched_norm2(u).sqrt()
-                factor = torch.where(length > 0, -radius.to(device) / length.clamp_min(1e-300), 0)
-                theta = {k: _bcast(per_walk(factor), v) * v for k, v in u.items()}
-                squared_norm = lambda p, x, t: PullbackMetric(model_fn, x, cfg.metric).squared_norm(t, p)
-                functional = vmap(squared_norm)(params, probes, theta)
+                theta, functional = self._penalty(params, probes, v_goal, grad_restoring, radius, goal_weight,
+                                                  per_walk)
             else:
                 theta, functional = self._constrained(walkers, params, probes, v_goal, grad_restoring, radius,
                                                       goal_weight, per_walk)
@@ -207,6 +210,12 @@ class WalkBatch:
             known = self._step_facts(walkers, params, new_params, theta, v_goal, functional)
             for facts, k in zip(known, kept.cpu().tolist(), strict=True):
                 facts["kept"] = k  # for the adaptive step size
+        return self._commit(walkers, new_params, v_goal, known, measures, step_seconds, guard_after)
+
+    def _commit(self, walkers: list[Walker], new_params: Params, v_goal: Params, known: list[dict],
+                measures: list[dict], step_seconds: float, guard_after: Tensor | None
+                ) -> list[PathPoint | GeodesicError]:
+        """Each walker lands and records its point (its own `land` and `commit`, as a lone step)."""
         results: list[PathPoint | GeodesicError] = []
         with record_function("batch.commit"):
             for i, walker in enumerate(walkers):
@@ -224,13 +233,152 @@ class WalkBatch:
                                              measures[i] if kept else None, facts if kept else None))
                 if guard_after is not None:
                     walker.remember_guard(stepped, guard_after[i])
+                if "mu" in facts:
+                    walker.__dict__["_last_mu"] = facts["mu"]  # the next fused step's Newton starts there
         return results
 
-    def _step_facts(self, walkers: list[Walker], params: Params, new_params: Params, theta: Params,
-                    v_goal: Params, functional: Tensor) -> list[dict]:
-        """For each walk: whether its new point is finite, ‖Δw‖, cos(Δw, v_goal), θᵀgθ and its trace row."""
+    # -- the fused step: one computation with no wait for the device, recorded as a CUDA graph ------------------
+    def _fused_wanted(self, walkers: list[Walker]) -> bool:
+        """Whether this step runs fused (graphs.py decides for the device; FUSED_ON_CPU runs it eagerly, for the
+        tests). Not for dense Jacobian rows: they are the big models' way, where launches do not dominate."""
+        if self.rows_kind == "dense" or self.fused_failed:
+            return False
+        params = walkers[0].params
+        device = next(iter(params.values())).device
+        if FUSED_ON_CPU and device.type == "cpu":
+            return True
+        return graphs.wanted(device, sum(v.numel() for v in params.values()))
+
+    def _fused_inputs(self, walkers: list[Walker], draws: list[tuple]) -> dict:
+        """What changes from one step to the next, as tensors on the walks' device: the fused step's inputs."""
+        probes = torch.stack([probe for _, probe in draws])
+        device = probes.device
+        configs = [w.step_config() for w in walkers]
+        last_mu = [w.__dict__.get("_last_mu", math.inf) for w in walkers]
+        numbers = torch.tensor([[w.radius() for w in walkers], [c.goal_weight for c in configs],
+                                [w.restoring_weight for w in walkers], [w.step_size for w in walkers], last_mu],
+                               dtype=torch.float64).to(device)
+        return {"params": _stack([w.params for w in walkers]), "probes": probes,
+                "direction": _stack([w.goal.direction_inputs(b) for w, (b, _) in zip(walkers, draws, strict=True)]),
+                "restoring": _stack([w.goal.restoring_inputs(b) for w, (b, _) in zip(walkers, draws, strict=True)]),
+                "numbers": dict(zip(("radius", "goal_weight", "restoring_weight", "max_step", "mu_start"), numbers,
+                                    strict=True))}
+
+    def _fused_fn(self, walkers: list[Walker], inputs: dict):
+        """The fused step for this membership: a graphs.Captured on a GPU (recorded at its first use and kept
+        with the tensors it reads), the plain function on the CPU; None when it cannot be recorded."""
+        key = ("fused", *(id(w) for w in walkers))
+        if key in self._static:
+            return self._static[key][0]
+        static = self._static_inputs(walkers)
+        guard = self._guard_static(walkers) if self.config.step_guard else None
+        layout: list[str] = []
+        fn = lambda inp: self._fused(walkers, inp, static, guard, layout)  # noqa: E731
+        try:  # on the CPU (the tests) the same buffers and outputs, with a plain call in place of the replay
+            fn = graphs.Captured(fn, inputs, record=next(iter(inputs["params"].values())).device.type == "cuda")
+        except graphs.CaptureFailed as err:
+            graphs.report_once(f"{err} ({self.goal.name}, {self.config.solver} rule)")
+            self.fused_failed = True
+            return None
+        self._static[key] = (fn, layout, static, guard)
+        return fn
+
+    def _fused(self, walkers: list[Walker], inp: dict, static: dict, guard: tuple | None, layout: list[str]) -> dict:
+        """Everything a batch step computes on the device, with no wait for it: the rule's θ, where it lands, the
+        guard's first try there, the measurements and the step's facts. The walks' numbers come back as one
+        (K, n) float64 tensor whose columns `layout` names (filled on the first call)."""
+        goal, cfg = self.goal, self.config
+        params, probes, numbers = inp["params"], inp["probes"], dict(inp["numbers"])
+        per_walk = lambda x: x.to(dtype=probes.dtype)  # noqa: E731 - already on the device
+        v_goal = vmap(goal.direction_value)(params, *inp["direction"])
+        grad_restoring, (_, kept) = vmap(grad_and_value(goal.restoring_value_and_kept, has_aux=True))(
+            params, *inp["restoring"])
+        if cfg.solver == "penalty":
+            theta, functional = self._penalty(params, probes, v_goal, grad_restoring, numbers["radius"],
+                                              numbers["goal_weight"], per_walk)
+            numbers.update(mu=torch.full_like(numbers["radius"], math.nan), solved=torch.ones_like(kept, dtype=bool))
+        else:
+            theta, functional = self._constrained(walkers, params, probes, v_goal, grad_restoring, numbers["radius"],
+                                                  numbers["goal_weight"], per_walk, numbers=numbers)
+        new_params = flush_subnormal({k: params[k] + theta[k] for k in params})
+        columns = {"solved": numbers["solved"], "mu": numbers["mu"], "kept": kept}
+        after = None
+        if guard is not None:
+            (inputs, classes), outputs = guard, vmap(lambda p, x: guard_outputs(self.model_fn, p, x))
+            after = outputs(new_params, inputs)
+            columns["accepted"] = accepts(outputs(params, inputs), after, classes, cfg.step_guard)
+        facts, new_flat = self._step_fact_values(params, new_params, theta, v_goal, functional)
+        columns.update(facts)
+        prunable = walkers[0].network.prunable
+        measure = lambda p, x: measure_values(goal, self.model_fn, prunable, p, x)  # noqa: E731
+        columns.update({f"measure:{k}": v for k, v in vmap(measure, in_dims=(0, _in_dims(static)))(
+            new_params, static).items()})
+        layout[:] = list(columns)
+        return {"numbers": torch.stack([v.to(torch.float64) for v in columns.values()], 1), "theta": theta,
+                "v_goal": v_goal, "new_params": new_params, "after": after, "new_flat": new_flat}
+
+    def _step_fused(self, walkers: list[Walker], draws: list[tuple], t0: float
+                    ) -> list[PathPoint | GeodesicError] | None:
+        """The step through the fused computation; None when it cannot decide for every walk (a μ not solved in
+        NEWTON_ITERATIONS, inputs not finite): then the batch steps the waiting way from the same draws."""
+        with record_function("batch.fused"):
+            inputs = self._fused_inputs(walkers, draws)
+            if self.config.solver == "constrained":
+                self._check_rows_fit(walkers, inputs["probes"])
+            fn = self._fused_fn(walkers, inputs)
+            if fn is None:
+                return None
+            out = fn(inputs)
+            layout = self._static[("fused", *(id(w) for w in walkers))][1]
+            table = out["numbers"].cpu()  # the one wait for the device
+        columns = {name: table[:, j] for j, name in enumerate(layout)}
+        if not bool(columns["solved"].all()):
+            return None
+        new_params = {k: v.clone() for k, v in out["new_params"].items()}  # the graph's outputs are overwritten
+        v_goal = {k: v.clone() for k, v in out["v_goal"].items()}
+        after = None if out["after"] is None else out["after"].clone()
+        step_seconds = (time.perf_counter() - t0) / len(walkers)
+        rows = out["new_flat"].detach().float().cpu().numpy() if walkers[0].trace.is_exact else None
+        known = [{"finite": bool(columns["finite"][i]), "step_norm": float(columns["step_norm"][i]),
+                  "alignment": float(columns["alignment"][i]), "functional_step": float(columns["functional_step"][i]),
+                  "goal_norm": float(columns["goal_norm"][i]), "kept": float(columns["kept"][i]),
+                  "trace_row": None if rows is None else rows[i].copy()} for i in range(len(walkers))]
+        if self.config.solver == "constrained":
+            for i, facts in enumerate(known):
+                facts["mu"] = float(columns["mu"][i])
+        measures = [measures_to_fields({name[len("measure:"):]: float(column[i]) for name, column in columns.items()
+                                        if name.startswith("measure:")}) for i in range(len(walkers))]
+        if "accepted" in columns and not bool(columns["accepted"].all()):
+            # Some step failed the guard's first try: halve those (the guard as the waiting step runs it) and
+            # measure again where the walks now land.
+            params = _stack([w.params for w in walkers])
+            theta = {k: v.clone() for k, v in out["theta"].items()}
+            new_params, taken, after = self._guard(walkers, params, theta)
+            for facts, share in zip(known, taken.tolist(), strict=True):
+                facts["functional_step"] *= share ** 2
+            refreshed = self._step_facts(walkers, params, new_params, theta, v_goal,
+                                         torch.tensor([f["functional_step"] for f in known]))
+            for facts, new in zip(known, refreshed, strict=True):
+                facts.update({k: new[k] for k in ("finite", "step_norm", "alignment", "trace_row")})
+            measures = self._measures(walkers, new_params)
+        return self._commit(walkers, new_params, v_goal, known, measures, step_seconds, after)
+
+    def _penalty(self, params, probes, v_goal, grad_restoring, radius, goal_weight, per_walk):
+        """θ and θᵀgθ for K walks of the penalty step: u = ∇R − λ v_goal, θ = −ε u / ‖u‖ (penalty_step, vectorised)."""
+        u = {k: grad_restoring[k] - _bcast(per_walk(goal_weight), v) * v for k, v in v_goal.items()}
+        length = _batched_norm2(u).sqrt()
+        factor = torch.where(length > 0, -radius.to(length.device) / length.clamp_min(1e-300), 0)
+        theta = {k: _bcast(per_walk(factor), v) * v for k, v in u.items()}
+        squared_norm = lambda p, x, t: PullbackMetric(self.model_fn, x, self.config.metric).squared_norm(t, p)  # noqa: E731
+        return theta, vmap(squared_norm)(params, probes, theta)
+
+    @staticmethod
+    def _step_fact_values(params: Params, new_params: Params, theta: Params, v_goal: Params, functional: Tensor
+                          ) -> tuple[dict[str, Tensor], Tensor]:
+        """({finite, step_norm (‖Δw‖), alignment (cos(Δw, v_goal)), functional_step (θᵀgθ), goal_norm}, each (K,);
+        the new points flat, (K, n)), on the device."""
         moved = {k: new_params[k] - params[k] for k in params}
-        flat = lambda tree: torch.cat([v.flatten(1) for v in tree.values()], 1)
+        flat = lambda tree: torch.cat([v.flatten(1) for v in tree.values()], 1)  # noqa: E731
         new_flat, moved_flat, goal_flat = flat(new_params), flat(moved), flat(v_goal)
         finite = torch.isfinite(new_flat).all(1) & torch.isfinite(functional)
         moved_norm = moved_flat.double().norm(dim=1)
@@ -238,33 +386,56 @@ class WalkBatch:
         dot = (moved_flat.double() * goal_flat.double()).sum(1)
         denom = moved_norm * goal_norm
         alignment = torch.where(denom > 0, dot / denom.clamp_min(1e-300), 0)
-        numbers = torch.stack([finite.double(), moved_norm, alignment, functional.double(), goal_norm], 1)
-        numbers = numbers.cpu().tolist()
+        values = {"finite": finite, "step_norm": moved_norm, "alignment": alignment,
+                  "functional_step": functional.double(), "goal_norm": goal_norm}
+        return values, new_flat
+
+    def _step_facts(self, walkers: list[Walker], params: Params, new_params: Params, theta: Params,
+                    v_goal: Params, functional: Tensor) -> list[dict]:
+        """For each walk: whether its new point is finite, ‖Δw‖, cos(Δw, v_goal), θᵀgθ and its trace row."""
+        values, new_flat = self._step_fact_values(params, new_params, theta, v_goal, functional)
+        numbers = torch.stack([v.double() for v in values.values()], 1).cpu().tolist()
         rows = new_flat.detach().float().cpu().numpy() if walkers[0].trace.is_exact else None
         return [{"finite": bool(f), "step_norm": n, "alignment": a, "functional_step": fs, "goal_norm": gn,
                  "trace_row": None if rows is None else rows[i].copy()}
                 for i, (f, n, a, fs, gn) in enumerate(numbers)]
 
-    def _constrained(self, walkers, params, probes, v_goal, grad_restoring, radius, goal_weight, per_walk):
-        """θ and θᵀgθ for K walks of the constrained step (constrained_step, vectorised)."""
+    def _check_rows_fit(self, walkers: list[Walker], probes: Tensor) -> None:
+        """Raise _NotBatchable when the Jacobian rows of the whole batch would not fit in memory."""
+        network, n_walks = self.model_fn.network, len(walkers)
+        n_rows = probes.shape[1] * self.goal.n_outputs
+        if self.rows_kind == "factored":
+            if not conv_rows_fit(network, walkers[0].params, n_walks * n_rows, probes.device, probes[0], n_walks):
+                raise _NotBatchable("the conv layers' rows of the whole batch do not fit in memory")
+        elif self.rows_kind == "dense":
+            n_params = sum(t.numel() for t in walkers[0].params.values())
+            if not dense_jacobian_fits(n_walks * n_rows, n_params, probes.device):
+                raise _NotBatchable("the dense Jacobians of the whole batch do not fit in memory")
+
+    def _constrained(self, walkers, params, probes, v_goal, grad_restoring, radius, goal_weight, per_walk,
+                     numbers: dict | None = None):
+        """θ and θᵀgθ for K walks of the constrained step (constrained_step, vectorised). numbers: the walks' ρ,
+        ε and last μ as tensors on the device (`_fused_inputs`); then nothing here waits for the device (the
+        CUDA graph's way), and whether each walk's μ was solved comes back as numbers['solved']."""
         goal, model_fn, cfg = self.goal, self.model_fn, self.config
-        restoring_weight = torch.tensor([w.restoring_weight for w in walkers], dtype=torch.float64)
+        if numbers is None:
+            restoring_weight = torch.tensor([w.restoring_weight for w in walkers], dtype=torch.float64)
+            max_step = torch.tensor([w.step_size for w in walkers], dtype=torch.float64)
+        else:
+            restoring_weight, max_step = numbers["restoring_weight"], numbers["max_step"]
         if goal.is_point_target:  # normalise v_goal = target − w; the restoring pull fades near a fixed target
-            distance = _batched_norm2(v_goal).sqrt().cpu()
+            distance = _batched_norm2(v_goal).sqrt()
+            distance = distance if numbers is not None else distance.cpu()
             v_goal = {k: v / _bcast(per_walk(distance.clamp_min(1e-12)), v) for k, v in v_goal.items()}
             if goal.landing_steps:
-                max_step = torch.tensor([w.step_size for w in walkers], dtype=torch.float64)
                 restoring_weight = restoring_weight * (distance / (goal.landing_steps * max_step)).clamp(max=1.0)
         v = {k: v_goal[k] - _bcast(per_walk(restoring_weight), g) * g for k, g in grad_restoring.items()}
         kind = cfg.metric
         metric_of = lambda x: PullbackMetric(model_fn, x, kind)
-        n_rows = probes.shape[1] * goal.n_outputs
-        n_params = sum(t[0].numel() for t in params.values())
+        if numbers is None:  # the fused step checks this before it runs (the check asks the device)
+            self._check_rows_fit(walkers, probes)
         if self.rows_kind == "factored":
             layers = factored_layers(model_fn.network, walkers[0].params)
-            if not conv_rows_fit(model_fn.network, walkers[0].params, len(walkers) * n_rows, probes.device,
-                                 probes[0], len(walkers)):
-                raise _NotBatchable("the conv layers' rows of the whole batch do not fit in memory")
 
             def factors(p, x):
                 found = linear_layer_factors(model_fn.network, model_fn.buffers, p, x,
@@ -277,27 +448,34 @@ class WalkBatch:
             rows = lambda c, d: rows_from_factors(layers, c, d)
             row_args = (captured, deltas)
         else:
-            if not dense_jacobian_fits(len(walkers) * n_rows, n_params, probes.device):
-                raise _NotBatchable("the dense Jacobians of the whole batch do not fit in memory")
             blocks = vmap(lambda p, x: metric_of(x).jacobian_blocks(p))(params, probes)
             rows = lambda b: DenseRows(b)
             row_args = (blocks,)
         kernel = vmap(lambda *a: rows(*a).gram())(*row_args)
         jv = vmap(lambda *a: rows(*a[:-1]).matvec(a[-1]))(*row_args, v)
-        along_v, y, _, functional = trust_region_coefficients(kernel, jv, _batched_norm2(v), goal_weight, radius)
+        if numbers is None:
+            along_v, y, _, functional = trust_region_coefficients(kernel, jv, _batched_norm2(v), goal_weight, radius)
+        else:
+            along_v, y, mu, functional, solved = coefficients_without_waiting(
+                kernel, jv, _batched_norm2(v), goal_weight, radius, numbers["mu_start"], NEWTON_ITERATIONS)
+            numbers.update(mu=mu, solved=solved)
         back = vmap(lambda *a: rows(*a[:-1]).rmatvec(a[-1]))(*row_args, y.to(probes.dtype))
         half_beta = per_walk(goal_weight / 2)
         theta = {k: _bcast(per_walk(along_v), p) * p + _bcast(half_beta, p) * back[k].view_as(p) for k, p in v.items()}
         return theta, functional.to(probes.dtype)
 
+    def _guard_static(self, walkers: list[Walker]) -> tuple[Tensor, Tensor]:
+        """The guard's inputs and kept classes of every walk, stacked once per membership."""
+        key = ("guard", *(id(w) for w in walkers))
+        if key not in self._static:
+            self._static[key] = _stack([guard_inputs(w.goal) for w in walkers])
+        return self._static[key]
+
     def _guard(self, walkers: list[Walker], params: Params, theta: Params) -> tuple[Params, Tensor, Tensor]:
         """Walker.guard for K walks at once: (new params, the share of each θ taken (K,), each walk's guard
         log-probabilities where it lands (K, n, C)). The first try measures all K walks; each later one only the
         walks still failing, whose steps are halved while the others keep theirs."""
-        key = ("guard", *(id(w) for w in walkers))
-        if key not in self._static:
-            self._static[key] = _stack([guard_inputs(w.goal) for w in walkers])
-        inputs, classes = self._static[key]
+        inputs, classes = self._guard_static(walkers)
         if classes.device.type == "cuda" or VMAP_GUARD_ON_CPU:  # one vmapped pass for all walks: fewer launches
             outputs = vmap(lambda p, x: guard_outputs(self.model_fn, p, x))
         else:
@@ -341,6 +519,12 @@ class WalkBatch:
         return [measures_to_fields({k: column[i] for k, column in columns.items()}) for i in range(len(walkers))]
 
 
+# The fused step's Newton iterations for μ, from the walk's last μ: measured on the digits defaults (three goals,
+# 300 steps each, bench: /tmp script in the session of BENCHMARKS.md "CUDA graphs"), 5 solved every step to the
+# waiting loop's tolerance, 4 solved 81-97% (from the bracket's top instead, 6 were needed). A walk not solved
+# sends the batch's step the waiting way.
+NEWTON_ITERATIONS = 5
+FUSED_ON_CPU = False  # the tests: the fused step on the CPU, run as a plain function (graphs are CUDA only)
 VMAP_GUARD_ON_CPU = False  # the guard's vmapped pass on the CPU as well (tests check it against walk by walk)
 
 

@@ -259,7 +259,19 @@ def targets(rows: list[dict], step_costs: list[dict]) -> list[dict]:
             where = f"{cost['model']}, {cost['device_name']}"
             check(f"step cost, penalty ≤ 1.5× SGD ({where})", cost["penalty_ratio"], 1.5, False, "×")
             check(f"step cost, constrained ≤ 4× SGD ({where})", cost["constrained_ratio"], 4, False, "×")
+            walk = cost.get("walk_step") or {}
+            for rule, bound in (("penalty", 1.5), ("constrained", 4)):
+                if walk.get(rule, {}).get("graphed"):  # the same targets for a walk's whole step, as a CUDA graph
+                    check(f"a walk's {rule} step, CUDA graph, with its measurements ≤ {bound:g}× SGD ({where})",
+                          walk[rule]["ratio"], bound, False, "×")
     return out
+
+
+def _walk_cell(walk: dict | None) -> str:
+    if not walk:
+        return "–"
+    return " / ".join(f"{1000 * walk[r]['seconds']:.1f} ({walk[r]['ratio']:.1f}×; "
+                      f"{'graph' if walk[r]['graphed'] else 'no graph'})" for r in ("penalty", "constrained"))
 
 
 def markdown(rows: list[dict], step_costs: list[dict]) -> str:
@@ -284,8 +296,9 @@ def markdown(rows: list[dict], step_costs: list[dict]) -> str:
         lines.append(f"| {r['name']} | {method} | {acc} | {low} | {sp} | {eb} | {r['budget']:,} | "
                      f"{r['wall_seconds']:.1f} |")
     lines += ["", "| model | device | SGD step ms | penalty ms (ratio) | constrained ms (ratio, solver) | "
-              "steps/s SGD / penalty / constrained | peak GPU MB SGD / penalty / constrained |",
-              "|---|---|---|---|---|---|---|"]
+              "steps/s SGD / penalty / constrained | peak GPU MB SGD / penalty / constrained | "
+              "a walk's whole step ms, penalty / constrained (ratio; CUDA graph) |",
+              "|---|---|---|---|---|---|---|---|"]
     for c in step_costs:
         rate = c["steps_per_second"]
         peak = c["peak_memory_mb"]
@@ -295,7 +308,8 @@ def markdown(rows: list[dict], step_costs: list[dict]) -> str:
                      f"{1000 * c['penalty_seconds']:.1f} ({c['penalty_ratio']:.1f}×) | "
                      f"{1000 * c['constrained_seconds']:.1f} ({c['constrained_ratio']:.1f}×, "
                      f"{c['constrained_linear_solver']}) | "
-                     f"{rate['sgd']:.0f} / {rate['penalty']:.0f} / {rate['constrained']:.1f} | {peak_cell} |")
+                     f"{rate['sgd']:.0f} / {rate['penalty']:.0f} / {rate['constrained']:.1f} | {peak_cell} | "
+                     f"{_walk_cell(c.get('walk_step'))} |")
     checked = targets(rows, step_costs)
     if checked:
         lines += ["", "| target (issues 4, 11, 12) | measured | met |", "|---|---|---|"]

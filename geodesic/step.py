@@ -196,39 +196,79 @@ def _coefficients_by_cholesky(kernel: Tensor, jv: Tensor, v_norm2: Tensor, half_
     k64, w, v2 = kernel.double(), jv.double(), v_norm2.double().to(device)
     r = radius.double().to(device)
     hb = half_beta
-    eye = torch.eye(m, dtype=torch.float64, device=device)
     # The eigh path's rank cut-off is m·eps(dtype)·λ_max; ‖K‖_F ≥ λ_max puts this floor at or above it.
     floor = (m * torch.finfo(kernel.dtype).eps * torch.linalg.matrix_norm(k64)).clamp_min(1e-300)
-
-    def evaluate(mu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        chol, info = torch.linalg.cholesky_ex(k64 + mu[:, None, None] * eye)
-        z = torch.cholesky_solve(w[..., None], chol)
-        z2 = torch.cholesky_solve(z, chol)[..., 0]
-        z = z[..., 0]
-        rest = (v2 - (w * z).sum(-1) - mu * (z * z).sum(-1)).clamp_min(0)  # ‖v − Lᵀz‖²
-        n2 = hb**2 * rest / mu**2
-        dn2 = hb**2 * (2 * (z * z2).sum(-1) / mu - 2 * rest / mu**3)
-        return n2, dn2, z, info == 0
-
     moving = hb > 0
     # ‖θ(μ)‖ ≤ (β/2)‖v‖/μ, so μ* ≤ (β/2)‖v‖/ε: the bracket's top and the starting point.
     top = hb * v2.sqrt() / r
     hi = torch.minimum(torch.maximum(top, floor), torch.full_like(top, hi_cap))
-    lo = floor
-    n2_floor, _, _, ok_floor = evaluate(floor)
+    n2_floor, _, _, ok_floor = _secular_at(k64, w, v2, hb, floor)
     capped = moving & (top > hi_cap)
     at_floor = moving & (~ok_floor | (n2_floor <= r**2))  # μ* at or under the noise floor
     any_capped, any_at_floor = torch.stack([capped.any(), at_floor.any()]).tolist()  # one wait for the device
     gradient_step = torch.zeros_like(moving)
     if any_capped:  # where even μ = hi_cap leaves the step too long, the plain gradient step
-        gradient_step = capped & (evaluate(hi)[0] > r**2)
+        gradient_step = capped & (_secular_at(k64, w, v2, hb, hi)[0] > r**2)
     todo = moving & ~gradient_step
     if any_at_floor and bool((todo & at_floor).any()):
         return None
-    mu = hi.clone()
+    mu, z, unsolved = _secular_newton(k64, w, v2, hb, r, todo, floor, hi, hi.clone(), iterations=None)
+    if unsolved is None:
+        return None
+    return _trust_region_result(mu, z, moving & ~gradient_step, gradient_step, hb, r, v2)
+
+
+def coefficients_without_waiting(kernel: Tensor, jv: Tensor, v_norm2: Tensor, goal_weight: Tensor, radius: Tensor,
+                                 mu_start: Tensor, iterations: int = 4, hi_cap: float = 1e12
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`trust_region_coefficients` with no wait for the device anywhere, so that a CUDA graph can hold it
+    (graphs.py): (a, y, μ, θᵀgθ, solved), all tensors, solved (K,) telling each walk's answer good.
+
+    The Newton iteration of `_coefficients_by_cholesky` runs a fixed number of times from `mu_start` (the
+    walk's μ at its last step: the trust region moves little from one step to the next, so a few iterations
+    reach the same tolerance), and what would have needed a decision on the host is reported instead: a walk
+    is not solved when its inputs are not finite, its μ did not converge, or it lies at the noise floor or past
+    hi_cap (the rank cut-off or the plain gradient step). The caller then takes that step the waiting way.
+    """
+    device, m = kernel.device, kernel.shape[-1]
+    k64, w, v2 = kernel.double(), jv.double(), v_norm2.double()
+    r, hb = radius.double(), goal_weight.double() / 2
+    finite = torch.isfinite(k64).flatten(1).all(1) & torch.isfinite(w).all(1) & torch.isfinite(v2)
+    floor = (m * torch.finfo(kernel.dtype).eps * torch.linalg.matrix_norm(k64)).clamp_min(1e-300)
+    moving = hb > 0
+    top = hb * v2.sqrt() / r
+    hi = torch.minimum(torch.maximum(top, floor), torch.full_like(top, hi_cap))
+    start = mu_start.double().to(device)
+    start = torch.where(torch.isfinite(start) & (start > floor) & (start < hi), start, hi)
+    mu, z, unsolved = _secular_newton(k64, w, v2, hb, r, moving, floor, hi, start, iterations=iterations)
+    along_v, y, mu = _trust_region_result(mu, z, moving, torch.zeros_like(moving), hb, r, v2)
+    solved = finite & ~unsolved & ~(moving & (top > hi_cap))
+    moved = along_v[:, None] * w + hb[:, None] * (k64 @ y[..., None]).squeeze(-1)
+    return along_v, y, mu, moved.pow(2).sum(-1), solved
+
+
+def _secular_at(k64: Tensor, w: Tensor, v2: Tensor, hb: Tensor, mu: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(‖θ(μ)‖², its derivative in μ, z = (K + μI)⁻¹ w, whether K + μI factored) for each walk (K,)."""
+    eye = torch.eye(k64.shape[-1], dtype=k64.dtype, device=k64.device)
+    chol, info = torch.linalg.cholesky_ex(k64 + mu[:, None, None] * eye)
+    z = torch.cholesky_solve(w[..., None], chol)
+    z2 = torch.cholesky_solve(z, chol)[..., 0]
+    z = z[..., 0]
+    rest = (v2 - (w * z).sum(-1) - mu * (z * z).sum(-1)).clamp_min(0)  # ‖v − Lᵀz‖²
+    n2 = hb**2 * rest / mu**2
+    dn2 = hb**2 * (2 * (z * z2).sum(-1) / mu - 2 * rest / mu**3)
+    return n2, dn2, z, info == 0
+
+
+def _secular_newton(k64: Tensor, w: Tensor, v2: Tensor, hb: Tensor, r: Tensor, todo: Tensor, lo: Tensor, hi: Tensor,
+                    mu: Tensor, iterations: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Safeguarded Newton on φ(μ) = 1/‖θ(μ)‖ − 1/ε inside [lo, hi] for the walks in `todo`: (μ, z at μ, the walks
+    left unsolved). iterations=None: until every walk converges, asking the device after each iteration (None
+    for the unsolved after 100); a number: exactly that many iterations, no wait for the device."""
     z_final = torch.zeros_like(w)
-    for _ in range(100):
-        n2, dn2, z, ok = evaluate(mu)
+    for _ in range(100 if iterations is None else iterations):
+        n2, dn2, z, ok = _secular_at(k64, w, v2, hb, mu)
         too_long = ~ok | (n2 > r**2)  # μ too small
         lo, hi = torch.where(todo & too_long, mu, lo), torch.where(todo & ~too_long, mu, hi)
         n = n2.sqrt()
@@ -238,17 +278,21 @@ def _coefficients_by_cholesky(kernel: Tensor, jv: Tensor, v_norm2: Tensor, half_
         done = todo & ok & (((n - r).abs() <= 1e-12 * r) | (hi <= lo * (1 + 1e-12)))
         z_final = torch.where(done[:, None], z, z_final)
         todo = todo & ~done
-        if not bool(todo.any()):
-            break
+        if iterations is None and not bool(todo.any()):
+            return mu, z_final, todo
         mu = torch.where(todo, step, mu)
-    else:
-        return None
-    solved = moving & ~gradient_step
+    return mu, z_final, (todo if iterations is not None else None)
+
+
+def _trust_region_result(mu: Tensor, z: Tensor, solved: Tensor, gradient_step: Tensor, hb: Tensor, r: Tensor,
+                         v2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(a, y, μ) from the solved μ and z = (K + μI)⁻¹ L v: a = β/(2μ), y = −z/μ; a = ε/‖v‖ and y = 0 for the plain
+    gradient step; μ = inf where there is no μ (β = 0 or the gradient step)."""
     safe_mu = torch.where(solved, mu, 1.0)
     mu = torch.where(solved, mu, torch.inf)
     along_v = torch.where(solved, hb / safe_mu, 0)
     along_v = torch.where(gradient_step, r / v2.sqrt().clamp_min(1e-300), along_v)
-    y = torch.where(solved[:, None], -z_final / safe_mu[:, None], 0)
+    y = torch.where(solved[:, None], -z / safe_mu[:, None], 0)
     return along_v, y, mu
 
 

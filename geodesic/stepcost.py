@@ -2,6 +2,7 @@
 measured in the same run (ratios are robust to a busy machine; absolute times are not)."""
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -14,6 +15,7 @@ from .experiment import resolve_device
 from .goals import Sparsify
 from .models import build_network
 from .step import STEP_RULES
+from .walker import Walker
 
 
 def _sync(device: torch.device) -> None:
@@ -74,6 +76,7 @@ def step_cost(model: str = "mlp", input_shape: tuple[int, ...] = (64,), n_classe
             if dev.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
     median = {k: statistics.median(v) for k, v in times.items()}
+    walk = _walk_step_cost(net, params, goal, data, configs, sgd, dev, n_warmup, n_repeats)
     n_params = sum(v.numel() for v in params.values())
     # the solver the constrained step chose (auto: by size, free memory and model)
     linear_solver = STEP_RULES["constrained"](moved, goal, batch, probe, configs["constrained"], 0.1,
@@ -87,4 +90,29 @@ def step_cost(model: str = "mlp", input_shape: tuple[int, ...] = (64,), n_classe
         "penalty_ratio": median["penalty"] / median["sgd"], "constrained_ratio": median["constrained"] / median["sgd"],
         "steps_per_second": {k: 1 / v for k, v in median.items()},
         "peak_memory_mb": {k: v / 2**20 for k, v in peak.items()} or None,
+        "walk_step": walk,
     }
+
+
+def _walk_step_cost(net, params, goal, data, configs: dict, sgd, dev: torch.device, n_warmup: int,
+                    n_repeats: int) -> dict:
+    """Each rule's whole step as a walk takes it (Walker.step: the draw, the rule, the measurements of the new
+    point, the record), against SGD steps interleaved with it; on a GPU a small model's walk replays its step as
+    a CUDA graph (graphs.py), which 'graphed' reports. {rule: {seconds, ratio, graphed}}."""
+    out = {}
+    for name, config in configs.items():
+        walker = Walker(net, params, goal, dataclasses.replace(config, n_steps=10**9), {"A": data})
+        times: dict[str, list[float]] = {"sgd": [], "walk": []}
+        for i in range(n_warmup + n_repeats):  # the first step records the graph
+            for kind, fn in (("sgd", sgd), ("walk", walker.step)):
+                _sync(dev)
+                t0 = time.perf_counter()
+                fn()
+                _sync(dev)
+                if i >= n_warmup:
+                    times[kind].append(time.perf_counter() - t0)
+        alone = walker._batch_of_one()
+        seconds = statistics.median(times["walk"])
+        out[name] = {"seconds": seconds, "ratio": seconds / statistics.median(times["sgd"]),
+                     "graphed": alone is not None and not alone.fused_failed, "steps_taken": walker.n_steps}
+    return out

@@ -91,7 +91,43 @@ class Walker:
     # -- walking -----------------------------------------------------------------------------------------
     def step(self) -> PathPoint:
         """Take one step; returns the recorded point. Raises WalkDiverged (keeping the last finite
-        point) if the step is not finite; after the goal is reached it returns the last point."""
+        point) if the step is not finite; after the goal is reached it returns the last point.
+
+        A small model on a GPU steps as a batch of one (batch.py), whose step a CUDA graph replays (graphs.py):
+        the same step, without a launch from Python for each of its few hundred kernels."""
+        if self.is_done:
+            return self.record.last
+        alone = self._batch_of_one()
+        if alone is not None and not alone.fused_failed:
+            result = alone.step()[0]
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        return self.step_waiting()
+
+    def _batch_of_one(self):
+        """A WalkBatch of this walker alone when its steps should be fused and replayed (graphs.wanted); None
+        otherwise (the CPU, big models, BatchNorm, the CG solver)."""
+        from . import graphs
+        from .batch import FUSED_ON_CPU, WalkBatch, batch_key
+
+        device = next(iter(self.params.values())).device
+        if not (graphs.wanted(device, sum(v.numel() for v in self.params.values()))
+                or (FUSED_ON_CPU and device.type == "cpu")):
+            return None
+        cached = self.__dict__.get("_alone")
+        if cached is not None and cached[0] == batch_key(self):
+            return cached[1]
+        key = batch_key(self)
+        batch = None if key is None else WalkBatch([self])
+        if batch is not None and batch.rows_kind == "dense":  # the big models' rows: not fused (batch.py)
+            batch = None
+        self.__dict__["_alone"] = (key, batch)
+        return batch
+
+    def step_waiting(self) -> PathPoint:
+        """`step` as every walk took it before graphs: each stage asks the device for what it needs (a batch
+        retries a walk this way when their shared step fails)."""
         if self.is_done:
             return self.record.last
         t0 = time.perf_counter()

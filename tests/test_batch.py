@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from geodesic import batch as batch_module
+from geodesic import step as step_module
 from geodesic.batch import WalkBatch, batch_key
 from geodesic.config import GoalConfig, RunConfig, TrainConfig, default_walk
 from geodesic.errors import WalkDiverged
@@ -20,16 +22,32 @@ def _walkers(configs):
     return [build(c).walker for c in configs]
 
 
+@pytest.fixture(params=["waiting", "fused"])
+def batch_way(request, monkeypatch):
+    """Both ways a batch steps: the waiting one (the CPU's), and the fused one a CUDA graph records (graphs.py),
+    here run as a plain function through the same static buffers and overwritten outputs. The fused step finds μ
+    by Cholesky factorisations, as a GPU does; so do the separate walkers it is compared with."""
+    if request.param == "fused":
+        monkeypatch.setattr(batch_module, "FUSED_ON_CPU", True)
+        monkeypatch.setattr(step_module, "CHOLESKY_ON_CPU", True)
+        calls = []
+        original = WalkBatch._step_fused
+        monkeypatch.setattr(WalkBatch, "_step_fused", lambda self, *a: calls.append(original(self, *a)) or calls[-1])
+        yield calls
+    else:
+        yield None
+
+
 @pytest.mark.parametrize("goal", ["sparsify", "new-task", "connect"])
 @pytest.mark.parametrize("solver", ["constrained", "penalty"])
-def test_batched_walks_follow_the_paths_of_separate_walkers(goal, solver):
+def test_batched_walks_follow_the_paths_of_separate_walkers(goal, solver, batch_way):
     eps = default_walk(goal, solver).max_step_norm
     configs = [_config(goal, solver, 0), _config(goal, solver, 1), _config(goal, solver, 0, max_step_norm=eps / 2)]
     alone, together = _walkers(configs), _walkers(configs)
     assert len({batch_key(w) for w in together}) == 1
     batch = WalkBatch(together)
     for _ in range(6):
-        expected = [w.step() for w in alone]
+        expected = [w.step_waiting() for w in alone]
         got = batch.step()
         for a, b in zip(expected, got, strict=True):
             assert b.step == a.step and b.event == a.event
@@ -44,10 +62,33 @@ def test_batched_walks_follow_the_paths_of_separate_walkers(goal, solver):
         for k in a.params:
             torch.testing.assert_close(b.params[k], a.params[k], atol=1e-5, rtol=1e-4)
     assert together[2].record.last.step_size == eps / 2  # the walks kept their own ε
+    if batch_way is not None:  # every step was taken the fused way (none fell back to the waiting one)
+        assert len(batch_way) == 6 and all(r is not None for r in batch_way)
 
 
-def test_a_diverging_walk_stops_alone_and_the_others_go_on():
-    configs = [_config("sparsify", "constrained", s) for s in (0, 1, 2)]
+def test_a_fused_step_that_cannot_decide_is_taken_the_waiting_way(monkeypatch):
+    """μ not solved within the fused step's Newton iterations: the step is taken again the waiting way from the
+    same draws, and the paths stay those of separate walkers."""
+    monkeypatch.setattr(batch_module, "FUSED_ON_CPU", True)
+    monkeypatch.setattr(batch_module, "NEWTON_ITERATIONS", 1)
+    monkeypatch.setattr(step_module, "CHOLESKY_ON_CPU", True)
+    calls = []
+    original = WalkBatch._step_fused
+    monkeypatch.setattr(WalkBatch, "_step_fused", lambda self, *a: calls.append(original(self, *a)) or calls[-1])
+    configs = [_config("sparsify", "constrained", s) for s in (0, 1)]
+    alone, together = _walkers(configs), _walkers(configs)
+    batch = WalkBatch(together)
+    for _ in range(4):
+        expected = [w.step_waiting() for w in alone]
+        for a, b in zip(expected, batch.step(), strict=True):
+            assert b.step == a.step and b.accuracy == pytest.approx(a.accuracy, abs=1e-6)
+            assert b.step_norm == pytest.approx(a.step_norm, rel=1e-4)
+    assert calls and all(r is None for r in calls)
+
+
+@pytest.mark.parametrize("solver", ["constrained", "penalty"])
+def test_a_diverging_walk_stops_alone_and_the_others_go_on(solver, batch_way):
+    configs = [_config("sparsify", solver, s) for s in (0, 1, 2)]
     walkers = _walkers(configs)
     batch = WalkBatch(walkers)
     batch.step()
@@ -71,7 +112,7 @@ def test_walks_that_cannot_share_a_computation_are_refused():
     assert batch_key(c) is None  # the CG solver steps alone
 
 
-def test_a_finished_walk_drops_out_of_the_batch():
+def test_a_finished_walk_drops_out_of_the_batch(batch_way):
     fast = _config("connect", "constrained", 0, max_step_norm=5.0, goal_weight=100.0, restoring_weight=0.0)
     walkers = _walkers([fast, _config("connect", "constrained", 0)])
     batch = WalkBatch(walkers)
@@ -148,3 +189,26 @@ def test_conv_nets_batch_with_their_factored_rows():
             assert b.goal_distance == pytest.approx(a.goal_distance, rel=1e-4)
             assert b.functional_step == pytest.approx(a.functional_step, rel=1e-2, abs=1e-9)
             assert b.accuracy == pytest.approx(a.accuracy, abs=1e-6)
+
+
+@pytest.mark.parametrize("goal", ["sparsify", "new-task", "connect"])
+def test_a_lone_walker_steps_fused_where_graphs_are_wanted(goal, monkeypatch):
+    """Walker.step takes the fused step of a batch of one where a CUDA graph would replay it (here forced on
+    the CPU), and walks the path the waiting step walks."""
+    monkeypatch.setattr(step_module, "CHOLESKY_ON_CPU", True)
+    waiting, fused = _walkers([_config(goal, "constrained")]), _walkers([_config(goal, "constrained")])
+    for _ in range(5):
+        waiting[0].step()
+    monkeypatch.setattr(batch_module, "FUSED_ON_CPU", True)
+    calls = []
+    original = WalkBatch._step_fused
+    monkeypatch.setattr(WalkBatch, "_step_fused", lambda self, *a: calls.append(original(self, *a)) or calls[-1])
+    for _ in range(5):
+        fused[0].step()
+    assert len(calls) == 5 and all(r is not None for r in calls)
+    for a, b in zip(waiting[0].record.points, fused[0].record.points, strict=True):
+        assert b.step == a.step and b.accuracy == pytest.approx(a.accuracy, abs=1e-6)
+        assert b.step_norm == pytest.approx(a.step_norm, rel=1e-4)
+        assert b.functional_step == pytest.approx(a.functional_step, rel=1e-3, abs=1e-9)
+    for k in waiting[0].params:
+        torch.testing.assert_close(fused[0].params[k], waiting[0].params[k], atol=1e-5, rtol=1e-4)

@@ -92,7 +92,7 @@ def _batched_and_alone(configs: list, n_steps: int = 5, accuracy_tolerance: floa
     alone, together = [build(c).walker for c in configs], [build(c).walker for c in configs]
     batch = WalkBatch(together)
     for _ in range(n_steps):
-        expected = [w.step() for w in alone]
+        expected = [w.step_waiting() for w in alone]  # without a CUDA graph: the batch's graph is checked against it
         for a, b in zip(expected, batch.step(), strict=True):
             assert b.step == a.step
             assert b.accuracy == pytest.approx(a.accuracy, abs=accuracy_tolerance)
@@ -194,3 +194,50 @@ def assert_same_step_both_ways(monkeypatch, model, shape, device):
     diff = sum(float((fast.tangent_vec[k] - v).pow(2).sum()) for k, v in slow.tangent_vec.items()) ** 0.5
     assert diff <= 1e-3 * sum(float(v.pow(2).sum()) for v in slow.tangent_vec.values()) ** 0.5
     assert fast.damping == pytest.approx(slow.damping, rel=1e-3)
+
+
+def test_a_cuda_graph_replays_the_trust_region_solve():
+    """The fused step's μ solve (Cholesky factorisations, a fixed number of Newton iterations) recorded as a
+    CUDA graph gives what the same function gives run directly, for new inputs copied into its buffers."""
+    from geodesic import graphs
+    from geodesic.step import coefficients_without_waiting
+
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs():
+        rows = torch.randn(3, 40, 500, generator=gen)
+        v = torch.randn(3, 500, generator=gen)
+        return {"kernel": (rows @ rows.mT).cuda(), "jv": (rows @ v[..., None])[..., 0].cuda(),
+                "v2": v.pow(2).sum(-1).double().cuda(), "beta": torch.full((3,), 0.3, dtype=torch.float64).cuda(),
+                "radius": torch.tensor([0.1, 0.05, 0.2], dtype=torch.float64).cuda(),
+                "mu": torch.full((3,), float("inf"), dtype=torch.float64).cuda()}
+
+    def solve(x):
+        return coefficients_without_waiting(x["kernel"], x["jv"], x["v2"], x["beta"], x["radius"], x["mu"], 8)
+
+    first = inputs()
+    captured = graphs.Captured(solve, first)
+    for x in (first, inputs()):
+        expected = solve(x)
+        got = [t.clone() for t in captured(x)]
+        assert bool(got[-1].all()) and bool(expected[-1].all())
+        for a, b in zip(expected, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("goal", ["sparsify", "new-task", "connect"])
+def test_a_lone_walk_on_cuda_replays_its_step_as_a_graph(goal):
+    """A small model's walk on a GPU steps through a recorded CUDA graph (graphs.py: 'auto'), and walks the
+    path its waiting twin walks."""
+    from geodesic.config import GoalConfig
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = RunConfig(goal=GoalConfig(kind=goal), device="cuda", walk=default_walk(goal, "constrained"))
+    graphed, waiting = build(config).walker, build(config).walker
+    for _ in range(8):
+        a, b = waiting.step_waiting(), graphed.step()
+        assert b.step == a.step and b.accuracy == pytest.approx(a.accuracy, abs=2e-3)
+        assert b.step_norm == pytest.approx(a.step_norm, rel=1e-3)
+    alone = graphed._batch_of_one()
+    assert alone is not None and not alone.fused_failed  # recorded, not fallen back to the waiting step
+    assert any(k[0] == "fused" for k in alone._static)

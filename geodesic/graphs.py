@@ -1,0 +1,122 @@
+"""CUDA graphs for the small models' steps: a pure function of tensors recorded once, replayed every step.
+
+A constrained step of the digits MLP is about 500 small GPU kernels, each launched from Python: on an H200 it
+took 11 ms against 1.4 ms for an SGD step (BENCHMARKS.md, issue 12), nearly all of it launch overhead and waits.
+PyTorch's CUDA graphs (`torch.cuda.CUDAGraph`) record the kernels of one call and replay them with one launch. What
+is recorded must not wait for the device or read from host memory, and its inputs must sit at fixed addresses: so
+`Captured` keeps static input buffers, copies each call's inputs into them and replays. `WalkBatch` captures its
+fused step (batch.py: the rule, the guard's first try and the measurements, with no wait for the device) this way.
+
+Why not `torch.compile(mode="reduce-overhead")`, which does the same through its own capture: the step runs under
+`torch.func.vmap` and `grad`, and compiling it takes tens of seconds per set-up before a page's first step; the
+graph here records the eager kernels as they are, in the time of three calls.
+
+The setting (environment `GEODESIC_CUDA_GRAPHS`, or `MODE` from Python): 'auto' (the default) uses graphs on a
+CUDA device for models of at most `AUTO_MAX_PARAMS` weights, where launches dominate a step; 'on' for any model;
+'off' never. A capture that fails (an operation a graph cannot hold) is reported once and that set-up steps as
+before, so a graph never stops a walk.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+MODE = os.environ.get("GEODESIC_CUDA_GRAPHS", "auto")
+AUTO_MAX_PARAMS = 2_000_000  # the models whose steps launches dominate: the MLPs and LeNet-5, not VGG or ResNet
+WARMUP_CALLS = 2  # before capture, on a side stream (cuBLAS and cuSOLVER set up their workspaces there)
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process
+_REPORTED: set[str] = set()
+
+
+class CaptureFailed(RuntimeError):
+    """The function could not be recorded as a CUDA graph (it is then run as before)."""
+
+
+def wanted(device: torch.device, n_params: int) -> bool:
+    """Whether steps on `device` of a model with `n_params` weights should run as CUDA graphs (MODE)."""
+    if MODE not in ("auto", "on", "off"):
+        raise ValueError(f"GEODESIC_CUDA_GRAPHS={MODE!r}: expected auto, on or off")
+    if device.type != "cuda" or MODE == "off":
+        return False
+    return MODE == "on" or n_params <= AUTO_MAX_PARAMS
+
+
+def report_once(reason: str) -> None:
+    """Say on stderr, once per reason, why a step runs without a graph."""
+    if reason not in _REPORTED:
+        _REPORTED.add(reason)
+        print(f"geodesic: stepping without a CUDA graph: {reason}", file=sys.stderr)
+
+
+class Captured:
+    """`fn(inputs)` recorded once for inputs shaped like `example`, replayed on every call.
+
+    inputs: a pytree (dicts, tuples, lists) of tensors and other leaves; the tensors are copied into buffers
+    of the same shapes, dtypes and devices, the other leaves must equal the example's. The result is the
+    graph's own output tensors, overwritten by the next call: read or copy them before calling again.
+    `record` (tests) replaces the CUDA recording with a plain call on the static buffers, so the buffer
+    handling can be checked on a machine without a GPU.
+    """
+
+    def __init__(self, fn: Callable, example: object, record: bool = True):
+        leaves, self._spec = tree_flatten(example)
+        self._kinds = [_kind(leaf) for leaf in leaves]
+        self._static = [leaf.clone() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+        self._fn, self._graph, self._record = fn, None, record
+        if record:
+            self._capture()
+
+    def _capture(self) -> None:
+        inputs = tree_unflatten(self._static, self._spec)
+        with _CAPTURE_LOCK:
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_CALLS):
+                        self._fn(inputs)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: other threads (other sessions' pages) may go on using the device meanwhile
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self._out = self._fn(inputs)
+            except Exception as err:  # noqa: BLE001 - any failure to record means: run it the eager way
+                torch.cuda.synchronize()
+                raise CaptureFailed(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        self._graph = graph
+
+    def matches(self, inputs: object) -> bool:
+        """Whether `inputs` has the example's structure, shapes, dtypes, devices and non-tensor leaves."""
+        leaves, spec = tree_flatten(inputs)
+        return spec == self._spec and [_kind(leaf) for leaf in leaves] == self._kinds
+
+    def __call__(self, inputs: object) -> object:
+        leaves, spec = tree_flatten(inputs)
+        if spec != self._spec or [_kind(leaf) for leaf in leaves] != self._kinds:
+            raise ValueError("these inputs differ in structure or shape from the ones the graph was recorded for")
+        for buffer, leaf in zip(self._static, leaves, strict=True):
+            if isinstance(buffer, Tensor):
+                buffer.copy_(leaf)
+        if not self._record:  # as a replay does: the same output tensors, overwritten in place
+            fresh = self._fn(tree_unflatten(self._static, self._spec))
+            if self._graph is None:
+                self._out, self._graph = fresh, "plain"
+            else:
+                for old, new in zip(tree_flatten(self._out)[0], tree_flatten(fresh)[0], strict=True):
+                    if isinstance(old, Tensor):
+                        old.copy_(new)
+            return self._out
+        self._graph.replay()
+        return self._out
+
+
+def _kind(leaf: object) -> object:
+    if isinstance(leaf, Tensor):
+        return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device)
+    return ("value", leaf)

@@ -1,0 +1,46 @@
+"""graphs.py: what a CUDA graph's caller relies on (static input buffers, outputs overwritten by the next call,
+inputs checked against the recorded ones), checked with a plain call in place of the replay; the recording itself
+is tested on a GPU (tests/test_cuda.py)."""
+import pytest
+import torch
+
+from geodesic import graphs
+
+
+def _fn(inputs):
+    return {"sum": inputs["a"] + inputs["b"][0], "scaled": inputs["a"] * inputs["b"][1]}
+
+
+def test_each_call_reads_its_own_inputs_through_the_static_buffers():
+    a, b = torch.ones(3), (torch.full((3,), 2.0), torch.tensor(3.0))
+    captured = graphs.Captured(_fn, {"a": a, "b": b}, record=False)
+    out = captured({"a": a, "b": b})
+    torch.testing.assert_close(out["sum"], torch.full((3,), 3.0))
+    a.fill_(10.0)  # the caller's tensors are copied in, not aliased: changing them later changes nothing
+    assert out["sum"][0] == 3.0
+    again = captured({"a": torch.zeros(3), "b": (torch.ones(3), torch.tensor(-1.0))})
+    assert again["sum"] is out["sum"]  # a graph has one set of outputs: the next call overwrites them
+    torch.testing.assert_close(out["sum"], torch.ones(3))
+    torch.testing.assert_close(out["scaled"], torch.zeros(3))
+
+
+def test_inputs_shaped_otherwise_are_refused():
+    captured = graphs.Captured(_fn, {"a": torch.ones(3), "b": (torch.ones(3), torch.tensor(1.0))}, record=False)
+    assert not captured.matches({"a": torch.ones(4), "b": (torch.ones(4), torch.tensor(1.0))})
+    with pytest.raises(ValueError, match="shape"):
+        captured({"a": torch.ones(4), "b": (torch.ones(4), torch.tensor(1.0))})
+    with pytest.raises(ValueError, match="structure"):
+        captured({"a": torch.ones(3), "b": (torch.ones(3), torch.tensor(1.0, dtype=torch.float64))})
+
+
+def test_graphs_are_wanted_for_small_models_on_a_gpu_only(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not graphs.wanted(cpu, 1000)
+    assert graphs.wanted(cuda, 26_122) and not graphs.wanted(cuda, 9_225_610)  # auto: the MLP, not VGG11
+    monkeypatch.setattr(graphs, "MODE", "on")
+    assert graphs.wanted(cuda, 9_225_610)
+    monkeypatch.setattr(graphs, "MODE", "off")
+    assert not graphs.wanted(cuda, 26_122)
+    monkeypatch.setattr(graphs, "MODE", "sometimes")
+    with pytest.raises(ValueError, match="GEODESIC_CUDA_GRAPHS"):
+        graphs.wanted(cuda, 26_122)
