@@ -40,18 +40,20 @@ class CaptureFailed(RuntimeError):
 
 def wanted(device: torch.device, n_params: int) -> bool:
     """Whether steps on `device` of a model with `n_params` weights should run as CUDA graphs (MODE)."""
-    if MODE not in ("auto", "on", "off"):
-        raise ValueError(f"GEODESIC_CUDA_GRAPHS={MODE!r}: expected auto, on or off")
-    if device.type != "cuda" or MODE == "off":
+    mode = MODE
+    if mode not in ("auto", "on", "off"):
+        report_once(f"GEODESIC_CUDA_GRAPHS={mode!r} is not auto, on or off; auto is used", prefix="geodesic")
+        mode = "auto"
+    if device.type != "cuda" or mode == "off":
         return False
-    return MODE == "on" or n_params <= AUTO_MAX_PARAMS
+    return mode == "on" or n_params <= AUTO_MAX_PARAMS
 
 
-def report_once(reason: str) -> None:
-    """Say on stderr, once per reason, why a step runs without a graph."""
+def report_once(reason: str, prefix: str = "geodesic: stepping without a CUDA graph") -> None:
+    """Say on stderr, once per reason, why a step runs without a graph (or what was wrong with the setting)."""
     if reason not in _REPORTED:
         _REPORTED.add(reason)
-        print(f"geodesic: stepping without a CUDA graph: {reason}", file=sys.stderr)
+        print(f"{prefix}: {reason}", file=sys.stderr)
 
 
 class Captured:
@@ -83,8 +85,11 @@ class Captured:
                         self._fn(inputs)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                # thread_local: other threads (other sessions' pages) may go on using the device meanwhile
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                # Captured on the stream it warmed up on: libraries keep handles and workspaces per stream, and
+                # one created during the capture would be an allocation the capture cannot hold (PyTorch's
+                # make_graphed_callables does the same). thread_local: other threads (other sessions' pages) may
+                # go on using the device meanwhile.
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                     self._out = self._fn(inputs)
             except Exception as err:  # noqa: BLE001 - any failure to record means: run it the eager way
                 torch.cuda.synchronize()

@@ -249,15 +249,19 @@ def coefficients_without_waiting(kernel: Tensor, jv: Tensor, v_norm2: Tensor, go
 
 def _secular_at(k64: Tensor, w: Tensor, v2: Tensor, hb: Tensor, mu: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(‖θ(μ)‖², its derivative in μ, z = (K + μI)⁻¹ w, whether K + μI factored) for each walk (K,)."""
+    """(‖θ(μ)‖², its derivative in μ, z = (K + μI)⁻¹ w, whether K + μI factored) for each walk (K,).
+
+    With K + μI = C Cᵀ: a = C⁻¹w, z = C⁻ᵀa, b = C⁻¹z, so wᵀz = ‖a‖² and zᵀ(K + μI)⁻¹z = ‖b‖²: three triangular
+    solves (cuBLAS's, which a CUDA graph can hold; `cholesky_solve` may go to MAGMA on a GPU)."""
     eye = torch.eye(k64.shape[-1], dtype=k64.dtype, device=k64.device)
     chol, info = torch.linalg.cholesky_ex(k64 + mu[:, None, None] * eye)
-    z = torch.cholesky_solve(w[..., None], chol)
-    z2 = torch.cholesky_solve(z, chol)[..., 0]
+    a = torch.linalg.solve_triangular(chol, w[..., None], upper=False)
+    z = torch.linalg.solve_triangular(chol.mT, a, upper=True)
+    b = torch.linalg.solve_triangular(chol, z, upper=False)
     z = z[..., 0]
-    rest = (v2 - (w * z).sum(-1) - mu * (z * z).sum(-1)).clamp_min(0)  # ‖v − Lᵀz‖²
+    rest = (v2 - a.pow(2).sum((-2, -1)) - mu * (z * z).sum(-1)).clamp_min(0)  # ‖v − Lᵀz‖²
     n2 = hb**2 * rest / mu**2
-    dn2 = hb**2 * (2 * (z * z2).sum(-1) / mu - 2 * rest / mu**3)
+    dn2 = hb**2 * (2 * b.pow(2).sum((-2, -1)) / mu - 2 * rest / mu**3)
     return n2, dn2, z, info == 0
 
 

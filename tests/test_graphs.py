@@ -41,6 +41,11 @@ def test_graphs_are_wanted_for_small_models_on_a_gpu_only(monkeypatch):
     assert graphs.wanted(cuda, 9_225_610)
     monkeypatch.setattr(graphs, "MODE", "off")
     assert not graphs.wanted(cuda, 26_122)
+
+def test_a_bad_setting_is_named_once_and_auto_is_used(monkeypatch, capsys):
+    cuda = torch.device("cuda")
     monkeypatch.setattr(graphs, "MODE", "sometimes")
-    with pytest.raises(ValueError, match="GEODESIC_CUDA_GRAPHS"):
-        graphs.wanted(cuda, 26_122)
+    monkeypatch.setattr(graphs, "_REPORTED", set())
+    assert graphs.wanted(cuda, 26_122) and not graphs.wanted(cuda, 9_225_610)
+    err = capsys.readouterr().err
+    assert err.count("GEODESIC_CUDA_GRAPHS='sometimes' is not auto, on or off; auto is used") == 1
