@@ -330,9 +330,9 @@ class WalkBatch:
                 return None
             out = fn(inputs)
             layout = self._static[("fused", *(id(w) for w in walkers))][1]
-            table = out["numbers"].cpu()  # the one wait for the device
-        columns = {name: table[:, j] for j, name in enumerate(layout)}
-        if not bool(columns["solved"].all()):
+            table = out["numbers"].tolist()  # the one wait for the device (the trace rows, if kept, come after)
+        columns = {name: [row[j] for row in table] for j, name in enumerate(layout)}
+        if not all(columns["solved"]):
             return None
         new_params = {k: v.clone() for k, v in out["new_params"].items()}  # the graph's outputs are overwritten
         v_goal = {k: v.clone() for k, v in out["v_goal"].items()}
@@ -348,7 +348,7 @@ class WalkBatch:
                 facts["mu"] = float(columns["mu"][i])
         measures = [measures_to_fields({name[len("measure:"):]: float(column[i]) for name, column in columns.items()
                                         if name.startswith("measure:")}) for i in range(len(walkers))]
-        if "accepted" in columns and not bool(columns["accepted"].all()):
+        if "accepted" in columns and not all(columns["accepted"]):
             # Some step failed the guard's first try: halve those (the guard as the waiting step runs it) and
             # measure again where the walks now land.
             params = _stack([w.params for w in walkers])

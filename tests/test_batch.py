@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from geodesic import batch as batch_module
 from geodesic import step as step_module
@@ -212,3 +213,33 @@ def test_a_lone_walker_steps_fused_where_graphs_are_wanted(goal, monkeypatch):
         assert b.functional_step == pytest.approx(a.functional_step, rel=1e-3, abs=1e-9)
     for k in waiting[0].params:
         torch.testing.assert_close(fused[0].params[k], waiting[0].params[k], atol=1e-5, rtol=1e-4)
+
+
+class _NoHostTraffic(TorchFunctionMode):
+    """Fails on anything a CUDA graph cannot hold: a read of a value on the host (it waits for the device) or a
+    tensor made from host data inside the computation (a copy from memory the replay would not see again)."""
+
+    WAITS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__index__, torch.Tensor.cpu, torch.tensor,
+             torch.as_tensor}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.WAITS:
+            raise AssertionError(f"the fused step calls {getattr(func, '__name__', func)}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("goal", ["sparsify", "new-task", "connect"])
+@pytest.mark.parametrize("solver", ["constrained", "penalty"])
+def test_the_fused_step_never_asks_the_host(goal, solver, monkeypatch):
+    monkeypatch.setattr(batch_module, "FUSED_ON_CPU", True)
+    monkeypatch.setattr(step_module, "CHOLESKY_ON_CPU", True)
+    walkers = _walkers([_config(goal, solver, s) for s in (0, 1)])
+    batch = WalkBatch(walkers)
+    batch.step()  # builds the fused step for these walkers (on a GPU: records its graph)
+    _, _, static, guard = batch._static[("fused", *(id(w) for w in walkers))]
+    inputs = batch._fused_inputs(walkers, [w.draw() for w in walkers])
+    layout: list[str] = []
+    with _NoHostTraffic():
+        out = batch._fused(walkers, inputs, static, guard, layout)
+    assert out["numbers"].shape == (2, len(layout)) and "solved" in layout and "measure:accuracy/A" in layout
