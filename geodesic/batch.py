@@ -123,6 +123,7 @@ class WalkBatch:
         self.rows_kind = rows_kind(lead)
         self._static: dict[tuple, object] = {}
         self.fused_failed = False  # its CUDA graph could not be recorded: this batch steps the waiting way
+        self._uses: dict[tuple, int] = {}  # steps each membership asked for the fused step
 
     def __len__(self) -> int:
         return len(self.walkers)
@@ -245,9 +246,16 @@ class WalkBatch:
             return False
         params = walkers[0].params
         device = next(iter(params.values())).device
-        if FUSED_ON_CPU and device.type == "cpu":
-            return True
-        return graphs.wanted(device, sum(v.numel() for v in params.values()))
+        n_params = sum(v.numel() for v in params.values())
+        if not ((FUSED_ON_CPU and device.type == "cpu") or graphs.wanted(device, n_params)):
+            return False
+        # A graph is recorded for one membership of the batch. Only one that steps together again and again is
+        # worth it (slow-motion walks at different rates, or a walk catching up, make short-lived memberships).
+        key = tuple(id(w) for w in walkers)
+        self._uses[key] = self._uses.get(key, 0) + 1
+        if len(self._uses) > 64:
+            self._uses = {key: self._uses[key]}
+        return self._uses[key] > FUSE_AFTER_STEPS
 
     def _fused_inputs(self, walkers: list[Walker], draws: list[tuple]) -> dict:
         """What changes from one step to the next, as tensors on the walks' device: the fused step's inputs."""
@@ -524,6 +532,7 @@ class WalkBatch:
 # waiting loop's tolerance, 4 solved 81-97% (from the bracket's top instead, 6 were needed). A walk not solved
 # sends the batch's step the waiting way.
 NEWTON_ITERATIONS = 5
+FUSE_AFTER_STEPS = 3  # a membership's first steps are taken the waiting way; the fourth records its graph
 FUSED_ON_CPU = False  # the tests: the fused step on the CPU, run as a plain function (graphs are CUDA only)
 VMAP_GUARD_ON_CPU = False  # the guard's vmapped pass on the CPU as well (tests check it against walk by walk)
 

@@ -99,11 +99,14 @@ def _walk_step_cost(net, params, goal, data, configs: dict, sgd, dev: torch.devi
     """Each rule's whole step as a walk takes it (Walker.step: the draw, the rule, the measurements of the new
     point, the record), against SGD steps interleaved with it; on a GPU a small model's walk replays its step as
     a CUDA graph (graphs.py), which 'graphed' reports. {rule: {seconds, ratio, graphed}}."""
+    from .batch import FUSE_AFTER_STEPS
+
     out = {}
+    n_warmup += FUSE_AFTER_STEPS + 1  # past the step that records the graph
     for name, config in configs.items():
         walker = Walker(net, params, goal, dataclasses.replace(config, n_steps=10**9), {"A": data})
         times: dict[str, list[float]] = {"sgd": [], "walk": []}
-        for i in range(n_warmup + n_repeats):  # the first step records the graph
+        for i in range(n_warmup + n_repeats):
             for kind, fn in (("sgd", sgd), ("walk", walker.step)):
                 _sync(dev)
                 t0 = time.perf_counter()

@@ -30,6 +30,7 @@ def batch_way(request, monkeypatch):
     by Cholesky factorisations, as a GPU does; so do the separate walkers it is compared with."""
     if request.param == "fused":
         monkeypatch.setattr(batch_module, "FUSED_ON_CPU", True)
+        monkeypatch.setattr(batch_module, "FUSE_AFTER_STEPS", 0)
         monkeypatch.setattr(step_module, "CHOLESKY_ON_CPU", True)
         calls = []
         original = WalkBatch._step_fused
@@ -71,6 +72,7 @@ def test_a_fused_step_that_cannot_decide_is_taken_the_waiting_way(monkeypatch):
     """μ not solved within the fused step's Newton iterations: the step is taken again the waiting way from the
     same draws, and the paths stay those of separate walkers."""
     monkeypatch.setattr(batch_module, "FUSED_ON_CPU", True)
+    monkeypatch.setattr(batch_module, "FUSE_AFTER_STEPS", 0)
     monkeypatch.setattr(batch_module, "NEWTON_ITERATIONS", 1)
     monkeypatch.setattr(step_module, "CHOLESKY_ON_CPU", True)
     calls = []
@@ -201,6 +203,7 @@ def test_a_lone_walker_steps_fused_where_graphs_are_wanted(goal, monkeypatch):
     for _ in range(5):
         waiting[0].step()
     monkeypatch.setattr(batch_module, "FUSED_ON_CPU", True)
+    monkeypatch.setattr(batch_module, "FUSE_AFTER_STEPS", 0)
     calls = []
     original = WalkBatch._step_fused
     monkeypatch.setattr(WalkBatch, "_step_fused", lambda self, *a: calls.append(original(self, *a)) or calls[-1])
@@ -233,6 +236,7 @@ class _NoHostTraffic(TorchFunctionMode):
 @pytest.mark.parametrize("solver", ["constrained", "penalty"])
 def test_the_fused_step_never_asks_the_host(goal, solver, monkeypatch):
     monkeypatch.setattr(batch_module, "FUSED_ON_CPU", True)
+    monkeypatch.setattr(batch_module, "FUSE_AFTER_STEPS", 0)
     monkeypatch.setattr(step_module, "CHOLESKY_ON_CPU", True)
     walkers = _walkers([_config(goal, solver, s) for s in (0, 1)])
     batch = WalkBatch(walkers)
@@ -243,3 +247,22 @@ def test_the_fused_step_never_asks_the_host(goal, solver, monkeypatch):
     with _NoHostTraffic():
         out = batch._fused(walkers, inputs, static, guard, layout)
     assert out["numbers"].shape == (2, len(layout)) and "solved" in layout and "measure:accuracy/A" in layout
+
+
+def test_only_a_membership_that_steps_together_again_and_again_is_fused(monkeypatch):
+    """The first FUSE_AFTER_STEPS steps of each membership are taken the waiting way (a graph is recorded only for
+    a batch that keeps its walks); when a walk drops out, the new membership starts counting again."""
+    monkeypatch.setattr(batch_module, "FUSED_ON_CPU", True)
+    monkeypatch.setattr(step_module, "CHOLESKY_ON_CPU", True)
+    calls = []
+    original = WalkBatch._step_fused
+    monkeypatch.setattr(WalkBatch, "_step_fused", lambda self, *a: calls.append(len(a[0])) or original(self, *a))
+    walkers = _walkers([_config("sparsify", "constrained", s) for s in (0, 1)])
+    batch = WalkBatch(walkers)
+    for _ in range(5):
+        batch.step()
+    assert calls == [2, 2]  # steps 4 and 5
+    walkers[1].is_done = True  # (as if it had arrived)
+    for _ in range(4):
+        batch.step()
+    assert calls == [2, 2, 1]
