@@ -527,10 +527,9 @@ class WalkBatch:
         return [measures_to_fields({k: column[i] for k, column in columns.items()}) for i in range(len(walkers))]
 
 
-# The fused step's Newton iterations for μ, from the walk's last μ: measured on the digits defaults (three goals,
-# 300 steps each, bench: /tmp script in the session of BENCHMARKS.md "CUDA graphs"), 5 solved every step to the
-# waiting loop's tolerance, 4 solved 81-97% (from the bracket's top instead, 6 were needed). A walk not solved
-# sends the batch's step the waiting way.
+# The fused step's Newton iterations for μ, from the walk's last μ: on the digits defaults (three goals, 296-300
+# steps each; bench/newton_iterations.py), 5 solved every step to the waiting loop's tolerance, 4 solved 81-97%
+# (from the bracket's top: 22-85% and 97-100%). A walk not solved sends the batch's step the waiting way.
 NEWTON_ITERATIONS = 5
 FUSE_AFTER_STEPS = 3  # a membership's first steps are taken the waiting way; the fourth records its graph
 FUSED_ON_CPU = False  # the tests: the fused step on the CPU, run as a plain function (graphs are CUDA only)
