@@ -174,21 +174,23 @@ def test_batched_eigh_off_the_main_thread_gives_the_same_answer_whatever_the_spl
     torch.testing.assert_close(main_lam, lam, rtol=1e-5, atol=1e-4)
 
 
-def test_conv_nets_batch_with_their_factored_rows():
-    """LeNet-5 on the digits images: the conv rows are built under vmap for the whole batch, as for one walk."""
-    from geodesic.batch import rows_kind
+def _lenet5(seed: int, **walk) -> RunConfig:
     from geodesic.config import DataConfig, ModelConfig
 
-    def config(seed):
-        return RunConfig(goal=GoalConfig(kind="sparsify"), data=DataConfig("digits-images"),
-                         model=ModelConfig(name="lenet5"), train=TrainConfig(epochs=1), seed=seed,
-                         walk=default_walk("sparsify", "constrained"))
+    return RunConfig(goal=GoalConfig(kind="sparsify"), data=DataConfig("digits-images"),
+                     model=ModelConfig(name="lenet5"), train=TrainConfig(epochs=1), seed=seed,
+                     walk=default_walk("sparsify", "constrained", model="lenet5", **walk))
 
-    alone, together = _walkers([config(0), config(1)]), _walkers([config(0), config(1)])
+
+def test_conv_nets_batch_with_their_factored_rows(batch_way):
+    """LeNet-5 on the digits images: the conv rows are built under vmap for the whole batch, as for one walk."""
+    from geodesic.batch import rows_kind
+
+    alone, together = _walkers([_lenet5(0), _lenet5(1)]), _walkers([_lenet5(0), _lenet5(1)])
     assert rows_kind(together[0]) == "factored"
     batch = WalkBatch(together)
     for _ in range(3):
-        for a, b in zip([w.step() for w in alone], batch.step(), strict=True):
+        for a, b in zip([w.step_waiting() for w in alone], batch.step(), strict=True):
             assert b.goal_distance == pytest.approx(a.goal_distance, rel=1e-4)
             assert b.functional_step == pytest.approx(a.functional_step, rel=1e-2, abs=1e-9)
             assert b.accuracy == pytest.approx(a.accuracy, abs=1e-6)
@@ -266,3 +268,25 @@ def test_only_a_membership_that_steps_together_again_and_again_is_fused(monkeypa
     for _ in range(4):
         batch.step()
     assert calls == [2, 2, 1]
+
+
+def test_fused_steps_that_the_guard_halves_are_finished_like_waiting_ones(monkeypatch):
+    """LeNet-5 with a long step, so that the step guard halves some steps: the fused step hands those walks to the
+    guard's halvings (only they are halved) and measures them again; the paths are the waiting step's."""
+    monkeypatch.setattr(batch_module, "FUSED_ON_CPU", True)
+    monkeypatch.setattr(batch_module, "FUSE_AFTER_STEPS", 0)
+    monkeypatch.setattr(step_module, "CHOLESKY_ON_CPU", True)
+    halved = []
+    guard = WalkBatch._guard
+    monkeypatch.setattr(WalkBatch, "_guard", lambda self, *a: halved.append(1) or guard(self, *a))
+    configs = [_lenet5(s, max_step_norm=4.0) for s in (0, 1)]
+    assert configs[0].walk.step_guard > 0
+    alone, together = _walkers(configs), _walkers(configs)
+    batch = WalkBatch(together)
+    for _ in range(4):
+        for a, b in zip([w.step_waiting() for w in alone], batch.step(), strict=True):
+            assert b.step_norm == pytest.approx(a.step_norm, rel=1e-3)  # the same halvings
+            assert b.accuracy == pytest.approx(a.accuracy, abs=1e-6)
+            assert b.functional_step == pytest.approx(a.functional_step, rel=1e-2, abs=1e-9)
+    assert halved  # some step did fail the guard's first try
+    assert any(a.step_norm < 4.0 * 0.99 for a in alone[0].record.points[1:])
