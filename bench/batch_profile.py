@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from geodesic import batch as batch_module  # noqa: E402
+from geodesic import step as step_module  # noqa: E402
 from geodesic.allocator import DEFAULT_KEEP_FREED_MB, keep_freed_memory  # noqa: E402
 from geodesic.batch import WalkBatch  # noqa: E402
 from geodesic.config import GoalConfig, RunConfig, default_walk  # noqa: E402
@@ -71,9 +73,14 @@ def main() -> None:
     parser.add_argument("--goal", default="sparsify")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile", type=int, default=0, help="profile the batch of this many walks")
+    parser.add_argument("--fused", action="store_true", help="on the CPU, the fused step a GPU replays as a CUDA "
+                        "graph (batch.FUSED_ON_CPU), run as a plain function")
     parser.add_argument("--keep-freed-mb", type=int, default=DEFAULT_KEEP_FREED_MB,
                         help="the engine's keep_freed_mb (geodesic/allocator.py); 0: malloc as it comes")
     args = parser.parse_args()
+    if args.fused:
+        batch_module.FUSED_ON_CPU = True
+        step_module.CHOLESKY_ON_CPU = True
     print(json.dumps({"keep_freed_mb": args.keep_freed_mb, "in_force": keep_freed_memory(args.keep_freed_mb),
                       "threads": torch.get_num_threads()}), flush=True)
     for solver in args.solvers.split(","):
