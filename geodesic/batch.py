@@ -276,7 +276,7 @@ class WalkBatch:
         """The fused step for this membership: a graphs.Captured on a GPU (recorded at its first use and kept
         with the tensors it reads), the plain function on the CPU; None when it cannot be recorded."""
         key = ("fused", *(id(w) for w in walkers))
-        if key in self._static:
+        if key in self._static and not self._static[key][0].released:
             return self._static[key][0]
         static = self._static_inputs(walkers)
         guard = self._guard_static(walkers) if self.config.step_guard else None
@@ -287,6 +287,9 @@ class WalkBatch:
         except graphs.CaptureFailed as err:
             graphs.report_once(f"{err} ({self.goal.name}, {self.config.solver} rule)")
             self.fused_failed = True
+            return None
+        except graphs.NoRoom:  # every live graph is in use: this membership counts its steps again, then retries
+            self._uses.pop(tuple(id(w) for w in walkers), None)
             return None
         self._static[key] = (fn, layout, static, guard)
         return fn
@@ -336,7 +339,10 @@ class WalkBatch:
             fn = self._fused_fn(walkers, inputs)
             if fn is None:
                 return None
-            out = fn(inputs)
+            try:
+                out = fn(inputs)
+            except graphs.Released:  # made room for another batch's graph since: recorded again next time
+                return None
             layout = self._static[("fused", *(id(w) for w in walkers))][1]
             table = out["numbers"].tolist()  # the one wait for the device (the trace rows, if kept, come after)
         columns = {name: [row[j] for row in table] for j, name in enumerate(layout)}

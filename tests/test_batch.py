@@ -290,3 +290,34 @@ def test_fused_steps_that_the_guard_halves_are_finished_like_waiting_ones(monkey
             assert b.functional_step == pytest.approx(a.functional_step, rel=1e-2, abs=1e-9)
     assert halved  # some step did fail the guard's first try
     assert any(a.step_norm < 4.0 * 0.99 for a in alone[0].record.points[1:])
+
+
+def test_a_batch_steps_the_waiting_way_while_every_graph_is_in_use(monkeypatch):
+    """graphs.NoRoom (MAX_LIVE graphs live and in use): the batch steps the waiting way and counts its steps again
+    before it tries to record; a graph released to make room is recorded again."""
+    from geodesic import graphs
+
+    monkeypatch.setattr(batch_module, "FUSED_ON_CPU", True)
+    monkeypatch.setattr(step_module, "CHOLESKY_ON_CPU", True)
+    real = graphs.Captured
+    refusals = [1]
+
+    def captured(*args, **kwargs):
+        if refusals:
+            refusals.pop()
+            raise graphs.NoRoom("all in use")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(graphs, "Captured", captured)
+    calls = []
+    original = WalkBatch._step_fused
+    monkeypatch.setattr(WalkBatch, "_step_fused", lambda self, *a: calls.append(original(self, *a)) or calls[-1])
+    batch = WalkBatch(_walkers([_config("sparsify", "constrained", s) for s in (0, 1)]))
+    for _ in range(9):
+        batch.step()
+    assert calls[0] is None and all(r is not None for r in calls[1:])  # refused at step 4, recorded at step 8
+    assert len(calls) == 3 and not batch.fused_failed
+    key = ("fused", *(id(w) for w in batch.walkers))
+    batch._static[key][0].release()
+    batch.step()
+    assert calls[-1] is not None and not batch._static[key][0].released  # recorded again

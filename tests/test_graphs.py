@@ -49,3 +49,25 @@ def test_a_bad_setting_is_named_once_and_auto_is_used(monkeypatch, capsys):
     assert graphs.wanted(cuda, 26_122) and not graphs.wanted(cuda, 9_225_610)
     err = capsys.readouterr().err
     assert err.count("GEODESIC_CUDA_GRAPHS='sometimes' is not auto, on or off; auto is used") == 1
+
+
+def test_at_most_max_live_graphs_live_and_an_idle_one_makes_room(monkeypatch):
+    monkeypatch.setattr(graphs, "MAX_LIVE", 2)
+    monkeypatch.setattr(graphs, "_LIVE", {})
+    example = {"a": torch.ones(3), "b": (torch.ones(3), torch.tensor(1.0))}
+    first, second = (graphs.Captured(_fn, example, record=False) for _ in range(2))
+    graphs._register(first)
+    graphs._register(second)
+    with pytest.raises(graphs.NoRoom):  # both were used just now
+        graphs._make_room()
+    first.last_used -= graphs.IDLE_SECONDS
+    graphs._make_room()  # the idle one goes, with its memory
+    assert first.released and not second.released and len(graphs._LIVE) == 1
+    with pytest.raises(graphs.Released):
+        first(example)
+    torch.testing.assert_close(second(example)["sum"], torch.full((3,), 2.0))
+    del second  # a graph nobody holds (its batch was dropped) leaves the registry by itself
+    import gc
+
+    gc.collect()
+    assert graphs._LIVE == {}
