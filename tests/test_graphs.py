@@ -71,3 +71,36 @@ def test_at_most_max_live_graphs_live_and_an_idle_one_makes_room(monkeypatch):
 
     gc.collect()
     assert graphs._LIVE == {}
+
+
+def test_graphs_called_from_many_threads_at_once_keep_their_own_inputs_and_outputs(monkeypatch):
+    """Sessions' threads (the Python API; the server steps on one engine thread) each replaying their own graph
+    while the registry makes room: every call returns its own inputs' result, nothing raises."""
+    import threading
+
+    monkeypatch.setattr(graphs, "_LIVE", {})
+    errors, n_threads = [], 8
+
+    def session(i: int) -> None:
+        try:
+            example = {"a": torch.full((64,), float(i)), "b": (torch.ones(64), torch.tensor(2.0))}
+            captured = graphs.Captured(_fn, example, record=False)
+            graphs._register(captured)
+            for j in range(200):
+                out = captured({"a": torch.full((64,), float(i + j)), "b": (torch.ones(64), torch.tensor(2.0))})
+                assert float(out["sum"][0]) == i + j + 1 and float(out["scaled"][-1]) == 2 * (i + j)
+                if j % 50 == 0:
+                    with graphs._LOCK:
+                        try:
+                            graphs._make_room()
+                        except graphs.NoRoom:
+                            pass
+        except Exception as err:  # noqa: BLE001 - collected and failed below
+            errors.append(err)
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
