@@ -9,6 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import graphs
 from .config import ModelConfig, WalkConfig
 from .data import from_tensors
 from .experiment import resolve_device
@@ -76,7 +77,11 @@ def step_cost(model: str = "mlp", input_shape: tuple[int, ...] = (64,), n_classe
             if dev.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
     median = {k: statistics.median(v) for k, v in times.items()}
-    walk = _walk_step_cost(net, params, goal, data, configs, sgd, dev, n_warmup, n_repeats)
+    # A walk's whole step: on a GPU (graphs or not), and for the small models on the CPU (the big ones' walk
+    # steps take seconds there and add nothing the rule's time does not say)
+    small = sum(v.numel() for v in params.values()) <= graphs.AUTO_MAX_PARAMS
+    walk = _walk_step_cost(net, params, goal, data, configs, sgd, dev, n_warmup, n_repeats) \
+        if dev.type == "cuda" or small else None
     n_params = sum(v.numel() for v in params.values())
     # the solver the constrained step chose (auto: by size, free memory and model)
     linear_solver = STEP_RULES["constrained"](moved, goal, batch, probe, configs["constrained"], 0.1,

@@ -130,3 +130,23 @@ def test_a_fine_tuning_asked_to_stop_stops_at_once():
 
     with pytest.raises(Cancelled, match="step 3 of 1000"):
         bl.fine_tune(NetworkFunction(net, net.buffers), net.init_params(0), data, 1000, 0, should_stop=should_stop)
+
+
+def test_step_cost_times_a_walks_whole_step_and_checks_it_only_where_a_graph_took_it():
+    """stepcost.step_cost adds each rule's whole walk step against SGD (on a GPU through its CUDA graph); the
+    benchmark's targets check that figure only where the graph was used."""
+    from geodesic.bench import markdown, targets
+    from geodesic.stepcost import step_cost
+
+    cost = step_cost("mlp", (64,), 10, n_repeats=2, n_warmup=1)
+    walk = cost["walk_step"]
+    assert set(walk) == {"penalty", "constrained"}
+    for rule in walk.values():
+        assert rule["seconds"] > 0 and rule["ratio"] > 0 and rule["graphed"] is False  # no GPU here
+        assert rule["steps_taken"] >= 2
+    names = {t["target"] for t in targets([], [cost])}
+    assert not any("CUDA graph" in n for n in names)
+    graphed = dict(cost, walk_step={r: dict(v, graphed=True, ratio=1.2) for r, v in walk.items()})
+    checked = {t["target"]: t["met"] for t in targets([], [graphed])}
+    assert checked["a walk's constrained step, CUDA graph, with its measurements ≤ 4× SGD (mlp, cpu)"] is True
+    assert "(1.2×; graph)" in markdown([], [graphed])
