@@ -365,7 +365,7 @@ class WalkBatch:
         if "accepted" in columns and not all(columns["accepted"]):
             # Some step failed the guard's first try: halve those (the guard as the waiting step runs it) and
             # measure again where the walks now land.
-            params = _stack([w.params for w in walkers])
+            params = inputs["params"]  # the walks' points, stacked for this step
             theta = {k: v.clone() for k, v in out["theta"].items()}
             new_params, taken, after = self._guard(walkers, params, theta)
             for facts, share in zip(known, taken.tolist(), strict=True):

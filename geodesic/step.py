@@ -219,7 +219,7 @@ def _coefficients_by_cholesky(kernel: Tensor, jv: Tensor, v_norm2: Tensor, half_
 
 
 def coefficients_without_waiting(kernel: Tensor, jv: Tensor, v_norm2: Tensor, goal_weight: Tensor, radius: Tensor,
-                                 mu_start: Tensor, iterations: int = 4, hi_cap: float = 1e12
+                                 mu_start: Tensor, iterations: int = 5, hi_cap: float = 1e12
                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`trust_region_coefficients` with no wait for the device anywhere, so that a CUDA graph can hold it
     (graphs.py): (a, y, μ, θᵀgθ, solved), all tensors, solved (K,) telling each walk's answer good.
