@@ -341,10 +341,16 @@ class WalkBatch:
                 return None
             try:
                 out = fn(inputs)
+                table = out["numbers"].tolist()  # the one wait for the device (the trace rows, if kept, come after)
             except graphs.Released:  # made room for another batch's graph since: recorded again next time
                 return None
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as err:  # a replay that fails (a driver or library error) must not stop the walks
+                graphs.report_once(f"replay failed: {graphs.describe(err)}")
+                self.fused_failed = True
+                return None
             layout = self._static[("fused", *(id(w) for w in walkers))][1]
-            table = out["numbers"].tolist()  # the one wait for the device (the trace rows, if kept, come after)
         columns = {name: [row[j] for row in table] for j, name in enumerate(layout)}
         if not all(columns["solved"]):
             return None

@@ -67,6 +67,12 @@ def wanted(device: torch.device, n_params: int) -> bool:
     return mode == "on" or n_params <= AUTO_MAX_PARAMS
 
 
+def describe(err: BaseException) -> str:
+    """An error's type and the first line of its message."""
+    text = str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def report_once(reason: str, prefix: str = "geodesic: stepping without a CUDA graph") -> None:
     """Say on stderr, once per reason, why a step runs without a graph (or what was wrong with the setting)."""
     if reason not in _REPORTED:
@@ -122,7 +128,7 @@ class Captured:
                 self._out = self._fn(inputs)
         except Exception as err:  # noqa: BLE001 - any failure to record means: run it the eager way
             torch.cuda.synchronize()
-            raise CaptureFailed(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+            raise CaptureFailed(describe(err)) from err
         self._graph = graph
 
     def matches(self, inputs: object) -> bool:

@@ -321,3 +321,21 @@ def test_a_batch_steps_the_waiting_way_while_every_graph_is_in_use(monkeypatch):
     batch._static[key][0].release()
     batch.step()
     assert calls[-1] is not None and not batch._static[key][0].released  # recorded again
+
+
+def test_a_fused_step_that_fails_when_replayed_leaves_the_walks_stepping_the_waiting_way(monkeypatch, capsys):
+    """A replay that raises (a driver or library error on a GPU) is reported once, and the batch goes on the
+    waiting way: no walk stops."""
+    from geodesic import graphs
+
+    monkeypatch.setattr(batch_module, "FUSED_ON_CPU", True)
+    monkeypatch.setattr(batch_module, "FUSE_AFTER_STEPS", 0)
+    monkeypatch.setattr(graphs, "_REPORTED", set())
+    monkeypatch.setattr(graphs.Captured, "__call__", lambda self, inputs: (_ for _ in ()).throw(
+        RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm")))
+    walkers = _walkers([_config("sparsify", "constrained", s) for s in (0, 1)])
+    batch = WalkBatch(walkers)
+    for _ in range(3):
+        assert [r.step for r in batch.step()] == [walkers[0].n_steps] * 2
+    assert batch.fused_failed and walkers[0].n_steps == 3 and not walkers[0].is_done
+    assert capsys.readouterr().err.count("replay failed: RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED") == 1
