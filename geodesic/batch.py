@@ -10,6 +10,11 @@ own state: it draws its batch and probe from its own generator, lands (projects 
 point through the same `Walker` stages a lone step uses, so K batched walks give the paths of K separate
 walkers (tests/test_batch.py). A step that fails for the batch as a whole (a non-finite kernel, out of
 memory) is retried walk by walk from the same draws, so only the walk at fault stops.
+
+On a GPU, for small models (graphs.wanted), a batch whose walks keep stepping together takes the *fused* step: the
+same computation with no wait for the device in it (μ by a fixed number of Newton iterations, the guard's first
+try and the measurements included), recorded once as a CUDA graph and replayed (graphs.py). What it cannot decide
+(μ not converged, a value not finite, a step the guard halves) is finished the waiting way from the same draws.
 """
 from __future__ import annotations
 
