@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from . import graphs
 from .allocator import DEFAULT_KEEP_FREED_MB, keep_freed_memory
 from .batch import WalkBatch, batch_key
 from .errors import ConfigError, GeodesicError
@@ -68,6 +69,7 @@ class EngineSettings:
     device: str = ""  # device for walks whose settings say 'auto' (empty: cuda, then mps, then cpu)
     keep_freed_mb: int = DEFAULT_KEEP_FREED_MB  # freed memory kept for the next steps (allocator.py); 0: malloc's own
     fair_share: str = "time"  # walks share the engine's seconds ('time') or take one step each per round ('steps')
+    cuda_graphs: str = ""  # small models' steps as CUDA graphs on a GPU: auto, on or off (empty: graphs.MODE's)
 
     def __post_init__(self):
         if isinstance(self.keep_freed_mb, bool) or not isinstance(self.keep_freed_mb, int) or self.keep_freed_mb < 0:
@@ -86,6 +88,8 @@ class EngineSettings:
             raise ConfigError(_env_name("device"), self.device, "auto, cpu, cuda or mps")
         if self.fair_share not in ("time", "steps"):
             raise ConfigError(_env_name("fair_share"), self.fair_share, "time or steps")
+        if self.cuda_graphs not in ("", "auto", "on", "off"):
+            raise ConfigError(_env_name("cuda_graphs"), self.cuda_graphs, "auto, on or off")
 
     @property
     def n_threads(self) -> int:
@@ -393,6 +397,8 @@ class Engine:
         # A batch's megabyte-sized tensors are reused from the heap instead of being mapped and faulted in anew at
         # every step (allocator.py: 8 penalty walks, 21 -> 17 ms a batch step on this project's 2-core machine).
         keep_freed_memory(self.settings.keep_freed_mb)
+        if self.settings.cuda_graphs:  # the server's file (GEODESIC_CUDA_GRAPHS is graphs.MODE's own default)
+            graphs.MODE = self.settings.cuda_graphs
         while True:
             with self._cond:
                 while not self._stopped and not self._jobs and not self._due():

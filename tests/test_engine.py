@@ -167,6 +167,23 @@ def test_fair_share_setting_is_checked():
     assert EngineSettings.from_env({"GEODESIC_FAIR_SHARE": "steps"}).fair_share == "steps"
 
 
+def test_cuda_graphs_setting_is_checked_and_reaches_the_steps(monkeypatch):
+    from geodesic import graphs
+
+    with pytest.raises(ConfigError, match="GEODESIC_CUDA_GRAPHS"):
+        EngineSettings(cuda_graphs="sometimes")
+    settings = EngineSettings.from_env({"GEODESIC_CUDA_GRAPHS": "off"})
+    assert settings.cuda_graphs == "off"
+    monkeypatch.setattr(graphs, "MODE", "auto")
+    engine = Engine(settings)
+    try:
+        handle = engine.open(_walker(), "s")
+        handle.step_once()  # the engine's thread has started and applied its settings
+        assert graphs.MODE == "off"
+    finally:
+        engine.stop()
+
+
 def test_step_once_takes_exactly_one_step_while_others_run(engine):
     busy = [engine.open(_walker(seed=s), "other") for s in range(4)]
     for h in busy:
