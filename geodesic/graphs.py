@@ -137,9 +137,9 @@ class Captured:
         return spec == self._spec and [_kind(leaf) for leaf in leaves] == self._kinds
 
     def __call__(self, inputs: object) -> object:
-        leaves, spec = tree_flatten(inputs)
-        if spec != self._spec or [_kind(leaf) for leaf in leaves] != self._kinds:
+        if not self.matches(inputs):
             raise ValueError("these inputs differ in structure or shape from the ones the graph was recorded for")
+        leaves = tree_flatten(inputs)[0]
         with _LOCK:
             if self.released:
                 raise Released("this graph was released to make room for another one")
