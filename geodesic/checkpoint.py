@@ -32,37 +32,40 @@ def save_weights(params: Params, path: str | Path, buffers: dict | None = None) 
     os.replace(tmp, path)
 
 
-def read_tensors(path: str | Path, max_bytes: int = MAX_CHECKPOINT_BYTES) -> dict[str, torch.Tensor]:
-    """Every tensor in a .safetensors or PyTorch state-dict file, read safely."""
+def read_tensors(path: str | Path, max_bytes: int = MAX_CHECKPOINT_BYTES, name: str | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Every tensor in a .safetensors or PyTorch state-dict file, read safely. name: what the messages call the
+    file (an upload's own name, not the temporary path it was written to)."""
     path = Path(path)
+    shown = name or str(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{shown}: no such file")
     size = path.stat().st_size
     if size > max_bytes:
-        raise CheckpointError(f"{path}: {size / 1e6:.0f} MB is over the {max_bytes / 1e6:.0f} MB limit for weights")
+        raise CheckpointError(f"{shown}: {size / 1e6:.0f} MB is over the {max_bytes / 1e6:.0f} MB limit for weights")
     with path.open("rb") as f:
         head = f.read(9)
     looks_safetensors = len(head) == 9 and head[8:9] == b"{"  # 8-byte header length, then its JSON
     if not (path.suffix == ".safetensors" or looks_safetensors or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):
-        raise CheckpointError(f"{path}: not a weights file: neither .safetensors nor a PyTorch checkpoint "
+        raise CheckpointError(f"{shown}: not a weights file: neither .safetensors nor a PyTorch checkpoint "
                               f"(.pt/.pth, a zip archive or a pickle); it starts with {head[:8]!r}")
     if path.suffix == ".safetensors" or looks_safetensors:
         try:
             return load_file(str(path))
         except Exception as err:
-            raise CheckpointError(f"{path}: not a readable .safetensors file ({err})") from err
+            raise CheckpointError(f"{shown}: not a readable .safetensors file ({err})") from err
     try:
         with warnings.catch_warnings():  # PyTorch's note on pickle protocols says nothing the error below does not
             warnings.simplefilter("ignore", UserWarning)
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for code-carrying pickles, others for truncated files
         reason = _load_failure(str(err))
-        raise CheckpointError(f"{path}: refused to load: only plain tensors are accepted, and this file "
+        raise CheckpointError(f"{shown}: refused to load: only plain tensors are accepted, and this file "
                               f"is not a plain state dict ({type(err).__name__}: {reason})") from err
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), got {type(loaded).__name__}")
+        raise CheckpointError(f"{shown}: expected a dict of tensors (a state dict), got {type(loaded).__name__}")
     return loaded
 
 

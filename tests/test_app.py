@@ -438,6 +438,10 @@ def test_goals_without_sparsity_show_the_lowest_accuracy_instead(goal):
     lowest = min(p.accuracy["A"] for p in walker(at).record.points)
     assert metric(at, "lowest A so far") == f"{100 * lowest:.1f}%"
     assert not any(m.label == "sparsity" for m in at.metric)
+    if goal == "connect":  # one task: the slot beside its accuracy shows the step size in use
+        assert metric(at, "step size ε now") == f"{walker(at).step_size:.3g}"
+    else:
+        assert any(m.label == "accuracy B" for m in at.metric)
 
 
 def test_conv_models_are_offered_only_for_images_and_walk_on_them():

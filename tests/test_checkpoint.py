@@ -72,3 +72,16 @@ def test_a_file_that_is_no_weights_file_is_named_so_and_safetensors_are_known_by
     save_weights({"w": torch.arange(3.0)}, tmp_path / "w.safetensors")
     (tmp_path / "w.bin").write_bytes((tmp_path / "w.safetensors").read_bytes())  # renamed by a user
     assert torch.equal(read_tensors(tmp_path / "w.bin")["w"], torch.arange(3.0))
+
+
+def test_messages_name_an_upload_by_its_own_name_not_the_temporary_path(tmp_path):
+    """The Runs page writes an upload to a temporary file; its messages must name the file the user chose."""
+    (tmp_path / "upload.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match=r"^my-net\.safetensors: not a readable") as err:
+        read_tensors(tmp_path / "upload.safetensors", name="my-net.safetensors")
+    assert str(tmp_path) not in str(err.value)
+    with open(tmp_path / "upload.pt", "wb") as f:
+        pickle.dump({"w": _WritesAFile(str(tmp_path / "pwned.txt"))}, f)
+    with pytest.raises(CheckpointError, match=r"^evil\.pt: refused to load"):
+        read_tensors(tmp_path / "upload.pt", name="evil.pt")
+    assert not (tmp_path / "pwned.txt").exists()

@@ -240,6 +240,10 @@ def _status(s) -> None:
         cols[2].metric("prune now", f"{100 * pruned:.1f}%",
                        help="Test accuracy of the current weights with the target share of smallest weights set "
                             "to zero now: what the network would keep if the walk stopped here")
+    elif len(tasks) == 1:  # connect: no second number to show beside accuracy, so the step size in use
+        cols[2].metric("step size ε now", f"{walker.step_size:.3g}",
+                       help="The largest Euclidean step ‖θ‖ of the next step: set in the sidebar, changed mid-walk "
+                            "with 'Step size ε now', or adapted by auto")
     if s.config.goal.kind == "sparsify":
         cols[3].metric("sparsity", f"{100 * last.sparsity:.1f}%")
     else:  # sparsity stays 0 on these goals; what they are judged by is the accuracy kept all along the path

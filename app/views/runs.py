@@ -77,7 +77,7 @@ def _upload(s, uploaded) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(uploaded.getvalue())
-        tensors = read_tensors(path)
+        tensors = read_tensors(path, name=uploaded.name)
     experiment = build(config, start_tensors=tensors, start_source=uploaded.name)
     from geodesic.analysis import goal_baselines
 
