@@ -11,8 +11,11 @@ and nobody would get faster with more hardware. Here a single worker thread does
   least. Walks that cost alike step in turn; beside a VGG walk of 350 ms a step, an MLP walk of 5 ms takes
   about 70 steps to its one instead of one (the MLP's page would otherwise crawl at the VGG's pace). A walk
   that starts, resumes or leaves slow motion is owed at most `FAIR_CREDIT` seconds by the running ones, so it
-  does not take the engine for long. Compatible walks step together as one `WalkBatch` (batch.py): same
-  architecture, step rule, probe and batch shapes and device. A Step click or a `call` (a spectrum, a contour)
+  does not take the engine for long. A walk's first step is charged no more than its second: the first carries
+  one-off set-up (the engine's first PyTorch work, a new batch's functions), 0.2-0.4 s here, and charging it froze
+  the first walk on a server for about 2 s while the walks opened after it caught up. Compatible walks step
+  together as one `WalkBatch` (batch.py): same architecture, step rule, probe and batch shapes and device.
+  A Step click or a `call` (a spectrum, a contour)
   is served between two batch steps, so it waits for at most one of them.
 - A walk that diverges or runs out of memory stops with its own message (`handle.error`); the others go on.
   A running walk nobody has looked at for `idle_seconds` (its page was closed) is paused and its slot freed.
@@ -153,6 +156,7 @@ class WalkHandle:
         self._running = False
         self._next_due = 0.0
         self.engine_seconds = 0.0  # the engine's time charged to this walk (its share of each batch step)
+        self._first_step: tuple[int, float | None] | None = None  # (id of the walker, its first step's seconds)
         self.last_seen = time.monotonic()
         self.is_closed = False
 
@@ -212,6 +216,19 @@ class WalkHandle:
 
     def _stop(self, message: str) -> None:
         self.error, self._running = message, False
+
+    def _charge(self, seconds: float) -> float:
+        """The engine time to charge for a step of `seconds` (the engine's thread). A walker's first step is
+        charged at most FAIR_QUANTUM at once; its second step settles it at no more than the second's own cost, so
+        the first step's set-up is not charged."""
+        first = self._first_step
+        if first is None or first[0] != id(self.walker):  # a new walker (Reset, a branch, a reload): a first step
+            self._first_step = (id(self.walker), seconds)
+            return min(seconds, FAIR_QUANTUM)
+        if first[1] is not None:  # the second step
+            self._first_step = (first[0], None)
+            return seconds + max(min(first[1], seconds) - FAIR_QUANTUM, 0.0)
+        return seconds
 
 
 # Doubling the engine's threads must make a step at least this much faster. The cores it takes are shared with
@@ -512,7 +529,7 @@ class Engine:
         self.tuner.record(kind, threads, seconds)
         now = time.monotonic()
         for handle, result in zip(handles, results, strict=True):
-            handle.engine_seconds += seconds
+            handle.engine_seconds += handle._charge(seconds)
             if isinstance(result, BaseException):
                 handle._stop(str(result))
                 self.n_errors += 1

@@ -161,6 +161,49 @@ def test_walks_share_the_engines_time_not_its_steps(engine):
     light.pause()
 
 
+class _SlowFirstStep(_SlowWalker):
+    """A walker whose first step alone also takes `seconds` (the one-off set-up of a first step)."""
+
+    def step(self):
+        if self._walker.n_steps == 0:
+            time.sleep(self._seconds)
+        return self._walker.step()
+
+
+def test_a_first_steps_set_up_is_not_charged_so_the_first_walk_does_not_freeze():
+    """The first walk on a server paid its first step's set-up (0.2-0.4 s measured) and then stood still until
+    every walk opened after it had been charged as much. A first step is charged no more than the second."""
+    from geodesic.engine import FAIR_QUANTUM
+
+    engine = Engine(EngineSettings(threads=1, batching=False))  # three walks alike, each stepped on its own
+    try:
+        first_walker = _SlowFirstStep(_walker("new-task"), 0.6)
+        others = [_walker("new-task", seed=s) for s in (1, 2)]
+        first = engine.open(first_walker, "a")
+        handles = [engine.open(w, f"s{i}") for i, w in enumerate(others)]
+        first.run()
+        _wait(lambda: first_walker.n_steps >= 1, seconds=5.0)
+        for h in handles:
+            h.run()
+        _wait(lambda: all(w.n_steps >= 40 for w in others))
+        first_steps = first_walker.n_steps
+        for h in (first, *handles):
+            h.pause()
+    finally:
+        engine.stop()
+    # Charged its 0.6 s set-up, it would stand still while the others took 0.6 s of steps (about 80 each here).
+    assert first_steps >= 30, (first_steps, [w.n_steps for w in others])
+    assert first.engine_seconds < min(h.engine_seconds for h in handles) + 0.1  # the set-up is not on its account
+
+    # A walk whose every step is long is still charged all of them: the second step settles the first.
+    handle = Engine().open(_walker(), "b")
+    assert handle._charge(0.5) == FAIR_QUANTUM
+    assert handle._charge(0.5) == pytest.approx(1.0 - FAIR_QUANTUM)  # both steps charged in full by now
+    assert handle._charge(0.5) == 0.5
+    handle.walker = _walker(seed=3)  # a new walker in the same handle (Reset): its first step again
+    assert handle._charge(0.3) == FAIR_QUANTUM and handle._charge(0.01) == 0.01
+
+
 def test_fair_share_setting_is_checked():
     with pytest.raises(ConfigError, match="GEODESIC_FAIR_SHARE"):
         EngineSettings(fair_share="random")
