@@ -463,6 +463,8 @@ class Engine:
         compatible ones as one batch, groups in turn, calls served between."""
         with self._cond:
             due = self._due()
+            live = {id(h.walker) for h in self._handles}
+        self._drop_dead_batches(live)
         if due and self.settings.fair_share == "time":
             least = min(h.engine_seconds for h in due)
             due = [h for h in due if h.engine_seconds <= least + FAIR_QUANTUM]
@@ -476,6 +478,15 @@ class Engine:
         for chunk in chunks[offset:] + chunks[:offset]:
             self._step(chunk)
             self._run_jobs()
+
+    def _drop_dead_batches(self, live: set[int]) -> None:
+        """Forget the batches of walkers no session holds any more (closed, reset, replaced): a batch keeps its
+        walkers, and with them each one's path and weights. Measured before (120 rounds of 4 walks opened, stepped
+        and closed): the process grew from 0.67 to 1.18 GB until the cache of 65 batches was cleared. The
+        engine's thread only; a live walker's id cannot be reused, so a key of live ids is never stale."""
+        dead = [key for key in self._batches if not all(i in live for i in key)]
+        for key in dead:
+            del self._batches[key]
 
     @staticmethod
     def _kind_key(walker: Walker):
