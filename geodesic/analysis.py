@@ -34,8 +34,9 @@ def true_class_heatmap(walker: Walker, n_networks: int = 40, n_examples: int = 1
     Examples are ordered by the start network's confidence, so forgetting shows as a moving edge."""
     task = walker.tasks["A"].test
     x, y = task.x[:n_examples], task.y[:n_examples]
-    n_points = len(walker.trace.rows)
-    rows = np.unique(np.linspace(0, n_points - 1, min(n_networks, n_points)).round().astype(int))
+    kept = walker.trace.kept(until=len(walker.record))  # a long path keeps some points' weights only
+    pick = np.unique(np.linspace(0, len(kept) - 1, min(n_networks, len(kept))).round().astype(int))
+    rows = [kept[i] for i in pick]
     probs = np.stack([true_class_probability(walker.model_fn, walker.params_at(i), x, y).cpu().numpy() for i in rows])
     order = np.argsort(-probs[0], kind="stable")
     steps = np.array([walker.record[i].step for i in rows])

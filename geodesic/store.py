@@ -109,8 +109,9 @@ def restore_walker(experiment: Experiment, directory: str | Path, state: dict, r
         walker.trust = TrustRegion(**state["trust_region"])
     walker.record = record
     walker.trace = WeightTrace(walker.trace.n_params, seed=walker.seed)
+    row = walker.trace.vector(params)
     for _ in record.points:  # earlier weights are not stored: the trace restarts from here
-        walker.trace.append(params)
+        walker.trace.append(params, row)
     walker._euclidean_length = record.last.euclidean_length
     walker._functional_length = record.last.functional_length
     walker.is_done, walker.stop_reason = state["is_done"], state["stop_reason"]
@@ -217,26 +218,41 @@ def delete_run(root: str | Path, name: str) -> None:
 
 
 def save_trace(experiment: Experiment, directory: str | Path) -> None:
-    """Every recorded point's weights (exact traces only) so a reloaded run can branch from any step."""
+    """The weights of the recorded points the walk kept (exact traces only; every point of a short path, see
+    WeightTrace), so a reloaded run can branch from them: rows in trace.npy, their point indices in
+    trace_index.npy."""
     import numpy as np
 
     trace = experiment.walker.trace
-    if trace.is_exact and trace.rows:
-        path = Path(directory) / "weights" / "trace.npy"
-        tmp = path.with_name("trace.tmp.npy")
-        np.save(tmp, trace.matrix())
-        tmp.replace(path)
+    indices, rows = trace.matrix(until=len(experiment.walker.record))
+    if trace.is_exact and indices:
+        weights = Path(directory) / "weights"
+        for name, array in (("trace_index", np.asarray(indices, dtype=np.int64)), ("trace", rows)):
+            tmp = weights / f"{name}.tmp.npy"
+            np.save(tmp, array)
+            tmp.replace(weights / f"{name}.npy")
 
 
 def load_trace(experiment: Experiment, directory: str | Path) -> None:
     import numpy as np
 
-    path = Path(directory) / "weights" / "trace.npy"
+    weights = Path(directory) / "weights"
     walker = experiment.walker
-    if path.is_file():
-        rows = np.load(path, allow_pickle=False)
-        if rows.shape[0] >= len(walker.record) and rows.shape[1] == walker.trace.n_params:
-            walker.trace.rows = [row for row in rows[: len(walker.record)]]
+    n_points = len(walker.record)
+    if not (weights / "trace.npy").is_file():
+        return
+    rows = np.load(weights / "trace.npy", allow_pickle=False)
+    if rows.ndim != 2 or rows.shape[1] != walker.trace.n_params:
+        return
+    if (weights / "trace_index.npy").is_file():
+        indices = np.load(weights / "trace_index.npy", allow_pickle=False)
+        if len(indices) != len(rows):
+            return
+    elif len(rows) >= n_points:  # saved before paths kept some points only: every point, in order
+        indices = np.arange(len(rows))
+    else:
+        return
+    walker.trace.restore([int(i) for i in indices], rows, n_points)
 
 
 def export_zip(directory: str | Path) -> bytes:

@@ -313,7 +313,7 @@ class Walker:
                        n_eval=self.n_eval, drift_probe=self._drift_probe, _record=False)
         child._drift_anchor = self._drift_anchor
         child.record = PathRecord(self.record.points[: at_step + 1])
-        child.trace.rows = list(self.trace.rows[: at_step + 1])
+        child.trace = self.trace.head(at_step + 1)
         base = self.record[at_step]
         child._euclidean_length, child._functional_length = base.euclidean_length, base.functional_length
         child._pending_event = f"branched from step {at_step}"
@@ -322,9 +322,17 @@ class Walker:
         return child
 
     def params_at(self, index: int) -> Params:
-        """The weights of recorded point `index` (exact traces only)."""
+        """The weights of recorded point `index` (exact traces only; ConfigError naming the nearest points whose
+        weights a long path kept, for one it let go: see WeightTrace)."""
+        try:
+            row = self.trace.row(index)
+        except KeyError:
+            near = " or ".join(str(i) for i in self.trace.nearest(index))
+            raise ConfigError("branch step", index, f"{near}: beyond its last {self.trace.recent} steps this path "
+                              f"keeps the weights of every {self.trace.stride}th step only (GEODESIC_TRACE_MB)"
+                              ) from None
         device = next(iter(self.params.values())).device
-        return unflatten(torch.as_tensor(self.trace.rows[index]).to(device), self.params)
+        return unflatten(torch.as_tensor(row).to(device), self.params)
 
     # -- measuring -----------------------------------------------------------------------------------------
     def measure_inputs(self) -> dict:

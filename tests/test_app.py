@@ -230,7 +230,7 @@ def test_save_reload_compare_rename_and_delete_runs(tmp_path, monkeypatch):
     at.selectbox(key="run_choice").set_value("first").run()
     button(at, "Reload into Explore").click().run()
     state = at.session_state["geodesic"]
-    assert state.walker.n_steps == 3 and len(state.walker.trace.rows) == 4
+    assert state.walker.n_steps == 3 and len(state.walker.trace) == 4
     child = state.walker.branch(1)  # a reloaded run branches from any saved step
     assert child.record.last.step == 1
 
@@ -534,3 +534,32 @@ def test_a_run_the_server_refuses_says_why_and_keeps_the_walk():
     if handle.is_running:
         button(at, "Pause").click().run()
     assert not handle.is_running
+
+
+def test_a_long_walk_whose_trace_keeps_some_points_draws_its_path_and_branches(monkeypatch):
+    """Past its weights budget a walk keeps every k-th older point (WeightTrace): the Path view projects those,
+    the examples heat map and UMAP read those, and a branch from a point let go says which ones it can use."""
+    import geodesic.path
+
+    monkeypatch.setattr(geodesic.path, "TRACE_MB", 26_122 * 4 * 64 / 2**20)  # 64 rows of the digits MLP
+    at = start({"goal": "new-task"})
+    w = walker(at)
+    handle = at.session_state["geodesic"].runner
+    handle.call(lambda: [w.step() for _ in range(300)])  # on the engine's thread, as a running walk is stepped
+    stride = w.trace.stride
+    assert stride >= 8 and len(w.trace.kept()) <= 64
+    at.segmented_control[0].set_value("Path").run()
+    assert not at.exception, [e.value for e in at.exception]
+    (pca,) = [m for m in live_charts(at).values() if "full" in m and "PCA" in json.dumps(m["full"]["layout"])]
+    path_x = pca["full"]["data"][0]["x"]
+    assert len(path_x) == len(range(0, len(w.record), stride))  # every stride-th point
+    at.segmented_control[0].set_value("Examples").run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.segmented_control[0].set_value("Path").run()
+    at.number_input(key="branch_at").set_value(stride + 1).run()
+    button(at, "Branch").click().run()
+    assert any(f"{stride} or {2 * stride}" in e.value for e in at.error), [e.value for e in at.error]
+    assert len(at.session_state["geodesic"].branches) == 1  # nothing was added; the walk is kept
+    at.number_input(key="branch_at").set_value(2 * stride).run()
+    button(at, "Branch").click().run()
+    assert len(at.session_state["geodesic"].branches) == 2 and not at.exception

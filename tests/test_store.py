@@ -212,3 +212,47 @@ def test_saving_into_a_store_that_cannot_be_written_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="could not be saved"):
         save_run(experiment, root, "mine", summarize(experiment, 0.0))
     assert root.read_text().startswith("a file")  # nothing the user had is lost
+
+
+def test_a_saved_run_keeps_the_weights_its_path_kept_and_an_older_save_still_loads(tmp_path, monkeypatch):
+    """A long path keeps some points' weights only (WeightTrace): a save stores those with their indices, and a
+    reload branches from them exactly. A run saved before (every point's row, no index file) still loads."""
+    import numpy as np
+
+    import geodesic.path
+    from geodesic.checkpoint import read_tensors
+    from geodesic.params import flatten
+    from geodesic.store import load_trace, restore_walker, save_run
+    from geodesic.summary import summarize
+
+    monkeypatch.setattr(geodesic.path, "TRACE_MB", 26_122 * 4 * 64 / 2**20)  # 64 rows of the digits MLP
+    config = RunConfig(goal=GoalConfig(kind="new-task"), walk=default_walk("new-task", "constrained", n_steps=300))
+    experiment = build(config)
+    for _ in experiment.walker.run():
+        pass
+    walker = experiment.walker
+    kept = walker.trace.kept()
+    assert len(kept) <= 64 < len(walker.record)
+    save_run(experiment, tmp_path, "long", summarize(experiment, wall_seconds=0.0))
+
+    def reload():
+        directory = tmp_path / "long"
+        config_, state, record = load_run(directory)
+        again = build(config_, start_tensors=read_tensors(directory / "weights" / "start.safetensors"))
+        restore_walker(again, directory, state, record)
+        load_trace(again, directory)
+        return again.walker
+
+    loaded = reload()
+    assert loaded.trace.kept() == kept and loaded.trace.stride == walker.trace.stride
+    old = kept[1]
+    torch.testing.assert_close(flatten(loaded.branch(old).params), torch.as_tensor(walker.trace.row(old)))
+    # the format before: every point's row in trace.npy, no index
+    weights = tmp_path / "long" / "weights"
+    (weights / "trace_index.npy").unlink()
+    dense = np.stack([walker.trace.row(kept[-1])] * len(walker.record))
+    dense[old] = walker.trace.row(old)
+    np.save(weights / "trace.npy", dense)
+    loaded = reload()
+    assert len(loaded.trace) == len(walker.record) and len(loaded.trace.kept()) <= 64  # thinned to the budget
+    torch.testing.assert_close(flatten(loaded.params_at(old)), torch.as_tensor(walker.trace.row(old)))

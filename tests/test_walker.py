@@ -52,7 +52,7 @@ def test_branch_starts_from_a_recorded_point_and_keeps_history(experiment):
         pass
     child = walker.branch(2, walker.config.__class__(**{**walker.config.__dict__, "max_step_norm": 0.05}))
     assert len(child.record) == 3
-    torch.testing.assert_close(flatten(child.params), torch.as_tensor(walker.trace.rows[2]))
+    torch.testing.assert_close(flatten(child.params), torch.as_tensor(walker.trace.row(2)))
     point = child.step()
     assert point.step == 3 and point.event == "branched from step 2"
     assert len(walker.record) == 5  # the parent is untouched
@@ -94,3 +94,64 @@ def test_python_api_walks_your_own_module_and_tensors():
     assert walker.stop_reason == "goal reached"
     assert walker.record.last.sparsity >= 0.5
     assert walker.record.last.accuracy["A"] >= walker.record[0].accuracy["A"] - 0.05
+
+
+def test_a_long_path_keeps_its_weights_within_a_budget():
+    """Every step's weights were kept (a digits walk grew by 11 MB a second). Past the budget, the trace keeps the
+    last `recent` points and every stride-th older one, the stride doubling as the path grows."""
+    import threading
+    import time
+
+    from geodesic.path import WeightTrace
+
+    trace = WeightTrace(1000, max_mb=1000 * 4 * 80 / 2**20)  # room for 80 rows
+    assert trace.max_rows == 80 and trace.recent == 20
+    readers_saw, stop = [], threading.Event()
+
+    def read():  # a page reading while the engine appends
+        while not stop.is_set():
+            indices, rows = trace.matrix()
+            readers_saw.append(len(indices) == len(rows))
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(5000):
+        trace.append({"w": torch.full((1000,), float(i))})
+    stop.set()
+    reader.join()
+    assert all(readers_saw) and readers_saw
+    kept = trace.kept()
+    assert len(trace) == 5000 and len(kept) <= 80
+    assert trace.stride > 1 and all(i in kept for i in range(0, 5000, trace.stride))
+    assert all(i in kept for i in range(5000 - trace.recent, 5000))  # the recent steps, every one
+    assert all(float(trace.row(i)[0]) == i for i in kept)  # the right weights under each index
+    dropped = next(i for i in range(5000) if i not in kept)
+    with pytest.raises(KeyError):
+        trace.row(dropped)
+    before, after = trace.nearest(dropped)
+    assert before < dropped < after and before in kept and after in kept
+    head = trace.head(before + 1)  # a branch's history: the rows up to there
+    assert len(head) == before + 1 and head.kept() == [i for i in kept if i <= before]
+
+
+def test_a_walk_branches_from_a_kept_step_exactly_and_names_the_kept_ones_otherwise(monkeypatch):
+    import geodesic.path
+
+    monkeypatch.setattr(geodesic.path, "TRACE_MB", 26_122 * 4 * 64 / 2**20)  # 64 rows of the digits MLP
+    walker = build(RunConfig(goal=GoalConfig(kind="new-task"), train=TrainConfig(epochs=5),
+                             walk=default_walk("new-task", "constrained"))).walker
+    params = {}
+    for point in walker.run(300):
+        params[point.step] = flatten(walker.params).clone()
+    kept = walker.trace.kept()
+    assert len(kept) <= 64 and walker.trace.stride >= 8
+    old = next(i for i in kept if 0 < i < 300 - walker.trace.recent)
+    child = walker.branch(old)
+    torch.testing.assert_close(flatten(child.params), params[old])  # exactly that step's weights
+    assert child.trace.kept() == [i for i in kept if i <= old]
+    gone = old + 1
+    with pytest.raises(ConfigError, match=f"{old} or {old + walker.trace.stride}"):
+        walker.branch(gone)
+    recent = 300 - 3
+    torch.testing.assert_close(flatten(walker.branch(recent).params), params[recent])

@@ -93,9 +93,10 @@ def _overview(s, runs) -> None:
 
 
 def _projected(s, basis) -> list[tuple[str, pd.DataFrame]]:
-    """(label, table of pc1, pc2, pc3, residual, step, hover) per branch: its points on the frozen basis, thinned
-    for drawing (the index holds each kept point's position). Only the points added since the last refresh are
-    projected and labelled (the basis does not change while it is frozen)."""
+    """(label, table of pc1, pc2, pc3, residual, step, hover) per branch: its points on the frozen basis, every
+    k-th one (the index holds each point's position; k: a power of two, at least the one drawing thins long paths
+    with and the one a long path keeps weights at, WeightTrace). Each point is projected once (the basis does not
+    change while it is frozen)."""
     cache = st.session_state.setdefault("_path_projection", {})
     out = []
     for b in s.branches:
@@ -103,21 +104,28 @@ def _projected(s, basis) -> list[tuple[str, pd.DataFrame]]:
         n = len(frame)
         entry = cache.get(b.label)
         if entry is None or entry["basis"] is not basis or entry["walker"] is not b.walker:
-            entry = cache[b.label] = {"basis": basis, "walker": b.walker, "coords": np.zeros((0, 3)),
-                                      "residual": np.zeros(0), "hover": []}
-        m = len(entry["coords"])
-        if n > m:  # weights are appended before their point, so every point read has its row
-            coords, residual = basis.project(np.stack(b.walker.trace.rows[m:n]))
-            entry["coords"] = np.concatenate([entry["coords"], coords[:, :3]])
-            entry["residual"] = np.concatenate([entry["residual"], residual])
-            entry["hover"] += [f"step {step}<br>residual {r:.3g}"
-                               for step, r in zip(frame["step"].iloc[m:n], residual, strict=True)]
-        keep = thin_for_drawing(n)
-        xyz = entry["coords"][:n][keep]
+            entry = cache[b.label] = {"basis": basis, "walker": b.walker, "points": {}}
+        draw = thin_for_drawing(n)
+        while True:  # weights are appended before their point, so every point read has had its row
+            stride = max(b.walker.trace.stride, int(draw[1] - draw[0]) if len(draw) > 1 else 1)
+            keep = list(range(0, n, stride))
+            missing = [i for i in keep if i not in entry["points"]]
+            try:
+                rows = b.walker.trace.rows(missing)
+                break
+            except KeyError:  # the walk's trace has just doubled its stride and let some of these go: again
+                continue
+        if missing:
+            coords, residual = basis.project(rows)
+            steps = frame["step"].to_numpy()
+            for i, xyz, r in zip(missing, coords[:, :3], residual, strict=True):
+                entry["points"][i] = (xyz, r, f"step {steps[i]}<br>residual {r:.3g}")
+        points = [entry["points"][i] for i in keep]
+        xyz = np.array([p[0] for p in points]).reshape(-1, 3)
         out.append((b.label, pd.DataFrame({"pc1": xyz[:, 0], "pc2": xyz[:, 1], "pc3": xyz[:, 2],
-                                           "residual": entry["residual"][:n][keep],
+                                           "residual": [p[1] for p in points],
                                            "step": frame["step"].to_numpy()[keep],
-                                           "hover": [entry["hover"][i] for i in keep]}, index=keep)))
+                                           "hover": [p[2] for p in points]}, index=keep)))
     return out
 
 
@@ -128,7 +136,7 @@ def _path(s) -> None:
     if c2.button("Refit PCA basis", help="The basis is fitted once and frozen so axes don't jump; refit here"):
         s.basis = None
     if s.basis is None and len(walker.record) >= 3:
-        s.basis = fit_pca(walker.trace.matrix()[: len(walker.record)], n_components=3)
+        s.basis = fit_pca(walker.trace.matrix(until=len(walker.record))[1], n_components=3)
     if s.basis is None:
         st.info("The path needs at least 3 points for a projection: press Step or Run.")
         return
@@ -167,9 +175,9 @@ def _path(s) -> None:
             with st.spinner("UMAP: compiling on first use, then fitting"):
                 try:
                     frame = walker.record.to_frame()
-                    main_rows = walker.trace.matrix()[: len(frame)]
+                    kept, main_rows = walker.trace.matrix(until=len(frame))  # a long path: some points only
                     emb = umap_embed(main_rows, umap_dims, int(n_neighbors), float(min_dist))
-                    s.umap = {"coords": emb, "steps": frame["step"].to_numpy()[: len(emb)],
+                    s.umap = {"coords": emb, "steps": frame["step"].to_numpy()[kept],
                               "trust": trustworthiness(main_rows, emb), "params": (n_neighbors, min_dist)}
                 except ValueError as err:
                     st.warning(str(err))
@@ -463,9 +471,13 @@ def _drive(s, teach: bool) -> None:
         return
     with st.expander("Rewind and branch"):
         b1, b2, b3 = st.columns([2, 2, 1])
+        middle = max(walker.n_steps // 2, 0)
+        kept = walker.trace.nearest(middle)  # a long path keeps some points' weights only (WeightTrace)
         at = b1.number_input("Branch from step", min_value=0, max_value=max(walker.n_steps, 0),
-                             value=max(walker.n_steps // 2, 0), key="branch_at")
-        b2.caption("The branch uses the step rule, ε, β/λ, ρ and probe size now in the sidebar.")
+                             value=kept[0] if kept else middle, key="branch_at")
+        b2.caption("The branch uses the step rule, ε, β/λ, ρ and probe size now in the sidebar."
+                   + (f" This long path keeps the weights of its last {walker.trace.recent} steps and of every "
+                      f"{walker.trace.stride}th step before them." if walker.trace.stride > 1 else ""))
         if b3.button("Branch"):
             try:
                 config = controls.config_from_widgets()
