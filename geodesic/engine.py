@@ -15,8 +15,8 @@ and nobody would get faster with more hardware. Here a single worker thread does
   one-off set-up (the engine's first PyTorch work, a new batch's functions), 0.2-0.4 s here, and charging it froze
   the first walk on a server for about 2 s while the walks opened after it caught up. Compatible walks step
   together as one `WalkBatch` (batch.py): same architecture, step rule, probe and batch shapes and device.
-  A Step click or a `call` (a spectrum, a contour)
-  is served between two batch steps, so it waits for at most one of them.
+  A Step click or a `call` (a spectrum, a contour) is served between two batch steps, so it waits for at most
+  one of them.
 - A walk that diverges or runs out of memory stops with its own message (`handle.error`); the others go on.
   A running walk nobody has looked at for `idle_seconds` (its page was closed) is paused and its slot freed.
 - Limits (`EngineSettings`, from `geodesic-server.toml` or the environment): running walks in total and per

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +64,21 @@ class PathPoint:
 
 # Memory for one walk's weights along its path. Every step's weights were kept: a digits MLP walk grew by 11 MB
 # a second (108 KB a step at 100 steps/s), so a class of walks on one server would take tens of GB within the hour.
-TRACE_MB = float(os.environ.get("GEODESIC_TRACE_MB", "128"))
+def _trace_mb(raw: str | None) -> float:
+    """GEODESIC_TRACE_MB as a number of MB > 0; a bad value is named once on stderr and the default used."""
+    if raw is None or raw == "":
+        return 128.0
+    try:
+        value = float(raw)
+        if value > 0 and math.isfinite(value):
+            return value
+    except ValueError:
+        pass
+    print(f"geodesic: GEODESIC_TRACE_MB={raw!r} is not a number of MB > 0; 128 is used", file=sys.stderr)
+    return 128.0
+
+
+TRACE_MB = _trace_mb(os.environ.get("GEODESIC_TRACE_MB"))
 
 
 class WeightTrace:

@@ -155,3 +155,12 @@ def test_a_walk_branches_from_a_kept_step_exactly_and_names_the_kept_ones_otherw
         walker.branch(gone)
     recent = 300 - 3
     torch.testing.assert_close(flatten(walker.branch(recent).params), params[recent])
+
+
+def test_a_bad_trace_budget_is_named_and_the_default_used(capsys):
+    from geodesic.path import _trace_mb
+
+    assert _trace_mb(None) == 128.0 and _trace_mb("") == 128.0 and _trace_mb("64") == 64.0
+    for bad in ("abc", "-5", "0", "nan"):
+        assert _trace_mb(bad) == 128.0
+        assert f"GEODESIC_TRACE_MB={bad!r}" in capsys.readouterr().err
