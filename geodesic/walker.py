@@ -329,7 +329,7 @@ class Walker:
         except KeyError:
             near = " or ".join(str(i) for i in self.trace.nearest(index))
             raise ConfigError("branch step", index, f"{near}: beyond its last {self.trace.recent} steps this path "
-                              f"keeps the weights of every {self.trace.stride}th step only (GEODESIC_TRACE_MB)"
+                              f"keeps the weights of one step in {self.trace.stride} only (GEODESIC_TRACE_MB)"
                               ) from None
         device = next(iter(self.params.values())).device
         return unflatten(torch.as_tensor(row).to(device), self.params)

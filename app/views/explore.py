@@ -476,8 +476,8 @@ def _drive(s, teach: bool) -> None:
         at = b1.number_input("Branch from step", min_value=0, max_value=max(walker.n_steps, 0),
                              value=kept[0] if kept else middle, key="branch_at")
         b2.caption("The branch uses the step rule, ε, β/λ, ρ and probe size now in the sidebar."
-                   + (f" This long path keeps the weights of its last {walker.trace.recent} steps and of every "
-                      f"{walker.trace.stride}th step before them." if walker.trace.stride > 1 else ""))
+                   + (f" This long path keeps the weights of its last {walker.trace.recent} steps and of one "
+                      f"step in {walker.trace.stride} before them." if walker.trace.stride > 1 else ""))
         if b3.button("Branch"):
             try:
                 config = controls.config_from_widgets()
