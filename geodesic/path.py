@@ -170,10 +170,10 @@ class WeightTrace:
     def head(self, n_points: int) -> WeightTrace:
         """A copy holding the first `n_points` points (a branch's history: the rows are shared, never written)."""
         out = WeightTrace.__new__(WeightTrace)
-        out.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_rows", "_lock")})
-        with self._lock:
+        with self._lock:  # n, stride and the rows of one moment (the engine may be appending)
+            out.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_rows", "_lock")})
             out._rows = {i: r for i, r in self._rows.items() if i < n_points}
-        out.n, out._lock = min(n_points, self.n), threading.Lock()
+        out.n, out._lock = min(n_points, out.n), threading.Lock()
         return out
 
     def restore(self, indices: list[int], rows: np.ndarray, n_points: int) -> None:
