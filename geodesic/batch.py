@@ -247,12 +247,7 @@ class WalkBatch:
     def _fused_wanted(self, walkers: list[Walker]) -> bool:
         """Whether this step runs fused (graphs.py decides for the device; FUSED_ON_CPU runs it eagerly, for the
         tests). Not for dense Jacobian rows: they are the big models' way, where launches do not dominate."""
-        if self.rows_kind == "dense" or self.fused_failed:
-            return False
-        params = walkers[0].params
-        device = next(iter(params.values())).device
-        n_params = sum(v.numel() for v in params.values())
-        if not ((FUSED_ON_CPU and device.type == "cpu") or graphs.wanted(device, n_params)):
+        if self.rows_kind == "dense" or self.fused_failed or not fused_applies(walkers[0].params):
             return False
         # A graph is recorded for one membership of the batch. Only one that steps together again and again is
         # worth it (slow-motion walks at different rates, or a walk catching up, make short-lived memberships).
@@ -325,10 +320,7 @@ class WalkBatch:
             columns["accepted"] = accepts(outputs(params, inputs), after, classes, cfg.step_guard)
         facts, new_flat = self._step_fact_values(params, new_params, theta, v_goal, functional)
         columns.update(facts)
-        prunable = walkers[0].network.prunable
-        measure = lambda p, x: measure_values(goal, self.model_fn, prunable, p, x)  # noqa: E731
-        columns.update({f"measure:{k}": v for k, v in vmap(measure, in_dims=(0, _in_dims(static)))(
-            new_params, static).items()})
+        columns.update({f"measure:{k}": v for k, v in self._measure_values(walkers, new_params, static).items()})
         layout[:] = list(columns)
         return {"numbers": torch.stack([v.to(torch.float64) for v in columns.values()], 1), "theta": theta,
                 "v_goal": v_goal, "new_params": new_params, "after": after, "new_flat": new_flat}
@@ -533,12 +525,15 @@ class WalkBatch:
         return new_params, taken, after
 
     # -- measuring ---------------------------------------------------------------------------------------------
+    def _measure_values(self, walkers: list[Walker], params: Params, static: dict) -> dict[str, Tensor]:
+        """measure_values for each walk at its stacked `params`, vmapped: each measure as a (K,) tensor."""
+        prunable = walkers[0].network.prunable
+        measure = lambda p, inputs: measure_values(self.goal, self.model_fn, prunable, p, inputs)  # noqa: E731
+        return vmap(measure, in_dims=(0, _in_dims(static)))(params, static)
+
     def _measures(self, walkers: list[Walker], params: Params) -> list[dict]:
         """Walker.measures for each walker, computed for all of them at once (the same measure_values, vmapped)."""
-        static = self._static_inputs(walkers)
-        prunable = walkers[0].network.prunable
-        measure = lambda p, inputs: measure_values(self.goal, self.model_fn, prunable, p, inputs)
-        values = vmap(measure, in_dims=(0, _in_dims(static)))(params, static)
+        values = self._measure_values(walkers, params, self._static_inputs(walkers))
         # one device-to-host copy for every measure of every walk (float64 holds each dtype's values exactly)
         columns = dict(zip(values, torch.stack([v.double() for v in values.values()]).tolist(), strict=True))
         return [measures_to_fields({k: column[i] for k, column in columns.items()}) for i in range(len(walkers))]
@@ -551,6 +546,14 @@ NEWTON_ITERATIONS = 5
 FUSE_AFTER_STEPS = 3  # a membership's first steps are taken the waiting way; the fourth records its graph
 FUSED_ON_CPU = False  # the tests: the fused step on the CPU, run as a plain function (graphs are CUDA only)
 VMAP_GUARD_ON_CPU = False  # the guard's vmapped pass on the CPU as well (tests check it against walk by walk)
+
+
+def fused_applies(params: Params) -> bool:
+    """Whether steps of a model with these weights take the fused way: graphs.wanted for the device and size (a
+    GPU, small models), or FUSED_ON_CPU on the CPU (the tests). Walker.step and WalkBatch both ask here."""
+    device = next(iter(params.values())).device
+    n_params = sum(v.numel() for v in params.values())
+    return (FUSED_ON_CPU and device.type == "cpu") or graphs.wanted(device, n_params)
 
 
 class _NotBatchable(GeodesicError):

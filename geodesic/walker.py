@@ -108,17 +108,14 @@ class Walker:
     def _batch_of_one(self):
         """A WalkBatch of this walker alone when its steps should be fused and replayed (graphs.wanted); None
         otherwise (the CPU, big models, BatchNorm, the CG solver)."""
-        from . import graphs
-        from .batch import FUSED_ON_CPU, WalkBatch, batch_key
+        from .batch import WalkBatch, batch_key, fused_applies
 
-        device = next(iter(self.params.values())).device
-        if not (graphs.wanted(device, sum(v.numel() for v in self.params.values()))
-                or (FUSED_ON_CPU and device.type == "cpu")):
+        if not fused_applies(self.params):
             return None
-        cached = self.__dict__.get("_alone")
-        if cached is not None and cached[0] == batch_key(self):
-            return cached[1]
         key = batch_key(self)
+        cached = self.__dict__.get("_alone")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         batch = None if key is None else WalkBatch([self])
         if batch is not None and batch.rows_kind == "dense":  # the big models' rows: not fused (batch.py)
             batch = None
