@@ -60,6 +60,13 @@ def _tasks(frame: pd.DataFrame, prefix: str) -> list[str]:
     return [c.split("/", 1)[1] for c in frame.columns if c.startswith(prefix + "/")]
 
 
+# A log axis for ε and ρ, ticked at 1, 2 and 5 × 10ⁿ written out (0.05, 0.1, 0.2). Plotly's own ticks under one
+# decade fall at 10^(k·d) (0.0956, 0.1477, ...), and its "D2" ticks write 0.2 as a small "2". Fixed values, so a
+# live chart whose range grows keeps them.
+LOG_TICKS = dict(type="log", tickmode="array", tickvals=[m * 10.0 ** n for n in range(-6, 4) for m in (1, 2, 5)],
+                 ticktext=[f"{m * 10.0 ** n:g}" for n in range(-6, 4) for m in (1, 2, 5)])
+
+
 def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
     """Test accuracy per task (top) and test loss (bottom) along the path, with baselines overlaid."""
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.62, 0.38],
@@ -87,7 +94,7 @@ def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
         if i == 0:
             _events(fig, frame, row=1, col=1)
     if show_eps:
-        fig.update_yaxes(title_text="step size ε", type="log", row=2, col=1, secondary_y=True)
+        fig.update_yaxes(title_text="step size ε", **LOG_TICKS, row=2, col=1, secondary_y=True)
     for name, value in (baselines or {}).get("lines", {}).items():
         fig.add_hline(y=100 * value, line=dict(color="#0f172a", dash="dash", width=1), row=1, col=1,
                       annotation_text=f"{name}: {100 * value:.1f}%", annotation_position="bottom right")
@@ -96,7 +103,7 @@ def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
             fig.add_trace(go.Scatter(x=curve["step"], y=100 * curve[f"accuracy/{task}"], name=f"{name}: task {task}",
                                      line=dict(color="#0f172a", dash="dashdot", width=1.5)), row=1, col=1)
     fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1)
-    fig.update_yaxes(title_text="test loss", row=2, col=1)
+    fig.update_yaxes(title_text="test loss", row=2, col=1, secondary_y=False)  # not the ε axis on the right
     fig.update_xaxes(title_text="step", row=2, col=1)
     return _layout(fig, "Accuracy and loss along the path", height=460)
 
@@ -181,7 +188,7 @@ def step_lengths(runs: Runs) -> go.Figure:
                                      line=dict(color=color, dash="dot", shape="hv"),
                                      meta=source(i, "step", "restoring_weight")), row=1, col=3)
     fig.update_xaxes(title_text="step", row=1, col=3)
-    fig.update_yaxes(title_text="ε (solid), ρ (dotted)", type="log", row=1, col=3)
+    fig.update_yaxes(title_text="ε (solid), ρ (dotted)", **LOG_TICKS, row=1, col=3)
     fig.update_xaxes(title_text="Euclidean step ‖θ‖", row=1, col=1)
     fig.update_yaxes(title_text="functional step √(θᵀgθ)", row=1, col=1)
     fig.update_xaxes(title_text="step", row=1, col=2)

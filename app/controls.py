@@ -194,6 +194,20 @@ def widget_for(err: ConfigError) -> str:
     return SETTING_TO_WIDGET.get(err.setting, "other")
 
 
+# What the sidebar calls each setting: a message under "Step size ε" names it so, not as the engine does
+# (max-step-norm) or the CLI (--step-size).
+WIDGET_LABELS = {"step_size": "Step size ε", "goal_weight": "Goal weight", "restoring_weight": "Restoring weight ρ",
+                 "probe_size": "Probe size N", "seed": "Seed", "target_sparsity": "Target sparsity",
+                 "memory_size": "Memory of task-A inputs", "device": "Device", "data_root": "Data folder",
+                 "model": "Model"}
+
+
+def message_for(err: ConfigError) -> str:
+    """The error as the sidebar's user reads it: the field's own label, what was given, what is allowed."""
+    label = WIDGET_LABELS.get(widget_for(err), err.setting)
+    return f"{label}: got {err.given!r}; allowed: {err.allowed}"
+
+
 def write_url(config: RunConfig, teach: bool) -> None:
     """Put the set-up in the URL (never a file path: data folders stay out of links)."""
     st.query_params.from_dict({

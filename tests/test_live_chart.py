@@ -19,6 +19,14 @@ def _frame(n: int) -> pd.DataFrame:
                          "event": ["start"] + [""] * (n - 1)})
 
 
+def test_the_loss_and_step_size_axes_keep_their_own_titles():
+    frame = _frame(10).assign(step_size=np.geomspace(0.1, 0.3, 10))  # an adaptive ε: drawn on the right axis
+    layout = charts.accuracy_and_loss([("main", frame)]).layout
+    axes = {layout[name].title.text: layout[name] for name in layout if name.startswith("yaxis")}
+    loss_axis, eps_axis = axes["test loss"], axes["step size ε"]  # a KeyError when one title overwrote the other
+    assert loss_axis is not eps_axis and eps_axis.type == "log" and eps_axis.side == "right"
+
+
 def test_a_growing_path_sends_only_its_new_points():
     first, sent = figure_update(charts.accuracy_and_loss([("main", _frame(10))]), None)
     assert "full" in first and first["seq"] == 1

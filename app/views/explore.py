@@ -47,7 +47,7 @@ def _start_walk(config) -> None:
         _build(config)
         controls.write_url(config, teach=st.query_params.get("teach") == "1")
     except ConfigError as err:
-        s.errors = {controls.widget_for(err): str(err)}
+        s.errors = {controls.widget_for(err): controls.message_for(err)}
     except GeodesicError as err:  # data folder missing or corrupt, bad weights: keep the current walk
         s.errors = {"data_root" if "data" in str(err).lower() else "other": str(err)}
 
@@ -312,7 +312,7 @@ def _fan_controls(s) -> None:
                 st.session_state["_fan_was_running"] = True
                 st.rerun()
             except (ConfigError, CapacityError) as err:
-                st.error(str(err))
+                st.error(controls.message_for(err) if isinstance(err, ConfigError) else str(err))
 
 
 def _fan_start(walker, chosen: float | None) -> int:
@@ -508,7 +508,7 @@ def setup_sidebar() -> None:
             try:
                 config = controls.config_from_widgets()
             except ConfigError as err:
-                s.errors = {controls.widget_for(err): str(err)}
+                s.errors = {controls.widget_for(err): controls.message_for(err)}
                 st.rerun()
             else:
                 _start_walk(config)
@@ -522,7 +522,7 @@ def render() -> None:
         try:
             config = controls.config_from_widgets()
         except ConfigError as err:
-            s.errors = {controls.widget_for(err): str(err)}
+            s.errors = {controls.widget_for(err): controls.message_for(err)}
             st.error(f"The settings in the link are not valid: {err}")
             return
         _start_walk(config)
