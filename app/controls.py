@@ -54,25 +54,29 @@ def init_widgets() -> None:
     values = {"goal": "sparsify", "dataset": "digits", "model": "mlp", "solver": "constrained", "seed": 0,
               "device": "auto", "target_sparsity": 0.9, "new_task": "permuted", "memory_size": 500, "data_root": "",
               "auto_step": False, "guard": None}
-    for key, (name, _) in URL_FIELDS.items():
-        if name in params and key in ("goal", "solver"):
+    notes = st.session_state.setdefault("_url_errors", [])
+    for key, allowed in (("goal", GOALS), ("solver", SOLVERS)):  # first: they choose the tuned defaults below
+        name = URL_FIELDS[key][0]
+        if name in params and params[name] in allowed:
             values[key] = params[name]
-    goal = values["goal"] if values["goal"] in GOALS else "sparsify"
-    solver = values["solver"] if values["solver"] in SOLVERS else "constrained"
-    values.update(goal=goal, solver=solver, **_walk_defaults(goal, solver))
+        elif name in params:
+            notes.append(f"URL parameter {name}={params[name]!r} is not one of {', '.join(allowed)}; "
+                         f"{values[key]} used")
+    values.update(**_walk_defaults(values["goal"], values["solver"]))
+    kinds = {float: "a number", int: "a whole number", str: "text"}
     for key, (name, cast) in URL_FIELDS.items():
-        if name in params:
+        if name in params and key not in ("goal", "solver"):
             try:
                 values[key] = cast(params[name])
             except ValueError:
-                st.session_state.setdefault("_url_errors", []).append(f"URL parameter {name}={params[name]!r} "
-                                                                      f"is not a {cast.__name__}; default used")
+                notes.append(f"URL parameter {name}={params[name]!r} is not {kinds[cast]}; default used")
     choices = {"dataset": DATASETS, "model": MODEL_NAMES, "device": DEVICES, "new_task": NEW_TASKS}
     for key, allowed in choices.items():
         if values[key] not in allowed:
-            st.session_state.setdefault("_url_errors", []).append(f"URL parameter for {key}: {values[key]!r} is not "
-                                                                  f"one of {', '.join(allowed)}; default used")
-            values[key] = {"dataset": "digits", "model": "mlp", "device": "auto", "new_task": "permuted"}[key]
+            default = {"dataset": "digits", "model": "mlp", "device": "auto", "new_task": "permuted"}[key]
+            notes.append(f"URL parameter {URL_FIELDS[key][0]}={values[key]!r} is not one of {', '.join(allowed)}; "
+                         f"{default} used")
+            values[key] = default
     values["auto_step"] = bool(values["auto_step"])
     values["guard"] = _guard_default(values) if values["guard"] is None else bool(values["guard"])
     for key, value in values.items():

@@ -191,6 +191,26 @@ def test_url_reproduces_the_setup_and_teach_mode_hides_controls():
     assert at.query_params["goal"] == ["connect"] or at.query_params["goal"] == "connect"
 
 
+@pytest.mark.parametrize("query,fragments", [
+    ({"goal": "bogus", "eps": "abc"}, ["goal='bogus' is not one of sparsify, new-task, connect; sparsify used",
+                                       "eps='abc' is not a number"]),
+    ({"goal": "connect", "solver": "nope"}, ["solver='nope' is not one of constrained, penalty; constrained used"]),
+    ({"dataset": "zzz", "probe": "1.5"}, ["dataset='zzz' is not one of", "probe='1.5' is not a whole number"]),
+])
+def test_a_link_with_bad_settings_says_which_and_walks_with_the_defaults(query, fragments):
+    at = start(query)
+    warnings = [w.value for w in at.warning]
+    assert all(any(f in w for w in warnings) for f in fragments), warnings
+    goal = query["goal"] if query.get("goal") in ("sparsify", "new-task", "connect") else "sparsify"
+    assert walker(at).goal.name == goal and at.session_state["goal"] == goal
+    assert walker(at).config.solver == "constrained" and at.session_state["solver"] == "constrained"
+
+
+def test_a_link_whose_numbers_the_engine_refuses_names_the_field():
+    at = start({"eps": "-1"})
+    assert any("Step size ε: got -1.0" in e.value for e in at.error), [e.value for e in at.error]
+
+
 def _two_pages():
     """Explore or Runs, chosen by ?page= (AppTest runs one script; the app's router picks pages by URL)."""
     import streamlit as st

@@ -523,7 +523,7 @@ def render() -> None:
             config = controls.config_from_widgets()
         except ConfigError as err:
             s.errors = {controls.widget_for(err): controls.message_for(err)}
-            st.error(f"The settings in the link are not valid: {err}")
+            st.error(f"The settings in the link are not valid: {controls.message_for(err)}")
             return
         _start_walk(config)
         if s.experiment is None:
