@@ -28,10 +28,11 @@ def _check_positive(obj, name: str, *, allow_zero: bool = False, integer: bool =
         raise ConfigError(name.replace("_", "-"), value, f"{kind} {'>= 0' if allow_zero else '> 0'}")
 
 
-def _check_choice(obj, name: str, choices: tuple[str, ...]) -> None:
+def _check_choice(obj, name: str, choices: tuple[str, ...], setting: str | None = None) -> None:
+    """setting: the name users know it by (the CLI flag, the app's field) when the field's own name differs."""
     value = getattr(obj, name)
     if value not in choices:
-        raise ConfigError(name.replace("_", "-"), value, ", ".join(choices))
+        raise ConfigError(setting or name.replace("_", "-"), value, ", ".join(choices))
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class DataConfig:
     def __post_init__(self):
         from .data import DATASETS
 
-        _check_choice(self, "name", DATASETS)
+        _check_choice(self, "name", DATASETS, setting="dataset")
         if self.n_train is not None:
             _check_positive(self, "n_train", integer=True)
 
@@ -58,7 +59,7 @@ class ModelConfig:
     def __post_init__(self):
         from .models import MODEL_NAMES
 
-        _check_choice(self, "name", MODEL_NAMES)
+        _check_choice(self, "name", MODEL_NAMES, setting="model")
         if not self.hidden or any(not isinstance(w, int) or w <= 0 for w in self.hidden):
             raise ConfigError("hidden", self.hidden, "one or more positive integer widths")
 
@@ -88,7 +89,7 @@ class GoalConfig:
     tolerance: float | None = None
 
     def __post_init__(self):
-        _check_choice(self, "kind", GOALS)
+        _check_choice(self, "kind", GOALS, setting="goal")
         s = self.target_sparsity
         if not (isinstance(s, (int, float)) and 0 < s < 1):
             raise ConfigError("target-sparsity", s, "a number strictly between 0 and 1")

@@ -57,7 +57,7 @@ def test_from_tensors_checks_lengths():
 
 
 def test_unknown_dataset_is_a_config_error():
-    with pytest.raises(ConfigError, match="name: got 'imagenet'"):
+    with pytest.raises(ConfigError, match="dataset: got 'imagenet'"):
         DataConfig("imagenet")
 
 

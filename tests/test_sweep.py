@@ -44,11 +44,13 @@ def test_every_combination_is_a_cell_named_by_what_varies():
     (["--step-size", "0.1,-1"], "--step-size"),  # a list that parses, with a value the walk refuses
     (["--solver", "constrained,sideways"], "--solver"),
     (["--seed", "1,1"], "--seed"),
+    (["--goal", "sparsify,bogus"], "--goal"),  # named as typed, not as the config's field (kind)
+    (["--dataset", "digits,nope"], "--dataset"),  # (not name)
 ])
 def test_a_bad_list_exits_2_with_one_line_naming_it(tmp_path, capsys, argv, flag):
     assert main(["sweep", "--goal", "sparsify", "--out", str(tmp_path / "s"), "--quiet", *argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and flag.lstrip("-") in err and err.startswith("geodesic: error:")
+    assert len(err.splitlines()) == 1 and err.startswith(f"geodesic: error: {flag}: got "), err
     assert not (tmp_path / "s" / "cells").exists()  # nothing was walked
 
 
