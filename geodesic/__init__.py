@@ -9,8 +9,10 @@ Python API (the CLI and the dashboard drive the same objects):
     for point in walker.run(500): ...
 """
 from . import _quiet  # noqa: F401  (first: silences one PyTorch-internal warning, see _quiet.py)
+from .batch import WalkBatch
 from .config import DataConfig, GoalConfig, ModelConfig, RunConfig, TrainConfig, WalkConfig, default_walk
 from .data import Dataset, from_tensors, load_dataset
+from .engine import Engine
 from .errors import CheckpointError, ConfigError, DataError, GeodesicError, WalkDiverged
 from .experiment import Experiment, build
 from .goals import Connect, Goal, NewTask, Sparsify
@@ -24,4 +26,5 @@ __all__ = [
     "Dataset", "from_tensors", "load_dataset", "CheckpointError", "ConfigError", "DataError", "GeodesicError",
     "WalkDiverged", "Experiment", "build", "Connect", "Goal", "NewTask", "Sparsify", "PullbackMetric", "Network",
     "build_network", "network_from_module", "PathPoint", "PathRecord", "Walker",
+    "WalkBatch", "Engine",
 ]

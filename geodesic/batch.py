@@ -50,6 +50,12 @@ def batch_key(walker: Walker) -> tuple | None:
 
 
 def _batch_key(walker: Walker) -> tuple | None:
+    parts = _batch_key_parts(walker)
+    return None if parts is None else tuple(parts.values())
+
+
+def _batch_key_parts(walker: Walker) -> dict[str, object] | None:
+    """What two walkers must share to be stepped as one batch, by name (WalkBatch's message names what differs)."""
     network, cfg, goal = walker.network, walker.config, walker.goal
     rows = rows_kind(walker)
     if network.has_batchnorm or rows == "cg":
@@ -61,11 +67,31 @@ def _batch_key(walker: Walker) -> tuple | None:
 
     measured = walker.measure_inputs()
     weights = tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in walker.params.items())
-    return (measured["drift_from"], repr(network.module), weights,
-            cfg.solver, cfg.metric, cfg.probe_size, cfg.batch_size, cfg.step_guard, rows, goal.name, goal.n_outputs,
-            getattr(goal, "target_sparsity", None), tuple(goal.anchor_inputs.shape[1:]),
-            shapes(measured["extra"]), shapes(measured["distance"]),
-            tuple((name, shapes(xy)) for name, xy in measured["tests"].items()), shapes(measured["drift"]))
+    return {"drift probe": measured["drift_from"], "model": repr(network.module), "weights (shape, dtype, device)":
+            weights, "solver": cfg.solver, "metric": cfg.metric, "probe size": cfg.probe_size,
+            "batch size": cfg.batch_size, "step guard": cfg.step_guard, "rows": rows, "goal": goal.name,
+            "outputs": goal.n_outputs, "target sparsity": getattr(goal, "target_sparsity", None),
+            "input shape": tuple(goal.anchor_inputs.shape[1:]), "goal inputs": shapes(measured["extra"]),
+            "distance inputs": shapes(measured["distance"]),
+            "test sets": tuple((name, shapes(xy)) for name, xy in measured["tests"].items()),
+            "drift inputs": shapes(measured["drift"])}
+
+
+def why_not_batched(walkers: list[Walker]) -> str | None:
+    """None when these walkers can be one batch; else what keeps them apart, in words."""
+    for i, walker in enumerate(walkers):
+        if batch_key(walker) is None:
+            why = "a model with BatchNorm" if walker.network.has_batchnorm else "the CG solver"
+            return f"walker {i} is always stepped alone ({why})"
+    first = _batch_key_parts(walkers[0])
+    for i, walker in enumerate(walkers[1:], start=1):
+        if batch_key(walker) != batch_key(walkers[0]):
+            parts = _batch_key_parts(walker)
+            differ = [name for name in first if parts[name] != first[name]]
+            shown = [f"{name} ({parts[name]!r} against {first[name]!r})" if len(repr(parts[name])) < 40 else name
+                     for name in differ]
+            return f"walker {i} differs from walker 0 in: {', '.join(shown)}"
+    return None
 
 
 def rows_kind(walker: Walker) -> str | None:
@@ -119,9 +145,11 @@ class WalkBatch:
     """K compatible walkers (equal `batch_key`) stepped as one computation; `step()` advances each by one."""
 
     def __init__(self, walkers: list[Walker]):
-        keys = {batch_key(w) for w in walkers}
-        if len(keys) != 1 or None in keys:
-            raise ValueError("WalkBatch needs walkers with one and the same batch_key (see batch.batch_key)")
+        if not walkers:
+            raise ValueError("WalkBatch needs at least one walker")
+        why = why_not_batched(walkers)
+        if why is not None:
+            raise ValueError(f"these walkers cannot be stepped as one batch: {why} (see batch.batch_key)")
         self.walkers = list(walkers)
         lead = self.walkers[0]
         self.goal, self.model_fn, self.config = lead.goal, lead.model_fn, lead.config

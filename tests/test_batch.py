@@ -109,10 +109,13 @@ def test_a_diverging_walk_stops_alone_and_the_others_go_on(solver, batch_way):
 def test_walks_that_cannot_share_a_computation_are_refused():
     a, b = _walkers([_config("sparsify", "constrained"), _config("sparsify", "penalty")])
     assert batch_key(a) != batch_key(b)
-    with pytest.raises(ValueError, match="batch_key"):
+    with pytest.raises(ValueError, match=r"walker 1 differs from walker 0 in: solver \('penalty' against "
+                                         r"'constrained'\)"):  # says what keeps them apart
         WalkBatch([a, b])
     c = _walkers([_config("sparsify", "constrained", linear_solver="cg")])[0]
     assert batch_key(c) is None  # the CG solver steps alone
+    with pytest.raises(ValueError, match=r"walker 1 is always stepped alone \(the CG solver\)"):
+        WalkBatch([a, c])
 
 
 def test_a_finished_walk_drops_out_of_the_batch(batch_way):
