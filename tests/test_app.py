@@ -115,6 +115,15 @@ def test_changing_step_size_mid_walk_is_recorded(app, monkeypatch):
     assert not app.exception
 
 
+def test_a_bad_step_size_mid_walk_is_refused_by_its_name_and_the_walk_kept():
+    at = start()
+    button(at, "Step").click().run()
+    at.number_input(key="eps_now").set_value(-0.5).run()
+    button(at, "Apply to this walk").click().run()
+    assert any("Step size ε: got -0.5" in e.value for e in at.error), [e.value for e in at.error]
+    assert walker(at).config.max_step_norm == 0.2 and walker(at).n_steps == 1
+
+
 def test_branching_keeps_both_walks_on_the_charts(app):
     w = walker(app)
     n = w.n_steps

@@ -465,7 +465,7 @@ def _drive(s, teach: bool) -> None:
                 s.runner.call(walker.set_step_size, new_eps)
                 st.toast(f"ε = {new_eps:g} from step {walker.n_steps + 1} (marked on the charts)")
             except ConfigError as err:
-                st.error(str(err))
+                st.error(controls.message_for(err))
     _fan_controls(s)
     if teach:
         return
@@ -485,7 +485,7 @@ def _drive(s, teach: bool) -> None:
                 session.add_branch(child, f"branch {len(s.branches)} @ {int(at)}")
                 st.rerun()
             except ConfigError as err:
-                st.error(str(err))
+                st.error(controls.message_for(err))
         if len(s.branches) > 1:
             labels = [b.label for b in s.branches]
             choice = st.radio("Walk that steps", range(len(labels)), format_func=labels.__getitem__,
