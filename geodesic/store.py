@@ -84,8 +84,10 @@ def load_run(directory: str | Path) -> tuple[RunConfig, dict, PathRecord]:
         record = PathRecord.load(directory / "steps.parquet")
     except FileNotFoundError as err:
         raise CheckpointError(f"{directory} is not a saved run: {Path(err.filename).name} is missing") from err
-    except (ValueError, OSError) as err:
-        raise CheckpointError(f"{directory}: a run file is unreadable ({err})") from err
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{directory.name}: a run file is unreadable ({_describe(err)})") from err
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{directory.name}: state.json does not hold a saved walk's state")
     return config, state, record
 
 
@@ -95,18 +97,25 @@ def restore_walker(experiment: Experiment, directory: str | Path, state: dict, r
     tensors = read_tensors(Path(directory) / "weights" / "last.safetensors")
     generator_state = tensors.pop("state:generator", None)
     params, buffers = match_params(tensors, walker.params, "last.safetensors", walker.buffers)
+    try:  # everything read from state.json first: a damaged file changes nothing in the walker
+        step, walk = int(state["step"]), WalkConfig(**state["walk"])
+        step_size = float(state.get("step_size", walk.max_step_norm))
+        trust = TrustRegion(**state["trust_region"]) if state.get("trust_region") else None
+        is_done, stop_reason = bool(state["is_done"]), str(state["stop_reason"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{Path(directory).name}: state.json is damaged ({_describe(err)})") from err
     n_saved = len(record)
-    if record.last.step != state["step"]:  # the table was flushed after the weights: cut it back
-        record = PathRecord([p for p in record.points if p.step <= state["step"]])
-    if not record.points or record.last.step != state["step"]:
-        raise CheckpointError(f"{directory}: steps.parquet ({n_saved} rows) does not reach step {state['step']}")
+    if record.last.step != step:  # the table was flushed after the weights: cut it back
+        record = PathRecord([p for p in record.points if p.step <= step])
+    if not record.points or record.last.step != step:
+        raise CheckpointError(f"{directory}: steps.parquet ({n_saved} rows) does not reach step {step}")
     walker.params = params
     walker.buffers.update(buffers)
-    walker.config = WalkConfig(**state["walk"])
-    walker.step_size = state.get("step_size", walker.config.max_step_norm)
+    walker.config = walk
+    walker.step_size = step_size
     walker.trust = trust_region_for(walker.config, walker.goal)
-    if walker.trust is not None and state.get("trust_region"):
-        walker.trust = TrustRegion(**state["trust_region"])
+    if walker.trust is not None and trust is not None:
+        walker.trust = trust
     walker.record = record
     walker.trace = WeightTrace(walker.trace.n_params, seed=walker.seed)
     row = walker.trace.vector(params)
@@ -114,7 +123,7 @@ def restore_walker(experiment: Experiment, directory: str | Path, state: dict, r
         walker.trace.append(params, row)
     walker._euclidean_length = record.last.euclidean_length
     walker._functional_length = record.last.functional_length
-    walker.is_done, walker.stop_reason = state["is_done"], state["stop_reason"]
+    walker.is_done, walker.stop_reason = is_done, stop_reason
     if generator_state is not None:
         walker.generator.set_state(generator_state.to(torch.uint8))
 
@@ -134,22 +143,44 @@ def check_run_name(name: str) -> str:
 
 
 def list_runs(root: str | Path) -> list[dict]:
-    """Saved runs under `root`, newest first: {name, goal, solver, dataset, steps, modified}. Folders being saved
-    or deleted (hidden names, see save_run) are not runs yet or any more; one deleted while listed is skipped."""
+    """Saved runs under `root`, newest first: {name, goal, solver, dataset, steps, modified, problem}. Folders being
+    saved or deleted (hidden names, see save_run) are not runs yet or any more; one deleted while listed is skipped.
+    A folder that cannot be read as a run (a damaged or hand-edited file, a stray folder) is listed with its problem,
+    so that one bad folder neither hides the others nor vanishes unexplained."""
     root = Path(root)
     runs = []
     for folder in root.iterdir() if root.is_dir() else []:
-        if folder.name.startswith("."):
+        if folder.name.startswith(".") or not folder.is_dir():
             continue
         try:
-            config = json.loads((folder / "config.json").read_text())
+            config = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))  # as load_run reads it
             state = json.loads((folder / "state.json").read_text())
             modified = (folder / "state.json").stat().st_mtime
-        except (OSError, ValueError):
-            continue
-        runs.append({"name": folder.name, "goal": config["goal"]["kind"], "solver": config["walk"]["solver"],
-                     "dataset": config["data"]["name"], "steps": state["step"], "modified": modified})
+            entry = {"goal": config.goal.kind, "solver": config.walk.solver, "dataset": config.data.name,
+                     "steps": int(state["step"]), "problem": ""}
+        except FileNotFoundError as err:
+            if not folder.exists():  # deleted or renamed while we listed
+                continue
+            entry, modified = {"problem": f"not a saved run: {Path(err.filename).name} is missing"}, None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            entry, modified = {"problem": f"unreadable: {_describe(err)}"}, None
+        if modified is None:
+            try:
+                modified = folder.stat().st_mtime
+            except OSError:
+                continue
+            entry = {"goal": None, "solver": None, "dataset": None, "steps": None, **entry}
+        runs.append({"name": folder.name, **entry, "modified": modified})
     return sorted(runs, key=lambda r: -r["modified"])
+
+
+def _describe(err: BaseException) -> str:
+    """A file error in a few words: a missing key of a JSON file is named as such."""
+    if isinstance(err, KeyError):
+        return f"a setting is missing ({err.args[0]!r})"
+    if isinstance(err, json.JSONDecodeError):
+        return f"a JSON file is damaged ({err.msg} at line {err.lineno})"
+    return f"{type(err).__name__}: {err}"
 
 
 # The store is shared by everyone using a server (each page a thread of one process) and by CLI runs: saving,
@@ -233,26 +264,36 @@ def save_trace(experiment: Experiment, directory: str | Path) -> None:
             tmp.replace(weights / f"{name}.npy")
 
 
-def load_trace(experiment: Experiment, directory: str | Path) -> None:
+def load_trace(experiment: Experiment, directory: str | Path) -> str | None:
+    """Put the saved path's weights (weights/trace.npy) back into the walker's trace. They serve the Path view,
+    branching and the heat map only, so a run whose trace is missing or damaged still loads: None, or a sentence
+    saying what was left out."""
     import numpy as np
 
     weights = Path(directory) / "weights"
     walker = experiment.walker
     n_points = len(walker.record)
     if not (weights / "trace.npy").is_file():
-        return
-    rows = np.load(weights / "trace.npy", allow_pickle=False)
-    if rows.ndim != 2 or rows.shape[1] != walker.trace.n_params:
-        return
-    if (weights / "trace_index.npy").is_file():
-        indices = np.load(weights / "trace_index.npy", allow_pickle=False)
-        if len(indices) != len(rows):
-            return
-    elif len(rows) >= n_points:  # saved before paths kept some points only: every point, in order
-        indices = np.arange(len(rows))
-    else:
-        return
+        return None
+    left_out = ("the weights of the path's earlier points (weights/trace.npy) {}; the walk goes on from its last "
+                "point, and the Path view and branching have its new points only")
+    try:
+        rows = np.load(weights / "trace.npy", allow_pickle=False)
+        indices = (np.load(weights / "trace_index.npy", allow_pickle=False)
+                   if (weights / "trace_index.npy").is_file() else None)
+    except (OSError, ValueError, EOFError) as err:
+        return left_out.format(f"could not be read ({type(err).__name__}: {err})")
+    if rows.ndim != 2 or rows.shape[1] != walker.trace.n_params or not np.issubdtype(rows.dtype, np.floating):
+        return left_out.format(f"do not fit this model (shape {rows.shape}, {rows.dtype})")
+    if indices is None:
+        if len(rows) < n_points:
+            return left_out.format("are fewer than its points")
+        indices = np.arange(len(rows))  # saved before paths kept some points only: every point, in order
+    if (indices.ndim != 1 or len(indices) != len(rows) or not np.issubdtype(indices.dtype, np.integer)
+            or (len(indices) and (indices.min() < 0 or len(np.unique(indices)) != len(indices)))):
+        return left_out.format("have a damaged index (weights/trace_index.npy)")
     walker.trace.restore([int(i) for i in indices], rows, n_points)
+    return None
 
 
 def export_zip(directory: str | Path) -> bytes:

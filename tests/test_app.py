@@ -273,6 +273,33 @@ def test_save_reload_compare_rename_and_delete_runs(tmp_path, monkeypatch):
     assert not at.exception
 
 
+def test_a_damaged_run_in_the_store_is_listed_and_refused_and_the_others_still_work(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
+    at = AppTest.from_function(_two_pages, default_timeout=180)
+    at.run()
+    button(at, "Step").click().run()
+    at.query_params["page"] = "runs"
+    at.run()
+    at.text_input(key="save_name").set_value("good").run()
+    button(at, "Save").click().run()
+    shutil.copytree(tmp_path / "store" / "good", tmp_path / "store" / "damaged")
+    (tmp_path / "store" / "damaged" / "config.json").write_text('{"walk": 3}')  # hand-edited
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]  # the listing used to raise KeyError for everyone
+    table = at.dataframe[0].value
+    assert table.set_index("name").loc["damaged", "problem"].startswith("unreadable")
+    kept = at.session_state["geodesic"].walker
+    at.selectbox(key="run_choice").set_value("damaged").run()
+    button(at, "Reload into Explore").click().run()
+    assert any("damaged: a run file is unreadable" in e.value for e in at.error), [e.value for e in at.error]
+    assert at.session_state["geodesic"].walker is kept  # the walk on screen is kept
+    at.selectbox(key="run_choice").set_value("good").run()
+    button(at, "Reload into Explore").click().run()
+    assert at.session_state["geodesic"].walker.n_steps == 1 and not at.exception
+
+
 def test_a_run_deleted_from_another_page_is_not_acted_on_here(tmp_path, monkeypatch):
     """Two people on the Runs page of one server: one deletes the run the other has chosen; the other's Delete
     (or Rename, Reload) then refuses instead of acting on the run the list falls back to, and the page's

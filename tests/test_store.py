@@ -256,3 +256,60 @@ def test_a_saved_run_keeps_the_weights_its_path_kept_and_an_older_save_still_loa
     loaded = reload()
     assert len(loaded.trace) == len(walker.record) and len(loaded.trace.kept()) <= 64  # thinned to the budget
     torch.testing.assert_close(flatten(loaded.params_at(old)), torch.as_tensor(walker.trace.row(old)))
+
+
+def test_damaged_runs_in_the_shared_store_are_listed_with_their_problem_and_refused_clearly(tmp_path):
+    """One damaged or hand-edited folder must not break the store's listing for everyone, nor vanish unexplained;
+    loading it is a CheckpointError naming the file, and a damaged trace still lets the walk load."""
+    import shutil
+
+    from geodesic.checkpoint import read_tensors
+    from geodesic.store import list_runs, load_trace, restore_walker, save_run
+    from geodesic.summary import summarize
+
+    config = RunConfig(goal=GoalConfig(kind="sparsify"), walk=default_walk("sparsify", "constrained", n_steps=3),
+                       train=TrainConfig(epochs=2))
+    experiment = build(config)
+    for _ in experiment.walker.run():
+        pass
+    save_run(experiment, tmp_path, "good", summarize(experiment, wall_seconds=0.0))
+    for name in ("bad-config", "bad-state", "bad-state-fields", "bad-trace"):
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+    (tmp_path / "bad-config" / "config.json").write_text('{"goal": {"kind": "bogus"}}')
+    (tmp_path / "bad-state" / "state.json").write_text('{"step": ')
+    state = json.loads((tmp_path / "good" / "state.json").read_text())
+    (tmp_path / "bad-state-fields" / "state.json").write_text(json.dumps({**state, "walk": {"max_step_norm": -1}}))
+    trace = tmp_path / "bad-trace" / "weights" / "trace.npy"
+    trace.write_bytes(trace.read_bytes()[:100])
+    (tmp_path / "stray").mkdir()
+
+    listed = {r["name"]: r for r in list_runs(tmp_path)}
+    assert set(listed) == {"good", "bad-config", "bad-state", "bad-state-fields", "bad-trace", "stray"}
+    assert listed["good"]["problem"] == "" and listed["good"]["steps"] == 3
+    assert listed["bad-config"]["problem"] == ("unreadable: ConfigError: goal: got 'bogus'; allowed: sparsify, "
+                                               "new-task, connect")
+    assert listed["bad-state"]["problem"].startswith("unreadable: a JSON file is damaged")
+    assert listed["stray"]["problem"] == "not a saved run: config.json is missing"
+
+    with pytest.raises(CheckpointError, match="bad-config: a run file is unreadable"):
+        load_run(tmp_path / "bad-config")
+    with pytest.raises(CheckpointError, match="bad-state: a run file is unreadable"):
+        load_run(tmp_path / "bad-state")
+
+    def reload(name):
+        directory = tmp_path / name
+        config_, state_, record = load_run(directory)
+        again = build(config_, start_tensors=read_tensors(directory / "weights" / "start.safetensors"))
+        before = {k: v.clone() for k, v in again.walker.params.items()}
+        try:
+            restore_walker(again, directory, state_, record)
+        except CheckpointError:
+            assert all(torch.equal(before[k], v) for k, v in again.walker.params.items())  # nothing half-restored
+            raise
+        return again, load_trace(again, directory)
+
+    with pytest.raises(CheckpointError, match="bad-state-fields: state.json is damaged .*max-step-norm"):
+        reload("bad-state-fields")
+    again, left_out = reload("bad-trace")
+    assert again.walker.n_steps == 3 and "trace.npy) could not be read" in left_out
+    assert reload("good")[1] is None

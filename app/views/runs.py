@@ -54,16 +54,18 @@ def _save(s, name: str) -> None:
             s.runner.run()
 
 
-def _reload(name: str) -> None:
+def _reload(name: str) -> str | None:
+    """Reload a saved run into this session; a sentence on what was left out (a damaged trace), if anything."""
     directory = store_root() / check_run_name(name)
     config, state, record = load_run(directory)
     experiment = build(config, start_tensors=read_tensors(directory / "weights" / "start.safetensors"),
                        start_source=f"{name}/weights/start.safetensors")
     restore_walker(experiment, directory, state, record)
-    load_trace(experiment, directory)
+    left_out = load_trace(experiment, directory)
     from geodesic.analysis import goal_baselines
 
     session.install(experiment, goal_baselines(experiment))
+    return left_out
 
 
 def _upload(s, uploaded) -> None:
@@ -113,8 +115,10 @@ def render() -> None:
     if not runs:
         st.info("No saved runs yet.")
         return
-    st.dataframe([{k: v for k, v in r.items() if k != "modified"} for r in runs], width="stretch", hide_index=True)
+    shown_columns = [k for k in runs[0] if k != "modified" and (k != "problem" or any(r["problem"] for r in runs))]
+    st.dataframe([{k: r[k] for k in shown_columns} for r in runs], width="stretch", hide_index=True)
     names = [r["name"] for r in runs]
+    readable = [r["name"] for r in runs if not r["problem"]]
     c1, c2, c3 = st.columns(3)
     chosen = c1.selectbox("Run", names, key="run_choice")
     # A run deleted or renamed from another page leaves this box on the first run of the list; an action clicked
@@ -127,8 +131,10 @@ def render() -> None:
         return
     if c1.button("Reload into Explore", key="reload_run"):
         try:
-            _reload(chosen)
+            left_out = _reload(chosen)
             st.success(f"Reloaded {chosen}: open Explore to continue or branch it.")
+            if left_out:
+                st.warning(f"{chosen}: {left_out}.")
         except GeodesicError as err:
             st.error(str(err))
     new_name = c2.text_input("Rename to", key="rename_to")
@@ -149,7 +155,7 @@ def render() -> None:
             st.error(str(err))
     # The store is shared: a run chosen here may be renamed or deleted from another page meanwhile (Streamlit then
     # drops it from this selection), or between the listing above and the reading below.
-    compare = st.multiselect("Compare on the same charts", names, default=names[: min(2, len(names))],
+    compare = st.multiselect("Compare on the same charts", names, default=readable[:2],
                              key="compare_runs")
     frames = []
     for n in compare:
