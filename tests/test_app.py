@@ -220,19 +220,16 @@ def test_a_link_whose_numbers_the_engine_refuses_names_the_field():
     assert any("Step size ε: got -1.0" in e.value for e in at.error), [e.value for e in at.error]
 
 
-def _two_pages():
-    """Explore or Runs, chosen by ?page= (AppTest runs one script; the app's router picks pages by URL)."""
-    import streamlit as st
+PAGES = str(Path(__file__).resolve().parent / "pages_app.py")  # Explore or Runs, by ?page=
 
-    from app.views import explore, runs
 
-    explore.setup_sidebar()
-    (runs.render if st.query_params.get("page") == "runs" else explore.render)()
+def _two_pages() -> AppTest:
+    return AppTest.from_file(PAGES, default_timeout=180)
 
 
 def test_save_reload_compare_rename_and_delete_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
-    at = AppTest.from_function(_two_pages, default_timeout=180)
+    at = _two_pages()
     at.run()
     for _ in range(3):
         button(at, "Step").click().run()
@@ -277,7 +274,7 @@ def test_a_damaged_run_in_the_store_is_listed_and_refused_and_the_others_still_w
     import shutil
 
     monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
-    at = AppTest.from_function(_two_pages, default_timeout=180)
+    at = _two_pages()
     at.run()
     button(at, "Step").click().run()
     at.query_params["page"] = "runs"
@@ -298,6 +295,14 @@ def test_a_damaged_run_in_the_store_is_listed_and_refused_and_the_others_still_w
     at.selectbox(key="run_choice").set_value("good").run()
     button(at, "Reload into Explore").click().run()
     assert at.session_state["geodesic"].walker.n_steps == 1 and not at.exception
+    # the reloaded walk's baselines come from the analysis process, as a new walk's do (shown on Explore)
+    at.query_params["page"] = "explore"
+    t0 = time.monotonic()
+    while at.session_state["geodesic"].pending_baselines is not None or not at.session_state["geodesic"].baselines:
+        assert time.monotonic() - t0 < 120, "the baselines never arrived"
+        time.sleep(0.2)
+        at.run()
+    assert 0.0 < at.session_state["geodesic"].baselines["masked_fine_tune_accuracy"] <= 1.0
 
 
 def test_a_run_deleted_from_another_page_is_not_acted_on_here(tmp_path, monkeypatch):
@@ -305,7 +310,7 @@ def test_a_run_deleted_from_another_page_is_not_acted_on_here(tmp_path, monkeypa
     (or Rename, Reload) then refuses instead of acting on the run the list falls back to, and the page's
     comparison of saved runs carries on."""
     monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
-    a, b = (AppTest.from_function(_two_pages, default_timeout=180) for _ in range(2))
+    a, b = (_two_pages() for _ in range(2))
     a.run()
     button(a, "Step").click().run()
     a.query_params["page"] = "runs"
@@ -337,7 +342,7 @@ def test_a_running_walk_is_saved_at_one_point_and_runs_on(tmp_path, monkeypatch)
     from geodesic.store import load_run, restore_walker
 
     monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
-    at = AppTest.from_function(_two_pages, default_timeout=180)
+    at = _two_pages()
     at.query_params["goal"] = "new-task"  # a walk with no end
     at.run()
     button(at, "Run").click().run()
@@ -377,7 +382,7 @@ def test_a_running_walk_is_saved_at_one_point_and_runs_on(tmp_path, monkeypatch)
 
 def test_settings_survive_moving_between_pages(tmp_path, monkeypatch):
     monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
-    at = AppTest.from_function(_two_pages, default_timeout=180)
+    at = _two_pages()
     at.run()
     at.number_input(key="step_size").set_value(0.123).run()
     at.query_params["page"] = "runs"

@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 
 from app import charts, session
+from geodesic import worker
 from geodesic.checkpoint import read_tensors
 from geodesic.errors import GeodesicError
 from geodesic.experiment import build
@@ -62,9 +63,9 @@ def _reload(name: str) -> str | None:
                        start_source=f"{name}/weights/start.safetensors")
     restore_walker(experiment, directory, state, record)
     left_out = load_trace(experiment, directory)
-    from geodesic.analysis import goal_baselines
-
-    session.install(experiment, goal_baselines(experiment))
+    # As Explore does: the baselines are computed in the analysis process and join the charts when ready (the page
+    # is not held up, and no fine-tuning runs on this page's thread).
+    session.install(experiment, worker.shared_goal_baselines_in_process)
     return left_out
 
 
@@ -81,9 +82,7 @@ def _upload(s, uploaded) -> None:
         path.write_bytes(uploaded.getvalue())
         tensors = read_tensors(path, name=uploaded.name)
     experiment = build(config, start_tensors=tensors, start_source=uploaded.name)
-    from geodesic.analysis import goal_baselines
-
-    session.install(experiment, goal_baselines(experiment))
+    session.install(experiment, worker.shared_goal_baselines_in_process)
 
 
 def render() -> None:
