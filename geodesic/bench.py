@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from . import baselines as bl
-from .config import DataConfig, GoalConfig, ModelConfig, RunConfig, TrainConfig, default_walk
-from .experiment import build
+from .config import DEVICES, DataConfig, GoalConfig, ModelConfig, RunConfig, TrainConfig, default_walk
+from .errors import ConfigError
+from .experiment import build, resolve_device
 from .goals import memory_indices
 from .measures import evaluate, sparsity
 from .stepcost import step_cost
@@ -348,12 +349,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--json", default="artifacts/bench.json")
     parser.add_argument("--markdown", default="artifacts/bench.md")
-    parser.add_argument("--device", default="cpu", help="device for the step-cost timing and the walks (cpu or "
-                        "cuda; cuda adds the conv nets on the MNIST sample's images)")
+    parser.add_argument("--device", default="cpu", choices=DEVICES, help="device for the step-cost timing and the "
+                        "walks (cuda adds the conv nets on the MNIST sample's images)")
     parser.add_argument("--step-cost-only", action="store_true")
     parser.add_argument("--only", metavar="TEXT", help="run only the cases whose name contains TEXT (and no step-cost "
                         "timing), e.g. --only '98%%'")
     args = parser.parse_args(argv)
+    try:
+        args.device = str(resolve_device(args.device))  # before an hour of walks: cuda here without a GPU is refused
+    except ConfigError as err:
+        parser.error(f"--device: {err.given!r} is not available: {err.allowed}")
+    if any(seed < 0 for seed in args.seeds):
+        parser.error(f"--seeds: got {args.seeds}; allowed: integers >= 0")
     t0 = time.perf_counter()
     chosen = [c for c in cases(args.quick, args.device) if args.only is None or args.only in c.name]
     if not chosen:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +105,17 @@ def test_init_loads_a_state_dict_and_rejects_a_wrong_one(tmp_path):
     refused = geodesic("run", "--goal", "sparsify", "--out", str(tmp_path / "b"), "--init", str(tmp_path / "bad.pt"),
                        "--quiet")
     assert refused.returncode == 2 and "'layers.1.weight' has shape (3, 3)" in refused.stderr
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--seeds", "-1"], "--seeds: got [-1]; allowed: integers >= 0"),
+    (["--only", "no such case"], "no case's name contains it"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device: 'cuda' is not available")]))
+def test_the_benchmark_refuses_bad_options_at_once_with_one_line(argv, fragment, capsys, tmp_path):
+    from geodesic import bench
+
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*argv, "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")])
+    assert exit_.value.code == 2 and fragment in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()  # nothing was run or written
