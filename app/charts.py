@@ -123,7 +123,8 @@ def path_projection(coords: dict[str, np.ndarray], title: str, axis_labels: list
     if contour is not None and dims == 2:
         fig.add_trace(go.Contour(x=contour["a"], y=contour["b"], z=contour["loss"], colorscale="Greys", opacity=0.5,
                                  name="test loss on this plane", showscale=True,
-                                 colorbar=dict(title="loss on plane", x=1.02), contours=dict(showlabels=True)))
+                                 colorbar=dict(title=dict(text="loss on plane", side="right"), x=1.02),
+                                 contours=dict(showlabels=True)))
     for i, (label, xyz) in enumerate(coords.items()):
         color = PALETTE[i % len(PALETTE)]
         texts = hover[label] if hover else [
@@ -132,7 +133,9 @@ def path_projection(coords: dict[str, np.ndarray], title: str, axis_labels: list
         marker = dict(size=4, color=color)
         if residual:
             marker = dict(size=5, color=residual[label], colorscale="Viridis", showscale=(i == 0),
-                          colorbar=dict(title="residual", x=1.12 if contour else 1.0))
+                          # titles along the bars: two titles side by side ran into each other
+                          colorbar=dict(title=dict(text="residual ‖w − proj(w)‖", side="right"),
+                                        x=1.16 if contour else 1.0))
         scatter = go.Scatter3d if dims == 3 else go.Scatter
         axes = dict(x=xyz[:, 0], y=xyz[:, 1], **({"z": xyz[:, 2]} if dims == 3 else {}))
         z = "pc3" if dims == 3 else None
