@@ -126,6 +126,8 @@ def test_a_bad_step_size_mid_walk_is_refused_by_its_name_and_the_walk_kept():
 
 
 def test_branching_keeps_both_walks_on_the_charts(app):
+    for _ in range(2):  # a step 1 to branch from, whichever tests ran before on this page
+        button(app, "Step").click().run()
     w = walker(app)
     n = w.n_steps
     app.number_input(key="branch_at").set_value(1).run()
