@@ -114,8 +114,10 @@ def render() -> None:
     if not runs:
         st.info("No saved runs yet.")
         return
-    shown_columns = [k for k in runs[0] if k != "modified" and (k != "problem" or any(r["problem"] for r in runs))]
-    st.dataframe([{k: r[k] for k in shown_columns} for r in runs], width="stretch", hide_index=True)
+    problems = ["problem"] if any(r["problem"] for r in runs) else []  # beside the name, where it is seen
+    shown_columns = ["name", *problems, "goal", "solver", "dataset", "steps"]
+    st.dataframe([{k: r[k] for k in shown_columns} for r in runs], width="stretch", hide_index=True,
+                 column_config={"problem": st.column_config.TextColumn(width="large")})
     names = [r["name"] for r in runs]
     readable = [r["name"] for r in runs if not r["problem"]]
     c1, c2, c3 = st.columns(3)
