@@ -216,6 +216,10 @@ def test_a_link_with_bad_settings_says_which_and_walks_with_the_defaults(query, 
     goal = query["goal"] if query.get("goal") in ("sparsify", "new-task", "connect") else "sparsify"
     assert walker(at).goal.name == goal and at.session_state["goal"] == goal
     assert walker(at).config.solver == "constrained" and at.session_state["solver"] == "constrained"
+    button(at, "Step").click().run()
+    assert [w.value for w in at.warning] == warnings  # still there after the page ran again
+    button(at, "Start a new walk with these settings").click().run()
+    assert not at.warning  # gone once the user starts a walk of their own
 
 
 def test_a_link_whose_numbers_the_engine_refuses_names_the_field():

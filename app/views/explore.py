@@ -498,13 +498,16 @@ def setup_sidebar() -> None:
     (Streamlit forgets a widget's state on any run that does not draw it)."""
     s = session.state()
     controls.init_widgets()
-    for message in st.session_state.pop("_url_errors", []):
+    # Shown on every run until the user starts a walk of their own: a rerun right after the first paint (the
+    # baselines arriving, a live refresh) must not take the message away before it is read.
+    for message in st.session_state.get("_url_errors", []):
         st.warning(message)
     if st.query_params.get("teach") == "1":
         return
     with st.sidebar:
         device = str(s.experiment.device) if s.experiment else None
         if controls.sidebar(s.errors, device):
+            st.session_state.pop("_url_errors", None)  # the user's own settings from now on
             try:
                 config = controls.config_from_widgets()
             except ConfigError as err:
