@@ -134,6 +134,7 @@ def install(experiment: Experiment, baselines=None) -> None:
     if s.stop_baselines is not None:  # the page moved on: nobody will see the previous walk's baselines
         s.stop_baselines.set()
     s.baselines, s.pending_baselines, s.stop_baselines = {}, None, None
+    s.notice = ""  # a message about the previous walk (its baselines failed) is not this walk's
     if callable(baselines):
         stop = s.stop_baselines = threading.Event()
         s.pending_baselines = _ANALYSIS.submit(baselines, experiment,

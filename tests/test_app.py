@@ -633,3 +633,22 @@ def test_a_long_walk_whose_trace_keeps_some_points_draws_its_path_and_branches(m
     at.number_input(key="branch_at").set_value(2 * stride).run()
     button(at, "Branch").click().run()
     assert len(at.session_state["geodesic"].branches) == 2 and not at.exception
+
+
+def test_baselines_that_fail_are_reported_for_that_walk_only(monkeypatch):
+    from geodesic import worker
+
+    def fails(experiment, should_stop=None):
+        raise RuntimeError("no room for the baselines")
+
+    monkeypatch.setattr(worker, "shared_goal_baselines_in_process", fails)
+    at = start()
+    t0 = time.monotonic()
+    while not any("baselines could not be computed" in w.value for w in at.warning):
+        assert time.monotonic() - t0 < 60, [w.value for w in at.warning]
+        time.sleep(0.2)
+        at.run()
+    assert not at.exception and walker(at).n_steps == 0  # the walk is unaffected
+    monkeypatch.undo()
+    button(at, "Start a new walk with these settings").click().run()
+    assert not any("baselines could not be computed" in w.value for w in at.warning)  # not the new walk's
