@@ -264,6 +264,19 @@ def save_trace(experiment: Experiment, directory: str | Path) -> None:
             tmp.replace(weights / f"{name}.npy")
 
 
+def reload_run(directory: str | Path, start_source: str | None = None) -> tuple[Experiment, str | None]:
+    """A saved run as a walk to go on with or branch: (experiment, what was left out of it, if anything: see
+    load_trace). CheckpointError if the folder is not a readable run."""
+    from .experiment import build
+
+    directory = Path(directory)
+    config, state, record = load_run(directory)
+    experiment = build(config, start_tensors=read_tensors(directory / "weights" / "start.safetensors"),
+                       start_source=start_source)
+    restore_walker(experiment, directory, state, record)
+    return experiment, load_trace(experiment, directory)
+
+
 def load_trace(experiment: Experiment, directory: str | Path) -> str | None:
     """Put the saved path's weights (weights/trace.npy) back into the walker's trace. They serve the Path view,
     branching and the heat map only, so a run whose trace is missing or damaged still loads: None, or a sentence

@@ -19,6 +19,17 @@ def start(query: dict | None = None) -> AppTest:
     return at
 
 
+def baselines_when_they_arrive(at: AppTest, timeout: float = 120.0) -> dict:
+    """Run the page as its live refresh does until the analysis process's baselines have joined the walk."""
+    t0 = time.monotonic()
+    while at.session_state["geodesic"].pending_baselines is not None or not at.session_state["geodesic"].baselines:
+        assert time.monotonic() - t0 < timeout, "the baselines never arrived"
+        time.sleep(0.2)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+    return at.session_state["geodesic"].baselines
+
+
 def button(at: AppTest, label: str):
     return next(b for b in at.button if b.label == label)
 
@@ -304,12 +315,7 @@ def test_a_damaged_run_in_the_store_is_listed_and_refused_and_the_others_still_w
     assert at.session_state["geodesic"].walker.n_steps == 1 and not at.exception
     # the reloaded walk's baselines come from the analysis process, as a new walk's do (shown on Explore)
     at.query_params["page"] = "explore"
-    t0 = time.monotonic()
-    while at.session_state["geodesic"].pending_baselines is not None or not at.session_state["geodesic"].baselines:
-        assert time.monotonic() - t0 < 120, "the baselines never arrived"
-        time.sleep(0.2)
-        at.run()
-    assert 0.0 < at.session_state["geodesic"].baselines["masked_fine_tune_accuracy"] <= 1.0
+    assert 0.0 < baselines_when_they_arrive(at)["masked_fine_tune_accuracy"] <= 1.0
 
 
 def test_a_run_deleted_from_another_page_is_not_acted_on_here(tmp_path, monkeypatch):
@@ -568,13 +574,7 @@ def test_the_baselines_arrive_from_their_process_and_join_the_charts():
     """The page is drawn first; the baselines come from the analysis process (geodesic/worker.py) while the
     page refreshes, and then the accuracy chart shows them."""
     at = start()
-    t0 = time.monotonic()
-    while at.session_state["geodesic"].pending_baselines is not None or not at.session_state["geodesic"].baselines:
-        assert time.monotonic() - t0 < 120, "the baselines never arrived"
-        time.sleep(0.2)
-        at.run()
-        assert not at.exception, [e.value for e in at.exception]
-    baselines = at.session_state["geodesic"].baselines
+    baselines = baselines_when_they_arrive(at)
     assert 0.0 < baselines["masked_fine_tune_accuracy"] <= 1.0
     assert "Computing the baselines" not in " ".join(c.value for c in at.caption)
     drawn = json.dumps(list(live_charts(at).values()))

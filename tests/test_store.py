@@ -220,9 +220,8 @@ def test_a_saved_run_keeps_the_weights_its_path_kept_and_an_older_save_still_loa
     import numpy as np
 
     import geodesic.path
-    from geodesic.checkpoint import read_tensors
     from geodesic.params import flatten
-    from geodesic.store import load_trace, restore_walker, save_run
+    from geodesic.store import reload_run, save_run
     from geodesic.summary import summarize
 
     monkeypatch.setattr(geodesic.path, "TRACE_MB", 26_122 * 4 * 64 / 2**20)  # 64 rows of the digits MLP
@@ -236,12 +235,7 @@ def test_a_saved_run_keeps_the_weights_its_path_kept_and_an_older_save_still_loa
     save_run(experiment, tmp_path, "long", summarize(experiment, wall_seconds=0.0))
 
     def reload():
-        directory = tmp_path / "long"
-        config_, state, record = load_run(directory)
-        again = build(config_, start_tensors=read_tensors(directory / "weights" / "start.safetensors"))
-        restore_walker(again, directory, state, record)
-        load_trace(again, directory)
-        return again.walker
+        return reload_run(tmp_path / "long")[0].walker
 
     loaded = reload()
     assert loaded.trace.kept() == kept and loaded.trace.stride == walker.trace.stride
@@ -264,7 +258,7 @@ def test_damaged_runs_in_the_shared_store_are_listed_with_their_problem_and_refu
     import shutil
 
     from geodesic.checkpoint import read_tensors
-    from geodesic.store import list_runs, load_trace, restore_walker, save_run
+    from geodesic.store import list_runs, reload_run, restore_walker, save_run
     from geodesic.summary import summarize
 
     config = RunConfig(goal=GoalConfig(kind="sparsify"), walk=default_walk("sparsify", "constrained", n_steps=3),
@@ -296,20 +290,15 @@ def test_damaged_runs_in_the_shared_store_are_listed_with_their_problem_and_refu
     with pytest.raises(CheckpointError, match="bad-state: a run file is unreadable"):
         load_run(tmp_path / "bad-state")
 
-    def reload(name):
-        directory = tmp_path / name
-        config_, state_, record = load_run(directory)
-        again = build(config_, start_tensors=read_tensors(directory / "weights" / "start.safetensors"))
-        before = {k: v.clone() for k, v in again.walker.params.items()}
-        try:
-            restore_walker(again, directory, state_, record)
-        except CheckpointError:
-            assert all(torch.equal(before[k], v) for k, v in again.walker.params.items())  # nothing half-restored
-            raise
-        return again, load_trace(again, directory)
-
+    directory = tmp_path / "bad-state-fields"
+    config_, state_, record = load_run(directory)
+    again = build(config_, start_tensors=read_tensors(directory / "weights" / "start.safetensors"))
+    before = {k: v.clone() for k, v in again.walker.params.items()}
     with pytest.raises(CheckpointError, match="bad-state-fields: state.json is damaged .*max-step-norm"):
-        reload("bad-state-fields")
-    again, left_out = reload("bad-trace")
+        restore_walker(again, directory, state_, record)
+    assert all(torch.equal(before[k], v) for k, v in again.walker.params.items())  # nothing half-restored
+    with pytest.raises(CheckpointError, match="bad-state-fields: state.json is damaged"):
+        reload_run(directory)
+    again, left_out = reload_run(tmp_path / "bad-trace")
     assert again.walker.n_steps == 3 and "trace.npy) could not be read" in left_out
-    assert reload("good")[1] is None
+    assert reload_run(tmp_path / "good")[1] is None

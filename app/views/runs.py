@@ -23,10 +23,8 @@ from geodesic.store import (
     delete_run,
     export_zip,
     list_runs,
-    load_run,
-    load_trace,
+    reload_run,
     rename_run,
-    restore_walker,
     save_run,
 )
 from geodesic.summary import summarize
@@ -57,12 +55,7 @@ def _save(s, name: str) -> None:
 
 def _reload(name: str) -> str | None:
     """Reload a saved run into this session; a sentence on what was left out (a damaged trace), if anything."""
-    directory = store_root() / check_run_name(name)
-    config, state, record = load_run(directory)
-    experiment = build(config, start_tensors=read_tensors(directory / "weights" / "start.safetensors"),
-                       start_source=f"{name}/weights/start.safetensors")
-    restore_walker(experiment, directory, state, record)
-    left_out = load_trace(experiment, directory)
+    experiment, left_out = reload_run(store_root() / check_run_name(name), f"{name}/weights/start.safetensors")
     # As Explore does: the baselines are computed in the analysis process and join the charts when ready (the page
     # is not held up, and no fine-tuning runs on this page's thread).
     session.install(experiment, worker.shared_goal_baselines_in_process)
