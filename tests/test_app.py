@@ -150,6 +150,22 @@ def test_branching_keeps_both_walks_on_the_charts(app):
     assert state.walker.record.last.event == "branched from step 1"
 
 
+def test_branch_from_step_follows_the_walk_until_the_user_picks_a_step():
+    at = start()
+    for _ in range(2):
+        button(at, "Step").click().run()
+    assert at.number_input(key="branch_at").value == 1  # the middle of 2 steps
+    for _ in range(4):
+        button(at, "Step").click().run()
+    assert at.number_input(key="branch_at").value == 3  # it was 1 for ever (the first default kept)
+    at.number_input(key="branch_at").set_value(2).run()
+    for _ in range(4):
+        button(at, "Step").click().run()
+    assert at.number_input(key="branch_at").value == 2  # the user's own step is kept
+    button(at, "Reset").click().run()
+    assert at.number_input(key="branch_at").value == 0 and not at.exception  # past a new walk's end: its middle
+
+
 @pytest.mark.parametrize("goal", ["new-task", "connect"])
 def test_each_goal_renders(goal):
     at = start({"goal": goal})

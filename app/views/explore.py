@@ -432,6 +432,18 @@ def _pause(s) -> None:
     st.session_state["_was_running"] = False
 
 
+def _follow_branch_default(walker) -> None:
+    """Set "Branch from step" to the middle of the walk so far (the nearest step whose weights are kept) until the
+    user types a step of their own: a fixed default went stale as the walk went on (step 5 offered at step 300)."""
+    middle = max(walker.n_steps // 2, 0)
+    kept = walker.trace.nearest(middle)  # a long path keeps some points' weights only (WeightTrace)
+    default = kept[0] if kept else middle
+    shown, offered = st.session_state.get("branch_at"), st.session_state.get("_branch_default")
+    if shown is None or shown == offered or shown > walker.n_steps:  # untouched, or past a new walk's end
+        st.session_state["branch_at"] = default
+    st.session_state["_branch_default"] = default
+
+
 def _drive(s, teach: bool) -> None:
     """Step / Run / Pause / Reset, ε mid-walk, branching."""
     walker = s.walker
@@ -471,10 +483,8 @@ def _drive(s, teach: bool) -> None:
         return
     with st.expander("Rewind and branch"):
         b1, b2, b3 = st.columns([2, 2, 1])
-        middle = max(walker.n_steps // 2, 0)
-        kept = walker.trace.nearest(middle)  # a long path keeps some points' weights only (WeightTrace)
-        at = b1.number_input("Branch from step", min_value=0, max_value=max(walker.n_steps, 0),
-                             value=kept[0] if kept else middle, key="branch_at")
+        _follow_branch_default(walker)
+        at = b1.number_input("Branch from step", min_value=0, max_value=max(walker.n_steps, 0), key="branch_at")
         b2.caption("The branch uses the step rule, ε, β/λ, ρ and probe size now in the sidebar."
                    + (f" This long path keeps the weights of its last {walker.trace.recent} steps and of one "
                       f"step in {walker.trace.stride} before them." if walker.trace.stride > 1 else ""))
