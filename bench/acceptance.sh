@@ -11,6 +11,7 @@ for seed in $seeds; do
     for goal in "sparsify --target-sparsity 0.9" "new-task --new-task permuted" "connect"; do
       name=$(echo "$goal" | cut -d' ' -f1)
       dir="$out/$name-$solver-seed$seed"
+      rm -rf "$dir"  # a rerun replaces the last result (geodesic run refuses to write over a saved run)
       /usr/bin/time -f "%e" -o "$dir.time" $py -m geodesic run --goal $goal --dataset digits --solver $solver \
         --seed "$seed" --device cpu --out "$dir" --quiet 2>"$dir.err" || echo "FAILED $dir: $(tail -1 "$dir.err")"
       $py - "$dir" <<'PY'

@@ -136,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def run_command(args: argparse.Namespace) -> int:
     from .checkpoint import read_tensors
     from .experiment import build
-    from .store import RunStore, load_run, restore_walker
+    from .store import RunStore, check_new_run_folder, load_run, restore_walker
     from .summary import summarize
 
     t0 = time.perf_counter()
@@ -148,7 +148,7 @@ def run_command(args: argparse.Namespace) -> int:
         if not args.out:
             raise ConfigError("out", None, "a folder to write the run to")
         config = config_from_args(args)
-        out = Path(args.out)
+        out = check_new_run_folder(args.out)  # before the start network is trained, not after
         start_path = Path(args.init) if args.init else None
     if args.save_every < 0:
         raise ConfigError("save-every", args.save_every, "an integer >= 0")
@@ -229,3 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     except GeodesicError as err:
         print(f"geodesic: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a folder that cannot be written (permissions, a full disk, a read-only mount)
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"geodesic: error: could not write the run: {err.strerror or err}{where}", file=sys.stderr)
+        return 1

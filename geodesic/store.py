@@ -142,6 +142,24 @@ def check_run_name(name: str) -> str:
     return name
 
 
+def check_new_run_folder(directory: str | Path) -> Path:
+    """A folder a new run may be written to: one that does not exist yet, or an empty one. Anything else is refused
+    (ConfigError on `out`): a run written over another would mix the two (its start weights are kept) and lose the
+    first, and a file there cannot hold a run."""
+    from .errors import ConfigError
+
+    directory = Path(directory)
+    if directory.is_dir():
+        if (directory / "config.json").exists():
+            raise ConfigError("out", str(directory), "a new or empty folder; this one holds a run (continue it with "
+                                                     "--resume, or write the new run elsewhere)")
+        if any(directory.iterdir()):
+            raise ConfigError("out", str(directory), "a new or empty folder; this one holds other files")
+    elif directory.exists():
+        raise ConfigError("out", str(directory), "a folder; this is a file")
+    return directory
+
+
 def list_runs(root: str | Path) -> list[dict]:
     """Saved runs under `root`, newest first: {name, goal, solver, dataset, steps, modified, problem}. Folders being
     saved or deleted (hidden names, see save_run) are not runs yet or any more; one deleted while listed is skipped.

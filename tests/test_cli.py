@@ -87,6 +87,26 @@ def test_resume_continues_a_saved_walk(tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 7
 
 
+def test_a_new_run_never_writes_over_a_saved_one_or_a_file(tmp_path):
+    out = tmp_path / "run"
+    first = geodesic("run", "--goal", "connect", "--out", str(out), "--epochs", "5", "--n-steps", "2", "--quiet")
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in [*out.iterdir(), *(out / "weights").iterdir()] if p.is_file()}
+    again = geodesic("run", "--goal", "sparsify", "--out", str(out), "--n-steps", "2", "--quiet")
+    assert again.returncode == 2 and "this one holds a run (continue it with --resume" in again.stderr
+    after = {p.name: p.read_bytes() for p in [*out.iterdir(), *(out / "weights").iterdir()] if p.is_file()}
+    assert after == before  # it used to become a sparsify run beside the connect run's start weights
+    (tmp_path / "notes.txt").write_text("mine")
+    for target, fragment in ((tmp_path / "notes.txt", "a folder; this is a file"),
+                             (tmp_path, "this one holds other files")):
+        refused = geodesic("run", "--goal", "sparsify", "--out", str(target), "--n-steps", "2", "--quiet")
+        assert refused.returncode == 2 and fragment in refused.stderr and "Traceback" not in refused.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    assert geodesic("run", "--goal", "sparsify", "--out", str(tmp_path / "empty"), "--epochs", "5", "--n-steps", "1",
+                    "--quiet").returncode == 0
+
+
 def test_init_loads_a_state_dict_and_rejects_a_wrong_one(tmp_path):
     import torch
 
