@@ -133,6 +133,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         seed=args.seed, device=args.device)
 
 
+def _set_on_resume(args: argparse.Namespace) -> list[str]:
+    """The flags given beside --resume that a resumed run cannot honour (their values differ from the defaults)."""
+    defaults = vars(_parser().parse_args(["run", "--resume", args.resume]))
+    honoured = {"command", "resume", "n_steps", "save_every", "quiet"}
+    return [k.replace("_", "-") for k, v in vars(args).items() if k not in honoured and v != defaults.get(k)]
+
+
 def run_command(args: argparse.Namespace) -> int:
     from .checkpoint import read_tensors
     from .experiment import build
@@ -143,6 +150,12 @@ def run_command(args: argparse.Namespace) -> int:
     if args.resume:
         out = Path(args.resume)
         config, state, record = load_run(out)
+        given = _set_on_resume(args)
+        if given:  # they would be silently ignored: the saved run's settings are what it continues with
+            raise ConfigError(given[0], getattr(args, given[0].replace("-", "_")),
+                              "nothing but --n-steps, --save-every and --quiet with --resume: the run continues "
+                              "with its saved settings" + (f" (also given: {', '.join('--' + g for g in given[1:])})"
+                                                           if given[1:] else ""))
         start_path = out / "weights" / "start.safetensors"
     else:
         if not args.out:

@@ -125,6 +125,10 @@ def run_sweep(args: argparse.Namespace) -> int:
             if getattr(args, flag, None) is not None:
                 raise ConfigError(flag.replace("_", "-"), getattr(args, flag), "only with --backend ray")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", str(out), "a folder; this is a file")
+    if (out / "config.json").exists():  # a sweep's runs are in its cells/ folder, never at its top
+        raise ConfigError("out", str(out), "a sweep's folder (new, or one to resume); this one holds a single run")
     cells = expand(args)
     todo = [c for c in cells if not is_finished(out / "cells" / c.name)]
     bar = None

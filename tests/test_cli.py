@@ -85,6 +85,13 @@ def test_resume_continues_a_saved_walk(tmp_path):
     table = pd.read_parquet(out / "steps.parquet")
     assert table["step"].tolist() == list(range(8))
     assert json.loads((out / "summary.json").read_text())["steps"] == 7
+    # a setting the resumed run cannot honour is refused, not silently ignored, and the run is left as it was
+    changed = geodesic("run", "--resume", str(out), "--n-steps", "3", "--goal", "connect", "--step-size", "0.5",
+                       "--quiet")
+    assert changed.returncode == 2 and "--goal: got 'connect'" in changed.stderr
+    assert "nothing but --n-steps, --save-every and --quiet with --resume" in changed.stderr
+    assert "(also given: --step-size)" in changed.stderr
+    assert pd.read_parquet(out / "steps.parquet")["step"].tolist() == list(range(8))
 
 
 def test_a_new_run_never_writes_over_a_saved_one_or_a_file(tmp_path):

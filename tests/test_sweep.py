@@ -54,6 +54,18 @@ def test_a_bad_list_exits_2_with_one_line_naming_it(tmp_path, capsys, argv, flag
     assert not (tmp_path / "s" / "cells").exists()  # nothing was walked
 
 
+def test_a_sweep_out_that_is_a_file_or_a_single_run_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    for out, fragment in (("notes.txt", "a folder; this is a file"), ("run", "this one holds a single run")):
+        argv = ["sweep", "--goal", "sparsify", "--step-size", "0.1,0.2", "--out", str(tmp_path / out), "--quiet"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and fragment in err, err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "run" / "cells").exists()
+
+
 def test_a_sweep_writes_cells_and_a_table_and_a_rerun_skips_finished_cells(tmp_path):
     out = tmp_path / "sweep"
     argv = ["sweep", "--goal", "sparsify", "--step-size", "0.1,0.2", "--seed", "0,1", "--n-steps", "6",
