@@ -166,6 +166,20 @@ def test_branch_from_step_follows_the_walk_until_the_user_picks_a_step():
     assert at.number_input(key="branch_at").value == 0 and not at.exception  # past a new walk's end: its middle
 
 
+def test_the_step_size_fields_offer_the_walk_s_own_values_after_reset_and_a_new_walk():
+    at = start()
+    at.number_input(key="eps_now").set_value(0.1).run()
+    button(at, "Apply to this walk").click().run()
+    assert walker(at).config.max_step_norm == 0.1 and at.number_input(key="eps_now").value == 0.1
+    button(at, "Reset").click().run()
+    assert walker(at).config.max_step_norm == 0.2
+    assert at.number_input(key="eps_now").value == 0.2  # it offered the 0.1 of the walk before
+    at.number_input(key="step_size").set_value(0.05).run()
+    button(at, "Start a new walk with these settings").click().run()
+    assert at.number_input(key="eps_now").value == 0.05
+    assert at.text_input(key="fan_values_step size ε").value == "0.025, 0.05, 0.1"  # not the 0.2 walk's fan
+
+
 @pytest.mark.parametrize("goal", ["new-task", "connect"])
 def test_each_goal_renders(goal):
     at = start({"goal": goal})
