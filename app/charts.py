@@ -131,11 +131,8 @@ def path_projection(coords: dict[str, np.ndarray], title: str, axis_labels: list
             f"step {s}" + (f"<br>residual {r:.3g}" if residual else "")
             for s, r in zip(steps[label], residual[label] if residual else np.zeros(len(xyz)), strict=False)]
         marker = dict(size=4, color=color)
-        if residual:
-            marker = dict(size=5, color=residual[label], colorscale="Viridis", showscale=(i == 0),
-                          # titles along the bars: two titles side by side ran into each other
-                          colorbar=dict(title=dict(text="residual ‖w − proj(w)‖", side="right"),
-                                        x=1.16 if contour else 1.0))
+        if residual:  # one colour scale for every walk (the layout's coloraxis, below)
+            marker = dict(size=5, color=residual[label], coloraxis="coloraxis")
         scatter = go.Scatter3d if dims == 3 else go.Scatter
         axes = dict(x=xyz[:, 0], y=xyz[:, 1], **({"z": xyz[:, 2]} if dims == 3 else {}))
         z = "pc3" if dims == 3 else None
@@ -154,6 +151,13 @@ def path_projection(coords: dict[str, np.ndarray], title: str, axis_labels: list
         fig.add_trace((go.Scatter3d if dims == 3 else go.Scatter)(**gp, mode="markers", name="goal",
                                                                    marker=dict(size=12 if dims == 2 else 6,
                                                                                color="black", symbol="x")))
+    if residual:
+        # Shared by all walks' points: with a scale per trace, each walk had its own range and the bar showed the
+        # first walk's (a fan launched at step 3: the bar read 0.2f-1.2f, the three points the basis was fitted
+        # on, while the fan's colours meant 0.2-1.2). The range follows the points as the live chart adds them.
+        fig.update_layout(coloraxis=dict(colorscale="Viridis", colorbar=dict(
+            title=dict(text="residual ‖w − proj(w)‖", side="right"),  # along the bar: two titles side by side
+            x=1.16 if contour else 1.0)))                               # ran into each other
     if dims == 3:
         fig.update_layout(scene=dict(xaxis_title=axis_labels[0], yaxis_title=axis_labels[1],
                                      zaxis_title=axis_labels[2]))

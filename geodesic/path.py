@@ -187,6 +187,23 @@ class WeightTrace:
             self._thin()  # a run saved with a larger budget, or before paths were thinned
 
 
+def distinct_rows(traces: list[tuple[WeightTrace, int]]) -> np.ndarray:
+    """The kept rows of several walks' traces (each with the number of its points to read), every row once: a
+    branch's history is its parent's rows, shared (WeightTrace.head), and counting them once per branch would
+    weigh a fan's common stem K times in a fit (the path's PCA basis over every walk on the charts)."""
+    seen: set[int] = set()
+    rows = []
+    for trace, until in traces:
+        with trace._lock:  # the engine may be appending
+            for i in sorted(trace._rows):
+                row = trace._rows[i]
+                if i < until and id(row) not in seen:
+                    seen.add(id(row))
+                    rows.append(row)
+    dims = traces[0][0].dims if traces else 0
+    return np.stack(rows) if rows else np.zeros((0, dims), np.float32)
+
+
 class PathRecord:
     """Append-only list of PathPoints with a table view; saves to Parquet and loads back."""
 

@@ -486,6 +486,21 @@ def test_a_fan_of_step_sizes_walks_side_by_side_and_one_is_kept():
     assert len(state.branches) == 3
 
 
+def test_the_path_view_projects_a_fan_from_step_1_on_a_basis_fitted_on_every_walk():
+    at, eps, state = _fan_of_step_sizes(lambda eps: f"{eps / 2:g}, {2 * eps:g}")
+    fan_walkers = [state.branches[i].walker for i, _ in state.fan]
+    t0 = time.monotonic()
+    while min(w.n_steps for w in fan_walkers) < 6:
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.05)
+    button(at, "Stop the fan").click().run()
+    at.segmented_control[0].set_value("Path").run()
+    assert not at.exception and not any("at least 3 points" in i.value for i in at.info)  # (the main walk has 2)
+    n = [len(w.record) for w in fan_walkers]
+    assert state.basis.n_fitted == 2 + (n[0] - 2) + (n[1] - 2)  # the common first two points counted once
+    assert {src["run"] for src in at.session_state["_live_chart:pca"]["sources"] if src} == {0, 1, 2}
+
+
 def test_a_bad_fan_is_refused_and_the_walk_kept():
     at = start()
     at.text_input(key="fan_values_step size ε").set_value("0.1, abc").run()

@@ -221,6 +221,28 @@ def test_a_fan_of_step_sizes_is_drawn_one_colour_each_and_one_is_kept(server, br
     _no_exception(page)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "05-fan.png"), full_page=True)
+    # On the Path view every walk's points are coloured on one scale, whose bar spans them all (each trace had
+    # its own scale, and the bar showed the first walk's: 1e-15 wide for the points the basis was fitted on).
+    page.locator("[data-testid=stButtonGroup]").get_by_text("Path", exact=True).click()
+    page.wait_for_function("() => [...document.querySelectorAll('.geodesic-live-chart')].some("
+                           "e => (e.innerText || '').includes('PCA') || (e.layout && e.layout.title"
+                           " && (e.layout.title.text || '').includes('PCA')))", timeout=60_000)
+    page.locator(".geodesic-live-chart").first.scroll_into_view_if_needed()  # (out of sight, it would wait)
+    page.wait_for_function(
+        "(l) => { const el = document.querySelector('.geodesic-live-chart.js-plotly-plot');"
+        " return el && el.data && el.data.some(t => t.name === l && t.marker && t.marker.color"
+        " && t.marker.color.length > 5); }", arg=labels[-1], timeout=60_000)
+    scale = page.evaluate(
+        "() => { const el = document.querySelector('.geodesic-live-chart.js-plotly-plot');"
+        " const coloured = el.data.filter(t => t.marker && typeof t.marker.color === 'object'"
+        " && t.marker.color.length > 1);"  # (the start and current markers have one colour, a string)
+        " const all = coloured.flatMap(t => Array.from(t.marker.color));"
+        " const axis = el._fullLayout.coloraxis || {};"
+        " return {names: coloured.map(t => t.name), axes: coloured.map(t => t.marker.coloraxis),"
+        " low: Math.min(...all), high: Math.max(...all), cmin: axis.cmin, cmax: axis.cmax}; }")
+    assert set(labels) <= set(scale["names"]), scale["names"]
+    assert set(scale["axes"]) == {"coloraxis"}, scale
+    assert scale["cmin"] <= scale["low"] + 1e-9 and scale["cmax"] >= scale["high"] - 1e-9, scale
     table = page.locator("[data-testid='stDataFrame']").first
     table.wait_for(timeout=30_000)
     page.get_by_role("button", name="Keep this one as the walk that steps", exact=True).click()

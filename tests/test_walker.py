@@ -58,6 +58,13 @@ def test_branch_starts_from_a_recorded_point_and_keeps_history(experiment):
     assert len(walker.record) == 5  # the parent is untouched
     with pytest.raises(ConfigError):
         walker.branch(99)
+    # The two walks' points for one fit: the three they share once, then the parent's two and the child's one.
+    from geodesic.path import distinct_rows
+
+    rows = distinct_rows([(walker.trace, len(walker.record)), (child.trace, len(child.record))])
+    assert len(rows) == 5 + 1
+    torch.testing.assert_close(torch.as_tensor(rows[-1]), flatten(child.params))
+    assert len(distinct_rows([(walker.trace, 2), (child.trace, 2)])) == 2
 
 
 def test_non_finite_step_stops_the_walk_and_keeps_the_last_finite_point(experiment):

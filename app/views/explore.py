@@ -14,6 +14,7 @@ from geodesic import analysis, worker
 from geodesic.engine import CapacityError
 from geodesic.errors import ConfigError, GeodesicError
 from geodesic.experiment import build
+from geodesic.path import distinct_rows
 from geodesic.projection import fit_pca, trustworthiness, umap_embed
 
 REFRESH_SECONDS = 0.3
@@ -136,8 +137,10 @@ def _path(s) -> None:
     dims = c1.radio("Dimensions", (2, 3), horizontal=True, key="pca_dims")
     if c2.button("Refit PCA basis", help="The basis is fitted once and frozen so axes don't jump; refit here"):
         s.basis = None
-    if s.basis is None and len(walker.record) >= 3:
-        s.basis = fit_pca(walker.trace.matrix(until=len(walker.record))[1], n_components=3)
+    if s.basis is None:  # on every walk on the charts (a fan's walks too, the main one may have 2 points only)
+        rows = distinct_rows([(b.walker.trace, len(b.walker.record)) for b in s.branches])
+        if len(rows) >= 3:
+            s.basis = fit_pca(rows, n_components=3)
     if s.basis is None:
         st.info("The path needs at least 3 points for a projection: press Step or Run.")
         return
@@ -147,9 +150,9 @@ def _path(s) -> None:
     residual = {label: t["residual"].to_numpy() for label, t in tables}
     steps = {label: t["step"].to_numpy() for label, t in tables}
     ev = basis.explained_variance_ratio
-    c3.caption(f"Basis fitted on {basis.n_fitted} points; explained variance PC1 {100 * ev[0]:.1f}%, "
-               f"PC2 {100 * ev[1]:.1f}%, PC3 {100 * ev[2]:.1f}%. Colour = residual ‖w − proj(w)‖ "
-               "(distance of each point from the plotted subspace).")
+    c3.caption(f"Basis fitted on {basis.n_fitted} points (of every walk shown); explained variance "
+               f"PC1 {100 * ev[0]:.1f}%, PC2 {100 * ev[1]:.1f}%, PC3 {100 * ev[2]:.1f}%. "
+               "Colour = residual ‖w − proj(w)‖ (distance of each point from the plotted subspace).")
     goal_point = None
     end = getattr(s.experiment, "end", None)
     if end is not None:
