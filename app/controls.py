@@ -5,6 +5,8 @@ shown next to the control, and the walk on screen is kept.
 """
 from __future__ import annotations
 
+import weakref
+
 import streamlit as st
 
 from geodesic.config import (
@@ -210,6 +212,20 @@ def message_for(err: ConfigError) -> str:
     """The error as the sidebar's user reads it: the field's own label, what was given, what is allowed."""
     label = WIDGET_LABELS.get(widget_for(err), err.setting)
     return f"{label}: got {err.given!r}; allowed: {err.allowed}"
+
+
+def offer(key: str, default, walker, keep=lambda shown: True) -> None:
+    """Show `default` in the widget `key` (drawn after this, without a value of its own) until the user types a
+    value of their own, and again for another walk (a new one, Reset, another branch) or once theirs no longer fits
+    (`keep` is false). A widget's first value is kept for ever otherwise, so the defaults went stale as the walk
+    changed: "Branch from step" offered step 1 at step 300, "ε from the next step on" the ε of the walk before a
+    Reset, the fan the step sizes of an earlier walk, "Save the walk on screen as" the step count of long ago."""
+    offered = st.session_state.setdefault("_offered", {})
+    shown = st.session_state.get(key)
+    before, for_walk = offered.get(key, (None, None))
+    if shown is None or shown == before or for_walk is None or for_walk() is not walker or not keep(shown):
+        st.session_state[key] = default
+    offered[key] = (default, weakref.ref(walker))  # (a weak reference: a walk the user left is not kept for this)
 
 
 def write_url(config: RunConfig, teach: bool) -> None:

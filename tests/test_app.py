@@ -283,6 +283,10 @@ def test_save_reload_compare_rename_and_delete_runs(tmp_path, monkeypatch):
         button(at, "Step").click().run()
     at.query_params["page"] = "runs"
     at.run()
+    assert at.text_input(key="save_name").value == "sparsify-constrained-seed0-step3"
+    at.session_state["geodesic"].runner.step_once()  # the walk goes on (as a running one does) while this page shows
+    at.run()
+    assert at.text_input(key="save_name").value == "sparsify-constrained-seed0-step4"  # (it offered step3 for ever)
     at.text_input(key="save_name").set_value("first").run()
     button(at, "Save").click().run()
     assert (tmp_path / "store" / "first" / "steps.parquet").exists()
@@ -304,7 +308,7 @@ def test_save_reload_compare_rename_and_delete_runs(tmp_path, monkeypatch):
     at.selectbox(key="run_choice").set_value("first").run()
     button(at, "Reload into Explore").click().run()
     state = at.session_state["geodesic"]
-    assert state.walker.n_steps == 3 and len(state.walker.trace) == 4
+    assert state.walker.n_steps == 4 and len(state.walker.trace) == 5
     child = state.walker.branch(1)  # a reloaded run branches from any saved step
     assert child.record.last.step == 1
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import numpy as np
 import pandas as pd
@@ -285,7 +284,7 @@ def _fan_controls(s) -> None:
         suggested = {"step size ε": f"{eps / 2:g}, {eps:g}, {2 * eps:g}",
                      "goal weight β/λ": ", ".join(f"{walker.config.goal_weight * f:g}" for f in (0.3, 1, 3)),
                      "seed": "1, 2, 3"}[kind]
-        _offer(f"fan_values_{kind}", suggested, walker)
+        controls.offer(f"fan_values_{kind}", suggested, walker)
         text = c2.text_input("Values, 2 to 7, comma-separated" + (" (auto: the adaptive step)" if kind == "step size ε"
                                                                    else ""), key=f"fan_values_{kind}")
         at_text = c3.number_input("From step", min_value=0, value=None, step=1, key="fan_from_step",
@@ -437,20 +436,6 @@ def _pause(s) -> None:
     st.session_state["_was_running"] = False
 
 
-def _offer(key: str, default, walker, keep=lambda shown: True) -> None:
-    """Show `default` in the widget `key` (drawn after this, without a value of its own) until the user types a
-    value of their own, and again for another walk (a new one, Reset, another branch) or once theirs no longer fits
-    (`keep` is false). A widget's first value is kept for ever otherwise, so the defaults went stale as the walk
-    changed: "Branch from step" offered step 1 at step 300, "ε from the next step on" the ε of the walk before a
-    Reset, the fan the step sizes of an earlier walk."""
-    offered = st.session_state.setdefault("_offered", {})
-    shown = st.session_state.get(key)
-    before, for_walk = offered.get(key, (None, None))
-    if shown is None or shown == before or for_walk is None or for_walk() is not walker or not keep(shown):
-        st.session_state[key] = default
-    offered[key] = (default, weakref.ref(walker))  # (a weak reference: a walk the user left is not kept for this)
-
-
 def _drive(s, teach: bool) -> None:
     """Step / Run / Pause / Reset, ε mid-walk, branching."""
     walker = s.walker
@@ -475,7 +460,7 @@ def _drive(s, teach: bool) -> None:
     for handle in [s.runner, *(h for _, h in s.fan)]:  # the fan walks at the same speed as the main walk
         handle.set_rate(SPEEDS[s.speed])
     with c5.popover("Step size ε now", width="stretch"):
-        _offer("eps_now", float(walker.config.max_step_norm), walker)
+        controls.offer("eps_now", float(walker.config.max_step_norm), walker)
         new_eps = st.number_input("ε from the next step on", format="%.4f", key="eps_now")
         if st.button("Apply to this walk"):
             try:
@@ -492,7 +477,7 @@ def _drive(s, teach: bool) -> None:
         b1, b2, b3 = st.columns([2, 2, 1])
         middle = max(walker.n_steps // 2, 0)
         kept = walker.trace.nearest(middle)  # a long path keeps some points' weights only (WeightTrace)
-        _offer("branch_at", kept[0] if kept else middle, walker, keep=lambda step: step <= walker.n_steps)
+        controls.offer("branch_at", kept[0] if kept else middle, walker, keep=lambda step: step <= walker.n_steps)
         at = b1.number_input("Branch from step", min_value=0, max_value=max(walker.n_steps, 0), key="branch_at")
         b2.caption("The branch uses the step rule, ε, β/λ, ρ and probe size now in the sidebar."
                    + (f" This long path keeps the weights of its last {walker.trace.recent} steps and of one "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app import charts, session
+from app import charts, controls, session
 from geodesic import worker
 from geodesic.checkpoint import read_tensors
 from geodesic.errors import GeodesicError
@@ -64,8 +64,6 @@ def _reload(name: str) -> str | None:
 
 def _upload(s, uploaded) -> None:
     """Start a new walk, with the sidebar's settings, from uploaded weights (never run as code)."""
-    from app import controls
-
     if uploaded.size > MAX_UPLOAD_MB * 2**20:
         raise GeodesicError(f"{uploaded.name}: {uploaded.size / 2**20:.0f} MB is over the {MAX_UPLOAD_MB} MB limit")
     config = controls.config_from_widgets()
@@ -87,7 +85,8 @@ def render() -> None:
     if s.walker is not None:
         c1, c2 = st.columns([3, 1])
         default = f"{s.config.goal.kind}-{s.config.walk.solver}-seed{s.config.seed}-step{s.walker.n_steps}"
-        name = c1.text_input("Save the walk on screen as", value=default, key="save_name")
+        controls.offer("save_name", default, s.walker)
+        name = c1.text_input("Save the walk on screen as", key="save_name")
         if c2.button("Save", width="stretch"):
             try:
                 _save(s, name)
