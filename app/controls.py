@@ -189,7 +189,9 @@ def config_from_widgets() -> RunConfig:
                         step_guard=DEFAULT_STEP_GUARD if ss.get("guard") else 0.0)
     root = ss.get("data_root") or None
     if ss.dataset in TORCHVISION_SETS and not root:
-        raise ConfigError("data", ss.dataset, "a data folder holding torchvision's files for this dataset")
+        folder = TORCHVISION_SETS[ss.dataset][1]
+        raise ConfigError("data", root or "", f"the folder holding {ss.dataset}'s torchvision files ({folder}/ "
+                                              "inside it); none was given")
     return RunConfig(goal=GoalConfig(kind=ss.goal, target_sparsity=ss.target_sparsity, new_task=ss.new_task,
                                      memory_size=ss.memory_size),
                      walk=walk, data=DataConfig(name=ss.dataset, root=root), model=ModelConfig(name=ss.model),

@@ -234,6 +234,11 @@ def test_missing_dataset_folder_is_reported_and_keeps_the_walk(tmp_path):
     button(at, "Start a new walk with these settings").click().run()
     assert walker(at) is kept
     assert any("does not exist" in e.value for e in at.error)
+    at.text_input(key="data_root").set_value("").run()  # none given: the field says what it needs, by its label
+    button(at, "Start a new walk with these settings").click().run()
+    assert walker(at) is kept
+    assert any("Data folder: got ''; allowed: the folder holding mnist's torchvision files (MNIST/raw/ inside it)"
+               in w.value for w in [*at.error, *at.warning]), [w.value for w in [*at.error, *at.warning]]
 
 
 def test_url_reproduces_the_setup_and_teach_mode_hides_controls():
