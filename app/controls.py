@@ -109,12 +109,30 @@ def _reset_guard() -> None:
     ss.guard = _guard_default({"goal": ss.goal, "solver": ss.solver, "model": ss.model})
 
 
-def _message(errors: dict[str, str], key: str) -> None:
-    if key in errors:
-        st.error(errors[key], icon="⚠️")
+SIDEBAR_KEYS = ("goal", "dataset", "data_root", "model", "solver", "step_size", "auto_step", "guard", "goal_weight",
+                "restoring_weight", "probe_size", "target_sparsity", "new_task", "memory_size", "seed", "device")
 
 
-def sidebar(errors: dict[str, str], device_in_use: str | None) -> bool:
+def _values_behind(key: str) -> object:
+    """What an error next to control `key` was about: that control's value, or for a data folder's error (a set
+    that is missing, corrupt) and an error of no one control, the whole set-up."""
+    if key in SIDEBAR_KEYS and key != "data_root":
+        return st.session_state.get(key)
+    return tuple(st.session_state.get(k) for k in SIDEBAR_KEYS)
+
+
+def error_at(key: str, message: str) -> dict[str, tuple[str, object]]:
+    """The sidebar's errors (AppState.errors) for a walk refused: shown next to control `key` until its value
+    changes (a Device error stayed on screen after the user had chosen cpu, until the next walk started)."""
+    return {key: (message, _values_behind(key))}
+
+
+def _message(errors: dict[str, tuple[str, object]], key: str) -> None:
+    if key in errors and errors[key][1] == _values_behind(key):
+        st.error(errors[key][0], icon="⚠️")
+
+
+def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None) -> bool:
     """Draw the set-up controls; True when the user asked for a new walk with them."""
     ss = st.session_state
     st.header("Set up a walk")

@@ -101,7 +101,7 @@ class AppState:
     umap: dict | None = None  # last UMAP result {"coords", "steps", "params"}
     spectrum: dict | None = None
     contour: dict | None = None
-    errors: dict[str, str] = field(default_factory=dict)  # setting -> message shown next to its control
+    errors: dict[str, tuple] = field(default_factory=dict)  # control -> (message, what it was about): controls.error_at
     notice: str = ""
     speed: str = "as fast as possible"
     fan: list = field(default_factory=list)  # (branch index, WalkHandle) of the walks of a step-size fan

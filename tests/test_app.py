@@ -224,6 +224,10 @@ def test_bad_settings_show_a_message_and_keep_the_walk(key, value, fragment):
     button(at, "Start a new walk with these settings").click().run()
     assert walker(at) is kept and kept.n_steps == 1
     assert any(fragment in e.value for e in at.error), [e.value for e in at.error]
+    at.number_input(key=key).set_value(0.5 if key != "probe_size" else 8).run()  # corrected: the message goes
+    assert not any(fragment in e.value for e in at.error), [e.value for e in at.error]
+    at.number_input(key=key).set_value(value).run()  # and comes back with the value it was about
+    assert any(fragment in e.value for e in at.error), [e.value for e in at.error]
 
 
 def test_missing_dataset_folder_is_reported_and_keeps_the_walk(tmp_path):

@@ -48,9 +48,9 @@ def _start_walk(config) -> None:
         _build(config)
         controls.write_url(config, teach=st.query_params.get("teach") == "1")
     except ConfigError as err:
-        s.errors = {controls.widget_for(err): controls.message_for(err)}
+        s.errors = controls.error_at(controls.widget_for(err), controls.message_for(err))
     except GeodesicError as err:  # data folder missing or corrupt, bad weights: keep the current walk
-        s.errors = {"data_root" if "data" in str(err).lower() else "other": str(err)}
+        s.errors = controls.error_at("data_root" if "data" in str(err).lower() else "other", str(err))
 
 
 def _runs(s, thin: bool = True) -> list[tuple[str, object]]:
@@ -515,7 +515,7 @@ def setup_sidebar() -> None:
             try:
                 config = controls.config_from_widgets()
             except ConfigError as err:
-                s.errors = {controls.widget_for(err): controls.message_for(err)}
+                s.errors = controls.error_at(controls.widget_for(err), controls.message_for(err))
                 st.rerun()
             else:
                 _start_walk(config)
@@ -529,12 +529,12 @@ def render() -> None:
         try:
             config = controls.config_from_widgets()
         except ConfigError as err:
-            s.errors = {controls.widget_for(err): controls.message_for(err)}
+            s.errors = controls.error_at(controls.widget_for(err), controls.message_for(err))
             st.error(f"The settings in the link are not valid: {controls.message_for(err)}")
             return
         _start_walk(config)
         if s.experiment is None:
-            st.error(next(iter(s.errors.values()), "Could not start the walk."))
+            st.error(next((message for message, _ in s.errors.values()), "Could not start the walk."))
             return
     cfg = s.config
     st.title("geodesic")
