@@ -144,7 +144,7 @@ def run_command(args: argparse.Namespace) -> int:
     from .checkpoint import read_tensors
     from .experiment import build
     from .store import RunStore, check_new_run_folder, load_run, restore_walker
-    from .summary import summarize
+    from .summary import function_lost, summarize
 
     t0 = time.perf_counter()
     if args.resume:
@@ -221,6 +221,10 @@ def run_command(args: argparse.Namespace) -> int:
             if "error_barrier" in summary else ""
         print(f"{summary['steps']} steps, {summary['wall_seconds']:.1f} s: test accuracy {line}, "
               f"sparsity {end['sparsity']:.3f}{extra} -> {out}", file=sys.stderr)
+    start, lowest = summary["start"]["test_accuracy"]["A"], summary["min_test_accuracy"]["A"]
+    if function_lost(start, lowest):  # as the app says it
+        print(f"geodesic: warning: test accuracy A fell to {100 * lowest:.1f}% on the way (from {100 * start:.1f}%): "
+              "this walk did not keep the function; a shorter --step-size (or auto) keeps it closer", file=sys.stderr)
     return status
 
 

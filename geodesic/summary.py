@@ -4,6 +4,14 @@ from __future__ import annotations
 from .baselines import barrier, straight_line
 from .experiment import Experiment
 
+LOST_POINTS = 5.0  # a walk whose accuracy fell more than this many points below its start did not keep the function
+
+
+def function_lost(start: float, lowest: float) -> bool:
+    """Whether a walk whose test accuracy started at `start` and fell to `lowest` (fractions) lost what the network
+    computed on the way, reached or not (the app and the CLI say so: e.g. ε = 1000 lands on one-shot pruning)."""
+    return start - lowest > LOST_POINTS / 100
+
 
 def summarize(experiment: Experiment, wall_seconds: float) -> dict:
     """start/end accuracy and sparsity, the lowest accuracy along the path, and for connect the

@@ -230,6 +230,20 @@ def test_bad_settings_show_a_message_and_keep_the_walk(key, value, fragment):
     assert any(fragment in e.value for e in at.error), [e.value for e in at.error]
 
 
+def test_a_walk_that_reaches_its_goal_without_keeping_the_function_says_so():
+    at = start({"solver": "penalty", "eps": "1000"})  # one step lands on the pruned network: one-shot pruning
+    button(at, "Step").click().run()
+    assert walker(at).is_done and walker(at).record.lowest_accuracy("A") < 0.6
+    assert not at.success
+    assert any("Stopped: goal reached, but accuracy A fell to" in w.value and "did not keep the function" in w.value
+               for w in at.warning), [w.value for w in at.warning]
+    kept = start({"sparsity": "0.3"})  # a short walk that keeps it: 12 steps, lowest 96.9% from 97.2%
+    while not walker(kept).is_done and walker(kept).n_steps < 60:
+        button(kept, "Step").click().run()
+    assert walker(kept).is_done and walker(kept).record.lowest_accuracy("A") > 0.95
+    assert [s.value for s in kept.success] == ["Stopped: goal reached."] and not kept.warning
+
+
 def test_missing_dataset_folder_is_reported_and_keeps_the_walk(tmp_path):
     at = start()
     kept = walker(at)

@@ -114,6 +114,15 @@ def test_a_new_run_never_writes_over_a_saved_one_or_a_file(tmp_path):
                     "--quiet").returncode == 0
 
 
+def test_a_walk_that_lost_the_function_is_warned_about_even_quiet(tmp_path):
+    lost = geodesic("run", "--goal", "sparsify", "--solver", "penalty", "--step-size", "1000", "--epochs", "10",
+                    "--out", str(tmp_path / "lost"), "--quiet")
+    assert lost.returncode == 0 and "geodesic: warning: test accuracy A fell to" in lost.stderr, lost.stderr
+    kept = geodesic("run", "--goal", "sparsify", "--target-sparsity", "0.3", "--epochs", "10",
+                    "--out", str(tmp_path / "kept"), "--quiet")
+    assert kept.returncode == 0 and kept.stderr == "", kept.stderr
+
+
 def test_init_loads_a_state_dict_and_rejects_a_wrong_one(tmp_path):
     import torch
 

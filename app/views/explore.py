@@ -15,6 +15,7 @@ from geodesic.errors import ConfigError, GeodesicError
 from geodesic.experiment import build
 from geodesic.path import distinct_rows
 from geodesic.projection import fit_pca, trustworthiness, umap_embed
+from geodesic.summary import function_lost
 
 REFRESH_SECONDS = 0.3
 SPEEDS = {"1 step/s": 1.0, "2 steps/s": 2.0, "5 steps/s": 5.0, "10 steps/s": 10.0, "20 steps/s": 20.0,
@@ -268,7 +269,13 @@ def _status(s) -> None:
     if s.runner.error:
         st.error(s.runner.error)
     elif walker.is_done:
-        st.success(f"Stopped: {walker.stop_reason}.")
+        start, lowest = walker.record[0].accuracy["A"], walker.record.lowest_accuracy("A")
+        if function_lost(start, lowest):  # reached, but not along a path that kept what the network computes
+            st.warning(f"Stopped: {walker.stop_reason}, but accuracy A fell to {100 * lowest:.1f}% on the way (from "
+                       f"{100 * start:.1f}%): this walk did not keep the function. A shorter step (ε, or auto) "
+                       "keeps it closer; 'Compare step sizes' walks a few side by side.")
+        else:
+            st.success(f"Stopped: {walker.stop_reason}.")
 
 
 FAN_KINDS = {"step size ε": "max_step_norm", "goal weight β/λ": "goal_weight", "seed": "seed"}
