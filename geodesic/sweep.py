@@ -48,6 +48,20 @@ LISTS = (("goal", "goal", str), ("dataset", "dataset", str), ("model", "model", 
          ("tolerance", "tolerance", float), ("new-task", "new_task", str), ("memory-size", "memory_size", int))
 
 
+# Settings that only some walks use: a cell whose goal or step rule ignores one is not named or split by it (with
+# `--goal sparsify,connect --target-sparsity 0.5,0.9` the connect walk was walked twice, identically).
+APPLIES = {"target-sparsity": ("goal", ("sparsify",)), "tolerance": ("goal", ("sparsify", "connect")),
+           "new-task": ("goal", ("new-task",)), "memory-size": ("goal", ("new-task",)),
+           "restoring-weight": ("solver", ("constrained",)), "goal-weight-growth": ("solver", ("penalty",))}
+
+
+def _applies(flag: str, cell_args: argparse.Namespace) -> bool:
+    if flag not in APPLIES:
+        return True
+    attr, values = APPLIES[flag]
+    return (getattr(cell_args, attr) or "constrained") in values  # (the step rule's default: constrained)
+
+
 @dataclass
 class Cell:
     name: str
@@ -78,7 +92,7 @@ def expand(args: argparse.Namespace) -> list[Cell]:
 
     lists = {flag: (attr, parse_list(flag, getattr(args, attr), kind)) for flag, attr, kind in LISTS}
     varying = [flag for flag, (_, values) in lists.items() if len(values) > 1]
-    cells = []
+    cells, used = {}, set()
     for combo in itertools.product(*(values for _, values in lists.values())):
         chosen = dict(zip(lists, combo, strict=True))
         cell_args = argparse.Namespace(**vars(args))
@@ -88,11 +102,18 @@ def expand(args: argparse.Namespace) -> list[Cell]:
             cell_args.seed = 0
         if cell_args.target_sparsity is None:
             cell_args.target_sparsity = 0.9
-        settings = {flag: chosen[flag] for flag in sorted(varying)}
+        settings = {flag: chosen[flag] for flag in sorted(varying) if _applies(flag, cell_args)}
+        used.update(settings)
         name = cell_name(settings)
         config_from_args(cell_args)  # validates: raises ConfigError for a bad value
-        cells.append(Cell(name, settings, cell_args))
-    return cells
+        cells.setdefault(name, Cell(name, settings, cell_args))  # a walk that ignores a list is walked once
+    for flag in varying:
+        if flag not in used:  # a list no cell uses: every cell would be the same walk
+            attr, values = APPLIES[flag]
+            raise ConfigError(flag, getattr(args, lists[flag][0]),
+                              f"one value, unless the sweep has a --{attr} in {', '.join(values)} "
+                              "(no cell here uses it)")
+    return list(cells.values())
 
 
 def cell_name(settings: dict) -> str:
@@ -224,13 +245,18 @@ def write_outputs(out: Path, cells: list[Cell]) -> None:
     tmp = out / "sweep.parquet.tmp"
     table.to_parquet(tmp, index=False)
     tmp.replace(out / "sweep.parquet")
-    write_json(out / "sweep.json", {"cells": [c.name for c in cells], "varying": sorted(cells[0].settings)})
+    write_json(out / "sweep.json", {"cells": [c.name for c in cells], "varying": _varying(cells)})
     if len(table):
         from .path import PathRecord
         from .report import write_sweep_report
 
         paths = {name: PathRecord.load(out / "cells" / name / "steps.parquet").to_frame() for name in table["cell"]}
         write_sweep_report(out, table, paths)
+
+
+def _varying(cells: list[Cell]) -> list[str]:
+    """The settings that vary across the sweep (a cell lists those its walk uses)."""
+    return sorted({flag for cell in cells for flag in cell.settings})
 
 
 def sweep_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
@@ -258,7 +284,7 @@ def sweep_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
                 row[key] = s[key]
         rows.append(row)
     table = pd.DataFrame(rows)
-    for name in (cells[0].settings if cells else ()):  # e.g. --step-size 0.05,0.1,auto: one column, one type
+    for name in _varying(cells):  # e.g. --step-size 0.05,0.1,auto: one column, one type
         if name in table and table[name].map(type).nunique() > 1:
             table[name] = table[name].map(lambda v: v if isinstance(v, str) else format(v, "g"))
     return table

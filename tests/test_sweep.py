@@ -38,6 +38,19 @@ def test_every_combination_is_a_cell_named_by_what_varies():
     assert single.name == "cell" and single.settings == {}
 
 
+def test_a_setting_a_walk_ignores_neither_names_nor_splits_its_cells():
+    cells = expand(_args("--goal", "sparsify,connect", "--target-sparsity", "0.5,0.9"))
+    assert [c.name for c in cells] == ["goal-sparsify_target-sparsity-0.5", "goal-sparsify_target-sparsity-0.9",
+                                       "goal-connect"]  # one connect walk (it was walked twice, identically)
+    assert cells[-1].settings == {"goal": "connect"}
+    mixed = expand(_args("--goal", "sparsify", "--solver", "constrained,penalty", "--restoring-weight", "0.1,0.3"))
+    assert [c.name for c in mixed] == ["restoring-weight-0.1_solver-constrained",
+                                       "restoring-weight-0.3_solver-constrained", "solver-penalty"]
+    with pytest.raises(ConfigError, match="restoring-weight.*one value, unless the sweep has a --solver in "
+                                          "constrained"):
+        expand(_args("--goal", "sparsify", "--solver", "penalty", "--restoring-weight", "0.1,0.3"))
+
+
 @pytest.mark.parametrize("argv,flag", [
     (["--step-size", "0.1,abc"], "--step-size"),
     (["--seed", "0,,1"], "--seed"),
