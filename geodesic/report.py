@@ -57,7 +57,9 @@ def write_sweep_report(out: Path, table: pd.DataFrame, paths: dict[str, pd.DataF
                    "template": {"layout": {"plot_bgcolor": "white"}}}
     best = best_cells(table).drop(columns=["stop_reason"], errors="ignore")
 
-    def cell(value) -> str:
+    def cell(value) -> str:  # a setting or number a cell's goal does not have (a connect cell's sparsity): a dash
+        if value is None or (isinstance(value, float) and value != value):
+            return "–"
         return html.escape(f"{value:.4g}" if isinstance(value, float) else str(value))
 
     def html_table(frame: pd.DataFrame) -> str:

@@ -51,6 +51,16 @@ def test_a_setting_a_walk_ignores_neither_names_nor_splits_its_cells():
         expand(_args("--goal", "sparsify", "--solver", "penalty", "--restoring-weight", "0.1,0.3"))
 
 
+def test_a_mixed_sweep_s_table_and_report_leave_what_a_goal_lacks_empty(tmp_path):
+    out = tmp_path / "mixed"
+    assert main(["sweep", "--goal", "sparsify,connect", "--target-sparsity", "0.5,0.9", "--n-steps", "2",
+                 "--epochs", "5", "--out", str(out), "--quiet"]) == 0
+    table = pd.read_parquet(out / "sweep.parquet").set_index("cell")
+    assert len(table) == 3 and pd.isna(table.loc["goal-connect", "target-sparsity"])
+    report = (out / "sweep.html").read_text()
+    assert ">nan<" not in report and "<td>–</td>" in report
+
+
 @pytest.mark.parametrize("argv,flag", [
     (["--step-size", "0.1,abc"], "--step-size"),
     (["--seed", "0,,1"], "--seed"),
