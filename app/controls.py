@@ -248,9 +248,20 @@ def offer(key: str, default, walker, keep=lambda shown: True) -> None:
     offered[key] = (default, weakref.ref(walker))  # (a weak reference: a walk the user left is not kept for this)
 
 
+def teach_mode() -> bool:
+    """Whether this session opened a teaching link (?teach=1: the walk's controls hidden). Kept for the session:
+    Streamlit clears a link's parameters when the user moves to another page, and a student who looked at Learn
+    came back to the full set-up."""
+    if st.query_params.get("teach") == "1":
+        st.session_state["_teach"] = True
+    return bool(st.session_state.get("_teach"))
+
+
 def write_url(config: RunConfig, teach: bool) -> None:
-    """Put the set-up in the URL (never a file path: data folders stay out of links)."""
-    st.query_params.from_dict({
+    """Put the set-up in the URL (never a file path: data folders stay out of links); only when it differs, as
+    Explore calls this on every run (a page the user came back to has lost its parameters: Streamlit clears them on
+    moving between pages, so the link the user copied named the default walk, not theirs)."""
+    wanted = {
         "goal": config.goal.kind, "dataset": config.data.name, "model": config.model.name,
         "solver": config.walk.solver, "eps": f"{config.walk.max_step_norm:g}", "beta": f"{config.walk.goal_weight:g}",
         "rho": f"{config.walk.restoring_weight:g}", "probe": str(config.walk.probe_size), "seed": str(config.seed),
@@ -260,4 +271,6 @@ def write_url(config: RunConfig, teach: bool) -> None:
         **({"guard": "1" if config.walk.step_guard else "0"}
            if bool(config.walk.step_guard) != _guard_default(
                {"goal": config.goal.kind, "solver": config.walk.solver, "model": config.model.name}) else {}),
-    })
+    }
+    if st.query_params.to_dict() != wanted:
+        st.query_params.from_dict(wanted)

@@ -265,6 +265,16 @@ def test_url_reproduces_the_setup_and_teach_mode_hides_controls():
     assert w.goal.name == "connect" and w.config.max_step_norm == 0.05 and at.session_state["seed"] == 1
     assert not any(b.label == "Start a new walk with these settings" for b in at.button)
     assert at.query_params["goal"] == ["connect"] or at.query_params["goal"] == "connect"
+    # Moving to another page and back clears a link's parameters (Streamlit does): teach mode stays, and the link
+    # names this walk again (it named the default walk, and the controls came back)
+    for key in list(at.query_params):
+        del at.query_params[key]
+    at.run()
+    assert not any(b.label == "Start a new walk with these settings" for b in at.button)
+    assert walker(at) is w
+    assert {k: at.query_params[k] for k in ("goal", "eps", "seed", "teach")} in (
+        {"goal": "connect", "eps": "0.05", "seed": "1", "teach": "1"},
+        {"goal": ["connect"], "eps": ["0.05"], "seed": ["1"], "teach": ["1"]})
 
 
 @pytest.mark.parametrize("query,fragments", [

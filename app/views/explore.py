@@ -47,7 +47,7 @@ def _start_walk(config) -> None:
     s = session.state()
     try:
         _build(config)
-        controls.write_url(config, teach=st.query_params.get("teach") == "1")
+        controls.write_url(config, teach=controls.teach_mode())
     except ConfigError as err:
         s.errors = controls.error_at(controls.widget_for(err), controls.message_for(err))
     except GeodesicError as err:  # data folder missing or corrupt, bad weights: keep the current walk
@@ -513,7 +513,7 @@ def setup_sidebar() -> None:
     # baselines arriving, a live refresh) must not take the message away before it is read.
     for message in st.session_state.get("_url_errors", []):
         st.warning(message)
-    if st.query_params.get("teach") == "1":
+    if controls.teach_mode():
         return
     with st.sidebar:
         device = str(s.experiment.device) if s.experiment else None
@@ -531,7 +531,7 @@ def setup_sidebar() -> None:
 
 def render() -> None:
     s = session.state()
-    teach = st.query_params.get("teach") == "1"
+    teach = controls.teach_mode()
     if s.experiment is None:
         try:
             config = controls.config_from_widgets()
@@ -544,6 +544,7 @@ def render() -> None:
             st.error(next((message for message, _ in s.errors.values()), "Could not start the walk."))
             return
     cfg = s.config
+    controls.write_url(cfg, teach)  # back from another page, the link names this walk again
     st.title("geodesic")
     st.caption(f"**{cfg.goal.kind}** on **{cfg.data.name}** with **{cfg.model.name}**, {cfg.walk.solver} step rule "
                f"(ε={'auto, now ' if s.walker.trust is not None else ''}{s.walker.step_size:g}, "
