@@ -267,7 +267,7 @@ def heatmap(steps: np.ndarray, probs: np.ndarray) -> go.Figure:
 def spectrum(eigenvalues: np.ndarray, probe_size: int, n_params: int) -> go.Figure:
     fig = go.Figure(go.Scatter(x=np.arange(1, len(eigenvalues) + 1), y=np.maximum(eigenvalues, 1e-12),
                                mode="lines+markers"))
-    fig.update_yaxes(type="log", title_text="eigenvalue of g")
+    fig.update_yaxes(type="log", title_text="eigenvalue of g", exponentformat="power")  # 10⁻⁶, not "1μ"
     fig.update_xaxes(title_text="rank")
     return _layout(fig, f"Metric spectrum at the current point (probe of {probe_size} inputs; "
                         f"rank ≤ N·C of {n_params:,} directions)")

@@ -106,8 +106,13 @@ def test_every_view_renders(app, view):
     if view in ("Overview", "Path", "Steps", "Examples"):
         assert live_charts(app)
     if view == "Metric":
+        import json
+
         button(app, "Compute the spectrum at the current point").click().run()
         assert app.get("plotly_chart") and not app.exception
+        chart = app.get("plotly_chart")[0]
+        assert chart.proto.theme == ""  # the figure's own look, as the live charts have (not Streamlit's theme)
+        assert json.loads(chart.proto.spec)["layout"]["yaxis"]["exponentformat"] == "power"  # 10⁻⁶, not "1μ"
     if view == "Data":
         assert len(app.get("download_button")) == 4
 

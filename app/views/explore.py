@@ -192,7 +192,7 @@ def _path(s) -> None:
             d = s.umap["coords"].shape[1]
             st.plotly_chart(charts.path_projection({"main": s.umap["coords"]}, f"Path: UMAP ({d}-D)",
                                                    [f"UMAP {i + 1}" for i in range(d)], {"main": s.umap["steps"]}),
-                            config=PLOT_CONFIG, key="umap")
+                            config=PLOT_CONFIG, key="umap", theme=None)
 
 
 def _examples(s) -> None:
@@ -211,7 +211,7 @@ def _metric(s) -> None:
         n_params = s.walker.trace.n_params
         st.caption(f"Computed at step {s.spectrum['step']}.")
         st.plotly_chart(charts.spectrum(s.spectrum["values"], s.spectrum["probe"], n_params), config=PLOT_CONFIG,
-                        key="spectrum")
+                        key="spectrum", theme=None)
 
 
 def _boundary(s) -> None:
@@ -219,7 +219,7 @@ def _boundary(s) -> None:
         st.info("The decision boundary is drawn for the 2-D toy datasets (moons, circles, spirals).")
         return
     grid = s.runner.call(analysis.decision_grid, s.walker)
-    st.plotly_chart(charts.decision_boundary(grid), config=PLOT_CONFIG, key="boundary")
+    st.plotly_chart(charts.decision_boundary(grid), config=PLOT_CONFIG, key="boundary", theme=None)
 
 
 def _data(s, runs) -> None:

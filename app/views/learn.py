@@ -55,6 +55,6 @@ def render() -> None:
     if s.walker is not None and len(s.walker.record) > 1:
         st.subheader("Live: the walk on the Explore page")
         runs = [(b.label, b.walker.record.to_frame()) for b in s.branches]
-        st.plotly_chart(charts.step_lengths(runs), key="learn_steps")
+        st.plotly_chart(charts.step_lengths(runs), key="learn_steps", theme=None)
     else:
         st.info("Take a few steps on the Explore page to see live figures here.")

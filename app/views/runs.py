@@ -157,5 +157,5 @@ def render() -> None:
         except (OSError, ValueError, GeodesicError):
             st.warning(f"{n} could not be read (deleted, renamed or still being written from another page).")
     if frames:
-        st.plotly_chart(charts.accuracy_and_loss(frames), key="compare_acc")
-        st.plotly_chart(charts.step_lengths(frames), key="compare_steps")
+        st.plotly_chart(charts.accuracy_and_loss(frames), key="compare_acc", theme=None)
+        st.plotly_chart(charts.step_lengths(frames), key="compare_steps", theme=None)
