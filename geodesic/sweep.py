@@ -152,6 +152,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise ConfigError("out", str(out), "a sweep's folder (new, or one to resume); this one holds a single run")
     cells = expand(args)
     todo = [c for c in cells if not is_finished(out / "cells" / c.name)]
+    _check_cells(todo)
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -172,6 +173,22 @@ def run_sweep(args: argparse.Namespace) -> int:
     for message in failed:
         print(f"geodesic: error: {message}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check_cells(cells: list[Cell]) -> None:
+    """What a cell's walk would refuse once its data is loaded (a probe larger than its inputs), refused before
+    any cell is walked: found while building, it stopped the sweep with the cells before it half-built."""
+    from .cli import config_from_args
+    from .data import load_dataset
+    from .experiment import check_probe
+
+    datasets = {}
+    for cell in cells:
+        config = config_from_args(cell.args)
+        key = (config.data.name, config.data.root)
+        if key not in datasets:
+            datasets[key] = load_dataset(config.data)
+        check_probe(config, datasets[key])
 
 
 def walk_cells(cells: list[Cell], out: Path, on_done=None) -> None:

@@ -220,6 +220,7 @@ def test_two_sessions_are_independent():
     ("step_size", -1.0, "Step size ε: got -1.0"),
     ("target_sparsity", 1.5, "Target sparsity: got 1.5"),
     ("probe_size", 0, "Probe size N: got 0"),
+    ("probe_size", 5000, "Probe size N: got 5000; allowed: at most 1,437"),  # (it was cut to 1,437, unsaid)
 ])
 def test_bad_settings_show_a_message_and_keep_the_walk(key, value, fragment):
     at = start()

@@ -44,6 +44,8 @@ def test_connect_summary_has_both_barriers(tmp_path):
     (["--goal", "sparsify", "--step-size", "0"], "--step-size: got 0.0"),
     (["--goal", "sparsify", "--step-size", "-0.1"], "--step-size: got -0.1"),
     (["--goal", "connect", "--probe-size", "0"], "probe-size: got 0"),
+    (["--goal", "sparsify", "--probe-size", "5000"], "probe-size: got 5000; allowed: at most 1,437 (the inputs of"),
+    (["--goal", "new-task", "--probe-size", "600"], "at most 500 (the inputs of the memory of task A"),
     (["--goal", "sparsify", "--hidden", "12,x"], "hidden: got '12,x'"),
     (["--goal", "teleport"], "invalid choice: 'teleport'"),
     (["--goal", "sparsify", "--dataset", "mnist", "--data-root", "/nonexistent"], "does not exist"),

@@ -69,6 +69,7 @@ def test_a_mixed_sweep_s_table_and_report_leave_what_a_goal_lacks_empty(tmp_path
     (["--seed", "1,1"], "--seed"),
     (["--goal", "sparsify,bogus"], "--goal"),  # named as typed, not as the config's field (kind)
     (["--dataset", "digits,nope"], "--dataset"),  # (not name)
+    (["--probe-size", "16,5000"], "--probe-size"),  # refused once the data is loaded: before any cell is walked
 ])
 def test_a_bad_list_exits_2_with_one_line_naming_it(tmp_path, capsys, argv, flag):
     assert main(["sweep", "--goal", "sparsify", "--out", str(tmp_path / "s"), "--quiet", *argv]) == 2
