@@ -151,6 +151,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     if (out / "config.json").exists():  # a sweep's runs are in its cells/ folder, never at its top
         raise ConfigError("out", str(out), "a sweep's folder (new, or one to resume); this one holds a single run")
     cells = expand(args)
+    _check_finished_cells_match(out, cells)
     todo = [c for c in cells if not is_finished(out / "cells" / c.name)]
     _check_cells(todo)
     bar = None
@@ -173,6 +174,51 @@ def run_sweep(args: argparse.Namespace) -> int:
     for message in failed:
         print(f"geodesic: error: {message}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _settings(config_dict: dict) -> dict:
+    """A cell's settings as a rerun compares them: all but where the data lies (a moved folder is the same data)."""
+    import json
+
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = value
+
+    walk("", json.loads(json.dumps(config_dict)))  # tuples as lists, as config.json holds them
+    flat.pop("data.root", None), flat.pop("data.download", None)
+    return flat
+
+
+def _check_finished_cells_match(out: Path, cells: list[Cell]) -> None:
+    """A rerun skips the finished cells: only when they were walked with this command's settings. With another
+    (`--epochs 30` where the sweep had 10) the table mixed the two sweeps' walks without a word."""
+    import json
+
+    from .cli import config_from_args
+    from .config import RunConfig
+
+    for cell in cells:
+        folder = out / "cells" / cell.name
+        if not is_finished(folder):
+            continue
+        try:
+            saved = _settings(RunConfig.from_dict(json.loads((folder / "config.json").read_text())).to_dict())
+        except (OSError, ValueError, TypeError) as err:
+            raise ConfigError("out", str(out), f"a sweep folder whose cells can be read; cell {cell.name}'s settings "
+                                               f"cannot ({err}): delete that cell's folder to walk it again") from None
+        wanted = _settings(config_from_args(cell.args).to_dict())
+        differ = [k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+        if differ:
+            k = differ[0]
+            raise ConfigError("out", str(out), f"a new folder, or this sweep's own settings: its cell {cell.name} was "
+                                               f"walked with {k} = {saved.get(k)!r}, this command asks "
+                                               f"{wanted.get(k)!r}" + (f" (and {len(differ) - 1} more)"
+                                                                       if len(differ) > 1 else ""))
 
 
 def _check_cells(cells: list[Cell]) -> None:

@@ -90,7 +90,7 @@ def test_a_sweep_out_that_is_a_file_or_a_single_run_is_refused_in_one_line(tmp_p
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "run" / "cells").exists()
 
 
-def test_a_sweep_writes_cells_and_a_table_and_a_rerun_skips_finished_cells(tmp_path):
+def test_a_sweep_writes_cells_and_a_table_and_a_rerun_skips_finished_cells(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["sweep", "--goal", "sparsify", "--step-size", "0.1,0.2", "--seed", "0,1", "--n-steps", "6",
             "--out", str(out), "--quiet"]
@@ -109,6 +109,12 @@ def test_a_sweep_writes_cells_and_a_table_and_a_rerun_skips_finished_cells(tmp_p
     assert main([*argv[:4], "0.1,0.2,0.4", *argv[5:]]) == 0  # one more step size: only its cells run
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert len(pd.read_parquet(out / "sweep.parquet")) == 6
+    # the same folder with another fixed setting: refused, not a table mixing the two sweeps' walks
+    capsys.readouterr()
+    assert main([*argv[:8], "9", *argv[9:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was walked with walk.n_steps = 6, this command asks 9" in err, err
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
 def test_fixed_and_adaptive_step_sizes_share_one_column(tmp_path):
