@@ -156,6 +156,10 @@ def run_command(args: argparse.Namespace) -> int:
                               "nothing but --n-steps, --save-every and --quiet with --resume: the run continues "
                               "with its saved settings" + (f" (also given: {', '.join('--' + g for g in given[1:])})"
                                                            if given[1:] else ""))
+        if state.get("is_done"):  # nothing to continue: say so, and leave the run's files as they are
+            print(f"geodesic: {out} stopped at step {state['step']} ({state.get('stop_reason') or 'done'}); "
+                  "there is nothing to continue", file=sys.stderr)
+            return 0
         start_path = out / "weights" / "start.safetensors"
     else:
         if not args.out:

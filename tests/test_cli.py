@@ -94,6 +94,15 @@ def test_resume_continues_a_saved_walk(tmp_path):
     assert "nothing but --n-steps, --save-every and --quiet with --resume" in changed.stderr
     assert "(also given: --step-size)" in changed.stderr
     assert pd.read_parquet(out / "steps.parquet")["step"].tolist() == list(range(8))
+    # a run that reached its goal has nothing to continue: said in one line, its files untouched
+    done = tmp_path / "done"
+    assert geodesic("run", "--goal", "sparsify", "--target-sparsity", "0.3", "--epochs", "10", "--out", str(done),
+                    "--quiet").returncode == 0
+    files = {p: p.read_bytes() for p in done.rglob("*") if p.is_file()}
+    again = geodesic("run", "--resume", str(done), "--n-steps", "5")
+    assert again.returncode == 0 and "stopped at step" in again.stderr and "(goal reached); there is nothing to " \
+        "continue" in again.stderr, again.stderr
+    assert {p: p.read_bytes() for p in done.rglob("*") if p.is_file()} == files
 
 
 def test_a_new_run_never_writes_over_a_saved_one_or_a_file(tmp_path):
