@@ -97,7 +97,9 @@ def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
         fig.update_yaxes(title_text="step size ε", **LOG_TICKS, row=2, col=1, secondary_y=True)
     for name, value in (baselines or {}).get("lines", {}).items():
         fig.add_hline(y=100 * value, line=dict(color="#0f172a", dash="dash", width=1), row=1, col=1,
-                      annotation_text=f"{name}: {100 * value:.1f}%", annotation_position="bottom right")
+                      # at the left: a finished walk's last event ("projected") is marked at the right edge, and
+                      # its label ran into these
+                      annotation_text=f"{name}: {100 * value:.1f}%", annotation_position="bottom left")
     for name, curve in (baselines or {}).get("curves", {}).items():
         for task in _tasks(curve, "accuracy"):
             fig.add_trace(go.Scatter(x=curve["step"], y=100 * curve[f"accuracy/{task}"], name=f"{name}: task {task}",
