@@ -54,15 +54,14 @@ class Experiment:
     buffers: dict  # BatchNorm statistics shared by the goal and the walker
 
 
-def check_probe(config: RunConfig, dataset: Dataset) -> None:
-    """The probe is drawn from the inputs the walk keeps the function on (the training set; for a new task, its
-    memory of task A), without replacement: a larger probe was quietly cut to all of them while the settings
+def check_probe(config: RunConfig, task_a: Dataset) -> None:
+    """The probe is drawn from the inputs the walk keeps the function on (task A's training set; for a new task,
+    its memory of task A), without replacement: a larger probe was quietly cut to all of them while the settings
     showed the larger number. Refused (ConfigError) before a network is trained; a sweep checks every cell so."""
     if config.goal.kind == "new-task":
-        task_a, _ = task_pair(dataset, config.goal.new_task, config.seed)
         pool, where = len(memory_indices(task_a, config.goal.memory_size, config.seed)), "the memory of task A"
     else:
-        pool, where = len(dataset.train), f"{config.data.name}'s training set"
+        pool, where = len(task_a.train), f"{config.data.name}'s training set"
     if config.walk.probe_size > pool:
         raise ConfigError("probe-size", config.walk.probe_size,
                           f"at most {pool:,} (the inputs of {where}, which the probe is drawn from)")
@@ -86,7 +85,7 @@ def build(config: RunConfig, progress: Progress | None = None, start_tensors: di
         tasks = {"A": task_a.to(device), "B": task_b.to(device)}
     else:
         tasks = {"A": dataset.to(device)}
-    check_probe(config, dataset)
+    check_probe(config, tasks["A"])
     network = build_network(config.model, dataset.input_shape, dataset.n_classes).to(device)
     data_key = {**dataclasses.asdict(config.data), "task": tasks["A"].name}
     data_key.pop("root"), data_key.pop("download")

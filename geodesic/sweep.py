@@ -225,7 +225,8 @@ def _check_cells(cells: list[Cell]) -> None:
     """What a cell's walk would refuse once its data is loaded (a probe larger than its inputs), refused before
     any cell is walked: found while building, it stopped the sweep with the cells before it half-built."""
     from .cli import config_from_args
-    from .data import load_dataset
+    from .data import load_dataset, task_pair
+    from .errors import DataError
     from .experiment import check_probe
 
     datasets = {}
@@ -233,8 +234,14 @@ def _check_cells(cells: list[Cell]) -> None:
         config = config_from_args(cell.args)
         key = (config.data.name, config.data.root)
         if key not in datasets:
-            datasets[key] = load_dataset(config.data)
-        check_probe(config, datasets[key])
+            try:
+                datasets[key] = load_dataset(config.data)
+            except DataError:  # not here (a Ray cluster's workers may hold it): the cell's own build will say
+                datasets[key] = None
+        if datasets[key] is not None:
+            task_a = (task_pair(datasets[key], config.goal.new_task, config.seed)[0]
+                      if config.goal.kind == "new-task" else datasets[key])
+            check_probe(config, task_a)
 
 
 def walk_cells(cells: list[Cell], out: Path, on_done=None) -> None:
