@@ -127,6 +127,11 @@ def error_at(key: str, message: str) -> dict[str, tuple[str, object]]:
     return {key: (message, _values_behind(key))}
 
 
+def errors_for(err: ConfigError) -> dict[str, tuple[str, object]]:
+    """error_at for a refused setting: next to its own control, in that control's words."""
+    return error_at(widget_for(err), message_for(err))
+
+
 def _message(errors: dict[str, tuple[str, object]], key: str) -> None:
     if key in errors and errors[key][1] == _values_behind(key):
         st.error(errors[key][0], icon="⚠️")

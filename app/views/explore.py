@@ -49,7 +49,7 @@ def _start_walk(config) -> None:
         _build(config)
         controls.write_url(config, teach=controls.teach_mode())
     except ConfigError as err:
-        s.errors = controls.error_at(controls.widget_for(err), controls.message_for(err))
+        s.errors = controls.errors_for(err)
     except GeodesicError as err:  # data folder missing or corrupt, bad weights: keep the current walk
         s.errors = controls.error_at("data_root" if "data" in str(err).lower() else "other", str(err))
 
@@ -522,7 +522,7 @@ def setup_sidebar() -> None:
             try:
                 config = controls.config_from_widgets()
             except ConfigError as err:
-                s.errors = controls.error_at(controls.widget_for(err), controls.message_for(err))
+                s.errors = controls.errors_for(err)
                 st.rerun()
             else:
                 _start_walk(config)
@@ -536,7 +536,7 @@ def render() -> None:
         try:
             config = controls.config_from_widgets()
         except ConfigError as err:
-            s.errors = controls.error_at(controls.widget_for(err), controls.message_for(err))
+            s.errors = controls.errors_for(err)
             st.error(f"The settings in the link are not valid: {controls.message_for(err)}")
             return
         _start_walk(config)
