@@ -161,7 +161,8 @@ def check_new_run_folder(directory: str | Path) -> Path:
 
 
 def list_runs(root: str | Path) -> list[dict]:
-    """Saved runs under `root`, newest first: {name, goal, solver, dataset, steps, modified, problem}. Folders being
+    """Saved runs under `root`, newest first: {name, goal, solver, dataset, steps, modified, problem} and what each
+    reached (end and lowest accuracy, sparsity, whether its goal was reached: _outcome). Folders being
     saved or deleted (hidden names, see save_run) are not runs yet or any more; one deleted while listed is skipped.
     A folder that cannot be read as a run (a damaged or hand-edited file, a stray folder) is listed with its problem,
     so that one bad folder neither hides the others nor vanishes unexplained."""
@@ -188,8 +189,24 @@ def list_runs(root: str | Path) -> list[dict]:
             except OSError:
                 continue
             entry = {"goal": None, "solver": None, "dataset": None, "steps": None, **entry}
-        runs.append({"name": folder.name, **entry, "modified": modified})
+        runs.append({"name": folder.name, **entry, **_outcome(folder), "modified": modified})
     return sorted(runs, key=lambda r: -r["modified"])
+
+
+def _outcome(folder: Path) -> dict:
+    """What a run reached, from its summary.json (fractions; None where it has none yet: a CLI walk still going
+    writes it when it stops), so the Runs page can rank saved runs by what they kept."""
+    out = {"end_accuracy_a": None, "end_accuracy_b": None, "lowest_accuracy_a": None, "sparsity": None,
+           "reached_goal": None}
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        end = summary["end"]
+        out.update(end_accuracy_a=end["test_accuracy"]["A"], end_accuracy_b=end["test_accuracy"].get("B"),
+                   lowest_accuracy_a=summary["min_test_accuracy"]["A"], sparsity=end["sparsity"],
+                   reached_goal=summary["reached_goal"] if summary.get("goal") != "new-task" else None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return out
 
 
 def _describe(err: BaseException) -> str:

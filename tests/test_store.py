@@ -280,6 +280,11 @@ def test_damaged_runs_in_the_shared_store_are_listed_with_their_problem_and_refu
     listed = {r["name"]: r for r in list_runs(tmp_path)}
     assert set(listed) == {"good", "bad-config", "bad-state", "bad-state-fields", "bad-trace", "stray"}
     assert listed["good"]["problem"] == "" and listed["good"]["steps"] == 3
+    summary = json.loads((tmp_path / "good" / "summary.json").read_text())  # what it reached, to rank runs by
+    assert listed["good"]["end_accuracy_a"] == summary["end"]["test_accuracy"]["A"] > 0.5
+    assert listed["good"]["lowest_accuracy_a"] == summary["min_test_accuracy"]["A"]
+    assert listed["good"]["reached_goal"] is False and listed["good"]["end_accuracy_b"] is None  # 3 steps only
+    assert listed["stray"]["end_accuracy_a"] is None  # no summary: nothing claimed
     assert listed["bad-config"]["problem"] == ("unreadable: ConfigError: goal: got 'bogus'; allowed: sparsify, "
                                                "new-task, connect")
     assert listed["bad-state"]["problem"].startswith("unreadable: a JSON file is damaged")

@@ -108,8 +108,16 @@ def render() -> None:
         return
     problems = ["problem"] if any(r["problem"] for r in runs) else []  # beside the name, where it is seen
     shown_columns = ["name", *problems, "goal", "solver", "dataset", "steps"]
-    st.dataframe([{k: r[k] for k in shown_columns} for r in runs], width="stretch", hide_index=True,
-                 column_config={"problem": st.column_config.TextColumn(width="large")})
+    percent = {"end A %": "end_accuracy_a", "lowest A %": "lowest_accuracy_a", "end B %": "end_accuracy_b",
+               "sparsity %": "sparsity"}
+    if not any(r["end_accuracy_b"] is not None for r in runs):
+        percent.pop("end B %")
+    rows = [{**{k: r[k] for k in shown_columns},
+             **{label: None if r[key] is None else round(100 * r[key], 1) for label, key in percent.items()},
+             "goal reached": r["reached_goal"]} for r in runs]
+    st.dataframe(rows, width="stretch", hide_index=True,
+                 column_config={"problem": st.column_config.TextColumn(width="large"),
+                                **{label: st.column_config.NumberColumn(format="%.1f") for label in percent}})
     names = [r["name"] for r in runs]
     readable = [r["name"] for r in runs if not r["problem"]]
     c1, c2, c3 = st.columns(3)
