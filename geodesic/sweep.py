@@ -170,7 +170,18 @@ def run_sweep(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    write_outputs(out, cells)
+    table = write_outputs(out, cells)
+    if not args.quiet:  # as `run` ends with its numbers: what was walked, where it went, the best cell per goal
+        from .report import best_cells
+
+        walked = sum(is_finished(out / "cells" / c.name) for c in todo)
+        skipped = len(cells) - len(todo)
+        print(f"{len(cells)} cells ({walked} walked, {skipped} finished before) -> {out / 'sweep.parquet'}"
+              + (f", {out / 'sweep.html'}" if len(table) else ""), file=sys.stderr)
+        for _, best in (best_cells(table).iterrows() if len(table) else ()):
+            print(f"best {best['goal']}: {best['cell']} (lowest A {100 * best['min_accuracy/A']:.1f}%, end A "
+                  f"{100 * best['end_accuracy/A']:.1f}%, {best['steps']} steps, "
+                  f"{'goal reached' if best['reached_goal'] else best['stop_reason']})", file=sys.stderr)
     for message in failed:
         print(f"geodesic: error: {message}", file=sys.stderr)
     return 1 if failed else 0
@@ -306,8 +317,9 @@ def walk_cells(cells: list[Cell], out: Path, on_done=None) -> None:
         live = still
 
 
-def write_outputs(out: Path, cells: list[Cell]) -> None:
-    """sweep.parquet, sweep.json and sweep.html from the finished cells' folders (whichever backend walked them)."""
+def write_outputs(out: Path, cells: list[Cell]) -> pd.DataFrame:
+    """sweep.parquet, sweep.json and sweep.html from the finished cells' folders (whichever backend walked them);
+    returns the table."""
     from .path import write_json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -322,6 +334,7 @@ def write_outputs(out: Path, cells: list[Cell]) -> None:
 
         paths = {name: PathRecord.load(out / "cells" / name / "steps.parquet").to_frame() for name in table["cell"]}
         write_sweep_report(out, table, paths)
+    return table
 
 
 def _varying(cells: list[Cell]) -> list[str]:

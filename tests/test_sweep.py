@@ -175,3 +175,14 @@ def test_the_best_cell_keeps_the_most_accuracy_among_those_that_reached_the_goal
                           "end_accuracy/A": [0.96, 0.95, 0.99, 0.6], "steps": [10, 20, 5, 7]})
     best = best_cells(table).set_index("goal")["cell"].to_dict()
     assert best == {"sparsify": "b", "connect": "d"}  # c kept more but never got there; connect: none did
+
+
+def test_a_sweep_ends_saying_what_it_walked_where_it_wrote_and_the_best_cell(tmp_path, capsys):
+    argv = ["sweep", "--goal", "sparsify", "--step-size", "0.1,0.2", "--n-steps", "3", "--epochs", "5",
+            "--out", str(tmp_path / "s")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"2 cells (2 walked, 0 finished before) -> {tmp_path / 's' / 'sweep.parquet'}" in err
+    assert "best sparsify: step-size-0." in err and "3 steps, step limit (3 steps))" in err
+    assert main(argv) == 0 and "2 cells (0 walked, 2 finished before)" in capsys.readouterr().err
+    assert main([*argv, "--quiet"]) == 0 and capsys.readouterr().err == ""
