@@ -169,8 +169,8 @@ class WalkBatch:
         states = [w.generator.get_state() for w in active]
         try:
             return self._step_together(active)
-        except (GeodesicError, torch.OutOfMemoryError):
-            if torch.cuda.is_available():
+        except (GeodesicError, torch.OutOfMemoryError, torch.linalg.LinAlgError):  # (one walk's metric gone
+            if torch.cuda.is_available():                                          # ill-conditioned stopped all)
                 torch.cuda.empty_cache()
         results: list[PathPoint | GeodesicError] = []  # walk by walk from the same draws: only the culprit stops
         for walker, state in zip(active, states, strict=True):

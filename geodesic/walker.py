@@ -141,6 +141,8 @@ class Walker:
             step_seconds = time.perf_counter() - t0
         except WalkDiverged:
             self.fail_diverged()
+        except torch.linalg.LinAlgError as err:  # the step's solve failed (a metric gone ill-conditioned, as with
+            self.fail_unsolvable(err)           # ε = 1000): this walk stops at its last point, the others go on
         except torch.OutOfMemoryError as err:  # nothing was changed: the walk stays at its last point
             self.fail_out_of_memory(err)
         measures = None
@@ -214,6 +216,13 @@ class Walker:
     def fail_diverged(self):
         self.is_done, self.stop_reason = True, f"step {self.n_steps + 1} was not finite; kept step {self.n_steps}"
         raise WalkDiverged(f"the walk diverged: {self.stop_reason}. Try a smaller step size (ε) or goal weight.")
+
+    def fail_unsolvable(self, err: Exception):
+        self.is_done = True
+        self.stop_reason = f"step {self.n_steps + 1} could not be solved (its metric is ill-conditioned); kept step " \
+                           f"{self.n_steps}"
+        raise WalkDiverged(f"the walk diverged: {self.stop_reason}. Try a smaller step size (ε) or goal weight."
+                           ) from err
 
     def fail_out_of_memory(self, err: Exception):
         if torch.cuda.is_available():

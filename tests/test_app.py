@@ -548,6 +548,23 @@ def test_the_path_view_projects_a_fan_from_step_1_on_a_basis_fitted_on_every_wal
     assert {src["run"] for src in at.session_state["_live_chart:pca"]["sources"] if src} == {0, 1, 2}
 
 
+def test_the_fan_offers_its_best_walk_to_keep_never_one_that_lost_the_function():
+    at, eps, state = _fan_of_step_sizes(lambda eps: "1000, 0.1")  # 1000: it loses the function and stops
+    (wild, _), (calm, calm_handle) = state.fan
+    t0 = time.monotonic()
+    while not state.branches[wild].walker.is_done or state.branches[calm].walker.n_steps < 20:
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.05)
+    assert calm_handle.error is None  # the wild walk's end (diverged, or a step it could not solve) is its own
+    at.run()
+    wild_walk = state.branches[wild].walker
+    assert wild_walk.record.lowest_accuracy("A") < 0.9, wild_walk.stop_reason
+    assert at.selectbox(key="fan_keep").value == calm  # (the first, the wild one, was always offered)
+    at.selectbox(key="fan_keep").set_value(wild).run()
+    at.run()
+    assert at.selectbox(key="fan_keep").value == wild  # the user's own choice stays
+
+
 def test_a_bad_fan_is_refused_and_the_walk_kept():
     at = start()
     at.text_input(key="fan_values_step size ε").set_value("0.1, abc").run()

@@ -106,6 +106,41 @@ def test_a_diverging_walk_stops_alone_and_the_others_go_on(solver, batch_way):
     assert walkers[0].n_steps == 3 and walkers[2].n_steps == 3 and bad.n_steps == 1
 
 
+def test_a_walk_whose_step_cannot_be_solved_stops_alone_and_the_others_go_on(monkeypatch):
+    """Seen in the app: a fan with ε = 1000 beside ε = 0.1, whose shared eigendecomposition failed (an
+    ill-conditioned metric, torch's LinAlgError); the engine called it an internal error and stopped both."""
+    from geodesic import walker as walker_module
+
+    walkers = _walkers([_config("sparsify", "constrained", s) for s in (0, 1)])
+    batch = WalkBatch(walkers)
+    bad = walkers[0]
+
+    def together_fails(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    rule = walker_module.STEP_RULES["constrained"]
+
+    def fails_for_the_bad_one(params, *args):
+        if params is bad.params:
+            together_fails()
+        return rule(params, *args)
+
+    monkeypatch.setattr(WalkBatch, "_constrained", together_fails)
+    monkeypatch.setitem(walker_module.STEP_RULES, "constrained", fails_for_the_bad_one)
+    results = batch.step()
+    assert isinstance(results[0], WalkDiverged) and "could not be solved (its metric is ill-conditioned)" in str(
+        results[0])
+    assert bad.is_done and bad.n_steps == 0 and "kept step 0" in bad.stop_reason
+    assert results[1].step == 1 and walkers[1].n_steps == 1 and not walkers[1].is_done
+    assert walkers[1].step().step == 2
+    # a walk stepped alone whose solve fails says it the same way, and keeps its point
+    lone = _walkers([_config("sparsify", "constrained", 3)])[0]
+    monkeypatch.setitem(walker_module.STEP_RULES, "constrained", lambda *a: together_fails())
+    with pytest.raises(WalkDiverged, match="could not be solved"):
+        lone.step()
+    assert lone.is_done and lone.n_steps == 0
+
+
 def test_walks_that_cannot_share_a_computation_are_refused():
     a, b = _walkers([_config("sparsify", "constrained"), _config("sparsify", "penalty")])
     assert batch_key(a) != batch_key(b)

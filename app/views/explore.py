@@ -359,20 +359,27 @@ def _fan_table(s) -> None:
     """What each walk of the fan reached since it started, and which one to keep."""
     if not s.fan:
         return
-    rows = []
+    rows, rank = [], {}
     for index, handle in s.fan:
         b = s.branches[index]
         points = b.walker.record.points[s.fan_from:]
         last = points[-1]
+        lowest = min(p.accuracy["A"] for p in points)
         rows.append({"walk": b.label, "steps": last.step - s.fan_from,
                      "accuracy A (%)": round(100 * last.accuracy["A"], 1),
-                     "lowest A (%)": round(100 * min(p.accuracy["A"] for p in points), 1),
+                     "lowest A (%)": round(100 * lowest, 1),
                      "distance left": float(f"{last.goal_distance:.3g}"),
                      "state": handle.error or ("done: " + b.walker.stop_reason if b.walker.is_done
                                                else "running" if handle.is_running else "paused")})
+        # Best: a walk that kept the function, then the sweep report's order for its best cell (goal reached, most
+        # accuracy kept, then at the end, then fewest steps). One that lost it on the way is never offered first.
+        rank[index] = (not function_lost(points[0].accuracy["A"], lowest), b.walker.stop_reason == "goal reached",
+                       lowest, last.accuracy["A"], -len(points))
     st.dataframe(rows, hide_index=True, width="stretch")
     c1, c2, c3 = st.columns([3, 2, 2])
-    choice = c1.selectbox("Keep", [i for i, _ in s.fan], format_func=lambda i: s.branches[i].label, key="fan_keep",
+    # Offered: the best walk so far (it was always the first), until the user picks one
+    controls.offer("fan_keep", max(rank, key=rank.get), s.walker, keep=lambda i: i in rank)
+    choice = c1.selectbox("Keep", list(rank), format_func=lambda i: s.branches[i].label, key="fan_keep",
                           label_visibility="collapsed")
     if c2.button("Keep this one as the walk that steps", key="fan_keep_button"):
         session.keep_from_fan(choice)
