@@ -16,20 +16,17 @@ import pandas as pd
 
 
 def best_cells(table: pd.DataFrame) -> pd.DataFrame:
-    """Per goal, the cell that kept the most accuracy on task A among those that kept the function (summary.
-    function_lost: one that reached its goal by falling to one-shot pruning's accuracy is no best cell) and reached
-    the goal, each pool narrowed only where some cell qualifies: its lowest accuracy along the path first, then its
-    end accuracy, then fewer steps. The dashboard's fan offers its walks in the same order."""
-    from .summary import function_lost
+    """Per goal, the best cell by summary.outcome_rank: one that kept the function and reached the goal, with the
+    most accuracy kept on task A along the path (then at the end, then in fewer steps); a cell that reached its goal
+    by falling to one-shot pruning's accuracy is no best cell while another kept the function."""
+    from .summary import outcome_rank
 
     rows = []
     for _, cells in table.groupby("goal", sort=True):
-        kept = [not function_lost(a, b) for a, b in zip(cells["start_accuracy/A"], cells["min_accuracy/A"],
-                                                         strict=True)]
-        pool = cells[kept] if any(kept) else cells
-        pool = pool[pool["reached_goal"]] if pool["reached_goal"].any() else pool
-        pool = pool.sort_values(["min_accuracy/A", "end_accuracy/A", "steps"], ascending=[False, False, True])
-        rows.append(pool.iloc[0])
+        ranks = [outcome_rank(*r) for r in zip(cells["start_accuracy/A"], cells["min_accuracy/A"],
+                                               cells["end_accuracy/A"], cells["reached_goal"], cells["steps"],
+                                               strict=True)]
+        rows.append(cells.iloc[max(range(len(ranks)), key=ranks.__getitem__)])
     return pd.DataFrame(rows)
 
 

@@ -13,6 +13,13 @@ def function_lost(start: float, lowest: float) -> bool:
     return start - lowest > LOST_POINTS / 100
 
 
+def outcome_rank(start: float, lowest: float, end: float, reached: bool, steps: int) -> tuple:
+    """The order in which walks are best (the larger the better): kept the function, then reached the goal, then
+    the most accuracy kept along the path, then at the end, then the fewest steps. The sweep report's best cell
+    and the dashboard's fan both rank by it."""
+    return not function_lost(start, lowest), bool(reached), lowest, end, -steps
+
+
 def summarize(experiment: Experiment, wall_seconds: float) -> dict:
     """start/end accuracy and sparsity, the lowest accuracy along the path, and for connect the
     error and loss barriers of the walk beside those of the straight line (21-point α grid)."""

@@ -15,7 +15,7 @@ from geodesic.errors import ConfigError, GeodesicError
 from geodesic.experiment import build
 from geodesic.path import distinct_rows
 from geodesic.projection import fit_pca, trustworthiness, umap_embed
-from geodesic.summary import function_lost
+from geodesic.summary import function_lost, outcome_rank
 
 REFRESH_SECONDS = 0.3
 SPEEDS = {"1 step/s": 1.0, "2 steps/s": 2.0, "5 steps/s": 5.0, "10 steps/s": 10.0, "20 steps/s": 20.0,
@@ -371,10 +371,9 @@ def _fan_table(s) -> None:
                      "distance left": float(f"{last.goal_distance:.3g}"),
                      "state": handle.error or ("done: " + b.walker.stop_reason if b.walker.is_done
                                                else "running" if handle.is_running else "paused")})
-        # Best: a walk that kept the function, then the sweep report's order for its best cell (goal reached, most
-        # accuracy kept, then at the end, then fewest steps). One that lost it on the way is never offered first.
-        rank[index] = (not function_lost(points[0].accuracy["A"], lowest), b.walker.stop_reason == "goal reached",
-                       lowest, last.accuracy["A"], -len(points))
+        # the sweep report's order for its best cell: one that lost the function on the way is never offered first
+        rank[index] = outcome_rank(points[0].accuracy["A"], lowest, last.accuracy["A"],
+                                   b.walker.stop_reason == "goal reached", len(points))
     st.dataframe(rows, hide_index=True, width="stretch")
     c1, c2, c3 = st.columns([3, 2, 2])
     # Offered: the best walk so far (it was always the first), until the user picks one
