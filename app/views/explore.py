@@ -374,7 +374,8 @@ def _fan_table(s) -> None:
         # the sweep report's order for its best cell: one that lost the function on the way is never offered first
         rank[index] = outcome_rank(points[0].accuracy["A"], lowest, last.accuracy["A"],
                                    b.walker.stop_reason == "goal reached", len(points))
-    st.dataframe(rows, hide_index=True, width="stretch")
+    st.dataframe(rows, hide_index=True, width="stretch",  # the state may be a sentence (why a walk stopped)
+                 column_config={"state": st.column_config.TextColumn(width="large")})
     c1, c2, c3 = st.columns([3, 2, 2])
     # Offered: the best walk so far (it was always the first), until the user picks one
     controls.offer("fan_keep", max(rank, key=rank.get), s.walker, keep=lambda i: i in rank)
