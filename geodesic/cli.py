@@ -223,6 +223,9 @@ def run_command(args: argparse.Namespace) -> int:
         line = " ".join(f"{k}={v:.4f}" for k, v in end["test_accuracy"].items())
         extra = f" error_barrier={summary['error_barrier']:.4f} (straight line {summary['linear_error_barrier']:.4f})" \
             if "error_barrier" in summary else ""
+        pruned = end.get("prune_now_accuracy")
+        if pruned and not summary["reached_goal"]:  # stopped short of the target: what pruning there would keep
+            extra += " (not reached; pruned now: " + " ".join(f"{k}={v:.4f}" for k, v in pruned.items()) + ")"
         print(f"{summary['steps']} steps, {summary['wall_seconds']:.1f} s: test accuracy {line}, "
               f"sparsity {end['sparsity']:.3f}{extra} -> {out}", file=sys.stderr)
     start, lowest = summary["start"]["test_accuracy"]["A"], summary["min_test_accuracy"]["A"]

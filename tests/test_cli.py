@@ -31,6 +31,13 @@ def test_sparsify_run_writes_the_contract_files(tmp_path):
     assert (out / "config.json").exists() and (out / "weights" / "final.safetensors").exists()
 
 
+def test_a_sparsify_run_stopped_short_says_what_pruning_there_keeps(tmp_path):
+    short = geodesic("run", "--goal", "sparsify", "--epochs", "10", "--n-steps", "3", "--out", str(tmp_path / "s"))
+    assert short.returncode == 0
+    line = short.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert line.startswith("3 steps") and "sparsity 0.000 (not reached; pruned now: A=0." in line, line
+
+
 def test_connect_summary_has_both_barriers(tmp_path):
     out = tmp_path / "connect"
     result = geodesic("run", "--goal", "connect", "--out", str(out), "--epochs", "10", "--n-steps", "5", "--quiet")
