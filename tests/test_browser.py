@@ -250,3 +250,27 @@ def test_a_fan_of_step_sizes_is_drawn_one_colour_each_and_one_is_kept(server, br
         state="detached", timeout=30_000)  # the fan is closed: its table and buttons are gone
     _no_exception(page)
     page.close()
+
+
+def test_every_download_of_the_data_view_arrives_even_clicked_one_after_another(server, browser):
+    """Each click used to rerun the page, which replaced the other buttons' files: a second download clicked
+    soon after the first found its file gone (nothing downloaded). The chart's HTML opens offline."""
+    page = browser.new_page()
+    page.goto(server)
+    page.get_by_role("button", name="Step", exact=True).wait_for(timeout=120_000)
+    page.get_by_role("button", name="Step", exact=True).click()
+    page.locator("[data-testid=stButtonGroup]").get_by_text("Data", exact=True).click()
+    buttons = page.locator("[data-testid=stDownloadButton] button")
+    buttons.first.wait_for(timeout=30_000)
+    assert buttons.count() == 4
+    files = {}
+    for i in range(4):
+        with page.expect_download(timeout=30_000) as download:
+            buttons.nth(i).click()
+        files[download.value.suggested_filename] = Path(download.value.path()).read_bytes()
+    by_kind = {name.rsplit(".", 1)[-1]: data for name, data in files.items()}
+    assert set(by_kind) == {"csv", "parquet", "safetensors", "html"}, list(files)
+    assert by_kind["csv"].startswith(b"step,") and by_kind["parquet"].startswith(b"PAR1")
+    assert b"<script src=\"https://cdn.plot.ly" not in by_kind["html"] and len(by_kind["html"]) > 1_000_000  # inside
+    _no_exception(page)
+    page.close()

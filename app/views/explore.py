@@ -227,14 +227,22 @@ def _data(s, runs) -> None:
     st.dataframe(frame.tail(200), width="stretch", height=260)
     c1, c2, c3, c4 = st.columns(4)
     name = f"geodesic-{s.config.goal.kind}-{s.config.walk.solver}-step{s.walker.n_steps}"
-    # Callables: the files are made when a button is clicked, not on every live refresh.
+    # Callables: the files are made when a button is clicked, not on every live refresh. A click does not rerun
+    # the page (on_click="ignore"): a rerun replaced the other buttons' files, and a second download clicked soon
+    # after the first found its file gone ("Deferred file ... not found", nothing downloaded).
     walker, overlays = s.walker, _baseline_overlays(s)
-    c1.download_button("Table (CSV)", lambda: analysis.table_bytes(frame, "csv"), f"{name}.csv", "text/csv")
-    c2.download_button("Table (Parquet)", lambda: analysis.table_bytes(frame, "parquet"), f"{name}.parquet")
-    c3.download_button("Weights (.safetensors)", lambda: analysis.weights_bytes(walker), f"{name}.safetensors")
+    download = dict(on_click="ignore")
+    c1.download_button("Table (CSV)", lambda: analysis.table_bytes(frame, "csv"), f"{name}.csv", "text/csv",
+                       **download)
+    c2.download_button("Table (Parquet)", lambda: analysis.table_bytes(frame, "parquet"), f"{name}.parquet",
+                       **download)
+    c3.download_button("Weights (.safetensors)", lambda: analysis.weights_bytes(walker), f"{name}.safetensors",
+                       **download)
+    # plotly.js inside the file (as the sweep report has it): a chart that fetched it from a CDN stayed blank on the
+    # offline machines and classrooms this app is for
     c4.download_button("Accuracy chart (HTML)",
-                       lambda: charts.accuracy_and_loss(runs, overlays).to_html(include_plotlyjs="cdn"),
-                       f"{name}-accuracy.html", "text/html")
+                       lambda: charts.accuracy_and_loss(runs, overlays).to_html(include_plotlyjs=True),
+                       f"{name}-accuracy.html", "text/html", **download)
     st.caption("Every chart's toolbar also saves it as PNG (camera icon).")
 
 
