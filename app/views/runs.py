@@ -146,7 +146,7 @@ def render() -> None:
         except GeodesicError as err:
             st.error(str(err))
     c1.download_button("Export (zip: settings, table, weights)", lambda: export_zip(root / check_run_name(chosen)),
-                       f"{chosen}.zip", "application/zip")
+                       f"{chosen}.zip", "application/zip", on_click="ignore")  # (no rerun: see explore._data)
     confirm = c3.checkbox("Yes, delete it", key="confirm_delete")
     if c3.button("Delete", disabled=not confirm, key="delete_run"):
         try:
