@@ -52,8 +52,9 @@ def umap_embed(rows: np.ndarray, n_components: int = 2, n_neighbors: int = 15, m
         raise ValueError(f"UMAP needs at least 4 points; the path has {len(rows)}")
     import umap
 
+    # n_jobs=1: a seeded UMAP runs on one thread anyway, and said so in a warning on every call (the server's log)
     reducer = umap.UMAP(n_components=n_components, n_neighbors=max(2, min(n_neighbors, len(rows) - 1)),
-                        min_dist=min_dist, metric=metric, random_state=seed,
+                        min_dist=min_dist, metric=metric, random_state=seed, n_jobs=1,
                         init="random" if len(rows) < 10 else "spectral")
     return reducer.fit_transform(np.asarray(rows, dtype=np.float32))
 
