@@ -165,12 +165,14 @@ def run_command(args: argparse.Namespace) -> int:
         if not args.out:
             raise ConfigError("out", None, "a folder to write the run to")
         config = config_from_args(args)
-        out = check_new_run_folder(args.out)  # before the start network is trained, not after
         start_path = Path(args.init) if args.init else None
     if args.save_every < 0:
         raise ConfigError("save-every", args.save_every, "an integer >= 0")
 
     start_tensors = read_tensors(start_path) if start_path is not None else None  # a refused file: before any bar
+    made = not args.resume and not Path(args.out).exists()
+    if not args.resume:
+        out = check_new_run_folder(args.out)  # made now: before the start network is trained for it, not after
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -187,6 +189,8 @@ def run_command(args: argparse.Namespace) -> int:
         if bar is not None:  # the error is said on a clean line, not after the bar's text
             bar.leave = False
             bar.close()
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused (missing data, weights that do not fit): no empty folder left for it
         raise
     store = RunStore(out, save_every=args.save_every)
     if args.resume:
@@ -255,5 +259,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as err:  # a folder that cannot be written (permissions, a full disk, a read-only mount)
         where = f" ({err.filename})" if err.filename else ""
-        print(f"geodesic: error: could not write the run: {err.strerror or err}{where}", file=sys.stderr)
+        print(f"geodesic: error: could not write: {err.strerror or err}{where}", file=sys.stderr)
         return 1

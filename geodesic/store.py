@@ -143,9 +143,9 @@ def check_run_name(name: str) -> str:
 
 
 def check_new_run_folder(directory: str | Path) -> Path:
-    """A folder a new run may be written to: one that does not exist yet, or an empty one. Anything else is refused
-    (ConfigError on `out`): a run written over another would mix the two (its start weights are kept) and lose the
-    first, and a file there cannot hold a run."""
+    """A folder a new run may be written to: one that does not exist yet, or an empty one, created here. Anything else
+    is refused (ConfigError on `out`): a run written over another would mix the two (its start weights are kept) and
+    lose the first, and a file there cannot hold a run. One that cannot be created raises OSError."""
     from .errors import ConfigError
 
     directory = Path(directory)
@@ -157,6 +157,7 @@ def check_new_run_folder(directory: str | Path) -> Path:
             raise ConfigError("out", str(directory), "a new or empty folder; this one holds other files")
     elif directory.exists():
         raise ConfigError("out", str(directory), "a folder; this is a file")
+    directory.mkdir(parents=True, exist_ok=True)  # OSError now, not after a start network was trained for it
     return directory
 
 

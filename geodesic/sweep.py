@@ -151,6 +151,17 @@ def run_sweep(args: argparse.Namespace) -> int:
     if (out / "config.json").exists():  # a sweep's runs are in its cells/ folder, never at its top
         raise ConfigError("out", str(out), "a sweep's folder (new, or one to resume); this one holds a single run")
     cells = expand(args)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made: OSError now, before any training
+    try:
+        return _sweep_into(out, args, cells, backend)
+    except GeodesicError:  # refused (a Ray address, a cell's setting): a folder made for nothing is not left behind
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _sweep_into(out: Path, args: argparse.Namespace, cells: list[Cell], backend: str) -> int:
     _check_finished_cells_match(out, cells)
     todo = [c for c in cells if not is_finished(out / "cells" / c.name)]
     _check_cells(todo)

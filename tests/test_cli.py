@@ -83,6 +83,7 @@ def test_bad_settings_exit_2_with_a_message_and_no_traceback(tmp_path, args, fra
     assert result.returncode == 2
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()  # refused: no folder left behind for it
 
 
 def test_resume_continues_a_saved_walk(tmp_path):
@@ -130,6 +131,11 @@ def test_a_new_run_never_writes_over_a_saved_one_or_a_file(tmp_path):
     (tmp_path / "empty").mkdir()
     assert geodesic("run", "--goal", "sparsify", "--out", str(tmp_path / "empty"), "--epochs", "5", "--n-steps", "1",
                     "--quiet").returncode == 0
+    for command in ("run", "sweep"):  # a folder that cannot be made: one line, before any network is trained
+        unwritable = geodesic(command, "--goal", "sparsify", "--out", "/proc/geodesic-test/out", "--epochs", "5",
+                              "--n-steps", "1", "--quiet")
+        assert unwritable.returncode == 1 and "Traceback" not in unwritable.stderr, unwritable.stderr
+        assert unwritable.stderr.strip().startswith("geodesic: error: could not write: "), unwritable.stderr
 
 
 def test_a_walk_that_lost_the_function_is_warned_about_even_quiet(tmp_path):
