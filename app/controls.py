@@ -33,19 +33,20 @@ URL_FIELDS = {
     "step_size": ("eps", float), "goal_weight": ("beta", float), "restoring_weight": ("rho", float),
     "probe_size": ("probe", int), "seed": ("seed", int), "device": ("device", str),
     "target_sparsity": ("sparsity", float), "new_task": ("protocol", str), "memory_size": ("memory", int),
-    "auto_step": ("auto", int), "guard": ("guard", int),
+    "auto_step": ("auto", int), "guard": ("guard", int), "n_steps": ("steps", int),
 }
 # engine setting (as ConfigError names it) -> widget key, so a message lands next to its control
 SETTING_TO_WIDGET = {"max-step-norm": "step_size", "goal-weight": "goal_weight", "restoring-weight": "restoring_weight",
                      "probe-size": "probe_size", "seed": "seed", "target-sparsity": "target_sparsity",
-                     "memory-size": "memory_size", "device": "device", "data": "data_root", "model": "model"}
+                     "memory-size": "memory_size", "device": "device", "data": "data_root", "model": "model",
+                     "n-steps": "n_steps"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def _walk_defaults(goal: str, solver: str) -> dict:
     walk = default_walk(goal, solver)
     return {"step_size": walk.max_step_norm, "goal_weight": walk.goal_weight,
-            "restoring_weight": walk.restoring_weight, "probe_size": walk.probe_size}
+            "restoring_weight": walk.restoring_weight, "probe_size": walk.probe_size, "n_steps": walk.n_steps}
 
 
 def init_widgets() -> None:
@@ -110,7 +111,8 @@ def _reset_guard() -> None:
 
 
 SIDEBAR_KEYS = ("goal", "dataset", "data_root", "model", "solver", "step_size", "auto_step", "guard", "goal_weight",
-                "restoring_weight", "probe_size", "target_sparsity", "new_task", "memory_size", "seed", "device")
+                "restoring_weight", "probe_size", "n_steps", "target_sparsity", "new_task", "memory_size", "seed",
+                "device")
 
 
 def _values_behind(key: str) -> object:
@@ -182,6 +184,11 @@ def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None) ->
         _message(errors, "restoring_weight")
     st.number_input("Probe size N", key="probe_size", step=4)
     _message(errors, "probe_size")
+    st.number_input("Most steps per run", key="n_steps", step=100,
+                    help="Run pauses after this many steps (sooner when the goal is reached); press Run again to go "
+                         "on. A new-task walk has no end of its own: this is where its run stops. The same as "
+                         "geodesic run --n-steps.")
+    _message(errors, "n_steps")
     if ss.goal == "sparsify":
         st.number_input("Target sparsity", key="target_sparsity", format="%.3f", step=0.05)
         _message(errors, "target_sparsity")
@@ -208,7 +215,7 @@ def config_from_widgets() -> RunConfig:
     ss = st.session_state
     walk = default_walk(ss.goal, ss.solver, model=ss.model, max_step_norm=ss.step_size, goal_weight=ss.goal_weight,
                         restoring_weight=ss.restoring_weight if ss.solver == "constrained" else None,
-                        probe_size=ss.probe_size, adaptive_step=bool(ss.get("auto_step")) or None,
+                        probe_size=ss.probe_size, n_steps=ss.n_steps, adaptive_step=bool(ss.get("auto_step")) or None,
                         step_guard=DEFAULT_STEP_GUARD if ss.get("guard") else 0.0)
     root = ss.get("data_root") or None
     if ss.dataset in TORCHVISION_SETS and not root:
@@ -230,7 +237,7 @@ def widget_for(err: ConfigError) -> str:
 WIDGET_LABELS = {"step_size": "Step size ε", "goal_weight": "Goal weight", "restoring_weight": "Restoring weight ρ",
                  "probe_size": "Probe size N", "seed": "Seed", "target_sparsity": "Target sparsity",
                  "memory_size": "Memory of task-A inputs", "device": "Device", "data_root": "Data folder",
-                 "model": "Model"}
+                 "model": "Model", "n_steps": "Most steps per run"}
 
 
 def message_for(err: ConfigError) -> str:
@@ -269,7 +276,8 @@ def write_url(config: RunConfig, teach: bool) -> None:
     wanted = {
         "goal": config.goal.kind, "dataset": config.data.name, "model": config.model.name,
         "solver": config.walk.solver, "eps": f"{config.walk.max_step_norm:g}", "beta": f"{config.walk.goal_weight:g}",
-        "rho": f"{config.walk.restoring_weight:g}", "probe": str(config.walk.probe_size), "seed": str(config.seed),
+        "rho": f"{config.walk.restoring_weight:g}", "probe": str(config.walk.probe_size),
+        "steps": str(config.walk.n_steps), "seed": str(config.seed),
         "device": config.device, "sparsity": f"{config.goal.target_sparsity:g}", "protocol": config.goal.new_task,
         "memory": str(config.goal.memory_size), **({"teach": "1"} if teach else {}),
         **({"auto": "1"} if config.walk.adaptive_step else {}),

@@ -12,7 +12,7 @@ fifth of the walk (does a long walk slow down?). "steady" counts from the first 
 first one can lag the Run click by up to a refresh interval).
 
 Usage: python bench/dashboard_speed.py [--seconds 20] [--view Overview] [--query solver=penalty]
-       python bench/dashboard_speed.py --query goal=new-task --seconds 80      # a walk of 2,000+ steps
+       python bench/dashboard_speed.py --query "goal=new-task&steps=100000" --seconds 80   # 2,000+ steps in one run
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ import json, sys, time
 from geodesic.config import GoalConfig, RunConfig, default_walk
 from geodesic.engine import Engine
 from geodesic.experiment import build
-goal, solver, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-walker = build(RunConfig(goal=GoalConfig(kind=goal), walk=default_walk(goal, solver))).walker
+goal, solver, seconds, n_steps = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]) or None
+walker = build(RunConfig(goal=GoalConfig(kind=goal), walk=default_walk(goal, solver, n_steps=n_steps))).walker
 walker.branch(0).step()  # PyTorch's lazy imports, not timed
 engine = Engine()
 handle = engine.open(walker)
@@ -97,9 +97,9 @@ def _cpu(proc: psutil.Process) -> float:
     return total
 
 
-def headless(goal: str, solver: str, seconds: float) -> float:
-    out = subprocess.run([sys.executable, "-c", HEADLESS, goal, solver, str(seconds)], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
+def headless(goal: str, solver: str, seconds: float, n_steps: int) -> float:
+    out = subprocess.run([sys.executable, "-c", HEADLESS, goal, solver, str(seconds), str(n_steps)], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     return result["steps"] / result["seconds"]
 
@@ -117,7 +117,8 @@ def main() -> None:
     args = parser.parse_args()
     query = dict(urllib.parse.parse_qsl(args.query))
     goal, solver = query.get("goal", "sparsify"), query.get("solver", "constrained")
-    reference = headless(goal, solver, args.seconds)  # also caches the start network for the page
+    # the page's most steps per run (steps=) for the headless walk too: a run pauses there (0: the default's)
+    reference = headless(goal, solver, args.seconds, int(query.get("steps", 0)))  # also caches the start network
 
     with app_server(args.port) as (url, server), chromium() as context:
         page, first_paint = open_page(context, f"{url}/?{args.query}" if args.query else url)

@@ -50,7 +50,8 @@ def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, 
              tune: bool = True) -> dict:
     """n_walks sessions on one engine for `seconds`, and a Step-clicking session beside them."""
     config = RunConfig(goal=GoalConfig(kind=goal), data=DataConfig(name=dataset), model=ModelConfig(name=model),
-                       walk=default_walk(goal, solver, model=model, adaptive_step=auto or None), device=device)
+                       walk=default_walk(goal, solver, model=model, adaptive_step=auto or None,
+                                                    n_steps=10**9), device=device)  # runs never pause for steps
     engine = Engine(EngineSettings(threads=threads, max_walks=max(64, n_walks), max_walks_per_session=1,
                                    batching=batching, tune_threads=tune))
     def prepare() -> tuple[list, object]:
@@ -125,7 +126,7 @@ def simulate(goal: str, solver: str, n_walks: int, seconds: float, device: str, 
             "threads_chosen": sorted(set(engine.tuner.chosen().values()))}
 
 
-def pages(n_pages: int, seconds: float, port: int, query: str = "goal=new-task") -> dict:
+def pages(n_pages: int, seconds: float, port: int, query: str = "goal=new-task&steps=1000000") -> dict:
     """One server; a lone page, then n_pages at once plus a page clicking Step. query: the walk the pages run
     (default a new-task walk, which has no end: the default sparsify walk now finishes in a few seconds)."""
     from browser import app_server, chromium, open_page
@@ -198,7 +199,8 @@ def main() -> None:
     parser.add_argument("--no-batching", action="store_true", help="also measure with batching off, for comparison")
     parser.add_argument("--pages", type=int, default=0, help="also run this many Chromium pages against one server")
     parser.add_argument("--port", type=int, default=8597)
-    parser.add_argument("--page-query", default="goal=new-task", help="URL query of the walk the pages run")
+    parser.add_argument("--page-query", default="goal=new-task&steps=1000000",
+                        help="URL query of the walk the pages run")
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--auto", action="store_true", help="the walks use the adaptive step size (--step-size auto)")
     parser.add_argument("--dataset", default="digits", help="the walks' dataset (e.g. digits-images for conv nets)")

@@ -47,7 +47,7 @@ def profile_page(query: str, seconds: float, port: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--query", default="goal=new-task", help="URL query of the walk the page runs")
+    parser.add_argument("--query", default="goal=new-task&steps=1000000", help="URL query of the walk the page runs")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--port", type=int, default=8623)
     parser.add_argument("--top", type=int, default=20)

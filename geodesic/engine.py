@@ -18,7 +18,9 @@ and nobody would get faster with more hardware. Here a single worker thread does
   A Step click or a `call` (a spectrum, a contour) is served between two batch steps, so it waits for at most
   one of them.
 - A walk that diverges or runs out of memory stops with its own message (`handle.error`); the others go on.
-  A running walk nobody has looked at for `idle_seconds` (its page was closed) is paused and its slot freed.
+  A running walk nobody has looked at for `idle_seconds` (its page was closed) is paused and its slot freed, and
+  one that has taken its run's steps (`run(n_steps)`, by default the walk's own `n_steps`, as `geodesic run`
+  takes) is paused there; `handle.notice` says why, and `run()` goes on.
 - Limits (`EngineSettings`, from `geodesic-server.toml` or the environment): running walks in total and per
   session; over them, `run()` raises `CapacityError` with a message that says what to do.
 """
@@ -151,7 +153,9 @@ class WalkHandle:
 
     def __init__(self, engine: Engine, walker: Walker, session: str):
         self.engine, self.walker, self.session = engine, walker, session
-        self.error: str | None = None
+        self.error: str | None = None  # why the walk stopped against its will (diverged, out of memory)
+        self.notice: str | None = None  # why the engine paused it (no page watching, its run's steps taken)
+        self._stop_at: tuple[int, int] | None = None  # (the walker's step count at which this run pauses, its steps)
         self.max_rate: float | None = None  # steps per second while running (None: as fast as the engine goes)
         self._running = False
         self._next_due = 0.0
@@ -168,10 +172,18 @@ class WalkHandle:
         """The page has looked at this walk (keeps a running walk from being paused as idle)."""
         self.last_seen = time.monotonic()
 
-    def run(self) -> None:
-        """Walk until paused or done. Raises CapacityError when the server or this session is at its limit."""
+    def run(self, n_steps: int | None = None) -> None:
+        """Walk until paused, done, or `n_steps` steps from here (default: the walk's config n_steps, the most
+        steps a run takes, as `geodesic run` takes them); press Run again to go on from there. A walk with no end
+        of its own (new task) would otherwise walk for as long as its page stayed open, holding a share of a
+        class's engine. Raises CapacityError when the server or this session is at its limit."""
+        budget = self.walker.config.n_steps if n_steps is None else n_steps
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 1 \
+                or not float(budget).is_integer():
+            raise ConfigError("n-steps", budget, "a whole number >= 1")
+        budget = int(budget)
         self.touch()
-        self.engine._start(self)
+        self.engine._start(self, budget)
 
     def pause(self) -> None:
         """Stop walking; returns once a step of this walk that is under way has landed (no point comes after)."""
@@ -188,6 +200,7 @@ class WalkHandle:
     def swap(self, walker: Walker) -> None:
         """Drive another walker (a branch, or a rebuilt walk); pauses first."""
         self.pause()
+        self.notice = None  # (it was about the walker before)
         self.engine._call_soon(lambda: setattr(self, "walker", walker)).result()
 
     def step_once(self, timeout: float = 60.0) -> PathPoint | None:
@@ -208,7 +221,7 @@ class WalkHandle:
 
     def _guarded_step(self) -> PathPoint | None:
         try:
-            self.error = None
+            self.error = self.notice = None
             return self.walker.step()
         except GeodesicError as err:
             self._stop(str(err))
@@ -216,6 +229,9 @@ class WalkHandle:
 
     def _stop(self, message: str) -> None:
         self.error, self._running = message, False
+
+    def _pause_because(self, message: str) -> None:
+        self.notice, self._running = message, False
 
     def _charge(self, seconds: float) -> float:
         """The engine time to charge for a step of `seconds` (the engine's thread). A walker's first step is
@@ -350,7 +366,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def _start(self, handle: WalkHandle) -> None:
+    def _start(self, handle: WalkHandle, budget: int) -> None:
         s = self.settings
         with self._cond:
             if handle.is_running:
@@ -363,7 +379,8 @@ class Engine:
             if self.running() >= s.max_walks:
                 raise CapacityError(f"the server runs {s.max_walks} walks, its limit (GEODESIC_MAX_WALKS): try "
                                     "again when one pauses or finishes, or ask whoever runs the server to raise it")
-            handle.error, handle._running, handle._next_due = None, True, 0.0
+            handle.error, handle.notice, handle._running, handle._next_due = None, None, True, 0.0
+            handle._stop_at = (handle.walker.n_steps + budget, budget)
             self._rejoin(handle)
             self._ensure_thread()
             self._cond.notify_all()
@@ -448,7 +465,7 @@ class Engine:
         due = []
         for h in self._handles:
             if h.is_running and now - h.last_seen > idle:
-                h._stop(f"paused after {idle:g} s without a page watching it; press Run to go on")
+                h._pause_because(f"Paused after {idle:g} s without a page watching it; press Run to go on.")
             elif h.is_running and now >= h._next_due:
                 due.append(h)
         return due
@@ -546,6 +563,10 @@ class Engine:
                 self.n_errors += 1
             else:
                 self.n_steps += 1
+                stop_at = handle._stop_at
+                if stop_at is not None and handle.walker.n_steps >= stop_at[0] and not handle.walker.is_done:
+                    handle._pause_because(f"Paused at step {handle.walker.n_steps}: this run took its {stop_at[1]} "
+                                          "steps (most steps per run); press Run to go on.")
             if handle.max_rate:
                 handle._next_due = now + 1.0 / handle.max_rate
 

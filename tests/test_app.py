@@ -221,6 +221,7 @@ def test_two_sessions_are_independent():
     ("target_sparsity", 1.5, "Target sparsity: got 1.5"),
     ("probe_size", 0, "Probe size N: got 0"),
     ("probe_size", 5000, "Probe size N: got 5000; allowed: at most 1,437"),  # (it was cut to 1,437, unsaid)
+    ("n_steps", 0, "Most steps per run: got 0"),
 ])
 def test_bad_settings_show_a_message_and_keep_the_walk(key, value, fragment):
     at = start()
@@ -230,10 +231,34 @@ def test_bad_settings_show_a_message_and_keep_the_walk(key, value, fragment):
     button(at, "Start a new walk with these settings").click().run()
     assert walker(at) is kept and kept.n_steps == 1
     assert any(fragment in e.value for e in at.error), [e.value for e in at.error]
-    at.number_input(key=key).set_value(0.5 if key != "probe_size" else 8).run()  # corrected: the message goes
+    at.number_input(key=key).set_value(8 if key in ("probe_size", "n_steps") else 0.5).run()  # corrected: it goes
     assert not any(fragment in e.value for e in at.error), [e.value for e in at.error]
     at.number_input(key=key).set_value(value).run()  # and comes back with the value it was about
     assert any(fragment in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_a_new_task_run_pauses_after_its_most_steps_and_run_goes_on():
+    """A new-task walk has no end of its own: Run used to walk it for as long as the page stayed open. A run now
+    pauses after the sidebar's 'Most steps per run' (the goal's default: 300), says so, and Run goes on."""
+    assert start({"goal": "new-task"}).number_input(key="n_steps").value == 300
+    at = start({"goal": "new-task", "steps": "6"})  # the link carries it
+    assert walker(at).config.n_steps == 6 and at.query_params["steps"] in ("6", ["6"])
+    button(at, "Run").click().run()
+    runner = at.session_state["geodesic"].runner
+    t0 = time.monotonic()
+    while runner.is_running:
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.05)
+    at.run()  # the live refresh sees the walk stopped
+    assert walker(at).n_steps == 6 and not walker(at).is_done
+    assert any("Paused at step 6" in i.value for i in at.info), [i.value for i in at.info]
+    assert not at.error and any(b.label == "Run" for b in at.button)
+    button(at, "Run").click().run()  # goes on for 6 more
+    while runner.is_running:
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.05)
+    at.run()
+    assert walker(at).n_steps == 12 and any("Paused at step 12" in i.value for i in at.info)
 
 
 def test_a_walk_that_reaches_its_goal_without_keeping_the_function_says_so():
@@ -433,7 +458,7 @@ def test_a_running_walk_is_saved_at_one_point_and_runs_on(tmp_path, monkeypatch)
 
     monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
     at = _two_pages()
-    at.query_params["goal"] = "new-task"  # a walk with no end
+    at.query_params["goal"], at.query_params["steps"] = "new-task", "100000"  # a walk with no end
     at.run()
     button(at, "Run").click().run()
     state = at.session_state["geodesic"]

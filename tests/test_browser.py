@@ -137,7 +137,7 @@ def _chart_and_step(page) -> tuple[int, int]:
 
 def test_the_live_chart_follows_a_long_walk_and_pause_answers_while_it_runs(server, browser):
     page = browser.new_page()
-    page.goto(f"{server}/?goal=new-task")  # a walk with no end: it runs until paused
+    page.goto(f"{server}/?goal=new-task&steps=100000")  # a walk with no end: it runs until paused
     page.locator(".geodesic-live-chart.js-plotly-plot").first.wait_for(timeout=120_000)
     page.get_by_role("button", name="Run", exact=True).click()
     page.wait_for_function("() => parseInt(document.querySelector('[data-testid=stMetricValue]').innerText) > 300",
@@ -167,7 +167,7 @@ def test_a_chart_out_of_sight_waits_and_catches_up_when_scrolled_to(server, brow
     """The second live chart starts below the fold: while the walk runs it keeps its updates instead of drawing
     them, and when scrolled into view it draws them and follows the walk again."""
     page = browser.new_page()
-    page.goto(f"{server}/?goal=new-task")
+    page.goto(f"{server}/?goal=new-task&steps=100000")
     page.locator(".geodesic-live-chart.js-plotly-plot").first.wait_for(timeout=120_000)
     page.get_by_role("button", name="Run", exact=True).click()
     page.wait_for_function("() => parseInt(document.querySelector('[data-testid=stMetricValue]').innerText) > 200",

@@ -127,7 +127,7 @@ def test_walks_share_the_engines_time_not_its_steps(engine):
     from geodesic.engine import FAIR_CREDIT
 
     heavy_walker = _SlowWalker(_walker(linear_solver="cg"), 0.2)  # CG: never batched with the light walk
-    light_walker = _walker("new-task", seed=1)  # a walk with no end point: it walks the whole time
+    light_walker = _walker("new-task", seed=1, n_steps=10**6)  # no end point, no pause: it walks the whole time
     heavy, light = engine.open(heavy_walker, "a"), engine.open(light_walker, "b")
     heavy.run()
     light.run()
@@ -138,7 +138,7 @@ def test_walks_share_the_engines_time_not_its_steps(engine):
     share = light.engine_seconds / (light.engine_seconds + heavy.engine_seconds)
     assert 0.3 < share < 0.7, share
     # a third walk started now is owed at most FAIR_CREDIT of the others' time, not all of it: the others go on
-    late_walker = _walker("new-task", seed=2)
+    late_walker = _walker("new-task", seed=2, n_steps=10**6)
     late = engine.open(late_walker, "c")
     heavy.run()
     light.run()
@@ -177,8 +177,8 @@ def test_a_first_steps_set_up_is_not_charged_so_the_first_walk_does_not_freeze()
 
     engine = Engine(EngineSettings(threads=1, batching=False))  # three walks alike, each stepped on its own
     try:
-        first_walker = _SlowFirstStep(_walker("new-task"), 0.6)
-        others = [_walker("new-task", seed=s) for s in (1, 2)]
+        first_walker = _SlowFirstStep(_walker("new-task", n_steps=10**6), 0.6)
+        others = [_walker("new-task", seed=s, n_steps=10**6) for s in (1, 2)]
         first = engine.open(first_walker, "a")
         handles = [engine.open(w, f"s{i}") for i, w in enumerate(others)]
         first.run()
@@ -309,7 +309,8 @@ def test_an_unwatched_walk_is_paused_and_frees_its_slot():
         handle = eng.open(_walker(), "gone")
         handle.run()
         _wait(lambda: not handle.is_running, seconds=30)
-        assert "without a page watching" in handle.error and eng.running() == 0
+        # a pause, not a failure: said in handle.notice, and Run goes on
+        assert "without a page watching" in handle.notice and handle.error is None and eng.running() == 0
     finally:
         eng.stop()
 
@@ -483,3 +484,42 @@ def test_work_on_a_passing_thread_returns_its_result_and_its_error():
 
     with pytest.raises(ConfigError, match="x"):
         on_a_passing_thread(fails)
+
+
+def test_a_run_pauses_after_its_steps_and_run_goes_on(engine):
+    """A new-task walk has no end of its own: a run takes the walk's n_steps (as `geodesic run` does) and pauses
+    there, saying why; Run goes on for as many again. Before, it walked for as long as its page was open."""
+    walker = _walker(goal="new-task", n_steps=7)
+    handle = engine.open(walker, "student")
+    handle.run()
+    _wait(lambda: not handle.is_running)
+    assert walker.n_steps == 7 and not walker.is_done and handle.error is None
+    assert "Paused at step 7" in handle.notice and "7 steps" in handle.notice
+    time.sleep(0.2)
+    assert walker.n_steps == 7  # paused means no more steps
+    handle.run(n_steps=3)  # a run of its own length (the Python API)
+    assert handle.notice is None
+    _wait(lambda: not handle.is_running)
+    assert walker.n_steps == 10 and "Paused at step 10" in handle.notice
+    handle.step_once()  # a step clears what the pause said
+    assert walker.n_steps == 11 and handle.notice is None
+    with pytest.raises(ConfigError, match="n-steps"):
+        handle.run(n_steps=0)
+    assert not handle.is_running and walker.n_steps == 11
+
+
+def test_runs_of_many_sessions_pause_each_at_its_own_step_count(engine):
+    """Sessions on threads of their own start runs of different lengths at once (batched together): each walk
+    pauses exactly at its own count, and one walk's pause does not stop the others."""
+    start = _walker(goal="new-task")
+    walkers = [start.branch(0, seed=i) for i in range(4)]
+    handles = [engine.open(w, f"s{i}") for i, w in enumerate(walkers)]
+    lengths = [3, 6, 9, 12]
+    threads = [threading.Thread(target=h.run, args=(n,)) for h, n in zip(handles, lengths, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _wait(lambda: not any(h.is_running for h in handles))
+    assert [w.n_steps for w in walkers] == lengths
+    assert all(h.error is None and f"step {n}:" in h.notice for h, n in zip(handles, lengths, strict=True))

@@ -276,6 +276,8 @@ def _status(s) -> None:
         st.warning(s.notice)
     if s.runner.error:
         st.error(s.runner.error)
+    elif s.runner.notice and not s.runner.is_running:  # paused by the engine: its run's steps taken, or unwatched
+        st.info(s.runner.notice)
     elif walker.is_done:
         start, lowest = walker.record[0].accuracy["A"], walker.record.lowest_accuracy("A")
         if function_lost(start, lowest):  # reached, but not along a path that kept what the network computes
@@ -378,7 +380,7 @@ def _fan_table(s) -> None:
                      "lowest A (%)": round(100 * lowest, 1),
                      "distance left": float(f"{last.goal_distance:.3g}"),
                      "state": handle.error or ("done: " + b.walker.stop_reason if b.walker.is_done
-                                               else "running" if handle.is_running else "paused")})
+                                               else "running" if handle.is_running else handle.notice or "paused")})
         # the sweep report's order for its best cell: one that lost the function on the way is never offered first
         rank[index] = outcome_rank(points[0].accuracy["A"], lowest, last.accuracy["A"],
                                    b.walker.stop_reason == "goal reached", len(points))
