@@ -155,6 +155,7 @@ class WalkHandle:
         self.engine, self.walker, self.session = engine, walker, session
         self.error: str | None = None  # why the walk stopped against its will (diverged, out of memory)
         self.notice: str | None = None  # why the engine paused it (no page watching, its run's steps taken)
+        self.paused_for: str | None = None  # the same in a word: "idle" or "steps"
         self._stop_at: tuple[int, int] | None = None  # (the walker's step count at which this run pauses, its steps)
         self.max_rate: float | None = None  # steps per second while running (None: as fast as the engine goes)
         self._running = False
@@ -200,7 +201,7 @@ class WalkHandle:
     def swap(self, walker: Walker) -> None:
         """Drive another walker (a branch, or a rebuilt walk); pauses first."""
         self.pause()
-        self.notice = None  # (it was about the walker before)
+        self.notice = self.paused_for = None  # (it was about the walker before)
         self.engine._call_soon(lambda: setattr(self, "walker", walker)).result()
 
     def step_once(self, timeout: float = 60.0) -> PathPoint | None:
@@ -221,7 +222,7 @@ class WalkHandle:
 
     def _guarded_step(self) -> PathPoint | None:
         try:
-            self.error = self.notice = None
+            self.error = self.notice = self.paused_for = None
             return self.walker.step()
         except GeodesicError as err:
             self._stop(str(err))
@@ -230,8 +231,8 @@ class WalkHandle:
     def _stop(self, message: str) -> None:
         self.error, self._running = message, False
 
-    def _pause_because(self, message: str) -> None:
-        self.notice, self._running = message, False
+    def _pause_because(self, why: str, message: str) -> None:
+        self.paused_for, self.notice, self._running = why, message, False
 
     def _charge(self, seconds: float) -> float:
         """The engine time to charge for a step of `seconds` (the engine's thread). A walker's first step is
@@ -379,7 +380,8 @@ class Engine:
             if self.running() >= s.max_walks:
                 raise CapacityError(f"the server runs {s.max_walks} walks, its limit (GEODESIC_MAX_WALKS): try "
                                     "again when one pauses or finishes, or ask whoever runs the server to raise it")
-            handle.error, handle.notice, handle._running, handle._next_due = None, None, True, 0.0
+            handle.error, handle.notice, handle.paused_for, handle._running = None, None, None, True
+            handle._next_due = 0.0
             handle._stop_at = (handle.walker.n_steps + budget, budget)
             self._rejoin(handle)
             self._ensure_thread()
@@ -465,7 +467,7 @@ class Engine:
         due = []
         for h in self._handles:
             if h.is_running and now - h.last_seen > idle:
-                h._pause_because(f"Paused after {idle:g} s without a page watching it; press Run to go on.")
+                h._pause_because("idle", f"Paused after {idle:g} s without a page watching it; press Run to go on.")
             elif h.is_running and now >= h._next_due:
                 due.append(h)
         return due
@@ -565,8 +567,8 @@ class Engine:
                 self.n_steps += 1
                 stop_at = handle._stop_at
                 if stop_at is not None and handle.walker.n_steps >= stop_at[0] and not handle.walker.is_done:
-                    handle._pause_because(f"Paused at step {handle.walker.n_steps}: this run took its {stop_at[1]} "
-                                          "steps (most steps per run); press Run to go on.")
+                    handle._pause_because("steps", f"Paused at step {handle.walker.n_steps}: this run took its "
+                                                   f"{stop_at[1]} steps (most steps per run); press Run to go on.")
             if handle.max_rate:
                 handle._next_due = now + 1.0 / handle.max_rate
 

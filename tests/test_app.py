@@ -259,6 +259,17 @@ def test_a_new_task_run_pauses_after_its_most_steps_and_run_goes_on():
         time.sleep(0.05)
     at.run()
     assert walker(at).n_steps == 12 and any("Paused at step 12" in i.value for i in at.info)
+    # a fan from here: each of its walks takes as many steps and pauses; its table says so (not "press Run",
+    # which drives the walk kept from it)
+    at.text_input(key="fan_values_step size ε").set_value("0.05, 0.2").run()
+    button(at, "Launch the fan").click().run()
+    state = at.session_state["geodesic"]
+    while any(h.is_running for _, h in state.fan):
+        assert time.monotonic() - t0 < 90
+        time.sleep(0.05)
+    at.run()
+    assert [state.branches[i].walker.n_steps for i, _ in state.fan] == [18, 18]
+    assert list(at.dataframe[0].value["state"]) == ["paused: took its most steps per run"] * 2
 
 
 def test_a_walk_that_reaches_its_goal_without_keeping_the_function_says_so():

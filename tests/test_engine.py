@@ -311,6 +311,7 @@ def test_an_unwatched_walk_is_paused_and_frees_its_slot():
         _wait(lambda: not handle.is_running, seconds=30)
         # a pause, not a failure: said in handle.notice, and Run goes on
         assert "without a page watching" in handle.notice and handle.error is None and eng.running() == 0
+        assert handle.paused_for == "idle"
     finally:
         eng.stop()
 
@@ -494,7 +495,7 @@ def test_a_run_pauses_after_its_steps_and_run_goes_on(engine):
     handle.run()
     _wait(lambda: not handle.is_running)
     assert walker.n_steps == 7 and not walker.is_done and handle.error is None
-    assert "Paused at step 7" in handle.notice and "7 steps" in handle.notice
+    assert "Paused at step 7" in handle.notice and "7 steps" in handle.notice and handle.paused_for == "steps"
     time.sleep(0.2)
     assert walker.n_steps == 7  # paused means no more steps
     handle.run(n_steps=3)  # a run of its own length (the Python API)
@@ -502,7 +503,7 @@ def test_a_run_pauses_after_its_steps_and_run_goes_on(engine):
     _wait(lambda: not handle.is_running)
     assert walker.n_steps == 10 and "Paused at step 10" in handle.notice
     handle.step_once()  # a step clears what the pause said
-    assert walker.n_steps == 11 and handle.notice is None
+    assert walker.n_steps == 11 and handle.notice is None and handle.paused_for is None
     with pytest.raises(ConfigError, match="n-steps"):
         handle.run(n_steps=0)
     assert not handle.is_running and walker.n_steps == 11

@@ -365,6 +365,16 @@ def _fan_values(text: str, kind: str) -> list[float | str]:
     return values
 
 
+def _fan_state(walker, handle) -> str:
+    if walker.is_done:
+        return "done: " + walker.stop_reason
+    if handle.is_running:
+        return "running"
+    # (not the handle's notice, which says "press Run": Run drives the walk kept from the fan, not these)
+    return {"steps": "paused: took its most steps per run", "idle": "paused: no page watched it"}.get(
+        handle.paused_for, "paused")
+
+
 def _fan_table(s) -> None:
     """What each walk of the fan reached since it started, and which one to keep."""
     if not s.fan:
@@ -379,8 +389,7 @@ def _fan_table(s) -> None:
                      "accuracy A (%)": round(100 * last.accuracy["A"], 1),
                      "lowest A (%)": round(100 * lowest, 1),
                      "distance left": float(f"{last.goal_distance:.3g}"),
-                     "state": handle.error or ("done: " + b.walker.stop_reason if b.walker.is_done
-                                               else "running" if handle.is_running else handle.notice or "paused")})
+                     "state": handle.error or _fan_state(b.walker, handle)})
         # the sweep report's order for its best cell: one that lost the function on the way is never offered first
         rank[index] = outcome_rank(points[0].accuracy["A"], lowest, last.accuracy["A"],
                                    b.walker.stop_reason == "goal reached", len(points))
