@@ -227,14 +227,20 @@ def sparsity_and_distance(runs: Runs) -> go.Figure:
     return _layout(fig, "Sparsity and distance to the goal", height=360)
 
 
-def accuracy_vs_alpha(runs: list[tuple[str, np.ndarray, np.ndarray]], line: pd.DataFrame | None) -> go.Figure:
-    """Connect: test accuracy against position α ∈ [0, 1] for the walk(s) and the straight line."""
+def accuracy_vs_alpha(runs: list[tuple[str, np.ndarray, np.ndarray]], line: pd.DataFrame | None,
+                      matched: pd.DataFrame | None = None) -> go.Figure:
+    """Connect: test accuracy against position α ∈ [0, 1] for the walk(s), the straight line and (matched) the
+    straight line to B with its hidden units lined up with A's."""
     fig = go.Figure()
     for i, (label, alpha, accuracy) in enumerate(runs):
         fig.add_trace(go.Scatter(x=alpha, y=100 * accuracy, name=f"{label}: walk", line=dict(color=PALETTE[i])))
     if line is not None:
         fig.add_trace(go.Scatter(x=line["alpha"], y=100 * line["accuracy"], name="straight line",
                                  line=dict(color="#0f172a", dash="dash"), mode="lines+markers"))
+    if matched is not None:
+        fig.add_trace(go.Scatter(x=matched["alpha"], y=100 * matched["accuracy"],
+                                 name="straight line, B's units matched to A's",
+                                 line=dict(color="#64748b", dash="dot"), mode="lines+markers"))
     fig.update_xaxes(title_text="position along the path α (by Euclidean length)")
     fig.update_yaxes(title_text="test accuracy (%)")
     return _layout(fig, "Connect: the walk against the straight line")

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .baselines import fine_tune, masked_fine_tune, one_shot_prune, straight_line
+from .baselines import fine_tune, masked_fine_tune, one_shot_prune, straight_line, weight_matching
 from .errors import Cancelled
 from .experiment import Experiment
 from .measures import evaluate, true_class_probability
@@ -85,7 +85,9 @@ def goal_baselines(experiment: Experiment, budget_steps: int | None = None,
     """What the walk is compared with on the dashboard, at a matched number of forward+backward passes.
 
     sparsify: one-shot pruning and masked fine-tuning (accuracy numbers); new-task: naive fine-tuning
-    on task B (a per-step table of accuracy on every task); connect: the straight line on a 21-point α grid.
+    on task B (a per-step table of accuracy on every task); connect: the straight line on a 21-point α grid, and
+    for an MLP the straight line to B with its hidden units permuted to line up with A's (weight matching: the same
+    function as B, and the fair extra baseline of method.md §5).
     model_fn: the network to use (default the walk's own). should_stop: asked as the fine-tuning goes; True
     raises errors.Cancelled.
     """
@@ -106,7 +108,13 @@ def goal_baselines(experiment: Experiment, budget_steps: int | None = None,
                                eval_tasks=experiment.tasks, eval_every=max(n // 30, 1), should_stop=should_stop)
         return {"naive_fine_tune": pd.DataFrame(history)}
     line = straight_line(walker.model_fn, experiment.start, experiment.end, task_a, n_points=21)
-    return {"straight_line": pd.DataFrame(line)}
+    out = {"straight_line": pd.DataFrame(line)}
+    if cfg.model.name == "mlp":  # weight matching lines up an MLP's hidden units (baselines.weight_matching)
+        layers = [(k, k.replace("weight", "bias")) for k in experiment.network.prunable]
+        matched = weight_matching(experiment.start, experiment.end, layers)
+        out["matched_line"] = pd.DataFrame(straight_line(walker.model_fn, experiment.start, matched, task_a,
+                                                         n_points=21))
+    return out
 
 
 class _WithModel:

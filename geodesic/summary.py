@@ -1,10 +1,13 @@
 """The numbers a finished (or paused) walk is judged by: summary.json's contents."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from .baselines import barrier, straight_line
 from .experiment import Experiment
 
 LOST_POINTS = 5.0  # a walk whose accuracy fell more than this many points below its start did not keep the function
+CONNECTED_POINTS = 2.0  # two networks count as connected by a path whose error barrier is below this (method.md §5)
 
 
 def function_lost(start: float, lowest: float) -> bool:
@@ -18,6 +21,22 @@ def outcome_rank(start: float, lowest: float, end: float, reached: bool, steps: 
     the most accuracy kept along the path, then at the end, then the fewest steps. The sweep report's best cell
     and the dashboard's fan both rank by it."""
     return not function_lost(start, lowest), bool(reached), lowest, end, -steps
+
+
+def connect_barriers(accuracy: Sequence[float], loss: Sequence[float], line: Mapping | None = None) -> dict:
+    """A connect walk's error and loss barriers (accuracies as fractions along its path, start to end) and, given
+    the straight line's 'accuracy' and 'loss' on its α grid, the line's: what summary.json holds, and what the
+    dashboard shows under the walk against the straight line."""
+    out = {"error_barrier": barrier([1 - a for a in accuracy]), "loss_barrier": barrier(loss)}
+    if line is not None:
+        out.update(linear_error_barrier=barrier([1 - a for a in line["accuracy"]]),
+                   linear_loss_barrier=barrier(line["loss"]), linear_min_test_accuracy=float(min(line["accuracy"])))
+    return out
+
+
+def connected(error_barrier: float) -> bool:
+    """Whether a path with this error barrier (a fraction) connects its two ends (method.md §5)."""
+    return error_barrier < CONNECTED_POINTS / 100
 
 
 def summarize(experiment: Experiment, wall_seconds: float) -> dict:
@@ -43,14 +62,9 @@ def summarize(experiment: Experiment, wall_seconds: float) -> dict:
         "euclidean_length": last.euclidean_length, "functional_length": last.functional_length,
     }
     if cfg.goal.kind == "connect":
-        errors = [1 - p.accuracy["A"] for p in record.points]
-        losses = [p.loss["A"] for p in record.points]
         line = straight_line(walker.model_fn, experiment.start, experiment.end, experiment.tasks["A"], n_points=21)
-        summary.update(
-            error_barrier=barrier(errors), loss_barrier=barrier(losses),
-            linear_error_barrier=barrier(1 - line["accuracy"]), linear_loss_barrier=barrier(line["loss"]),
-            linear_min_test_accuracy=float(line["accuracy"].min()),
-        )
+        summary.update(connect_barriers([p.accuracy["A"] for p in record.points],
+                                        [p.loss["A"] for p in record.points], line))
     return summary
 
 

@@ -272,6 +272,35 @@ def test_a_new_task_run_pauses_after_its_most_steps_and_run_goes_on():
     assert list(at.dataframe[0].value["state"]) == ["paused: took its most steps per run"] * 2
 
 
+def test_connect_shows_the_barriers_of_the_walk_and_the_straight_line():
+    """The numbers a connect walk is judged by (method.md §5), under its chart: they were only in the CLI's
+    summary."""
+    from geodesic.baselines import barrier
+
+    at = start({"goal": "connect", "solver": "penalty"})
+    line = baselines_when_they_arrive(at)["straight_line"]
+    button(at, "Run").click().run()
+    t0 = time.monotonic()
+    while not walker(at).is_done:
+        assert time.monotonic() - t0 < 120 and not at.session_state["geodesic"].runner.error
+        time.sleep(0.1)
+    at.run()
+    frame = walker(at).record.to_frame()
+    walk_barrier = barrier(1 - frame["accuracy/A"])
+    assert metric(at, "error barrier, walk") == f"{100 * walk_barrier:.2f} pts"
+    assert metric(at, "error barrier, straight line") == f"{100 * barrier(1 - line['accuracy']):.2f} pts"
+    assert metric(at, "loss barrier, walk") == f"{barrier(frame['loss/A']):.3f}"
+    assert 100 * barrier(1 - line["accuracy"]) > 2 > 100 * walk_barrier  # the digits pair: the line has a barrier
+    assert any("This walk connects the two networks" in c.value for c in at.caption), [c.value for c in at.caption]
+    matched = baselines_when_they_arrive(at)["matched_line"]  # weight matching, the method's extra baseline
+    assert 100 * barrier(1 - matched["accuracy"]) < 100 * barrier(1 - line["accuracy"]) / 2
+    assert any(f"error barrier is {100 * barrier(1 - matched['accuracy']):.2f} pts" in c.value
+               and "permutation symmetry" in c.value for c in at.caption), [c.value for c in at.caption]
+    (alpha,) = [m for m in live_charts(at).values() if "full" in m and "straight line" in json.dumps(m["full"])]
+    assert [t["name"] for t in alpha["full"]["data"]][-2:] == ["straight line", "straight line, B's units matched "
+                                                               "to A's"]
+
+
 def test_a_walk_that_reaches_its_goal_without_keeping_the_function_says_so():
     at = start({"solver": "penalty", "eps": "1000"})  # one step lands on the pruned network: one-shot pruning
     button(at, "Step").click().run()

@@ -15,7 +15,7 @@ from geodesic.errors import ConfigError, GeodesicError
 from geodesic.experiment import build
 from geodesic.path import distinct_rows
 from geodesic.projection import fit_pca, trustworthiness, umap_embed
-from geodesic.summary import function_lost, outcome_rank
+from geodesic.summary import CONNECTED_POINTS, connect_barriers, connected, function_lost, outcome_rank
 
 REFRESH_SECONDS = 0.3
 SPEEDS = {"1 step/s": 1.0, "2 steps/s": 2.0, "5 steps/s": 5.0, "10 steps/s": 10.0, "20 steps/s": 20.0,
@@ -91,7 +91,39 @@ def _overview(s, runs) -> None:
                     id(s.baselines))
     else:
         walks = [(label, analysis.path_position(f), f["accuracy/A"].to_numpy()) for label, f in runs]
-        _chart(charts.accuracy_vs_alpha(walks, s.baselines.get("straight_line")), "alpha")
+        _chart(charts.accuracy_vs_alpha(walks, s.baselines.get("straight_line"), s.baselines.get("matched_line")),
+               "alpha")
+        _barriers(s)
+
+
+def _barriers(s) -> None:
+    """Connect: the walk's error and loss barriers beside the straight line's (method.md §5), the numbers the
+    chart above is judged by; from every point so far (the whole table, not the thinned drawing)."""
+    frame = s.walker.record.to_frame()
+    line = s.baselines.get("straight_line")
+    b = connect_barriers(frame["accuracy/A"].tolist(), frame["loss/A"].tolist(), line)
+    cols = st.columns(4)
+    cols[0].metric("error barrier, walk", f"{100 * b['error_barrier']:.2f} pts",
+                   help="max over the path of the test error, minus the mean of its two ends (method.md §5); "
+                        f"two networks count as connected below {CONNECTED_POINTS:g} points")
+    cols[1].metric("error barrier, straight line",
+                   "…" if line is None else f"{100 * b['linear_error_barrier']:.2f} pts",
+                   help="the same on (1 − α) w_A + α w_B, 21 points of α")
+    cols[2].metric("loss barrier, walk", f"{b['loss_barrier']:.3f}")
+    cols[3].metric("loss barrier, straight line", "…" if line is None else f"{b['linear_loss_barrier']:.3f}")
+    matched = s.baselines.get("matched_line")
+    if matched is not None:
+        m = connect_barriers(matched["accuracy"].tolist(), matched["loss"].tolist())
+        most = line is not None and m["error_barrier"] < b["linear_error_barrier"] / 2
+        st.caption(f"With B's hidden units permuted to line up with A's (weight matching; the same function as B), "
+                   f"the straight line's error barrier is {100 * m['error_barrier']:.2f} pts and its loss barrier "
+                   f"{m['loss_barrier']:.3f}" + (": most of the plain line's barrier comes from the order of the "
+                                                  "hidden units (permutation symmetry), not from the two functions."
+                                                  if most else "."))
+    if s.walker.is_done:
+        joined = connected(b["error_barrier"])
+        st.caption(f"This walk {'connects' if joined else 'does not connect'} the two networks: its error barrier is "
+                   f"{'below' if joined else 'not below'} {CONNECTED_POINTS:g} points.")
 
 
 def _projected(s, basis) -> list[tuple[str, pd.DataFrame]]:
