@@ -44,7 +44,11 @@ def render() -> None:
                 "is shorter than ε: the **Steps** view shows it in ‖θ‖.")
     st.subheader("3. Reading the charts")
     st.markdown("- **Overview**: accuracy per task and loss along the path, baselines dashed; vertical dotted lines "
-                "mark step-size changes and branches.\n"
+                "mark step-size changes and branches. For connect, accuracy against the position α along the path "
+                "beside the straight line from A to B: its *error barrier* is the worst error on the way minus the "
+                "mean of the two ends' errors, and two networks count as connected below 2 points. The straight line "
+                "to B with B's hidden units permuted to line up with A's (the same function as B) shows how much of "
+                "the plain line's barrier is only the order of the units.\n"
                 "- **Path**: the weights projected with PCA (basis frozen until you refit) or UMAP; colour is what "
                 "the projection loses.\n"
                 "- **Steps**: functional step √(θᵀgθ) against Euclidean step ‖θ‖ — big weight moves, small output "
