@@ -43,8 +43,8 @@ SETTING_TO_WIDGET = {"max-step-norm": "step_size", "goal-weight": "goal_weight",
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def _walk_defaults(goal: str, solver: str) -> dict:
-    walk = default_walk(goal, solver)
+def _walk_defaults(goal: str, solver: str, model: str = "mlp") -> dict:
+    walk = default_walk(goal, solver, model=model)
     return {"step_size": walk.max_step_norm, "goal_weight": walk.goal_weight,
             "restoring_weight": walk.restoring_weight, "probe_size": walk.probe_size, "n_steps": walk.n_steps}
 
@@ -65,12 +65,13 @@ def init_widgets() -> None:
         elif name in params:
             notes.append(f"URL parameter {name}={params[name]!r} is not one of {', '.join(allowed)}; "
                          f"{values[key]} used")
-    values.update(**_walk_defaults(values["goal"], values["solver"]))
     kinds = {float: "a number", int: "a whole number", str: "text"}
+    given = set()
     for key, (name, cast) in URL_FIELDS.items():
         if name in params and key not in ("goal", "solver"):
             try:
                 values[key] = cast(params[name])
+                given.add(key)
             except ValueError:
                 notes.append(f"URL parameter {name}={params[name]!r} is not {kinds[cast]}; default used")
     choices = {"dataset": DATASETS, "model": MODEL_NAMES, "device": DEVICES, "new_task": NEW_TASKS}
@@ -80,6 +81,9 @@ def init_widgets() -> None:
             notes.append(f"URL parameter {URL_FIELDS[key][0]}={values[key]!r} is not one of {', '.join(allowed)}; "
                          f"{default} used")
             values[key] = default
+    # the tuned values of this goal, step rule and model (conv nets: CONV_WALK_DEFAULTS) where the link gave none
+    defaults = _walk_defaults(values["goal"], values["solver"], values["model"])
+    values.update({k: v for k, v in defaults.items() if k not in given})
     values["auto_step"] = bool(values["auto_step"])
     values["guard"] = _guard_default(values) if values["guard"] is None else bool(values["guard"])
     for key, value in values.items():
@@ -88,7 +92,8 @@ def init_widgets() -> None:
 
 
 def _guard_default(values) -> bool:
-    """Whether the engine guards this goal, step rule and model's steps by default (conv nets' sparsify walks)."""
+    """Whether the engine guards this goal, step rule and model's steps by default (conv nets' sparsify and
+    connect walks)."""
     try:
         return default_walk(values["goal"], values["solver"], model=values["model"]).step_guard > 0
     except ConfigError:
@@ -96,11 +101,20 @@ def _guard_default(values) -> bool:
 
 
 def _reset_walk_fields() -> None:
-    """Goal or step rule changed: load the tuned defaults for the new pair."""
+    """Goal or step rule changed: load the tuned defaults for the new pair (and the model)."""
     ss = st.session_state
     if (ss.goal, ss.solver) in WALK_DEFAULTS:
-        for key, value in _walk_defaults(ss.goal, ss.solver).items():
+        for key, value in _walk_defaults(ss.goal, ss.solver, ss.model).items():
             ss[key] = value
+    _reset_guard()
+
+
+def _reset_model_fields() -> None:
+    """Model changed: what conv nets change on top of the tuned defaults (the guard, most steps per run) goes back to
+    that set-up's default."""
+    ss = st.session_state
+    if (ss.goal, ss.solver) in WALK_DEFAULTS:
+        ss.n_steps = _walk_defaults(ss.goal, ss.solver, ss.model)["n_steps"]
     _reset_guard()
 
 
@@ -154,8 +168,8 @@ def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None) ->
     models = MODEL_NAMES if is_image_data(ss.dataset) else ("mlp",)
     if ss.model not in models:
         ss.model = models[0]
-        _reset_guard()
-    st.selectbox("Model", models, key="model", on_change=_reset_guard)
+        _reset_model_fields()
+    st.selectbox("Model", models, key="model", on_change=_reset_model_fields)
     if len(models) == 1:
         st.caption("LeNet-5, VGG and ResNet-18 need images: choose digits-images, mnist-sample-images or a "
                    "torchvision set (MNIST, CIFAR) to use them.")
@@ -173,8 +187,8 @@ def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None) ->
               help="A step that lowers the share of training inputs keeping their class by more than "
                    f"{DEFAULT_STEP_GUARD:.1%}, or moves their predicted distributions by more than {KL_BUDGET:g} "
                    "nats (mean KL), is halved (up to 5 times) before it is taken (geodesic/guard.py). On by default "
-                   "for conv nets' sparsify walks, whose long steps otherwise dip far below the start's accuracy "
-                   "near the target.")
+                   "for conv nets' sparsify and connect walks, whose long steps otherwise dip far below the start's "
+                   "accuracy on single steps.")
     _message(errors, "step_size")
     label = "Goal weight β" if ss.solver == "constrained" else "Goal weight λ"
     st.number_input(label, key="goal_weight", format="%.4f", step=0.001)

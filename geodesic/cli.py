@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--step-guard", type=float, metavar="SHARE",
                      help="halve a step (up to 5 times) while it lowers the share of training inputs that keep "
                           "their class by more than SHARE or moves their outputs by more than 0.01 nats (mean "
-                          "KL); 0 turns it off (default: 0.003 for conv nets' constrained sparsify walks, else 0)")
+                          "KL); 0 turns it off (default: 0.003 for conv nets' constrained sparsify and connect "
+                          "walks, else 0)")
     run.add_argument("--batch-size", type=int, help="inputs for the restoring loss and the goal's gradient")
     run.add_argument("--n-steps", type=int, help="most steps to take (stops earlier at the goal)")
     run.add_argument("--seed", type=int, default=0, help="start network and batches; connect uses seed and seed+1")

@@ -712,6 +712,13 @@ def test_conv_models_are_offered_only_for_images_and_walk_on_them():
     assert at.query_params["guard"] in ("0", ["0"])  # a link to the unguarded walk says so
     assert start({"dataset": "digits-images", "model": "lenet5", "guard": "0"}).toggle(key="guard").value is False
     assert flat.toggle(key="guard").value is False  # an MLP walk is not guarded by default
+    conv_connect = start({"goal": "connect", "dataset": "digits-images", "model": "lenet5"})
+    assert conv_connect.toggle(key="guard").value is True and walker(conv_connect).config.step_guard > 0
+    assert conv_connect.number_input(key="n_steps").value == 3000 == walker(conv_connect).config.n_steps
+    mlp_connect = start({"goal": "connect", "dataset": "digits-images"})  # choosing the model in the sidebar
+    assert mlp_connect.number_input(key="n_steps").value == 2000 and mlp_connect.toggle(key="guard").value is False
+    mlp_connect.selectbox(key="model").set_value("lenet5").run()
+    assert mlp_connect.number_input(key="n_steps").value == 3000 and mlp_connect.toggle(key="guard").value is True
 
 
 def test_auto_adapts_the_step_and_the_steps_view_shows_epsilon_and_rho():

@@ -1,6 +1,6 @@
 """The step guard (guard.py): a step that lowers the share of training inputs keeping their class by more than
 `step_guard`, or moves their outputs by more than KL_BUDGET, is halved before it is taken; alone and batched
-alike; conv nets' sparsify walks have it on."""
+alike; conv nets' sparsify and connect walks have it on."""
 import pytest
 import torch
 
@@ -53,11 +53,16 @@ def test_a_guarded_step_loses_at_most_its_limit_or_is_halved_to_the_end():
     assert halved > 0
 
 
-def test_the_guard_is_off_by_default_for_mlps_and_on_for_conv_nets_sparsify_walks():
+def test_the_guard_is_off_by_default_for_mlps_and_on_for_conv_nets_sparsify_and_connect_walks():
     assert default_walk("sparsify", "constrained").step_guard == 0
     assert default_walk("sparsify", "constrained", "lenet5").step_guard == LIMIT
     assert default_walk("sparsify", "constrained", "vgg11", step_guard=0.0).step_guard == 0  # the user's word wins
     assert default_walk("new-task", "constrained", "lenet5").step_guard == 0
+    # connect: a LeNet-5 walk on digits-images dipped 5-25 points on single steps unguarded (BENCHMARKS.md)
+    conv_connect = default_walk("connect", "constrained", "lenet5")
+    assert conv_connect.step_guard == LIMIT and conv_connect.n_steps == 3000
+    assert default_walk("connect", "constrained").step_guard == 0 and default_walk("connect", "constrained").n_steps \
+        == 2000  # the MLP's defaults unchanged
     from geodesic.config import CONV_MODELS
     from geodesic.models import MODEL_NAMES
 

@@ -38,8 +38,8 @@ def render() -> None:
                 "first if classes are lost. The **Steps** view plots the ε and ρ of every step.")
     st.markdown("**The step guard.** A probe of 16 inputs leaves most directions free, and in a conv net a few "
                 "of them move many other inputs' classes at once. With *guard* on (the default for conv nets' "
-                "sparsify walks) a thousand training inputs are checked where the step would land before it is "
-                "taken: a step that loses the class of more than 0.3% of them, or moves their predicted "
+                "sparsify and connect walks) a thousand training inputs are checked where the step would land before "
+                "it is taken: a step that loses the class of more than 0.3% of them, or moves their predicted "
                 "distributions by more than 0.01 nats on average (KL), is halved, up to five times. A guarded step "
                 "is shorter than ε: the **Steps** view shows it in ‖θ‖.")
     st.subheader("3. Reading the charts")
