@@ -246,8 +246,10 @@ def accuracy_vs_alpha(runs: list[tuple[str, np.ndarray, np.ndarray]], line: pd.D
     return _layout(fig, "Connect: the walk against the straight line")
 
 
-def per_task_accuracy(runs: Runs, baseline: pd.DataFrame | None = None) -> go.Figure:
-    """New task: accuracy on every task against step, naive fine-tuning overlaid."""
+def per_task_accuracy(runs: Runs, baseline: pd.DataFrame | None = None, joint: dict | None = None,
+                      joint_steps: int | None = None) -> go.Figure:
+    """New task: accuracy on every task against step, naive fine-tuning overlaid, and joint training's end accuracy
+    on every task (the upper bound: task A's data all kept) as a dotted line each."""
     fig = go.Figure()
     for i, (label, frame) in enumerate(runs):
         for j, task in enumerate(_tasks(frame, "accuracy")):
@@ -258,6 +260,13 @@ def per_task_accuracy(runs: Runs, baseline: pd.DataFrame | None = None) -> go.Fi
         for task in _tasks(baseline, "accuracy"):
             fig.add_trace(go.Scatter(x=baseline["step"], y=100 * baseline[f"accuracy/{task}"],
                                      name=f"naive fine-tuning: {task}", line=dict(color="#0f172a", dash="dash")))
+    if joint:  # one label for the lines (they lie close together): above the higher one
+        for value in joint.values():
+            fig.add_hline(y=100 * value, line=dict(color="#64748b", dash="dot", width=1))
+        fig.add_annotation(x=0, xref="x domain", y=100 * max(joint.values()), yanchor="bottom", xanchor="left",
+                           showarrow=False, font=dict(size=11, color="#475569"),
+                           text=f"joint training on A and B, {joint_steps} steps (the upper bound): "
+                                + ", ".join(f"{task} {100 * v:.1f}%" for task, v in joint.items()))
     fig.update_xaxes(title_text="step (fine-tuning: optimiser steps)")
     fig.update_yaxes(title_text="test accuracy (%)")
     return _layout(fig, "New task: every task along the path")

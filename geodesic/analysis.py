@@ -17,7 +17,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .baselines import fine_tune, masked_fine_tune, one_shot_prune, straight_line, weight_matching
+from .baselines import (
+    continual_fine_tune,
+    fine_tune,
+    masked_fine_tune,
+    one_shot_prune,
+    straight_line,
+    weight_matching,
+)
 from .errors import Cancelled
 from .experiment import Experiment
 from .measures import evaluate, true_class_probability
@@ -85,7 +92,8 @@ def goal_baselines(experiment: Experiment, budget_steps: int | None = None,
     """What the walk is compared with on the dashboard, at a matched number of forward+backward passes.
 
     sparsify: one-shot pruning and masked fine-tuning (accuracy numbers); new-task: naive fine-tuning
-    on task B (a per-step table of accuracy on every task); connect: the straight line on a 21-point α grid, and
+    on task B (a per-step table of accuracy on every task) and joint training on A and B, the upper bound (accuracy
+    on every task at the end); connect: the straight line on a 21-point α grid, and
     for an MLP the straight line to B with its hidden units permuted to line up with A's (weight matching: the same
     function as B, and the fair extra baseline of method.md §5).
     model_fn: the network to use (default the walk's own). should_stop: asked as the fine-tuning goes; True
@@ -106,7 +114,12 @@ def goal_baselines(experiment: Experiment, budget_steps: int | None = None,
         n = min(budget, 600)
         _, history = fine_tune(walker.model_fn, experiment.start, experiment.tasks["B"], n, cfg.seed,
                                eval_tasks=experiment.tasks, eval_every=max(n // 30, 1), should_stop=should_stop)
-        return {"naive_fine_tune": pd.DataFrame(history)}
+        # the upper bound (method.md §5): the same optimiser steps on batches of task B and all of task A together
+        joint = continual_fine_tune(walker.model_fn, experiment.start, experiment.tasks["B"], n, cfg.seed, "joint",
+                                    task_a=task_a, should_stop=should_stop)
+        return {"naive_fine_tune": pd.DataFrame(history), "joint_training_steps": n,
+                "joint_training": {name: evaluate(walker.model_fn, joint, t.test.x, t.test.y)[1]
+                                   for name, t in experiment.tasks.items()}}
     line = straight_line(walker.model_fn, experiment.start, experiment.end, task_a, n_points=21)
     out = {"straight_line": pd.DataFrame(line)}
     if cfg.model.name == "mlp":  # weight matching lines up an MLP's hidden units (baselines.weight_matching)

@@ -130,12 +130,14 @@ def diagonal_fisher(model_fn: ModelFn, params: Params, x: torch.Tensor, n_sample
 
 def continual_fine_tune(model_fn: ModelFn, params: Params, task_b: Dataset, n_steps: int, seed: int,
                         method: str, task_a: Dataset | None = None, memory: torch.Tensor | None = None,
-                        ewc_weight: float = 1e5, lr: float = 1e-3, batch_size: int = 64) -> Params:
+                        ewc_weight: float = 1e5, lr: float = 1e-3, batch_size: int = 64,
+                        should_stop: Callable[[], bool] | None = None) -> Params:
     """Continual-learning baselines from w_A, all with Adam and the same number of optimiser steps:
 
     naive: cross-entropy on task B; ewc: + (λ/2) Σ F_i (w_i − w_A,i)² with a diagonal Fisher on task A;
     replay: every batch mixes task-B examples with the memory's task-A examples (same memory as the walk);
     joint: batches from task A and task B together (the upper bound: all of task A stays available).
+    should_stop: asked before every step; True raises Cancelled.
     """
     anchor = clone(params)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
@@ -146,7 +148,9 @@ def continual_fine_tune(model_fn: ModelFn, params: Params, task_b: Dataset, n_st
         old_x, old_y = task_a.train.x[memory], task_a.train.y[memory]
     elif method == "joint":
         old_x, old_y = task_a.train.x, task_a.train.y
-    for _ in range(n_steps):
+    for step in range(n_steps):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"{method} fine-tuning stopped at step {step} of {n_steps}")
         index = torch.randint(0, len(task_b.train), (batch_size,), generator=g).to(task_b.train.y.device)
         x, y = task_b.train.x[index], task_b.train.y[index]
         if method in ("replay", "joint"):

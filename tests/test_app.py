@@ -762,6 +762,21 @@ def test_the_baselines_arrive_from_their_process_and_join_the_charts():
     assert "masked fine-tuning" in drawn.lower()
 
 
+def test_a_new_task_walk_is_shown_between_naive_fine_tuning_and_joint_training():
+    """method.md §5: always a naive fine-tuning baseline and a joint-training upper bound (it had only the first)."""
+    at = start({"goal": "new-task"})
+    baselines = baselines_when_they_arrive(at)
+    joint, steps = baselines["joint_training"], baselines["joint_training_steps"]
+    assert set(joint) == {"A", "B"} and steps == 300  # the walk's most steps per run (naive fine-tuning's too)
+    naive_end = baselines["naive_fine_tune"].iloc[-1]
+    assert joint["A"] > naive_end["accuracy/A"] + 0.3  # joint keeps task A; naive fine-tuning forgets it
+    at.run()
+    (tasks,) = [m for m in live_charts(at).values() if "New task: every task" in json.dumps(m)]
+    label = (f"joint training on A and B, 300 steps (the upper bound): A {100 * joint['A']:.1f}%, "
+             f"B {100 * joint['B']:.1f}%")
+    assert label in json.dumps(tasks["full"]["layout"], ensure_ascii=False)
+
+
 def test_a_run_the_server_refuses_says_why_and_keeps_the_walk():
     """Run at the server's limit: the page says so next to the buttons, the walk stays where it was and can be
     run once a place is free."""

@@ -130,6 +130,10 @@ def test_a_fine_tuning_asked_to_stop_stops_at_once():
 
     with pytest.raises(Cancelled, match="step 3 of 1000"):
         bl.fine_tune(NetworkFunction(net, net.buffers), net.init_params(0), data, 1000, 0, should_stop=should_stop)
+    asked.clear()  # joint training (the new task's upper bound on the dashboard) likewise
+    with pytest.raises(Cancelled, match="joint fine-tuning stopped at step 3 of 1000"):
+        bl.continual_fine_tune(NetworkFunction(net, net.buffers), net.init_params(0), data, 1000, 0, "joint",
+                               task_a=data, should_stop=should_stop)
 
 
 def test_step_cost_times_a_walks_whole_step_and_checks_it_only_where_a_graph_took_it():

@@ -87,7 +87,9 @@ def _overview(s, runs) -> None:
     if goal == "sparsify":
         _runs_chart(lambda: charts.sparsity_and_distance(runs), runs, "sparsity")
     elif goal == "new-task":
-        _runs_chart(lambda: charts.per_task_accuracy(runs, s.baselines.get("naive_fine_tune")), runs, "tasks",
+        _runs_chart(lambda: charts.per_task_accuracy(runs, s.baselines.get("naive_fine_tune"),
+                                                     s.baselines.get("joint_training"),
+                                                     s.baselines.get("joint_training_steps")), runs, "tasks",
                     id(s.baselines))
     else:
         walks = [(label, analysis.path_position(f), f["accuracy/A"].to_numpy()) for label, f in runs]
