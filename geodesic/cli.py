@@ -231,8 +231,10 @@ def run_command(args: argparse.Namespace) -> int:
         pruned = end.get("prune_now_accuracy")
         if pruned and not summary["reached_goal"]:  # stopped short of the target: what pruning there would keep
             extra += " (not reached; pruned now: " + " ".join(f"{k}={v:.4f}" for k, v in pruned.items()) + ")"
+        zeros = f" ({end['zero_weights']:,} of {summary['prunable_weights']:,} weights zero)" \
+            if summary["goal"] == "sparsify" else ""
         print(f"{summary['steps']} steps, {summary['wall_seconds']:.1f} s: test accuracy {line}, "
-              f"sparsity {end['sparsity']:.3f}{extra} -> {out}", file=sys.stderr)
+              f"sparsity {end['sparsity']:.3f}{zeros}{extra} -> {out}", file=sys.stderr)
     start, lowest = summary["start"]["test_accuracy"]["A"], summary["min_test_accuracy"]["A"]
     if function_lost(start, lowest):  # as the app says it
         print(f"geodesic: warning: test accuracy A fell to {100 * lowest:.1f}% on the way (from {100 * start:.1f}%): "

@@ -48,6 +48,7 @@ def summarize(experiment: Experiment, wall_seconds: float) -> dict:
 
     def point(p) -> dict:
         return {"test_accuracy": dict(p.accuracy), "test_loss": dict(p.loss), "sparsity": p.sparsity,
+                "zero_weights": walker.zeros_at(p),
                 **({"prune_now_accuracy": {k.split("/", 1)[1]: v for k, v in p.extra.items()}} if p.extra else {})}
 
     summary = {
@@ -60,6 +61,7 @@ def summarize(experiment: Experiment, wall_seconds: float) -> dict:
             sum(p.step_seconds for p in record.points[1:]) / max(len(record) - 1, 1)),
         "start": point(first), "end": point(last), "min_test_accuracy": record.min_accuracy(),
         "euclidean_length": last.euclidean_length, "functional_length": last.functional_length,
+        "prunable_weights": walker.n_prunable,  # zeros and non-zeros, not latency: masks give no speed-up (method.md)
     }
     if cfg.goal.kind == "connect":
         line = straight_line(walker.model_fn, experiment.start, experiment.end, experiment.tasks["A"], n_points=21)

@@ -88,6 +88,15 @@ class Walker:
     def n_steps(self) -> int:
         return self.record.last.step if self.record.points else 0
 
+    @property
+    def n_prunable(self) -> int:
+        """How many weights sparsity counts over (Linear and Conv weights: `network.prunable`)."""
+        return sum(self.params[k].numel() for k in self.network.prunable)
+
+    def zeros_at(self, point: PathPoint) -> int:
+        """Exact zeros among the prunable weights at a recorded point (its sparsity × n_prunable, exactly)."""
+        return round(point.sparsity * self.n_prunable)
+
     # -- walking -----------------------------------------------------------------------------------------
     def step(self) -> PathPoint:
         """Take one step; returns the recorded point. Raises WalkDiverged (keeping the last finite

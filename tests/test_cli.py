@@ -29,13 +29,22 @@ def test_sparsify_run_writes_the_contract_files(tmp_path):
     table = pd.read_parquet(out / "steps.parquet")
     assert len(table) == summary["steps"] + 1 and "accuracy/A" in table and "functional_step" in table
     assert (out / "config.json").exists() and (out / "weights" / "final.safetensors").exists()
+    # zeros and non-zeros counted, as the method asks (64·128 + 128·128 + 128·10 weights; biases are not pruned)
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "weights" / "final.safetensors")
+    prunable = [v for k, v in weights.items() if k.endswith("weight")]
+    assert summary["prunable_weights"] == sum(v.numel() for v in prunable) == 64 * 128 + 128 * 128 + 128 * 10
+    assert summary["end"]["zero_weights"] == sum(int((v == 0).sum()) for v in prunable)
+    assert summary["start"]["zero_weights"] == 0
 
 
 def test_a_sparsify_run_stopped_short_says_what_pruning_there_keeps(tmp_path):
     short = geodesic("run", "--goal", "sparsify", "--epochs", "10", "--n-steps", "3", "--out", str(tmp_path / "s"))
     assert short.returncode == 0
     line = short.stderr.replace("\r", "\n").strip().splitlines()[-1]
-    assert line.startswith("3 steps") and "sparsity 0.000 (not reached; pruned now: A=0." in line, line
+    assert line.startswith("3 steps") and "sparsity 0.000 (0 of 25,856 weights zero) (not reached; pruned now: A=0." \
+        in line, line
 
 
 def test_connect_summary_has_both_barriers(tmp_path):
