@@ -167,9 +167,9 @@ WALK_DEFAULTS: dict[tuple[str, str], dict] = {
 # target (its probe of 16 inputs leaves directions open that move other inputs' classes); the guard halves
 # those steps and keeps the lowest point within 3 points of the start, the end within 1.5, on seeds 0-2. MLP
 # walks keep the guard off: their figures stay those of the paper's step. A LeNet-5 connect walk on digits-images
-# has the same dips (error barrier 6.9-25 points on seeds 0-4, none under the 2 that count as connected, lowest
-# points 70-90%); guarded, 0.8-2.2 points, lowest 93.3-94.4%, in 1,611-2,335 steps (2 of the 5 unguarded
-# walks took more than 2,000 steps too), 25-36 s on 2 cores (BENCHMARKS.md, "The step guard on connect").
+# has the same dips (a sweep of seeds 0-4: error barrier 9.4-19.3 points, none under the 2 that count as
+# connected, lowest points 76-87%); guarded, 0.6-2.2 points, lowest 93.6-94.4%, in 1,627-2,308 steps (4 of the
+# 10 walks took more than 2,000 steps), about 1.6x the time (BENCHMARKS.md, "The step guard on connect").
 DEFAULT_STEP_GUARD = 0.003  # of the guard examples: 3 of 1,024
 CONV_WALK_DEFAULTS: dict[tuple[str, str], dict] = {
     ("sparsify", "constrained"): dict(step_guard=DEFAULT_STEP_GUARD),
