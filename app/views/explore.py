@@ -299,16 +299,15 @@ def _status(s) -> None:
                        help="The largest Euclidean step ‖θ‖ of the next step: set in the sidebar, changed mid-walk "
                             "with 'Step size ε now', or adapted by auto")
     if s.config.goal.kind == "sparsify":
-        total, zeros = walker.n_prunable, walker.zeros_at(last)
         cols[3].metric("sparsity", f"{100 * last.sparsity:.1f}%",
-                       help=f"Exact zeros among the {total:,} prunable weights (Linear and Conv weights): {zeros:,} "
-                            f"zero, {total - zeros:,} non-zero. Zeros in dense tensors give no speed-up by themselves.")
+                       help="Exact zeros among the prunable weights (Linear and Conv weights). Zeros in dense tensors "
+                            "give no speed-up by themselves.")
+        total, zeros = walker.n_prunable, walker.zeros_at(last)  # counts, not latency (method.md); below the row
+        st.caption(f"{zeros:,} of {total:,} prunable weights are exactly zero; {total - zeros:,} non-zero.")
     else:  # sparsity stays 0 on these goals; what they are judged by is the accuracy kept all along the path
         cols[3].metric("lowest A so far", f"{100 * walker.record.lowest_accuracy('A'):.1f}%",
                        help="The lowest test accuracy of task A at any step of this walk so far")
     cols[4].metric("distance to goal", f"{last.goal_distance:.3g}")
-    if s.config.goal.kind == "sparsify":  # counts, not latency (method.md): masked weights give no speed-up
-        st.caption(f"{zeros:,} of {total:,} prunable weights are exactly zero; {total - zeros:,} non-zero.")
     if session.settings_problem():
         st.warning(session.settings_problem())
     if s.notice:
