@@ -27,7 +27,7 @@ from .baselines import (
 )
 from .errors import Cancelled
 from .experiment import Experiment
-from .measures import evaluate, true_class_probability
+from .measures import evaluate, scored_on, true_class_probability
 from .metric import PullbackMetric
 from .models import NetworkFunction, build_network
 from .params import unflatten
@@ -118,7 +118,7 @@ def goal_baselines(experiment: Experiment, budget_steps: int | None = None,
         joint = continual_fine_tune(walker.model_fn, experiment.start, experiment.tasks["B"], n, cfg.seed, "joint",
                                     task_a=task_a, should_stop=should_stop)
         return {"naive_fine_tune": pd.DataFrame(history), "joint_training_steps": n,
-                "joint_training": {name: evaluate(walker.model_fn, joint, t.test.x, t.test.y)[1]
+                "joint_training": {name: evaluate(scored_on(walker.model_fn, t), joint, t.test.x, t.test.y)[1]
                                    for name, t in experiment.tasks.items()}}
     line = straight_line(walker.model_fn, experiment.start, experiment.end, task_a, n_points=21)
     out = {"straight_line": pd.DataFrame(line)}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .data import Dataset
 from .errors import Cancelled
-from .measures import ModelFn, evaluate, magnitude_prune
+from .measures import ModelFn, evaluate, magnitude_prune, scored_on
 from .params import Params, clone
 
 
@@ -27,7 +27,7 @@ def straight_line(model_fn: ModelFn, params_a: Params, params_b: Params, task: D
     losses, accuracies = [], []
     for alpha in alphas:
         point = {k: (1 - alpha) * params_a[k] + alpha * params_b[k] for k in params_a}
-        loss, acc = evaluate(model_fn, point, task.test.x, task.test.y)
+        loss, acc = evaluate(scored_on(model_fn, task), point, task.test.x, task.test.y)
         losses.append(loss)
         accuracies.append(acc)
     return {"alpha": alphas, "loss": np.array(losses), "accuracy": np.array(accuracies)}
@@ -36,7 +36,8 @@ def straight_line(model_fn: ModelFn, params_a: Params, params_b: Params, task: D
 def one_shot_prune(model_fn: ModelFn, params: Params, prunable: tuple[str, ...], target_sparsity: float,
                    task: Dataset) -> float:
     """Test accuracy of global magnitude pruning with no retraining."""
-    return evaluate(model_fn, magnitude_prune(params, prunable, target_sparsity), task.test.x, task.test.y)[1]
+    return evaluate(scored_on(model_fn, task), magnitude_prune(params, prunable, target_sparsity), task.test.x,
+                    task.test.y)[1]
 
 
 def fine_tune(model_fn: ModelFn, params: Params, task: Dataset, n_steps: int, seed: int, lr: float = 1e-3,
@@ -53,13 +54,14 @@ def fine_tune(model_fn: ModelFn, params: Params, task: Dataset, n_steps: int, se
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     x, y = task.train.x, task.train.y
+    task_fn = scored_on(model_fn, task)
     history = []
 
     def record(step: int) -> None:
         if eval_tasks and eval_every and step % eval_every == 0:
             row = {"step": step}
             for name, t in eval_tasks.items():
-                row[f"accuracy/{name}"] = evaluate(model_fn, params, t.test.x, t.test.y)[1]
+                row[f"accuracy/{name}"] = evaluate(scored_on(model_fn, t), params, t.test.x, t.test.y)[1]
             history.append(row)
 
     record(0)
@@ -71,7 +73,7 @@ def fine_tune(model_fn: ModelFn, params: Params, task: Dataset, n_steps: int, se
             order, cursor = torch.randperm(len(y), generator=g), 0
         index = order[cursor:cursor + batch_size].to(y.device)
         cursor += batch_size
-        loss = F.cross_entropy(model_fn(params, x[index]), y[index])
+        loss = F.cross_entropy(task_fn(params, x[index]), y[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -90,7 +92,7 @@ def masked_fine_tune(model_fn: ModelFn, params: Params, prunable: tuple[str, ...
     pruned = magnitude_prune(params, prunable, target_sparsity)
     mask = {k: (pruned[k] != 0).float() for k in prunable}
     tuned, _ = fine_tune(model_fn, pruned, task, n_steps, seed, mask=mask, should_stop=should_stop)
-    return tuned, evaluate(model_fn, tuned, task.test.x, task.test.y)[1]
+    return tuned, evaluate(scored_on(model_fn, task), tuned, task.test.x, task.test.y)[1]
 
 
 def gradual_magnitude_prune(model_fn: ModelFn, params: Params, prunable: tuple[str, ...], target_sparsity: float,
@@ -111,7 +113,7 @@ def gradual_magnitude_prune(model_fn: ModelFn, params: Params, prunable: tuple[s
     mask = {name: (current[name] != 0).float() for name in prunable}
     current, _ = fine_tune(model_fn, current, task, max(n_steps - n_updates * chunk, 1), seed, mask=mask,
                            batch_size=batch_size)
-    return current, evaluate(model_fn, current, task.test.x, task.test.y)[1]
+    return current, evaluate(scored_on(model_fn, task), current, task.test.x, task.test.y)[1]
 
 
 def diagonal_fisher(model_fn: ModelFn, params: Params, x: torch.Tensor, n_samples: int = 500) -> Params:
@@ -143,7 +145,8 @@ def continual_fine_tune(model_fn: ModelFn, params: Params, task_b: Dataset, n_st
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    fisher = diagonal_fisher(model_fn, anchor, task_a.train.x) if method == "ewc" else None
+    fisher = diagonal_fisher(scored_on(model_fn, task_a), anchor, task_a.train.x) if method == "ewc" else None
+    fn_a, fn_b = (scored_on(model_fn, task_a) if task_a is not None else None), scored_on(model_fn, task_b)
     if method == "replay":
         old_x, old_y = task_a.train.x[memory], task_a.train.y[memory]
     elif method == "joint":
@@ -153,10 +156,10 @@ def continual_fine_tune(model_fn: ModelFn, params: Params, task_b: Dataset, n_st
             raise Cancelled(f"{method} fine-tuning stopped at step {step} of {n_steps}")
         index = torch.randint(0, len(task_b.train), (batch_size,), generator=g).to(task_b.train.y.device)
         x, y = task_b.train.x[index], task_b.train.y[index]
-        if method in ("replay", "joint"):
+        loss = F.cross_entropy(fn_b(params, x), y)
+        if method in ("replay", "joint"):  # the mean over both halves, each task on its own head's outputs
             old = torch.randint(0, len(old_y), (batch_size,), generator=g).to(old_y.device)
-            x, y = torch.cat([x, old_x[old]]), torch.cat([y, old_y[old]])
-        loss = F.cross_entropy(model_fn(params, x), y)
+            loss = 0.5 * (loss + F.cross_entropy(fn_a(params, old_x[old]), old_y[old]))
         if fisher is not None:
             loss = loss + 0.5 * ewc_weight * sum((fisher[k] * (params[k] - anchor[k]) ** 2).sum() for k in params)
         optimizer.zero_grad(set_to_none=True)
@@ -224,11 +227,11 @@ def bezier_curve(model_fn: ModelFn, params_a: Params, params_b: Params, task: Da
     for _ in range(n_steps):
         t = float(torch.rand(1, generator=g))
         index = torch.randint(0, len(task.train), (batch_size,), generator=g).to(task.train.y.device)
-        loss = F.cross_entropy(model_fn(point(t, theta), task.train.x[index]), task.train.y[index])
+        loss = F.cross_entropy(scored_on(model_fn, task)(point(t, theta), task.train.x[index]), task.train.y[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     control = clone(theta)
     alphas = np.linspace(0, 1, n_points)
-    results = [evaluate(model_fn, point(float(a), control), task.test.x, task.test.y) for a in alphas]
+    results = [evaluate(scored_on(model_fn, task), point(float(a), control), task.test.x, task.test.y) for a in alphas]
     return {"alpha": alphas, "loss": np.array([r[0] for r in results]), "accuracy": np.array([r[1] for r in results])}

@@ -74,6 +74,7 @@ def _batch_key_parts(walker: Walker) -> dict[str, object] | None:
             "input shape": tuple(goal.anchor_inputs.shape[1:]), "goal inputs": shapes(measured["extra"]),
             "distance inputs": shapes(measured["distance"]),
             "test sets": tuple((name, shapes(xy)) for name, xy in measured["tests"].items()),
+            "heads": tuple(measured["heads"].items()),
             "drift inputs": shapes(measured["drift"])}
 
 
@@ -484,7 +485,7 @@ class WalkBatch:
 
             def factors(p, x):
                 found = linear_layer_factors(model_fn.network, model_fn.buffers, p, x,
-                                             metric_of(x)._whitening_from_logits)
+                                             metric_of(x).whitening_of_network_outputs)
                 if found is None:
                     raise _NotBatchable("the factored rows do not apply")
                 return found[0], found[1]

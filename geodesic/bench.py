@@ -23,7 +23,7 @@ from .config import DEVICES, DataConfig, GoalConfig, ModelConfig, RunConfig, Tra
 from .errors import ConfigError
 from .experiment import build, resolve_device
 from .goals import memory_indices
-from .measures import evaluate, sparsity
+from .measures import evaluate, scored_on, sparsity
 from .stepcost import step_cost
 from .summary import CONNECTED_POINTS, summarize
 
@@ -93,7 +93,7 @@ def run_case(case: Case, seed: int, device: str = "cpu") -> list[Result]:
             # Out of steps before the target: the network to compare is the last point's projection (what
             # "prune now" gives), not the dense last point. Marked in the table.
             projected = experiment.goal.finish(walker.params)
-            end_accuracy = {t: evaluate(walker.model_fn, projected, d.test.x, d.test.y)[1] for t, d in
+            end_accuracy = {t: evaluate(scored_on(walker.model_fn, d), projected, d.test.x, d.test.y)[1] for t, d in
                             experiment.tasks.items()}
             lowest = {t: min(lowest[t], end_accuracy[t]) for t in lowest}
             end_sparsity = sparsity(projected, experiment.network.prunable)
@@ -143,7 +143,7 @@ def _baselines(case: Case, experiment, budget: int, seed: int) -> list[Result]:
             def continual(method=method):
                 params = bl.continual_fine_tune(fn, start, tasks["B"], steps, seed, method, task_a=task_a,
                                                 memory=memory)
-                acc = {k: evaluate(fn, params, t.test.x, t.test.y)[1] for k, t in tasks.items()}
+                acc = {k: evaluate(scored_on(fn, t), params, t.test.x, t.test.y)[1] for k, t in tasks.items()}
                 per_step = BATCH * (2 if method in ("replay", "joint") else 1)
                 return Result(case.name, "", acc, budget=steps * per_step)
 

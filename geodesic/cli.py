@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--target-sparsity", type=float, default=0.9, help="sparsify: fraction of weights to zero")
     run.add_argument("--tolerance", type=float, help="sparsify/connect: done within this distance "
                      "(default 0.01 for sparsify, 0.1 for connect)")
-    run.add_argument("--new-task", default="permuted", choices=NEW_TASKS, help="new-task protocol")
+    run.add_argument("--new-task", default="permuted", choices=NEW_TASKS,
+                     help="new-task protocol: permuted (domain-incremental), split (classes 0-4 then 5-9, one head: "
+                     "class-incremental), split-heads (the same with a head per task: task-incremental)")
     run.add_argument("--memory-size", type=int, default=500, help="new-task: task-A inputs kept")
     run.add_argument("--epochs", type=int, default=30, help="training epochs of the start network(s)")
     run.add_argument("--init", metavar="PATH", help="start from these weights (.safetensors or a state dict)")

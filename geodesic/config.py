@@ -15,7 +15,10 @@ GOALS = ("sparsify", "new-task", "connect")
 SOLVERS = ("constrained", "penalty")
 METRICS = ("fisher", "logit")
 LINEAR_SOLVERS = ("auto", "kernel", "cg")
-NEW_TASKS = ("permuted", "split")
+NEW_TASKS = ("permuted", "split", "split-heads")
+# The continual-learning scenario each protocol is (van de Ven & Tolias 2019), which method.md asks the views to say.
+SCENARIOS = {"permuted": "domain-incremental", "split": "class-incremental, one head",
+             "split-heads": "task-incremental, a head per task"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -82,7 +85,7 @@ class TrainConfig:
 class GoalConfig:
     kind: str = "sparsify"
     target_sparsity: float = 0.9  # s: fraction of prunable weights set to zero
-    new_task: str = "permuted"  # permuted | split (classes 0-4 then 5-9, one head)
+    new_task: str = "permuted"  # permuted | split (classes 0-4 then 5-9, one head) | split-heads (a head per task)
     memory_size: int = 500  # new task: task-A inputs kept for the metric and the anchor
     # sparsify/connect: done when ‖w − target‖ < tolerance, then project/snap. None: 0.01 for sparsify
     # (the authors' value) and 0.1 for connect, about one step: the last snap is then no longer than a step.

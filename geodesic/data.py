@@ -52,19 +52,28 @@ class Split:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A classification task: train and test splits with labels in [0, n_classes)."""
+    """A classification task: train and test splits with labels in [0, n_classes).
+
+    head: the network's output columns [lo, hi) this task is scored on, its labels counted from lo (0..hi-lo-1);
+    None: all n_classes outputs (one shared head). A task-incremental protocol gives each task a head of its own.
+    """
 
     name: str
     train: Split
     test: Split
     n_classes: int
+    head: tuple[int, int] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
 
     def to(self, device) -> Dataset:
-        return Dataset(self.name, self.train.to(device), self.test.to(device), self.n_classes)
+        return Dataset(self.name, self.train.to(device), self.test.to(device), self.n_classes, self.head)
+
+    def scored(self, logits: Tensor) -> Tensor:
+        """The columns of the network's outputs (..., n_classes) that this task's labels index."""
+        return logits if self.head is None else logits[..., self.head[0]:self.head[1]]
 
 
 def from_tensors(x_train, y_train, x_test, y_test, name: str = "custom", n_classes: int | None = None) -> Dataset:
@@ -223,12 +232,30 @@ def split_classes(dataset: Dataset, classes: tuple[int, ...], suffix: str) -> Da
     return Dataset(f"{dataset.name}-{suffix}", keep(dataset.train), keep(dataset.test), dataset.n_classes)
 
 
+def with_own_head(task: Dataset, classes: tuple[int, ...]) -> Dataset:
+    """`task` (only `classes`, contiguous) scored on the outputs of its own classes alone, labels counted from the
+    first of them: the task-incremental scenario, where the network is told which task an input belongs to
+    (van de Ven & Tolias 2019, "Three scenarios for continual learning": a multi-headed output layer)."""
+    lo, hi = classes[0], classes[-1] + 1
+
+    def relabel(split: Split) -> Split:
+        return Split(split.x, split.y - lo)
+
+    return Dataset(f"{task.name}-head", relabel(task.train), relabel(task.test), task.n_classes, (lo, hi))
+
+
 def task_pair(dataset: Dataset, protocol: str, seed: int) -> tuple[Dataset, Dataset]:
-    """(task A, task B) for the new-task goal."""
+    """(task A, task B) for the new-task goal (config.NEW_TASKS)."""
     if protocol == "permuted":
         return dataset, permuted(dataset, seed=10_000 + seed)
-    if protocol == "split":
+    if protocol in ("split", "split-heads"):
         half = dataset.n_classes // 2
-        return (split_classes(dataset, tuple(range(half)), f"0-{half - 1}"),
-                split_classes(dataset, tuple(range(half, dataset.n_classes)), f"{half}-{dataset.n_classes - 1}"))
-    raise DataError(f"unknown new-task protocol {protocol!r}; known: permuted, split")
+        if half < 2:
+            raise DataError(f"{dataset.name} has {dataset.n_classes} classes: splitting them into two tasks needs "
+                            "at least 4 (two per task)")
+        classes = tuple(range(half)), tuple(range(half, dataset.n_classes))
+        tasks = tuple(split_classes(dataset, c, f"{c[0]}-{c[-1]}") for c in classes)
+        if protocol == "split-heads":
+            tasks = tuple(with_own_head(t, c) for t, c in zip(tasks, classes, strict=True))
+        return tasks
+    raise DataError(f"unknown new-task protocol {protocol!r}; known: permuted, split, split-heads")

@@ -105,7 +105,7 @@ def build(config: RunConfig, progress: Progress | None = None, start_tensors: di
         buffers.update(start_buffers)
     end = None
 
-    model_fn = NetworkFunction(network, buffers)
+    model_fn = NetworkFunction(network, buffers, head=tasks["A"].head)  # the function the walk keeps: task A's
 
     train_a = tasks["A"].train
     common = dict(metric_kind=config.walk.metric, tolerance=goal_cfg.tolerance, tasks=tasks)

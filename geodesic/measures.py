@@ -16,6 +16,19 @@ from .params import Params
 ModelFn = Callable[[Params, Tensor], Tensor]  # (params, inputs) -> logits (n, C)
 
 
+def scored_on(model_fn: ModelFn, task) -> ModelFn:
+    """`model_fn` as `task` (a data.Dataset) is scored: on its own head's output columns when it has one, else on
+    all of them. A NetworkFunction changes its head (it may hold another task's); a plain callable is sliced."""
+    from .models import NetworkFunction
+
+    if isinstance(model_fn, NetworkFunction):
+        return model_fn.with_head(task.head)
+    if task.head is None:
+        return model_fn
+    lo, hi = task.head
+    return lambda params, x: model_fn(params, x)[..., lo:hi]
+
+
 def bhattacharyya(logits: Tensor, anchor_logits: Tensor) -> Tensor:
     """D_B(p, q) = -log Σ_c sqrt(p_c q_c) per input (shape (n,)); ≈ θᵀFθ/8 to second order."""
     log_bc = torch.logsumexp(0.5 * (F.log_softmax(logits, -1) + F.log_softmax(anchor_logits, -1)), dim=-1)

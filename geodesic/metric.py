@@ -102,6 +102,17 @@ class PullbackMetric:
             whiten = torch.eye(c, dtype=logits.dtype, device=logits.device).expand(n, c, c)
         return whiten / n ** 0.5
 
+    def whitening_of_network_outputs(self, logits: Tensor) -> Tensor:
+        """(N, K, C): from all C outputs of the network to the K whitened outputs this metric measures: the
+        whitening itself, or, for a NetworkFunction with a head, the whitening of those columns alone (the rest
+        weighted 0). The factored rows (rows.py) differentiate the whole network's outputs through this map."""
+        head = getattr(self.model_fn, "head", None)
+        if head is None:
+            return self._whitening_from_logits(logits)
+        lo, hi = head
+        whiten = self._whitening_from_logits(logits[:, lo:hi])
+        return F.pad(whiten, (lo, logits.shape[-1] - hi))
+
     def jacobian_rows(self, base_point: Params, allow_dense: bool = True, size_rule: bool = True
                       ) -> JacobianRows | None:
         """L in the cheapest exact form: factored per layer for networks of Linear, Conv2d and eval-mode
@@ -109,7 +120,7 @@ class PullbackMetric:
         rows even where their conv part is bigger than `auto` would write out (the exact step was asked for)."""
         if isinstance(self.model_fn, NetworkFunction):
             rows = linear_layer_rows(self.model_fn.network, self.model_fn.buffers, base_point, self.inputs,
-                                     self._whitening_from_logits, size_rule)
+                                     self.whitening_of_network_outputs, size_rule)
             if rows is not None:
                 return rows
         return DenseRows(self.jacobian_blocks(base_point)) if allow_dense else None

@@ -8,6 +8,7 @@ VGG and ResNet come from torchvision, adapted to small images (8x8, 28x28, 32x32
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -156,13 +157,22 @@ class NetworkFunction:
     """`network` with the BatchNorm statistics `buffers` as a pure function (params, x) -> logits.
 
     A plain callable would do for the forward pass; this one also tells the metric which network it is,
-    so it can use the factored Jacobian for Linear-only networks (rows.py)."""
+    so it can use the factored Jacobian for Linear-only networks (rows.py).
+
+    head: only the output columns [lo, hi) (a task with a head of its own, data.Dataset.head); None: all of them.
+    """
 
     network: Network
     buffers: dict[str, Tensor]
+    head: tuple[int, int] | None = None
 
     def __call__(self, params: Params, x: Tensor) -> Tensor:
-        return self.network.apply(params, x, self.buffers)
+        logits = self.network.apply(params, x, self.buffers)
+        return logits if self.head is None else logits[..., self.head[0]:self.head[1]]
+
+    def with_head(self, head: tuple[int, int] | None) -> NetworkFunction:
+        """The same network scored on the columns `head` (None: all outputs)."""
+        return self if head == self.head else dataclasses.replace(self, head=head)
 
 
 def build_network(config: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> Network:

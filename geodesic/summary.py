@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from .baselines import barrier, straight_line
+from .config import SCENARIOS
 from .experiment import Experiment
 
 LOST_POINTS = 5.0  # a walk whose accuracy fell more than this many points below its start did not keep the function
@@ -54,6 +55,7 @@ def summarize(experiment: Experiment, wall_seconds: float) -> dict:
     summary = {
         "goal": cfg.goal.kind, "dataset": cfg.data.name, "model": cfg.model.name, "solver": cfg.walk.solver,
         "new_task": cfg.goal.new_task if cfg.goal.kind == "new-task" else None,
+        "scenario": SCENARIOS[cfg.goal.new_task] if cfg.goal.kind == "new-task" else None,
         "target_sparsity": cfg.goal.target_sparsity if cfg.goal.kind == "sparsify" else None,
         "seed": cfg.seed, "device": str(experiment.device), "steps": last.step,
         "reached_goal": walker.stop_reason == "goal reached", "stop_reason": _stop_reason(walker),

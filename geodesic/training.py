@@ -40,7 +40,7 @@ def train(network: Network, params: Params, dataset: Dataset, config: TrainConfi
             order = torch.randperm(len(y), generator=g).to(y.device)
             for start in range(0, len(y), config.batch_size):
                 index = order[start:start + config.batch_size]
-                loss = F.cross_entropy(network.apply(params, x[index], buffers), y[index])
+                loss = F.cross_entropy(dataset.scored(network.apply(params, x[index], buffers)), y[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

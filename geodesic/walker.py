@@ -68,7 +68,8 @@ class Walker:
     # -- the model as a pure function of params (the walker's own BatchNorm statistics) -------------------
     @property
     def model_fn(self) -> NetworkFunction:
-        return NetworkFunction(self.network, self.buffers)
+        """The function the walk keeps: task A's outputs (its own head's, when it has one)."""
+        return NetworkFunction(self.network, self.buffers, head=self.tasks["A"].head)
 
     @property
     def goal_weight(self) -> float:
@@ -357,7 +358,8 @@ class Walker:
         # The default drift probe is the first test inputs of task A: their logits come with the test pass.
         drift_from = next((name for name, (x, _) in tests.items() if _is_prefix(self._drift_probe, x)), None)
         drift = (self._drift_anchor,) if drift_from else (self._drift_probe, self._drift_anchor)
-        return {"tests": tests, "drift": drift, "drift_from": drift_from,
+        heads = {name: task.head for name, task in self.tasks.items()}
+        return {"tests": tests, "heads": heads, "drift": drift, "drift_from": drift_from,
                 "distance": self.goal.distance_inputs(), "extra": self.goal.extra_inputs()}
 
     def measures(self, params: Params) -> dict:
@@ -397,10 +399,10 @@ def measure_values(goal: Goal, model_fn: NetworkFunction, prunable: tuple[str, .
     'goal_distance', 'extra:NAME'. Pure (no Python numbers out): WalkBatch runs it under vmap for many walks."""
     values, drift_logits = {}, None
     anchor = inputs["drift"][-1]
-    for name, (x, y) in inputs["tests"].items():
-        logits = logits_of(model_fn, params, x)
+    for name, (x, y) in inputs["tests"].items():  # each task on its own head's outputs (data.Dataset.head)
+        logits = logits_of(model_fn.with_head(inputs["heads"][name]), params, x)
         values[f"loss/{name}"], values[f"accuracy/{name}"] = loss_and_accuracy(logits, y)
-        if name == inputs["drift_from"]:
+        if name == inputs["drift_from"] and inputs["heads"][name] == model_fn.head:
             drift_logits = logits[: len(anchor)]
     if drift_logits is None:
         drift_logits = model_fn(params, inputs["drift"][0])

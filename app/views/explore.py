@@ -10,6 +10,7 @@ import streamlit as st
 from app import charts, controls, session
 from app.live_chart import live_plotly_chart, live_runs_chart, thin_for_drawing
 from geodesic import analysis, worker
+from geodesic.config import SCENARIOS
 from geodesic.engine import CapacityError
 from geodesic.errors import ConfigError, GeodesicError
 from geodesic.experiment import build
@@ -616,7 +617,8 @@ def render() -> None:
                f"{cfg.walk.goal_weight:g}"
                f"{f', steps guarded at {cfg.walk.step_guard:.1%}' if cfg.walk.step_guard else ''}), seed {cfg.seed}, "
                f"device {s.experiment.device}"
-               + (f"; scenario: {cfg.goal.new_task}" if cfg.goal.kind == "new-task" else ""))
+               + (f"; protocol {cfg.goal.new_task} ({SCENARIOS[cfg.goal.new_task]})" if cfg.goal.kind == "new-task"
+                  else ""))
     _drive(s, teach)
     available = [v for v in VIEWS if v != "Boundary" or s.walker.tasks["A"].train.x.shape[1:] == (2,)]
     # required: clicking the view on show keeps it (it used to deselect it, and the page fell through to Data)

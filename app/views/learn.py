@@ -42,6 +42,14 @@ def render() -> None:
                 "it is taken: a step that loses the class of more than 0.3% of them, or moves their predicted "
                 "distributions by more than 0.01 nats on average (KL), is halved, up to five times. A guarded step "
                 "is shorter than ε: the **Steps** view shows it in ‖θ‖.")
+    st.markdown("**A new task, three scenarios.** The walk learns task B while keeping the start network's outputs "
+                "on a memory of task-A inputs. How hard that is depends on what the network is told. *permuted*: "
+                "the same ten classes, every input shuffled (domain-incremental). *split*: A is classes 0-4, B "
+                "classes 5-9, one head of ten outputs, so the network must also tell A's classes from B's without "
+                "being told the task (class-incremental: the hardest). *split-heads*: the same classes, each task "
+                "scored on its own five outputs, the network told the task (task-incremental): the walk keeps A's "
+                "head only, B's outputs move freely. Naive fine-tuning (dashed) forgets A; joint training on both "
+                "tasks (dotted) is the upper bound.")
     st.subheader("3. Reading the charts")
     st.markdown("- **Overview**: accuracy per task and loss along the path, baselines dashed; vertical dotted lines "
                 "mark step-size changes and branches. For connect, accuracy against the position α along the path "

@@ -56,7 +56,7 @@ class Goal:
         """The goal for `network` starting at `params`, anchored on `data`'s training inputs (Python API)."""
         from ..models import NetworkFunction
 
-        model_fn = NetworkFunction(network, network.buffers)
+        model_fn = NetworkFunction(network, network.buffers, head=data.head)  # the function kept: data's
         return cls._for_network(model_fn, network, params, data, metric_kind, tolerance, **goal_kwargs)
 
     @classmethod

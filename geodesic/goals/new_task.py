@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.func import grad
 
 from ..data import Dataset
+from ..measures import scored_on
 from ..params import Params, scale
 from .base import Batch, Goal, draw
 
@@ -33,7 +34,7 @@ class NewTask(Goal):
 
     def task_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         """h(w): mean task-B cross-entropy on the given examples."""
-        return F.cross_entropy(self.model_fn(params, x), y)
+        return F.cross_entropy(scored_on(self.model_fn, self.task_b)(params, x), y)
 
     def direction_inputs(self, batch: Batch) -> tuple:
         split = self.task_b.train
