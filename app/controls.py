@@ -23,7 +23,7 @@ from geodesic.config import (
     TrainConfig,
     default_walk,
 )
-from geodesic.data import DATASETS, TORCHVISION_SETS, is_image_data
+from geodesic.data import DATASETS, MNIST_NAMES, TORCHVISION_SETS, is_image_data
 from geodesic.errors import ConfigError
 from geodesic.guard import KL_BUDGET
 from geodesic.models import MODEL_NAMES
@@ -40,7 +40,7 @@ URL_FIELDS = {
 SETTING_TO_WIDGET = {"max-step-norm": "step_size", "goal-weight": "goal_weight", "restoring-weight": "restoring_weight",
                      "probe-size": "probe_size", "seed": "seed", "target-sparsity": "target_sparsity",
                      "memory-size": "memory_size", "device": "device", "data": "data_root", "model": "model",
-                     "n-steps": "n_steps"}
+                     "n-steps": "n_steps", "new-task": "new_task"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -162,7 +162,8 @@ def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None) ->
                  help="sparsify: reach a target sparsity; new-task: learn task B keeping A; "
                       "connect: walk from network A to network B")
     st.selectbox("Dataset", DATASETS, key="dataset")
-    if ss.dataset in TORCHVISION_SETS:
+    # torchvision's sets read their files from it, and so does the mnist-fashion protocol's task B
+    if ss.dataset in TORCHVISION_SETS or (ss.goal == "new-task" and ss.get("new_task") == "mnist-fashion"):
         st.text_input("Data folder (torchvision layout)", key="data_root")
     _message(errors, "data_root")
     # Only the models that fit the data: conv models need images (channels, height, width).
@@ -212,7 +213,10 @@ def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None) ->
                      help="permuted: task B permutes every input (domain-incremental); split: classes 0-4 then 5-9 "
                           "with one head, so B's classes compete with A's (class-incremental); split-heads: the same "
                           "classes, each task scored on its own head's outputs, the network told which task an input "
-                          "is from (task-incremental)")
+                          "is from (task-incremental); mnist-fashion: MNIST, then Fashion-MNIST's garments as "
+                          "classes 10-19 of one head of twenty (dataset mnist-sample or mnist, with Fashion-MNIST's "
+                          "files in the data folder)")
+        _message(errors, "new_task")
         st.number_input("Memory of task-A inputs", key="memory_size", step=50)
         _message(errors, "memory_size")
     else:
@@ -235,6 +239,13 @@ def config_from_widgets() -> RunConfig:
                         probe_size=ss.probe_size, n_steps=ss.n_steps, adaptive_step=bool(ss.get("auto_step")) or None,
                         step_guard=DEFAULT_STEP_GUARD if ss.get("guard") else 0.0)
     root = ss.get("data_root") or None
+    if ss.goal == "new-task" and ss.new_task == "mnist-fashion":  # refused next to its control, before any training
+        if ss.dataset not in MNIST_NAMES:
+            raise ConfigError("new-task", ss.new_task, f"permuted, split or split-heads on {ss.dataset}: mnist-fashion "
+                                                       f"starts from MNIST (dataset {' or '.join(MNIST_NAMES)})")
+        if not root:
+            raise ConfigError("data", "", "the folder holding Fashion-MNIST's torchvision files (FashionMNIST/raw/ "
+                                          "inside it), which the mnist-fashion protocol's task B reads; none was given")
     if ss.dataset in TORCHVISION_SETS and not root:
         folder = TORCHVISION_SETS[ss.dataset][1]
         raise ConfigError("data", root or "", f"the folder holding {ss.dataset}'s torchvision files ({folder}/ "
@@ -254,7 +265,7 @@ def widget_for(err: ConfigError) -> str:
 WIDGET_LABELS = {"step_size": "Step size ε", "goal_weight": "Goal weight", "restoring_weight": "Restoring weight ρ",
                  "probe_size": "Probe size N", "seed": "Seed", "target_sparsity": "Target sparsity",
                  "memory_size": "Memory of task-A inputs", "device": "Device", "data_root": "Data folder",
-                 "model": "Model", "n_steps": "Most steps per run"}
+                 "model": "Model", "n_steps": "Most steps per run", "new_task": "Protocol"}
 
 
 def message_for(err: ConfigError) -> str:

@@ -228,6 +228,8 @@ def run_command(args: argparse.Namespace) -> int:
     if not args.quiet:
         end = summary["end"]
         line = " ".join(f"{k}={v:.4f}" for k, v in end["test_accuracy"].items())
+        if summary.get("scenario"):  # which continual-learning scenario the numbers are of (method.md §5)
+            line += f" ({summary['new_task']}: {summary['scenario']})"
         extra = f" error_barrier={summary['error_barrier']:.4f} (straight line {summary['linear_error_barrier']:.4f})" \
             if "error_barrier" in summary else ""
         pruned = end.get("prune_now_accuracy")

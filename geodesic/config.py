@@ -15,10 +15,11 @@ GOALS = ("sparsify", "new-task", "connect")
 SOLVERS = ("constrained", "penalty")
 METRICS = ("fisher", "logit")
 LINEAR_SOLVERS = ("auto", "kernel", "cg")
-NEW_TASKS = ("permuted", "split", "split-heads")
+NEW_TASKS = ("permuted", "split", "split-heads", "mnist-fashion")
 # The continual-learning scenario each protocol is (van de Ven & Tolias 2019), which method.md asks the views to say.
 SCENARIOS = {"permuted": "domain-incremental", "split": "class-incremental, one head",
-             "split-heads": "task-incremental, a head per task"}
+             "split-heads": "task-incremental, a head per task",
+             "mnist-fashion": "class-incremental, one head of 20"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -85,7 +86,7 @@ class TrainConfig:
 class GoalConfig:
     kind: str = "sparsify"
     target_sparsity: float = 0.9  # s: fraction of prunable weights set to zero
-    new_task: str = "permuted"  # permuted | split (classes 0-4 then 5-9, one head) | split-heads (a head per task)
+    new_task: str = "permuted"  # a protocol of NEW_TASKS (SCENARIOS says which continual-learning scenario each is)
     memory_size: int = 500  # new task: task-A inputs kept for the metric and the anchor
     # sparsify/connect: done when ‖w − target‖ < tolerance, then project/snap. None: 0.01 for sparsify
     # (the authors' value) and 0.1 for connect, about one step: the last snap is then no longer than a step.

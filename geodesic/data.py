@@ -244,8 +244,37 @@ def with_own_head(task: Dataset, classes: tuple[int, ...]) -> Dataset:
     return Dataset(f"{task.name}-head", relabel(task.train), relabel(task.test), task.n_classes, (lo, hi))
 
 
-def task_pair(dataset: Dataset, protocol: str, seed: int) -> tuple[Dataset, Dataset]:
-    """(task A, task B) for the new-task goal (config.NEW_TASKS)."""
+MNIST_NAMES = ("mnist", "mnist-sample", "mnist-sample-images")  # what the mnist-fashion protocol starts from
+
+
+def mnist_then_fashion(mnist: Dataset, fashion: Dataset) -> tuple[Dataset, Dataset]:
+    """Task A: MNIST's ten digits; task B: Fashion-MNIST's ten garments as classes 10-19 (shaped like A's inputs);
+    both on one head of twenty outputs (method.md §5)."""
+    n_classes = mnist.n_classes + fashion.n_classes
+
+    def garments(split: Split) -> Split:
+        return Split(split.x.reshape(len(split), *mnist.input_shape), split.y + mnist.n_classes)
+
+    # A's name says its head is twenty wide: its start network is cached apart from a ten-way one's.
+    return (Dataset(f"{mnist.name}-of-{n_classes}", mnist.train, mnist.test, n_classes),
+            Dataset(f"{fashion.name}+{mnist.n_classes}", garments(fashion.train), garments(fashion.test), n_classes))
+
+
+def task_pair(dataset: Dataset, protocol: str, seed: int, data=None) -> tuple[Dataset, Dataset]:
+    """(task A, task B) for the new-task goal (config.NEW_TASKS). data: the DataConfig `dataset` was loaded with;
+    mnist-fashion reads Fashion-MNIST from its root."""
+    if protocol == "mnist-fashion":
+        if dataset.name not in MNIST_NAMES or data is None:
+            raise DataError(f"the mnist-fashion protocol starts from MNIST: choose the dataset "
+                            f"{', '.join(MNIST_NAMES)} (got {dataset.name})")
+        import dataclasses
+
+        try:
+            fashion = load_dataset(dataclasses.replace(data, name="fashion-mnist"))
+        except DataError as err:
+            raise DataError(f"the mnist-fashion protocol's task B is Fashion-MNIST, read from the data folder: {err}"
+                            ) from err
+        return mnist_then_fashion(dataset, fashion)
     if protocol == "permuted":
         return dataset, permuted(dataset, seed=10_000 + seed)
     if protocol in ("split", "split-heads"):
@@ -258,4 +287,4 @@ def task_pair(dataset: Dataset, protocol: str, seed: int) -> tuple[Dataset, Data
         if protocol == "split-heads":
             tasks = tuple(with_own_head(t, c) for t, c in zip(tasks, classes, strict=True))
         return tasks
-    raise DataError(f"unknown new-task protocol {protocol!r}; known: permuted, split, split-heads")
+    raise DataError(f"unknown new-task protocol {protocol!r}; known: permuted, split, split-heads, mnist-fashion")

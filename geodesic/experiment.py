@@ -81,12 +81,12 @@ def build(config: RunConfig, progress: Progress | None = None, start_tensors: di
     dataset = load_dataset(config.data)
     goal_cfg = config.goal
     if goal_cfg.kind == "new-task":
-        task_a, task_b = task_pair(dataset, goal_cfg.new_task, config.seed)
+        task_a, task_b = task_pair(dataset, goal_cfg.new_task, config.seed, config.data)
         tasks = {"A": task_a.to(device), "B": task_b.to(device)}
     else:
         tasks = {"A": dataset.to(device)}
     check_probe(config, tasks["A"])
-    network = build_network(config.model, dataset.input_shape, dataset.n_classes).to(device)
+    network = build_network(config.model, dataset.input_shape, tasks["A"].n_classes).to(device)
     data_key = {**dataclasses.asdict(config.data), "task": tasks["A"].name}
     data_key.pop("root"), data_key.pop("download")
 

@@ -261,8 +261,11 @@ def _check_cells(cells: list[Cell]) -> None:
             except DataError:  # not here (a Ray cluster's workers may hold it): the cell's own build will say
                 datasets[key] = None
         if datasets[key] is not None:
-            task_a = (task_pair(datasets[key], config.goal.new_task, config.seed)[0]
-                      if config.goal.kind == "new-task" else datasets[key])
+            try:
+                task_a = (task_pair(datasets[key], config.goal.new_task, config.seed, config.data)[0]
+                          if config.goal.kind == "new-task" else datasets[key])
+            except DataError:  # task B's data not here (mnist-fashion), or no such pair: the cell's build will say
+                continue
             check_probe(config, task_a)
 
 

@@ -334,6 +334,28 @@ def test_missing_dataset_folder_is_reported_and_keeps_the_walk(tmp_path):
                in w.value for w in [*at.error, *at.warning]), [w.value for w in [*at.error, *at.warning]]
 
 
+def test_mnist_then_fashion_is_refused_by_its_fields_until_it_can_start(fashion_root):
+    at = start({"goal": "new-task"})
+    kept = walker(at)
+    at.selectbox(key="new_task").set_value("mnist-fashion").run()  # on the default digits
+    button(at, "Start a new walk with these settings").click().run()
+    assert walker(at) is kept
+    assert any("Protocol: got 'mnist-fashion'; allowed: permuted, split or split-heads on digits: mnist-fashion "
+               "starts from MNIST" in e.value for e in at.error), [e.value for e in at.error]
+    at.selectbox(key="dataset").set_value("mnist-sample").run()  # the data folder is asked for, then given
+    button(at, "Start a new walk with these settings").click().run()
+    assert walker(at) is kept
+    assert any("Data folder: got ''; allowed: the folder holding Fashion-MNIST's torchvision files" in e.value
+               for e in at.error), [e.value for e in at.error]
+    at.text_input(key="data_root").set_value(fashion_root).run()
+    button(at, "Start a new walk with these settings").click().run()
+    assert not at.exception and walker(at) is not kept
+    assert walker(at).network.n_classes == 20 and set(walker(at).record[0].accuracy) == {"A", "B"}
+    assert any("protocol mnist-fashion (class-incremental, one head of 20)" in c.value for c in at.caption)
+    button(at, "Step").click().run()
+    assert not at.exception and walker(at).n_steps == 1
+
+
 def test_url_reproduces_the_setup_and_teach_mode_hides_controls():
     at = start({"goal": "connect", "eps": "0.05", "seed": "1", "teach": "1"})
     w = walker(at)

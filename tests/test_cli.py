@@ -76,6 +76,10 @@ def test_connect_summary_has_both_barriers(tmp_path):
     (["--goal", "sparsify", "--goal-weight-growth", "5"], "goal-weight-growth: got 5.0"),
     (["--goal", "new-task", "--memory-size", "0"], "memory-size: got 0"),
     (["--goal", "new-task", "--new-task", "rotated"], "invalid choice: 'rotated'"),
+    (["--goal", "new-task", "--new-task", "mnist-fashion"], "mnist-fashion protocol starts from MNIST"),
+    (["--goal", "new-task", "--new-task", "mnist-fashion", "--dataset", "mnist-sample"],
+     "task B is Fashion-MNIST, read from the data folder: fashion-mnist needs a data folder"),
+    (["--goal", "sparsify", "--dataset", "moons", "--goal", "new-task", "--new-task", "split"], "needs at least 4"),
     (["--goal", "sparsify", "--device", "cuda"], "device: got 'cuda'"),
     (["--goal", "sparsify", "--model", "vgg11"], "needs images"),
     (["--goal", "sparsify", "--save-every", "-1"], "save-every: got -1"),
@@ -93,6 +97,15 @@ def test_bad_settings_exit_2_with_a_message_and_no_traceback(tmp_path, args, fra
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()  # refused: no folder left behind for it
+
+
+def test_a_new_task_run_names_its_scenario(tmp_path):
+    result = geodesic("run", "--goal", "new-task", "--new-task", "split-heads", "--epochs", "10", "--n-steps", "3",
+                      "--out", str(tmp_path / "t"))
+    assert result.returncode == 0, result.stderr
+    line = result.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert line.startswith("3 steps") and "(split-heads: task-incremental, a head per task)" in line, line
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["scenario"] == "task-incremental, a head per task"
 
 
 def test_resume_continues_a_saved_walk(tmp_path):

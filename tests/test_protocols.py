@@ -1,5 +1,6 @@
-"""The task-incremental protocol (split-heads, method.md §5): each task is scored on its own head's outputs, and
-the walk keeps task A's head alone, so task B's outputs move freely."""
+"""The new-task protocols of method.md §5 beyond permuted and split: split-heads (task-incremental: each task is
+scored on its own head's outputs, and the walk keeps task A's head alone, so task B's outputs move freely) and
+MNIST → Fashion-MNIST (B's labels offset by 10, one head of 20)."""
 import pytest
 import torch
 
@@ -133,3 +134,41 @@ def test_a_run_summary_says_its_scenario():
     ex = build(_config(n_steps=2))
     list(ex.walker.run())
     assert summarize(ex, wall_seconds=1.0)["scenario"] == "task-incremental, a head per task"
+
+
+# ---- MNIST → Fashion-MNIST ---------------------------------------------------------------------------------------
+
+def _fashion_config(root, dataset="mnist-sample", solver="constrained", **walk) -> RunConfig:
+    return RunConfig(goal=GoalConfig(kind="new-task", new_task="mnist-fashion"), train=TrainConfig(epochs=8),
+                     data=DataConfig(dataset, root=root), walk=default_walk("new-task", solver, **walk))
+
+
+@pytest.mark.parametrize("dataset", ["mnist-sample", "mnist-sample-images"])
+def test_mnist_then_fashion_shares_one_head_of_twenty(fashion_root, dataset):
+    config = DataConfig(dataset, root=fashion_root)
+    mnist = load_dataset(config)
+    a, b = task_pair(mnist, "mnist-fashion", seed=0, data=config)
+    assert a.n_classes == b.n_classes == 20 and a.head is None and b.head is None
+    assert set(a.train.y.tolist()) == set(range(10)) and set(b.test.y.tolist()) == set(range(10, 20))
+    assert b.input_shape == a.input_shape == mnist.input_shape and len(b.train) == 600
+    assert torch.equal(a.train.x, mnist.train.x) and a.name != mnist.name  # a 20-way start network caches apart
+
+
+def test_mnist_then_fashion_says_what_it_needs(fashion_root, tmp_path):
+    digits = DataConfig("digits")
+    with pytest.raises(DataError, match="starts from MNIST: choose the dataset mnist, mnist-sample"):
+        task_pair(load_dataset(digits), "mnist-fashion", seed=0, data=digits)
+    for root in (None, str(tmp_path)):
+        config = DataConfig("mnist-sample", root=root)
+        with pytest.raises(DataError, match="task B is Fashion-MNIST, read from the data folder: fashion-mnist"):
+            task_pair(load_dataset(config), "mnist-fashion", seed=0, data=config)
+
+
+def test_a_walk_from_mnist_learns_fashion_and_keeps_the_digits(fashion_root):
+    experiment = build(_fashion_config(fashion_root, n_steps=80))
+    assert experiment.network.n_classes == 20 and experiment.goal.n_outputs == 20
+    points = [experiment.walker.record[0], *experiment.walker.run()]
+    assert points[0].accuracy["A"] > 0.85 and points[0].accuracy["B"] == 0.0  # classes 10-19 never trained
+    assert points[-1].accuracy["B"] > 0.8
+    assert min(p.accuracy["A"] for p in points) > points[0].accuracy["A"] - 0.05
+    assert experiment.walker.record.last.step == 80
