@@ -325,6 +325,8 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
            Case("digits new-task permuted (domain-incremental)", "new-task", new_task="permuted"),
            Case("digits new-task split 0-4/5-9 (class-incremental, one head)", "new-task", new_task="split",
                 penalty=not quick),
+           Case("digits new-task split 0-4/5-9 (task-incremental, a head per task)", "new-task",
+                new_task="split-heads", penalty=not quick),
            Case("digits connect", "connect"),
            Case("moons sparsify 80%", "sparsify", data="moons", hidden=(32, 32), target_sparsity=0.8, penalty=False)]
     if not quick:
