@@ -209,7 +209,8 @@ def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None) ->
         st.number_input("Target sparsity", key="target_sparsity", format="%.3f", step=0.05)
         _message(errors, "target_sparsity")
     elif ss.goal == "new-task":
-        st.selectbox("Protocol", NEW_TASKS, key="new_task", format_func=lambda p: f"{p} ({SCENARIOS[p].split(',')[0]})",
+        st.selectbox("Protocol", NEW_TASKS, key="new_task",
+                     format_func=lambda p: f"{p} ({SCENARIOS[p].split('-')[0]}-IL)",
                      help="permuted: task B permutes every input (domain-incremental); split: classes 0-4 then 5-9 "
                           "with one head, so B's classes compete with A's (class-incremental); split-heads: the same "
                           "classes, each task scored on its own head's outputs, the network told which task an input "
