@@ -1,6 +1,8 @@
 """The new-task protocols of method.md §5 beyond permuted and split: split-heads (task-incremental: each task is
 scored on its own head's outputs, and the walk keeps task A's head alone, so task B's outputs move freely) and
 MNIST → Fashion-MNIST (B's labels offset by 10, one head of 20)."""
+import time
+
 import pytest
 import torch
 
@@ -172,3 +174,47 @@ def test_a_walk_from_mnist_learns_fashion_and_keeps_the_digits(fashion_root):
     assert points[-1].accuracy["B"] > 0.8
     assert min(p.accuracy["A"] for p in points) > points[0].accuracy["A"] - 0.05
     assert experiment.walker.record.last.step == 80
+
+
+def test_sessions_of_every_protocol_walk_at_once_through_one_engine():
+    """A class on one server: sessions on their own threads, each running its walk through one engine, task-
+    incremental walks beside class- and domain-incremental ones (the engine batches the compatible ones). Each
+    walk's path is the one it takes alone."""
+    import threading
+
+    from geodesic.engine import Engine, EngineSettings
+
+    configs = [_config("split-heads"), _config("split-heads", seed=1), _config("split"), _config("permuted"),
+               _config("split-heads", solver="penalty")]
+    walkers, lone = [build(c).walker for c in configs], [build(c).walker for c in configs]
+    engine = Engine(EngineSettings(threads=1))
+    errors = []
+
+    def session(i):
+        try:
+            handle = engine.open(walkers[i], session=f"s{i}")
+            handle.run(8)
+            t0 = time.monotonic()
+            while handle.is_running and time.monotonic() - t0 < 120:
+                handle.touch()
+                handle.walker.record.to_frame()  # what the page reads while the engine appends
+                time.sleep(0.05)
+            if handle.error:
+                errors.append(handle.error)
+        except Exception as err:  # noqa: BLE001 - what the test counts
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(walkers))]
+    try:
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        engine.stop()
+    assert errors == [] and [w.n_steps for w in walkers] == [8] * len(walkers)
+    for together, alone in zip(walkers, lone, strict=True):
+        for _ in range(8):
+            alone.step()
+        for a, b in zip(alone.record.points, together.record.points, strict=True):
+            assert b.accuracy == pytest.approx(a.accuracy, abs=1e-5) and b.loss == pytest.approx(a.loss, rel=1e-4)
+        for k in alone.params:
+            torch.testing.assert_close(together.params[k], alone.params[k], atol=1e-5, rtol=1e-4)
