@@ -48,9 +48,10 @@ def render() -> None:
                 "classes 5-9, one head of ten outputs, so the network must also tell A's classes from B's without "
                 "being told the task (class-incremental: the hardest). *split-heads*: the same classes, each task "
                 "scored on its own five outputs, the network told the task (task-incremental): the walk keeps A's "
-                "head only, B's outputs move freely. *mnist-fashion*: MNIST's digits, then Fashion-MNIST's "
-                "garments as ten more classes of one head of twenty. Naive fine-tuning (dashed) forgets A; joint "
-                "training on both tasks (dotted) is the upper bound.")
+                "head only, B's outputs move freely. *mnist-fashion*: class-incremental again, MNIST's digits "
+                "then Fashion-MNIST's garments as ten more classes of one head of twenty. Naive fine-tuning "
+                "(dashed) forgets A: all of it with one head, part of it with a head per task; joint training on "
+                "both tasks (dotted) is the upper bound.")
     st.subheader("3. Reading the charts")
     st.markdown("- **Overview**: accuracy per task and loss along the path, baselines dashed; vertical dotted lines "
                 "mark step-size changes and branches. For connect, accuracy against the position α along the path "
