@@ -16,16 +16,18 @@ import pandas as pd
 
 
 def best_cells(table: pd.DataFrame) -> pd.DataFrame:
-    """Per goal, the best cell by summary.outcome_rank: one that kept the function and reached the goal, with the
-    most accuracy kept on task A along the path (then at the end, then in fewer steps); a cell that reached its goal
-    by falling to one-shot pruning's accuracy is no best cell while another kept the function."""
+    """Per goal, the best cell by summary.outcome_rank: one that kept the function and reached the goal, for a new
+    task with the best average end accuracy over A and B, with the most accuracy kept on task A along the path (then
+    at the end, then in fewer steps); a cell that reached its goal by falling to one-shot pruning's accuracy is no
+    best cell while another kept the function."""
     from .summary import outcome_rank
 
     rows = []
-    for _, cells in table.groupby("goal", sort=True):
+    for goal, cells in table.groupby("goal", sort=True):
+        end_b = cells["end_accuracy/B"] if goal == "new-task" and "end_accuracy/B" in cells else [None] * len(cells)
         ranks = [outcome_rank(*r) for r in zip(cells["start_accuracy/A"], cells["min_accuracy/A"],
                                                cells["end_accuracy/A"], cells["reached_goal"], cells["steps"],
-                                               strict=True)]
+                                               end_b, strict=True)]
         rows.append(cells.iloc[max(range(len(ranks)), key=ranks.__getitem__)])
     return pd.DataFrame(rows)
 

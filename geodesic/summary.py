@@ -17,11 +17,14 @@ def function_lost(start: float, lowest: float) -> bool:
     return start - lowest > LOST_POINTS / 100
 
 
-def outcome_rank(start: float, lowest: float, end: float, reached: bool, steps: int) -> tuple:
+def outcome_rank(start: float, lowest: float, end: float, reached: bool, steps: int,
+                 end_b: float | None = None) -> tuple:
     """The order in which walks are best (the larger the better): kept the function, then reached the goal, then
-    the most accuracy kept along the path, then at the end, then the fewest steps. The sweep report's best cell
-    and the dashboard's fan both rank by it."""
-    return not function_lost(start, lowest), bool(reached), lowest, end, -steps
+    for a new task the average end accuracy over both tasks (end_b: task B's; continual learning's usual measure, so
+    a walk that kept A by not learning B is not the best), then the most accuracy kept along the path, then at the
+    end, then the fewest steps. The sweep report's best cell and the dashboard's fan both rank by it."""
+    average = 0.0 if end_b is None else (end + end_b) / 2
+    return not function_lost(start, lowest), bool(reached), average, lowest, end, -steps
 
 
 def connect_barriers(accuracy: Sequence[float], loss: Sequence[float], line: Mapping | None = None) -> dict:

@@ -190,8 +190,9 @@ def _sweep_into(out: Path, args: argparse.Namespace, cells: list[Cell], backend:
         print(f"{len(cells)} cells ({walked} walked, {skipped} finished before) -> {out / 'sweep.parquet'}"
               + (f", {out / 'sweep.html'}" if len(table) else ""), file=sys.stderr)
         for _, best in (best_cells(table).iterrows() if len(table) else ()):
+            end_b = f", end B {100 * best['end_accuracy/B']:.1f}%" if best["goal"] == "new-task" else ""
             print(f"best {best['goal']}: {best['cell']} (lowest A {100 * best['min_accuracy/A']:.1f}%, end A "
-                  f"{100 * best['end_accuracy/A']:.1f}%, {best['steps']} steps, "
+                  f"{100 * best['end_accuracy/A']:.1f}%{end_b}, {best['steps']} steps, "
                   f"{'goal reached' if best['reached_goal'] else best['stop_reason']})", file=sys.stderr)
     for message in failed:
         print(f"geodesic: error: {message}", file=sys.stderr)

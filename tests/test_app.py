@@ -271,7 +271,14 @@ def test_a_new_task_run_pauses_after_its_most_steps_and_run_goes_on():
         time.sleep(0.05)
     at.run()
     assert [state.branches[i].walker.n_steps for i, _ in state.fan] == [18, 18]
-    assert list(at.dataframe[0].value["state"]) == ["paused: took its most steps per run"] * 2
+    table = at.dataframe[0].value
+    assert list(table["state"]) == ["paused: took its most steps per run"] * 2
+    # what each learned beside what it kept, and the one offered to keep is the best on both tasks together
+    # (it used to be the one that kept A best, whatever B it learned)
+    ends = [state.branches[i].walker.record.last.accuracy for i, _ in state.fan]
+    assert list(table["accuracy B (%)"]) == [round(100 * e["B"], 1) for e in ends]
+    best = max(range(2), key=lambda k: ends[k]["A"] + ends[k]["B"])
+    assert at.selectbox(key="fan_keep").value == state.fan[best][0]
 
 
 def test_connect_shows_the_barriers_of_the_walk_and_the_straight_line():

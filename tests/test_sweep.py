@@ -180,6 +180,18 @@ def test_the_best_cell_keeps_the_function_then_reached_the_goal_then_kept_the_mo
     assert best == {"sparsify": "b", "connect": "e", "new-task": "f"}
 
 
+def test_the_best_new_task_cell_learned_b_as_well_as_keeping_a():
+    """A new task has no goal point: the best cell is the one with the best average over both tasks among those that
+    kept A (it was the one that kept A best, which is the walk that learned B least)."""
+    from geodesic.report import best_cells
+
+    table = pd.DataFrame({"cell": ["timid", "bold", "reckless"], "goal": ["new-task"] * 3,
+                          "reached_goal": [False] * 3, "start_accuracy/A": [0.97] * 3,
+                          "min_accuracy/A": [0.97, 0.95, 0.80], "end_accuracy/A": [0.97, 0.95, 0.80],
+                          "end_accuracy/B": [0.40, 0.93, 0.98], "steps": [300] * 3})
+    assert best_cells(table)["cell"].tolist() == ["bold"]
+
+
 def test_a_sweep_ends_saying_what_it_walked_where_it_wrote_and_the_best_cell(tmp_path, capsys):
     argv = ["sweep", "--goal", "sparsify", "--step-size", "0.1,0.2", "--n-steps", "3", "--epochs", "5",
             "--out", str(tmp_path / "s")]

@@ -424,14 +424,16 @@ def _fan_table(s) -> None:
         points = b.walker.record.points[s.fan_from:]
         last = points[-1]
         lowest = min(p.accuracy["A"] for p in points)
+        end_b = last.accuracy.get("B")  # a new task: what it learned, beside what it kept
         rows.append({"walk": b.label, "steps": last.step - s.fan_from,
                      "accuracy A (%)": round(100 * last.accuracy["A"], 1),
+                     **({} if end_b is None else {"accuracy B (%)": round(100 * end_b, 1)}),
                      "lowest A (%)": round(100 * lowest, 1),
                      "distance left": float(f"{last.goal_distance:.3g}"),
                      "state": handle.error or _fan_state(b.walker, handle)})
         # the sweep report's order for its best cell: one that lost the function on the way is never offered first
         rank[index] = outcome_rank(points[0].accuracy["A"], lowest, last.accuracy["A"],
-                                   b.walker.stop_reason == "goal reached", len(points))
+                                   b.walker.stop_reason == "goal reached", len(points), end_b)
     st.dataframe(rows, hide_index=True, width="stretch",  # the state may be a sentence (why a walk stopped)
                  column_config={"state": st.column_config.TextColumn(width="large")})
     c1, c2, c3 = st.columns([3, 2, 2])
