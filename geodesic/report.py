@@ -32,6 +32,10 @@ def best_cells(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# plotly.js's default colourway, given per cell so that its task-A and task-B lines share one
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
 def plotly_js() -> str:
     """The plotly.js of the installed plotly package (its file, not the Python package)."""
     spec = importlib.util.find_spec("plotly")
@@ -42,9 +46,17 @@ def plotly_js() -> str:
 
 def write_sweep_report(out: Path, table: pd.DataFrame, paths: dict[str, pd.DataFrame]) -> Path:
     """DIR/sweep.html from the sweep's table and each cell's per-step table (paths[cell])."""
-    traces = [{"type": "scatter", "mode": "lines", "name": name, "x": frame["step"].tolist(),
-               "y": (100 * frame["accuracy/A"]).round(3).tolist()} for name, frame in paths.items()]
-    layout = {"title": {"text": "Test accuracy (task A) along the path, one line per cell"}, "height": 560,
+    traces = []
+    for i, (name, frame) in enumerate(paths.items()):  # a new task's cells also draw what they learned: B, dashed
+        tasks = [t for t in ("A", "B") if f"accuracy/{t}" in frame and frame[f"accuracy/{t}"].notna().any()]
+        colour = COLOURS[i % len(COLOURS)]  # a cell's two lines in one colour
+        traces += [{"type": "scatter", "mode": "lines", "name": name if t == "A" else f"{name} (task B)",
+                    "legendgroup": name, "line": {"dash": "solid" if t == "A" else "dash", "color": colour},
+                    "x": frame["step"].tolist(), "y": (100 * frame[f"accuracy/{t}"]).round(3).tolist()}
+                   for t in tasks]
+    title = "Test accuracy (task A) along the path, one line per cell" + (
+        "; task B dashed" if any(t["line"]["dash"] == "dash" for t in traces) else "")
+    layout = {"title": {"text": title}, "height": 560,
               "xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "test accuracy (%)"}},
               "template": {"layout": {"plot_bgcolor": "white"}}}
     # Each cell as one point: the steps it took against the accuracy it kept all along (its lowest point), and

@@ -192,6 +192,16 @@ def test_the_best_new_task_cell_learned_b_as_well_as_keeping_a():
     assert best_cells(table)["cell"].tolist() == ["bold"]
 
 
+def test_a_new_task_sweep_says_what_each_cell_learned(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sweep", "--goal", "new-task", "--new-task", "split,split-heads", "--n-steps", "4", "--epochs", "5",
+                 "--out", str(out)]) == 0
+    report = (out / "sweep.html").read_text()
+    assert "task B dashed" in report and report.count("(task B)") == 2  # one dashed line per cell
+    best = [line for line in capsys.readouterr().err.splitlines() if line.startswith("best new-task")]
+    assert len(best) == 1 and ", end B " in best[0], best
+
+
 def test_a_sweep_ends_saying_what_it_walked_where_it_wrote_and_the_best_cell(tmp_path, capsys):
     argv = ["sweep", "--goal", "sparsify", "--step-size", "0.1,0.2", "--n-steps", "3", "--epochs", "5",
             "--out", str(tmp_path / "s")]
