@@ -119,6 +119,21 @@ def test_every_view_renders(app, view):
         assert len(app.get("download_button")) == 4
 
 
+def test_every_view_renders_a_walk_with_a_head_per_task():
+    """A task-incremental walk keeps the five outputs of A's head: the Examples heat map and the Metric spectrum
+    read those, the per-task chart both tasks on their own heads."""
+    at = start({"goal": "new-task", "protocol": "split-heads"})
+    for _ in range(2):
+        button(at, "Step").click().run()
+    for view in ("Overview", "Path", "Steps", "Examples", "Metric", "Data"):
+        at.segmented_control[0].set_value(view).run()
+        assert not at.exception, (view, [e.value for e in at.exception])
+        if view == "Metric":
+            button(at, "Compute the spectrum at the current point").click().run()
+            assert not at.exception and at.get("plotly_chart")
+    assert walker(at).model_fn.head == (0, 5)
+
+
 def test_changing_step_size_mid_walk_is_recorded(app, monkeypatch):
     import threading
 
