@@ -162,8 +162,9 @@ def check_new_run_folder(directory: str | Path) -> Path:
 
 
 def list_runs(root: str | Path) -> list[dict]:
-    """Saved runs under `root`, newest first: {name, goal, solver, dataset, steps, modified, problem} and what each
-    reached (end and lowest accuracy, sparsity, whether its goal was reached: _outcome). Folders being
+    """Saved runs under `root`, newest first: {name, goal, solver, dataset, protocol (a new task's, else None), steps,
+    modified, problem} and what each reached (end and lowest accuracy, sparsity, whether its goal was reached:
+    _outcome). Folders being
     saved or deleted (hidden names, see save_run) are not runs yet or any more; one deleted while listed is skipped.
     A folder that cannot be read as a run (a damaged or hand-edited file, a stray folder) is listed with its problem,
     so that one bad folder neither hides the others nor vanishes unexplained."""
@@ -177,6 +178,7 @@ def list_runs(root: str | Path) -> list[dict]:
             state = json.loads((folder / "state.json").read_text())
             modified = (folder / "state.json").stat().st_mtime
             entry = {"goal": config.goal.kind, "solver": config.walk.solver, "dataset": config.data.name,
+                     "protocol": config.goal.new_task if config.goal.kind == "new-task" else None,
                      "steps": int(state["step"]), "problem": ""}
         except FileNotFoundError as err:
             if not folder.exists():  # deleted or renamed while we listed
@@ -189,7 +191,7 @@ def list_runs(root: str | Path) -> list[dict]:
                 modified = folder.stat().st_mtime
             except OSError:
                 continue
-            entry = {"goal": None, "solver": None, "dataset": None, "steps": None, **entry}
+            entry = {"goal": None, "solver": None, "dataset": None, "protocol": None, "steps": None, **entry}
         runs.append({"name": folder.name, **entry, **_outcome(folder), "modified": modified})
     return sorted(runs, key=lambda r: -r["modified"])
 

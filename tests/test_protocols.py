@@ -218,3 +218,21 @@ def test_sessions_of_every_protocol_walk_at_once_through_one_engine():
             assert b.accuracy == pytest.approx(a.accuracy, abs=1e-5) and b.loss == pytest.approx(a.loss, rel=1e-4)
         for k in alone.params:
             torch.testing.assert_close(together.params[k], alone.params[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_saved_task_incremental_run_lists_its_protocol_and_reloads_with_its_heads(tmp_path):
+    from geodesic.store import list_runs, reload_run, save_run
+    from geodesic.summary import summarize
+
+    ex = build(_config(n_steps=4))
+    list(ex.walker.run())
+    save_run(ex, tmp_path, "task-il", summarize(ex, wall_seconds=0.0))
+    sparse = build(RunConfig(goal=GoalConfig(kind="sparsify"), train=FAST_TRAIN,
+                             walk=default_walk("sparsify", "constrained", n_steps=1)))
+    save_run(sparse, tmp_path, "sparse", summarize(sparse, wall_seconds=0.0))
+    assert {r["name"]: r["protocol"] for r in list_runs(tmp_path)} == {"task-il": "split-heads", "sparse": None}
+    again, left_out = reload_run(tmp_path / "task-il")
+    assert left_out is None and again.walker.model_fn.head == (0, 5) and again.tasks["B"].head == (5, 10)
+    assert again.walker.record.last.accuracy == ex.walker.record.last.accuracy
+    point = again.walker.step()  # and it walks on from there, on its own heads
+    assert point.step == 5 and point.accuracy["B"] > 0.2

@@ -107,7 +107,9 @@ def render() -> None:
         st.info("No saved runs yet.")
         return
     problems = ["problem"] if any(r["problem"] for r in runs) else []  # beside the name, where it is seen
-    shown_columns = ["name", *problems, "goal", "solver", "dataset", "steps"]
+    # a new task's protocol says which scenario its accuracies are of (split and split-heads read alike otherwise)
+    protocols = ["protocol"] if any(r["protocol"] for r in runs) else []
+    shown_columns = ["name", *problems, "goal", "solver", "dataset", *protocols, "steps"]
     percent = {"end A %": "end_accuracy_a", "lowest A %": "lowest_accuracy_a", "end B %": "end_accuracy_b",
                "sparsity %": "sparsity"}
     if not any(r["end_accuracy_b"] is not None for r in runs):
