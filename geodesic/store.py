@@ -164,10 +164,9 @@ def check_new_run_folder(directory: str | Path) -> Path:
 def list_runs(root: str | Path) -> list[dict]:
     """Saved runs under `root`, newest first: {name, goal, solver, dataset, protocol (a new task's, else None), steps,
     modified, problem} and what each reached (end and lowest accuracy, sparsity, whether its goal was reached:
-    _outcome). Folders being
-    saved or deleted (hidden names, see save_run) are not runs yet or any more; one deleted while listed is skipped.
-    A folder that cannot be read as a run (a damaged or hand-edited file, a stray folder) is listed with its problem,
-    so that one bad folder neither hides the others nor vanishes unexplained."""
+    _outcome). Folders being saved or deleted (hidden names, see save_run) are not runs yet or any more; one deleted
+    while listed is skipped. A folder that cannot be read as a run (a damaged or hand-edited file, a stray folder) is
+    listed with its problem, so that one bad folder neither hides the others nor vanishes unexplained."""
     root = Path(root)
     runs = []
     for folder in root.iterdir() if root.is_dir() else []:
