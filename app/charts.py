@@ -281,12 +281,18 @@ def heatmap(steps: np.ndarray, probs: np.ndarray) -> go.Figure:
     return _layout(fig, "Per-example probability of the true class", height=420)
 
 
-def spectrum(eigenvalues: np.ndarray, probe_size: int, n_params: int) -> go.Figure:
-    fig = go.Figure(go.Scatter(x=np.arange(1, len(eigenvalues) + 1), y=np.maximum(eigenvalues, 1e-12),
-                               mode="lines+markers"))
+def spectrum(spectra: list[dict], n_params: int) -> go.Figure:
+    """Each spectrum computed ({values, probe, step}) as one line, labelled by its step (and probe, if they differ)."""
+    probes = {x["probe"] for x in spectra}
+    fig = go.Figure([go.Scatter(x=np.arange(1, len(x["values"]) + 1), y=np.maximum(x["values"], 1e-12),
+                                mode="lines+markers",
+                                name=f"step {x['step']}" + (f", probe {x['probe']}" if len(probes) > 1 else ""))
+                     for x in spectra])
     fig.update_yaxes(type="log", title_text="eigenvalue of g", exponentformat="power")  # 10⁻⁶, not "1μ"
     fig.update_xaxes(title_text="rank")
-    return _layout(fig, f"Metric spectrum at the current point (probe of {probe_size} inputs; "
+    probe = f"probe of {next(iter(probes))} inputs" if len(probes) == 1 else "probes as labelled"
+    steps = ", ".join(str(x["step"]) for x in spectra)
+    return _layout(fig, f"Metric spectrum at step{'s' if len(spectra) > 1 else ''} {steps} ({probe}; "
                         f"rank ≤ N·C of {n_params:,} directions)")
 
 

@@ -99,7 +99,7 @@ class AppState:
     stop_baselines: threading.Event | None = None  # set: that computation is no longer wanted
     basis: PCABasis | None = None  # frozen PCA basis (refit on demand)
     umap: dict | None = None  # last UMAP result {"coords", "steps", "params"}
-    spectrum: dict | None = None
+    spectrum: list[dict] | None = None  # the metric spectra computed, {values, probe, step} each (Metric view)
     contour: dict | None = None
     errors: dict[str, tuple] = field(default_factory=dict)  # control -> (message, what it was about): controls.error_at
     notice: str = ""

@@ -25,11 +25,11 @@ from .baselines import (
     straight_line,
     weight_matching,
 )
-from .errors import Cancelled
+from .errors import Cancelled, ConfigError
 from .experiment import Experiment
 from .measures import evaluate, scored_on, true_class_probability
 from .metric import PullbackMetric
-from .models import NetworkFunction, build_network
+from .models import NetworkFunction, build_network, recompute_batchnorm
 from .params import unflatten
 from .projection import PCABasis
 from .walker import Walker
@@ -50,10 +50,21 @@ def true_class_heatmap(walker: Walker, n_networks: int = 40, n_examples: int = 1
     return steps, probs[:, order]
 
 
-def spectrum(walker: Walker, probe_size: int = 64, n_eigenvalues: int = 50) -> np.ndarray:
-    """Top eigenvalues of g at the current point on a fixed probe: the first probe_size anchor inputs."""
+def spectrum(walker: Walker, probe_size: int = 64, n_eigenvalues: int = 50, step: int | None = None) -> np.ndarray:
+    """Top eigenvalues of g on a fixed probe (the first probe_size anchor inputs) at the current point, or at recorded
+    point `step` (method.md §7: the spectrum at chosen points; ConfigError for a step whose weights a long path let
+    go, see Walker.params_at). BatchNorm statistics are those of that point, recomputed as the walk does."""
     probe = walker.goal.anchor_inputs[:probe_size]
-    return PullbackMetric(walker.model_fn, probe, walker.config.metric).spectrum(walker.params, n_eigenvalues)
+    if step is not None and not 0 <= step <= walker.n_steps:
+        raise ConfigError("spectrum step", step, f"a step of this walk, 0 to {walker.n_steps}")
+    if step is None or step == walker.n_steps:
+        params, model_fn = walker.params, walker.model_fn
+    else:
+        params, model_fn = walker.params_at(step), walker.model_fn
+        if walker.network.has_batchnorm and walker.bn_inputs is not None:
+            buffers = recompute_batchnorm(walker.network, params, walker.bn_inputs)
+            model_fn = NetworkFunction(walker.network, buffers, head=model_fn.head)
+    return PullbackMetric(model_fn, probe, walker.config.metric).spectrum(params, n_eigenvalues)
 
 
 def decision_grid(walker: Walker, resolution: int = 80, padding: float = 0.5) -> dict[str, np.ndarray]:

@@ -339,7 +339,12 @@ class Walker:
 
     def params_at(self, index: int) -> Params:
         """The weights of recorded point `index` (exact traces only; ConfigError naming the nearest points whose
-        weights a long path kept, for one it let go: see WeightTrace)."""
+        weights a long path kept, for one it let go: see WeightTrace). A model too large for an exact trace keeps only
+        a sketch of each point: ConfigError then too (the sketch's rows are not weights)."""
+        if not self.trace.is_exact:
+            raise ConfigError("step", index, f"the current point ({self.n_steps}) only: this model's "
+                              f"{self.trace.n_params:,} weights are too many to keep for every point of its path (it "
+                              "keeps a sketch of them for the projections; a saved run holds its checkpoints)")
         try:
             row = self.trace.row(index)
         except KeyError:

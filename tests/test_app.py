@@ -134,6 +134,61 @@ def test_every_view_renders_a_walk_with_a_head_per_task():
     assert walker(at).model_fn.head == (0, 5)
 
 
+def test_the_metric_spectrum_at_chosen_steps_is_drawn_beside_the_others():
+    """method.md §7: the spectrum at chosen points. It was only at the current point, each one replacing the last."""
+    import numpy as np
+
+    from geodesic import analysis
+
+    at = start()
+    for _ in range(3):
+        button(at, "Step").click().run()
+    at.segmented_control[0].set_value("Metric").run()
+    button(at, "Compute the spectrum at the current point").click().run()
+    at.number_input(key="spec_step").set_value(0).run()
+    button(at, "Compute the spectrum at step 0").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    state = at.session_state["geodesic"]
+    assert [x["step"] for x in state.spectrum] == [3, 0]
+    start_spectrum = analysis.spectrum(state.walker, 64, step=0)  # the start network's, not the current point's
+    np.testing.assert_allclose(state.spectrum[1]["values"], start_spectrum, rtol=1e-5)
+    assert not np.allclose(state.spectrum[0]["values"], start_spectrum, rtol=1e-5)
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert [t["name"] for t in spec["data"]] == ["step 3", "step 0"] and "steps 3, 0" in spec["layout"]["title"]["text"]
+    at.number_input(key="spec_step").set_value(99).run()  # later than the walk: refused by name, the spectra kept
+    button(at, "Compute the spectrum at step 99").click().run()
+    assert any("spectrum step: got 99; allowed: a step of this walk, 0 to 3" in e.value for e in at.error)
+    assert len(state.spectrum) == 2
+    button(at, "Clear the spectra").click().run()
+    assert state.spectrum is None and not at.get("plotly_chart")
+
+
+def test_a_model_too_large_to_keep_every_point_says_so_in_the_views_that_need_them(monkeypatch):
+    """VGG and ResNet keep only a sketch of each point's weights: the Examples view crashed on it (a RuntimeError from
+    reading a sketch row as weights), and a spectrum at an earlier step would have. Here the default MLP's trace is
+    made a sketch the same way, as one of those models' is."""
+    import functools
+
+    from geodesic import walker as walker_module
+    from geodesic.path import WeightTrace
+
+    monkeypatch.setattr(walker_module, "WeightTrace", functools.partial(WeightTrace, max_dims=1000))
+    at = start()
+    for _ in range(2):
+        button(at, "Step").click().run()
+    assert not walker(at).trace.is_exact
+    at.segmented_control[0].set_value("Examples").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("too many to keep for each point" in i.value for i in at.info), [i.value for i in at.info]
+    at.segmented_control[0].set_value("Metric").run()
+    at.number_input(key="spec_step").set_value(0).run()
+    button(at, "Compute the spectrum at step 0").click().run()
+    assert not at.exception and any("step: got 0; allowed: the current point (2) only" in e.value for e in at.error)
+    at.number_input(key="spec_step").set_value(None).run()
+    button(at, "Compute the spectrum at the current point").click().run()  # the current point has its weights
+    assert not at.exception and at.get("plotly_chart")
+
+
 def test_changing_step_size_mid_walk_is_recorded(app, monkeypatch):
     import threading
 

@@ -231,22 +231,42 @@ def _path(s) -> None:
 
 
 def _examples(s) -> None:
+    if not s.walker.trace.is_exact:  # the heat map needs the weights of networks along the path
+        st.info(f"The heat map needs the weights of networks along the path, and this model's "
+                f"{s.walker.trace.n_params:,} weights are too many to keep for each point (the path keeps a sketch "
+                "of them, enough for the Path view's projections). Use a smaller model to see it.")
+        return
     steps, probs = s.runner.call(analysis.true_class_heatmap, s.walker)
     _chart(charts.heatmap(steps, probs), "heat")
 
 
+SPECTRA_KEPT = 6  # spectra drawn together, the oldest dropped first
+SPECTRUM_RANKS = 50  # the largest eigenvalues of g drawn
+
+
 def _metric(s) -> None:
-    c1, c2 = st.columns([1, 3])
+    """The spectrum of g at the current point or a chosen step of the walk (method.md §7: at chosen points); each one
+    computed is kept on the chart beside the others, so the start and the current point can be compared."""
+    c1, c2, c3 = st.columns([1, 1, 2])
     probe = c1.number_input("Probe size for the spectrum", value=64, min_value=2, max_value=512, key="spec_probe")
-    if c2.button("Compute the spectrum at the current point"):
-        with st.spinner("eigenvalues of g"):
-            s.spectrum = {"values": s.runner.call(analysis.spectrum, s.walker, int(probe)), "probe": int(probe),
-                          "step": s.walker.n_steps}
+    at = c2.number_input("At step", min_value=0, value=None, step=1, key="spec_step",
+                         placeholder=f"this one ({s.walker.n_steps})", help="Empty: the current point. 0: the start.")
+    if c3.button("Compute the spectrum at the current point" if at is None else f"Compute the spectrum at step {at}",
+                 key="spec_compute"):
+        step = s.walker.n_steps if at is None else int(at)
+        try:
+            with st.spinner("eigenvalues of g"):
+                values = s.runner.call(analysis.spectrum, s.walker, int(probe), SPECTRUM_RANKS, step)
+            kept = [x for x in (s.spectrum or []) if (x["step"], x["probe"]) != (step, int(probe))]
+            s.spectrum = [*kept, {"values": values, "probe": int(probe), "step": step}][-SPECTRA_KEPT:]
+        except ConfigError as err:
+            st.error(controls.message_for(err))
     if s.spectrum:
-        n_params = s.walker.trace.n_params
-        st.caption(f"Computed at step {s.spectrum['step']}.")
-        st.plotly_chart(charts.spectrum(s.spectrum["values"], s.spectrum["probe"], n_params), config=PLOT_CONFIG,
-                        key="spectrum", theme=None)
+        st.plotly_chart(charts.spectrum(s.spectrum, s.walker.trace.n_params), config=PLOT_CONFIG, key="spectrum",
+                        theme=None)
+        if c3.button("Clear the spectra", key="spec_clear"):
+            s.spectrum = None
+            st.rerun()
 
 
 def _boundary(s) -> None:
