@@ -252,7 +252,7 @@ def _check_cells(cells: list[Cell]) -> None:
     from .errors import DataError
     from .experiment import check_probe
 
-    datasets = {}
+    datasets, first_tasks = {}, {}
     for cell in cells:
         config = config_from_args(cell.args)
         key = (config.data.name, config.data.root)
@@ -261,12 +261,18 @@ def _check_cells(cells: list[Cell]) -> None:
                 datasets[key] = load_dataset(config.data)
             except DataError:  # not here (a Ray cluster's workers may hold it): the cell's own build will say
                 datasets[key] = None
-        if datasets[key] is not None:
-            try:
-                task_a = (task_pair(datasets[key], config.goal.new_task, config.seed, config.data)[0]
-                          if config.goal.kind == "new-task" else datasets[key])
-            except DataError:  # task B's data not here (mnist-fashion), or no such pair: the cell's build will say
-                continue
+        if datasets[key] is None:
+            continue
+        task_a = datasets[key]
+        if config.goal.kind == "new-task":  # once per protocol and seed: mnist-fashion reads Fashion-MNIST for it
+            pair = (*key, config.goal.new_task, config.seed)
+            if pair not in first_tasks:
+                try:
+                    first_tasks[pair] = task_pair(datasets[key], config.goal.new_task, config.seed, config.data)[0]
+                except DataError:  # task B's data not here (mnist-fashion), or no such pair: the cell's build says
+                    first_tasks[pair] = None
+            task_a = first_tasks[pair]
+        if task_a is not None:
             check_probe(config, task_a)
 
 
