@@ -130,6 +130,18 @@ SIDEBAR_KEYS = ("goal", "dataset", "data_root", "model", "solver", "step_size", 
                 "device")
 
 
+def keep_values() -> None:
+    """Keep every set-up control's value on a run that does not draw it, as Streamlit's widget-behavior guide does
+    ("interrupting the widget clean-up process"): call on every run, before the controls are drawn. Streamlit drops
+    a widget's state at the end of any run that does not draw it, and the goal's own controls are drawn only for
+    their goal: a user who chose another goal and clicked Start got an AttributeError for Target sparsity (and,
+    going back, for Protocol), and a value typed before lost."""
+    ss = st.session_state
+    for key in SIDEBAR_KEYS:
+        if key in ss:
+            ss[key] = ss[key]
+
+
 def _values_behind(key: str) -> object:
     """What an error next to control `key` was about: that control's value, or for a data folder's error (a set
     that is missing, corrupt) and an error of no one control, the whole set-up."""

@@ -596,6 +596,7 @@ def setup_sidebar() -> None:
     (Streamlit forgets a widget's state on any run that does not draw it)."""
     s = session.state()
     controls.init_widgets()
+    controls.keep_values()
     # Shown on every run until the user starts a walk of their own: a rerun right after the first paint (the
     # baselines arriving, a live refresh) must not take the message away before it is read.
     for message in st.session_state.get("_url_errors", []):
