@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args)
     except ConfigError as err:  # name the flag the user typed (the engine's name for --step-size differs)
         flag = {"max-step-norm": "step-size"}.get(err.setting, err.setting)
-        print(f"geodesic: error: --{flag}: got {err.given!r}; allowed: {err.allowed}", file=sys.stderr)
+        given = "nothing (it is required)" if err.given is None else repr(err.given)  # not "got None"
+        print(f"geodesic: error: --{flag}: got {given}; allowed: {err.allowed}", file=sys.stderr)
         return 2
     except GeodesicError as err:
         print(f"geodesic: error: {err}", file=sys.stderr)

@@ -99,6 +99,16 @@ def test_bad_settings_exit_2_with_a_message_and_no_traceback(tmp_path, args, fra
     assert not (tmp_path / "x").exists()  # refused: no folder left behind for it
 
 
+@pytest.mark.parametrize("args,fragment", [
+    (["run", "--goal", "sparsify"], "--out: got nothing (it is required); allowed: a folder to write the run to"),
+    (["run", "--out", "OUT"], "--goal: got nothing (it is required); allowed: sparsify, new-task, connect"),
+])
+def test_a_missing_option_is_named_as_missing(tmp_path, args, fragment):
+    """It read "--out: got None", the engine's word for nothing, not the user's."""
+    result = geodesic(*[str(tmp_path / "x") if a == "OUT" else a for a in args], timeout=120)
+    assert result.returncode == 2 and fragment in result.stderr and "None" not in result.stderr
+
+
 def test_a_new_task_run_names_its_scenario(tmp_path):
     result = geodesic("run", "--goal", "new-task", "--new-task", "split-heads", "--epochs", "10", "--n-steps", "3",
                       "--out", str(tmp_path / "t"))
