@@ -116,9 +116,12 @@ def render() -> None:
         percent.pop("end B %")
     rows = [{**{k: r[k] for k in shown_columns},
              **{label: None if r[key] is None else round(100 * r[key], 1) for label, key in percent.items()},
-             "goal reached": r["reached_goal"]} for r in runs]
+             # words, not True/False/None: a new-task walk has no goal to reach, and a CLI run still going none yet
+             "goal reached": {True: "yes", False: "no"}.get(r["reached_goal"], "–")} for r in runs]
     st.dataframe(rows, width="stretch", hide_index=True,
                  column_config={"problem": st.column_config.TextColumn(width="large"),
+                                "goal reached": st.column_config.TextColumn(
+                                    help="– for a new-task walk (it has no end of its own) and for a run still going"),
                                 **{label: st.column_config.NumberColumn(format="%.1f") for label in percent}})
     names = [r["name"] for r in runs]
     readable = [r["name"] for r in runs if not r["problem"]]
