@@ -176,7 +176,10 @@ def _varies(frame: pd.DataFrame, column: str) -> bool:
 def step_lengths(runs: Runs) -> go.Figure:
     """Functional step √(θᵀgθ) against Euclidean step ‖θ‖ (left), cumulative lengths (middle), and the step size
     ε and restoring weight ρ in force at every step (right: what `--step-size auto` chose, or the user's changes)."""
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("per step", "cumulative", "ε and ρ per step"))
+    # ρ is the constrained rule's: a penalty walk's panel names ε alone
+    with_rho = any("restoring_weight" in frame and frame["restoring_weight"].notna().any() for _, frame in runs)
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("per step", "cumulative",
+                                                        "ε and ρ per step" if with_rho else "ε per step"))
     for i, (label, frame) in enumerate(runs):
         color = PALETTE[i % len(PALETTE)]
         steps = frame.iloc[1:]
@@ -197,7 +200,7 @@ def step_lengths(runs: Runs) -> go.Figure:
                                      line=dict(color=color, dash="dot", shape="hv"),
                                      meta=source(i, "step", "restoring_weight")), row=1, col=3)
     fig.update_xaxes(title_text="step", row=1, col=3)
-    fig.update_yaxes(title_text="ε (solid), ρ (dotted)", **LOG_TICKS, row=1, col=3)
+    fig.update_yaxes(title_text="ε (solid), ρ (dotted)" if with_rho else "step size ε", **LOG_TICKS, row=1, col=3)
     fig.update_xaxes(title_text="Euclidean step ‖θ‖", row=1, col=1)
     fig.update_yaxes(title_text="functional step √(θᵀgθ)", row=1, col=1)
     fig.update_xaxes(title_text="step", row=1, col=2)

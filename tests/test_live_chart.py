@@ -27,6 +27,23 @@ def test_the_loss_and_step_size_axes_keep_their_own_titles():
     assert loss_axis is not eps_axis and eps_axis.type == "log" and eps_axis.side == "right"
 
 
+def test_the_step_size_panel_names_rho_only_for_a_walk_that_has_one():
+    """The penalty rule has no restoring weight ρ (recorded as NaN): its panel said "ε (solid), ρ (dotted)" over one
+    solid line."""
+    steps = _frame(10).assign(step_norm=0.1, functional_step=1e-3, euclidean_length=np.arange(10) * 0.1,
+                              functional_length=np.arange(10) * 0.03, step_size=0.05)
+
+    def titles(frame):
+        layout = charts.step_lengths([("main", frame)]).layout
+        return ({a.text for a in layout.annotations},
+                {layout[n].title.text for n in layout if n.startswith("yaxis") and layout[n].title.text})
+
+    assert titles(steps.assign(restoring_weight=np.nan)) == ({"per step", "cumulative", "ε per step"},
+                                                             {"functional step √(θᵀgθ)", "path length", "step size ε"})
+    panels, axes = titles(steps.assign(restoring_weight=0.1))
+    assert "ε and ρ per step" in panels and "ε (solid), ρ (dotted)" in axes
+
+
 def test_a_growing_path_sends_only_its_new_points():
     first, sent = figure_update(charts.accuracy_and_loss([("main", _frame(10))]), None)
     assert "full" in first and first["seq"] == 1

@@ -634,8 +634,10 @@ def render() -> None:
     cfg = s.config
     controls.write_url(cfg, teach)  # back from another page, the link names this walk again
     st.title("geodesic")
+    # the user's own ε as typed; auto's, which changes every step, to three figures (it read "now 0.0153218")
+    eps = f"auto, now {s.walker.step_size:.3g}" if s.walker.trust is not None else f"{s.walker.step_size:g}"
     st.caption(f"**{cfg.goal.kind}** on **{cfg.data.name}** with **{cfg.model.name}**, {cfg.walk.solver} step rule "
-               f"(ε={'auto, now ' if s.walker.trust is not None else ''}{s.walker.step_size:g}, "
+               f"(ε={eps}, "
                f"{'β' if cfg.walk.solver == 'constrained' else 'λ'}="
                f"{cfg.walk.goal_weight:g}"
                f"{f', steps guarded at {cfg.walk.step_guard:.1%}' if cfg.walk.step_guard else ''}), seed {cfg.seed}, "
