@@ -76,14 +76,36 @@ class Dataset:
         return logits if self.head is None else logits[..., self.head[0]:self.head[1]]
 
 
-def from_tensors(x_train, y_train, x_test, y_test, name: str = "custom", n_classes: int | None = None) -> Dataset:
-    """Wrap your own tensors (or arrays) as a Dataset; labels must be integers 0..n_classes-1."""
+def from_tensors(x_train, y_train, x_test, y_test, name: str = "custom", n_classes: int | None = None,
+                 head: tuple[int, int] | None = None) -> Dataset:
+    """Wrap your own tensors (or arrays) as a Dataset; labels must be integers 0..n_classes-1.
+
+    head=(lo, hi): a task scored on the network's outputs lo..hi-1 alone (task-incremental learning, one head per
+    task, as the split-heads protocol does); its labels then count from 0 within the head (0..hi-lo-1), and
+    n_classes, the network's number of outputs, is at least hi (hi when not given)."""
     xs = [torch.as_tensor(x, dtype=torch.float32) for x in (x_train, x_test)]
     ys = [torch.as_tensor(y).long() for y in (y_train, y_test)]
     if len(xs[0]) != len(ys[0]) or len(xs[1]) != len(ys[1]):
         raise DataError(f"{name}: inputs and labels differ in length "
                         f"(train {len(xs[0])} vs {len(ys[0])}, test {len(xs[1])} vs {len(ys[1])})")
-    n_classes = int(max(ys[0].max(), ys[1].max())) + 1 if n_classes is None else n_classes
+    largest, smallest = int(max(ys[0].max(), ys[1].max())), int(min(ys[0].min(), ys[1].min()))
+    if smallest < 0:
+        raise DataError(f"{name}: labels must be integers from 0 (found {smallest})")
+    if head is not None:
+        lo, hi = (int(v) for v in head)
+        if not 0 <= lo < hi:
+            raise DataError(f"{name}: head must be (lo, hi) with 0 <= lo < hi, the output columns it is scored on "
+                            f"(got {tuple(head)})")
+        if largest >= hi - lo:
+            raise DataError(f"{name}: a head of {hi - lo} outputs ({lo}..{hi - 1}) scores labels 0..{hi - lo - 1}, "
+                            f"counted within the head (found {largest})")
+        n_classes = hi if n_classes is None else n_classes
+        if n_classes < hi:
+            raise DataError(f"{name}: head ({lo}, {hi}) needs at least {hi} outputs (n_classes {n_classes})")
+        return Dataset(name, Split(xs[0], ys[0]), Split(xs[1], ys[1]), n_classes, (lo, hi))
+    n_classes = largest + 1 if n_classes is None else n_classes
+    if largest >= n_classes:
+        raise DataError(f"{name}: labels must be below n_classes {n_classes} (found {largest})")
     return Dataset(name, Split(xs[0], ys[0]), Split(xs[1], ys[1]), n_classes)
 
 

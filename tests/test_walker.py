@@ -171,3 +171,46 @@ def test_a_bad_trace_budget_is_named_and_the_default_used(capsys):
     for bad in ("abc", "-5", "0", "nan"):
         assert _trace_mb(bad) == 128.0
         assert f"GEODESIC_TRACE_MB={bad!r}" in capsys.readouterr().err
+
+
+def test_python_api_learns_a_new_task_on_its_own_head():
+    """Task-incremental learning from your own tensors: from_tensors(..., head=(lo, hi)) scores a task on its own
+    output columns, as the split-heads protocol does (it had no way to say so: a second task's labels counted from 0
+    were scored on the first task's outputs)."""
+    from geodesic import NewTask
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 10, generator=gen)
+    task_a = from_tensors(x[:300], (x[:300, 0] > 0).long(), x[300:], (x[300:, 0] > 0).long(), head=(0, 2))
+    task_b = from_tensors(x[:300], (x[:300, 1] > 0).long(), x[300:], (x[300:, 1] > 0).long(), head=(2, 4))
+    assert task_a.n_classes == 2 and task_b.n_classes == 4 and task_b.head == (2, 4)
+    module = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    for _ in range(200):  # task A on its head alone
+        opt.zero_grad()
+        nn.functional.cross_entropy(module(task_a.train.x)[:, :2], task_a.train.y).backward()
+        opt.step()
+    net, params = network_from_module(module)
+    goal = NewTask.for_network(net, params, task_a, task_b=task_b, memory_size=100)
+    walker = Walker(net, params, goal, WalkConfig(max_step_norm=0.1, goal_weight=0.01, restoring_weight=0.1),
+                    tasks={"A": task_a, "B": task_b})
+    for _ in walker.run(150):
+        pass
+    first, last = walker.record[0], walker.record.last
+    assert first.accuracy["A"] > 0.9 and last.accuracy["A"] >= first.accuracy["A"] - 0.05  # A kept on its head
+    assert last.accuracy["B"] > 0.85 > first.accuracy["B"] - 0.2  # B learnt on columns 2-3
+
+
+@pytest.mark.parametrize("labels,kwargs,fragment", [
+    ([0, 1, 2], {"head": (2, 4)}, "a head of 2 outputs (2..3) scores labels 0..1"),
+    ([0, 1], {"head": (3, 3)}, "0 <= lo < hi"),
+    ([0, 1], {"head": (2, 4), "n_classes": 3}, "needs at least 4 outputs"),
+    ([0, 5], {"n_classes": 3}, "labels must be below n_classes 3"),
+    ([-1, 1], {}, "labels must be integers from 0"),
+])
+def test_from_tensors_refuses_labels_its_outputs_cannot_score(labels, kwargs, fragment):
+    from geodesic.errors import DataError
+
+    y = torch.tensor(labels)
+    with pytest.raises(DataError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        from_tensors(torch.zeros(len(y), 2), y, torch.zeros(len(y), 2), y, **kwargs)
