@@ -1,5 +1,5 @@
 """The sweep's HTML report: accuracy along the path for every cell, the accuracy each kept against its steps,
-the best cell of each goal and a table of every cell.
+the best cell of each goal and problem, and a table of every cell.
 
 The engine stays free of UI libraries: the report is a static page built from plain JSON, drawn by plotly.js
 (the file the installed plotly package ships, found without importing the package and embedded, so the
@@ -14,16 +14,28 @@ from pathlib import Path
 
 import pandas as pd
 
+# Settings that make a cell another problem, not another way of walking the same one: a best cell is chosen among
+# the cells of one goal *and* one of each of these (where the sweep varies them). Across them, "best" compared a
+# task-incremental walk with a class-incremental one, an easy target sparsity with a hard one.
+PROBLEM = ("dataset", "model", "new-task", "target-sparsity")
+
+
+def problem_of(row) -> dict:
+    """The problem-defining settings (PROBLEM) that a sweep varied and that this cell has, by flag."""
+    return {k: row[k] for k in PROBLEM if k in row and not (isinstance(row[k], float) and row[k] != row[k])}
+
 
 def best_cells(table: pd.DataFrame) -> pd.DataFrame:
-    """Per goal, the best cell by summary.outcome_rank: one that kept the function and reached the goal, for a new
-    task with the best average end accuracy over A and B, with the most accuracy kept on task A along the path (then
-    at the end, then in fewer steps); a cell that reached its goal by falling to one-shot pruning's accuracy is no
-    best cell while another kept the function."""
+    """Per goal and problem (PROBLEM), the best cell by summary.outcome_rank: one that kept the function and reached
+    the goal, for a new task with the best average end accuracy over A and B, with the most accuracy kept on task A
+    along the path (then at the end, then in fewer steps); a cell that reached its goal by falling to one-shot
+    pruning's accuracy is no best cell while another kept the function."""
     from .summary import outcome_rank
 
+    keys = ["goal", *[k for k in PROBLEM if k in table]]
     rows = []
-    for goal, cells in table.groupby("goal", sort=True):
+    for _, cells in table.groupby(keys, sort=True, dropna=False):
+        goal = cells["goal"].iloc[0]
         end_b = cells["end_accuracy/B"] if goal == "new-task" and "end_accuracy/B" in cells else [None] * len(cells)
         ranks = [outcome_rank(*r) for r in zip(cells["start_accuracy/A"], cells["min_accuracy/A"],
                                                cells["end_accuracy/A"], cells["reached_goal"], cells["steps"],
@@ -96,7 +108,8 @@ td:first-child{{white-space:nowrap;text-align:left}}</style>
 <body><h1>Sweep: {len(table)} cells ({html.escape(str(out))})</h1>
 <div id="paths"></div>
 <div id="kept"></div>
-<h2>Best cell per goal (lowest accuracy kept, then end accuracy, then steps)</h2>
+<h2>Best cell per goal{" and " + ", ".join(k for k in PROBLEM if k in table) if any(k in table for k in PROBLEM)
+                         else ""} (lowest accuracy kept, then end accuracy, then steps)</h2>
 {html_table(best)}
 <h2>Every cell (by goal, most accuracy kept first)</h2>
 {html_table(every)}

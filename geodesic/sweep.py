@@ -5,7 +5,7 @@ cells (one walk each), names each cell by the settings that vary (`seed-1_step-s
 
     DIR/cells/NAME/     a normal run folder (what `run` writes; the dashboard's Runs page opens it)
     DIR/sweep.parquet   one row per finished cell: the settings that vary and the summary's numbers
-    DIR/sweep.html      a report: accuracy along the path per cell, the best cell per goal (report.py)
+    DIR/sweep.html      a report: accuracy along the path per cell, the best cell per goal and problem (report.py)
 
 Cells whose walks can share a computation (same model, step rule, probe and batch sizes: batch.batch_key) are
 stepped as one WalkBatch. A cell is finished once its summary.json exists: running the same command again skips
@@ -182,8 +182,8 @@ def _sweep_into(out: Path, args: argparse.Namespace, cells: list[Cell], backend:
         if bar is not None:
             bar.close()
     table = write_outputs(out, cells)
-    if not args.quiet:  # as `run` ends with its numbers: what was walked, where it went, the best cell per goal
-        from .report import best_cells
+    if not args.quiet:  # as `run` ends with its numbers: what was walked, where it went, the best cell per problem
+        from .report import best_cells, problem_of
 
         walked = sum(is_finished(out / "cells" / c.name) for c in todo)
         skipped = len(cells) - len(todo)
@@ -191,7 +191,10 @@ def _sweep_into(out: Path, args: argparse.Namespace, cells: list[Cell], backend:
               + (f", {out / 'sweep.html'}" if len(table) else ""), file=sys.stderr)
         for _, best in (best_cells(table).iterrows() if len(table) else ()):
             end_b = f", end B {100 * best['end_accuracy/B']:.1f}%" if best["goal"] == "new-task" else ""
-            print(f"best {best['goal']}: {best['cell']} (lowest A {100 * best['min_accuracy/A']:.1f}%, end A "
+            problem = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in problem_of(best).items())
+            print(f"best {best['goal']}{f' ({problem})' if problem else ''}: {best['cell']} "
+                  f"(lowest A {100 * best['min_accuracy/A']:.1f}%, end A "
                   f"{100 * best['end_accuracy/A']:.1f}%{end_b}, {best['steps']} steps, "
                   f"{'goal reached' if best['reached_goal'] else best['stop_reason']})", file=sys.stderr)
     for message in failed:

@@ -198,8 +198,12 @@ def test_a_new_task_sweep_says_what_each_cell_learned(tmp_path, capsys):
                  "--out", str(out)]) == 0
     report = (out / "sweep.html").read_text()
     assert "task B dashed" in report and report.count("(task B)") == 2  # one dashed line per cell
-    best = [line for line in capsys.readouterr().err.splitlines() if line.startswith("best new-task")]
-    assert len(best) == 1 and ", end B " in best[0], best
+    best = sorted(line for line in capsys.readouterr().err.splitlines() if line.startswith("best new-task"))
+    assert all(", end B " in line for line in best), best
+    # one best cell per protocol: they are two problems (test_a_best_cell_is_chosen_within_each_problem...)
+    assert [line.split(":")[0] for line in best] == ["best new-task (new-task split)",
+                                                     "best new-task (new-task split-heads)"]
+    assert "Best cell per goal and new-task" in report
 
 
 def test_a_sweep_ends_saying_what_it_walked_where_it_wrote_and_the_best_cell(tmp_path, capsys):
@@ -211,3 +215,23 @@ def test_a_sweep_ends_saying_what_it_walked_where_it_wrote_and_the_best_cell(tmp
     assert "best sparsify: step-size-0." in err and "3 steps, step limit (3 steps))" in err
     assert main(argv) == 0 and "2 cells (0 walked, 2 finished before)" in capsys.readouterr().err
     assert main([*argv, "--quiet"]) == 0 and capsys.readouterr().err == ""
+
+
+def test_a_best_cell_is_chosen_within_each_problem_the_sweep_varies():
+    """Cells of another protocol, dataset, model or target sparsity walk another problem: the best new-task cell of a
+    sweep over split and split-heads was one cell of the two, the easier task-incremental scenario against the
+    class-incremental one. Each problem now has its own best cell; a setting that does not apply to a goal (a connect
+    cell's target sparsity) makes no group of its own."""
+    from geodesic.report import best_cells
+
+    table = pd.DataFrame({"cell": ["s1", "s2", "h1", "h2", "p5", "p9", "c"],
+                          "goal": ["new-task"] * 4 + ["sparsify"] * 2 + ["connect"],
+                          "new-task": ["split", "split", "split-heads", "split-heads", None, None, None],
+                          "target-sparsity": [None] * 4 + [0.5, 0.9, None],
+                          "reached_goal": [False] * 4 + [True, True, True], "start_accuracy/A": [0.97] * 7,
+                          "min_accuracy/A": [0.90, 0.95, 0.97, 0.96, 0.96, 0.93, 0.95],
+                          "end_accuracy/A": [0.90, 0.95, 0.97, 0.96, 0.96, 0.93, 0.95],
+                          "end_accuracy/B": [0.5, 0.6, 0.9, 0.97, None, None, None], "steps": [300] * 4 + [50, 90, 70]})
+    best = best_cells(table)
+    assert sorted(best["cell"]) == ["c", "h2", "p5", "p9", "s2"]
+
