@@ -392,6 +392,10 @@ def sweep_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
         rows.append(row)
     table = pd.DataFrame(rows)
     for name in _varying(cells):  # e.g. --step-size 0.05,0.1,auto: one column, one type
-        if name in table and table[name].map(type).nunique() > 1:
+        present = table[name].dropna() if name in table else None
+        if present is not None and present.map(type).nunique() > 1:
             table[name] = table[name].map(lambda v: v if isinstance(v, str) else format(v, "g"))
+        # a setting a cell's goal does not use (a sparsify cell's --new-task) stays missing, not the text "nan"
+        if name in table and table[name].dtype == object:
+            table[name] = table[name].map(lambda v: None if not isinstance(v, str) and pd.isna(v) else v)
     return table

@@ -53,10 +53,13 @@ def test_a_setting_a_walk_ignores_neither_names_nor_splits_its_cells():
 
 def test_a_mixed_sweep_s_table_and_report_leave_what_a_goal_lacks_empty(tmp_path):
     out = tmp_path / "mixed"
-    assert main(["sweep", "--goal", "sparsify,connect", "--target-sparsity", "0.5,0.9", "--n-steps", "2",
-                 "--epochs", "5", "--out", str(out), "--quiet"]) == 0
+    assert main(["sweep", "--goal", "sparsify,connect,new-task", "--target-sparsity", "0.5,0.9", "--new-task",
+                 "split,permuted", "--n-steps", "2", "--epochs", "5", "--out", str(out), "--quiet"]) == 0
     table = pd.read_parquet(out / "sweep.parquet").set_index("cell")
-    assert len(table) == 3 and pd.isna(table.loc["goal-connect", "target-sparsity"])
+    assert len(table) == 5 and pd.isna(table.loc["goal-connect", "target-sparsity"])
+    # a text setting too: a sparsify cell's protocol is missing, not the text "nan" (it was, and read as a problem)
+    assert pd.isna(table.loc["goal-connect", "new-task"]) and table.loc["goal-new-task_new-task-split", "new-task"] == \
+        "split"
     report = (out / "sweep.html").read_text()
     assert ">nan<" not in report and "<td>–</td>" in report
 
