@@ -22,7 +22,7 @@ PROBLEM = ("dataset", "model", "new-task", "target-sparsity")
 
 def problem_of(row) -> dict:
     """The problem-defining settings (PROBLEM) that a sweep varied and that this cell has, by flag."""
-    return {k: row[k] for k in PROBLEM if k in row and not (isinstance(row[k], float) and row[k] != row[k])}
+    return {k: row[k] for k in PROBLEM if k in row and not (row[k] is None or pd.isna(row[k]))}
 
 
 def best_cells(table: pd.DataFrame) -> pd.DataFrame:

@@ -391,11 +391,13 @@ def sweep_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
                 row[key] = s[key]
         rows.append(row)
     table = pd.DataFrame(rows)
-    for name in _varying(cells):  # e.g. --step-size 0.05,0.1,auto: one column, one type
-        present = table[name].dropna() if name in table else None
-        if present is not None and present.map(type).nunique() > 1:
-            table[name] = table[name].map(lambda v: v if isinstance(v, str) else format(v, "g"))
+    for name in _varying(cells):
+        if name not in table:
+            continue
         # a setting a cell's goal does not use (a sparsify cell's --new-task) stays missing, not the text "nan"
-        if name in table and table[name].dtype == object:
-            table[name] = table[name].map(lambda v: None if not isinstance(v, str) and pd.isna(v) else v)
+        missing = table[name].map(lambda v: not isinstance(v, str) and pd.isna(v))
+        if table[name][~missing].map(type).nunique() > 1:  # e.g. --step-size 0.05,0.1,auto: one column, one type
+            table[name] = table[name].map(lambda v: v if isinstance(v, str) else format(v, "g"))
+        if table[name].dtype == object:
+            table[name] = table[name].where(~missing, None)
     return table
