@@ -130,14 +130,15 @@ SIDEBAR_KEYS = ("goal", "dataset", "data_root", "model", "solver", "step_size", 
                 "device")
 
 
-def keep_values() -> None:
-    """Keep every set-up control's value on a run that does not draw it, as Streamlit's widget-behavior guide does
+def keep_values(keys: tuple[str, ...] = SIDEBAR_KEYS) -> None:
+    """Keep each control's value in `keys` on a run that does not draw it, as Streamlit's widget-behavior guide does
     ("interrupting the widget clean-up process"): call on every run, before the controls are drawn. Streamlit drops
     a widget's state at the end of any run that does not draw it, and the goal's own controls are drawn only for
     their goal: a user who chose another goal and clicked Start got an AttributeError for Target sparsity (and,
-    going back, for Protocol), and a value typed before lost."""
+    going back, for Protocol), and a value typed before lost. A control kept so takes its default from
+    st.session_state.setdefault, not from a value= argument (Streamlit would warn of the two)."""
     ss = st.session_state
-    for key in SIDEBAR_KEYS:
+    for key in keys:
         if key in ss:
             ss[key] = ss[key]
 

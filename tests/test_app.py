@@ -977,3 +977,28 @@ def test_changing_the_goal_in_the_sidebar_starts_that_walk(first, then):
         assert at.number_input(key="target_sparsity").value == 0.8
     if first == "new-task":
         assert at.selectbox(key="new_task").value == "split-heads"
+
+
+def test_a_view_s_controls_keep_their_values_while_another_view_or_page_is_shown():
+    """A 3-D path, a UMAP's parameters or a spectrum's probe went back to their defaults after a look at another
+    view or page (Streamlit drops a control's state on a run that does not draw it)."""
+    at = start()
+    for _ in range(3):
+        button(at, "Step").click().run()
+    at.segmented_control[0].set_value("Path").run()
+    at.radio(key="pca_dims").set_value(3).run()
+    at.number_input(key="umap_nn").set_value(30).run()
+    at.segmented_control[0].set_value("Metric").run()
+    at.number_input(key="spec_probe").set_value(32).run()
+    at.number_input(key="spec_step").set_value(1).run()
+    at.segmented_control[0].set_value("Overview").run()
+    at.query_params["page"] = "runs"  # another page, and back
+    at.run()
+    at.query_params["page"] = "explore"
+    at.run()
+    at.segmented_control[0].set_value("Path").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.radio(key="pca_dims").value == 3 and at.number_input(key="umap_nn").value == 30
+    at.segmented_control[0].set_value("Metric").run()
+    assert at.number_input(key="spec_probe").value == 32 and at.number_input(key="spec_step").value == 1
+    assert not at.warning, [w.value for w in at.warning]

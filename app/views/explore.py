@@ -22,6 +22,11 @@ REFRESH_SECONDS = 0.3
 SPEEDS = {"1 step/s": 1.0, "2 steps/s": 2.0, "5 steps/s": 5.0, "10 steps/s": 10.0, "20 steps/s": 20.0,
           "as fast as possible": None}
 VIEWS = ("Overview", "Path", "Steps", "Examples", "Metric", "Boundary", "Data")
+# The views' own controls, kept while another view or page is shown (controls.keep_values): a 3-D path, a contour, a
+# UMAP's parameters or a spectrum's probe went back to their defaults on a look at another view, beside the chart
+# they had made.
+VIEW_KEYS = ("pca_dims", "contour_on", "umap_nn", "umap_md", "umap_dims", "spec_probe", "spec_step", "fan_kind",
+             "fan_from_step")
 PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
 
@@ -207,8 +212,10 @@ def _path(s) -> None:
                 tables, "pca", (dims, id(basis), id(contour), None if goal_point is None else tuple(goal_point)))
     with st.expander("UMAP (on demand)"):
         u1, u2, u3 = st.columns(3)
-        n_neighbors = u1.number_input("n_neighbors", value=15, min_value=2, max_value=200, key="umap_nn")
-        min_dist = u2.number_input("min_dist", value=0.1, min_value=0.0, max_value=1.0, step=0.05, key="umap_md")
+        st.session_state.setdefault("umap_nn", 15)
+        st.session_state.setdefault("umap_md", 0.1)
+        n_neighbors = u1.number_input("n_neighbors", min_value=2, max_value=200, key="umap_nn")
+        min_dist = u2.number_input("min_dist", min_value=0.0, max_value=1.0, step=0.05, key="umap_md")
         umap_dims = u3.radio("Dimensions", (2, 3), horizontal=True, key="umap_dims")
         if st.button("Compute UMAP of the path", help="The first UMAP in a process compiles (about 20-30 s)"):
             with st.spinner("UMAP: compiling on first use, then fitting"):
@@ -248,7 +255,8 @@ def _metric(s) -> None:
     """The spectrum of g at the current point or a chosen step of the walk (method.md §7: at chosen points); each one
     computed is kept on the chart beside the others, so the start and the current point can be compared."""
     c1, c2, c3 = st.columns([1, 1, 2])
-    probe = c1.number_input("Probe size for the spectrum", value=64, min_value=2, max_value=512, key="spec_probe")
+    st.session_state.setdefault("spec_probe", 64)
+    probe = c1.number_input("Probe size for the spectrum", min_value=2, max_value=512, key="spec_probe")
     at = c2.number_input("At step", min_value=0, value=None, step=1, key="spec_step",
                          placeholder=f"this one ({s.walker.n_steps})", help="Empty: the current point. 0: the start.")
     if c3.button("Compute the spectrum at the current point" if at is None else f"Compute the spectrum at step {at}",
@@ -596,7 +604,7 @@ def setup_sidebar() -> None:
     (Streamlit forgets a widget's state on any run that does not draw it)."""
     s = session.state()
     controls.init_widgets()
-    controls.keep_values()
+    controls.keep_values(controls.SIDEBAR_KEYS + VIEW_KEYS)
     # Shown on every run until the user starts a walk of their own: a rerun right after the first paint (the
     # baselines arriving, a live refresh) must not take the message away before it is read.
     for message in st.session_state.get("_url_errors", []):
