@@ -277,6 +277,10 @@ def test_toy_data_shows_the_decision_boundary():
     at = start({"dataset": "moons"})
     at.segmented_control[0].set_value("Boundary").run()
     assert not at.exception and at.get("plotly_chart")
+    at.selectbox(key="dataset").set_value("digits").run()  # a walk with no boundary: the kept view falls back
+    button(at, "Start a new walk with these settings").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.segmented_control[0].value == "Overview" and "Boundary" not in at.segmented_control[0].options
 
 
 def test_two_sessions_are_independent():
@@ -991,11 +995,11 @@ def test_a_view_s_controls_keep_their_values_while_another_view_or_page_is_shown
     at.segmented_control[0].set_value("Metric").run()
     at.number_input(key="spec_probe").set_value(32).run()
     at.number_input(key="spec_step").set_value(1).run()
-    at.segmented_control[0].set_value("Overview").run()
     at.query_params["page"] = "runs"  # another page, and back
     at.run()
     at.query_params["page"] = "explore"
     at.run()
+    assert at.segmented_control[0].value == "Metric"  # the view on show when the user left, back with them
     at.segmented_control[0].set_value("Path").run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.radio(key="pca_dims").value == 3 and at.number_input(key="umap_nn").value == 30

@@ -25,7 +25,7 @@ VIEWS = ("Overview", "Path", "Steps", "Examples", "Metric", "Boundary", "Data")
 # The views' own controls, kept while another view or page is shown (controls.keep_values): a 3-D path, a contour, a
 # UMAP's parameters or a spectrum's probe went back to their defaults on a look at another view, beside the chart
 # they had made.
-VIEW_KEYS = ("pca_dims", "contour_on", "umap_nn", "umap_md", "umap_dims", "spec_probe", "spec_step", "fan_kind",
+VIEW_KEYS = ("view", "pca_dims", "contour_on", "umap_nn", "umap_md", "umap_dims", "spec_probe", "spec_step", "fan_kind",
              "fan_from_step")
 PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
@@ -654,9 +654,11 @@ def render() -> None:
                   else ""))
     _drive(s, teach)
     available = [v for v in VIEWS if v != "Boundary" or s.walker.tasks["A"].train.x.shape[1:] == (2,)]
+    # The view on show is kept across pages (VIEW_KEYS); one this walk lacks (Boundary after a 2-D walk) is Overview.
+    if st.session_state.get("view") not in available:
+        st.session_state["view"] = available[0]
     # required: clicking the view on show keeps it (it used to deselect it, and the page fell through to Data)
-    st.segmented_control("View", available, key="view", default=available[0], required=True,
-                         label_visibility="collapsed")
+    st.segmented_control("View", available, key="view", required=True, label_visibility="collapsed")
     st.session_state["_baselines_pending"] = session.baselines_pending()
     live = s.runner.is_running or st.session_state["_baselines_pending"] or session.fan_running()
     st.fragment(run_every=REFRESH_SECONDS if live else None)(_live)(s)
