@@ -81,17 +81,29 @@ def match_params(tensors: dict[str, torch.Tensor], like: Params, source: str = "
         if tuple(value.shape) != tuple(ref.shape):
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}, "
                                   f"the model expects {tuple(ref.shape)}")
+        _check_finite(value, name, source)
         params[name] = value.to(dtype=ref.dtype, device=ref.device)
     new_buffers = dict(buffers or {})
     for name, ref in (buffers or {}).items():
         value = tensors.get(f"buffer:{name}", tensors.get(name))
         if value is not None and tuple(value.shape) == tuple(ref.shape):
+            _check_finite(value, name, source)
             new_buffers[name] = value.to(dtype=ref.dtype, device=ref.device)
     known = set(like) | {f"buffer:{k}" for k in (buffers or {})} | set(buffers or {})
     unexpected = sorted(set(tensors) - known)
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} (is it for another model?)")
     return params, new_buffers
+
+
+def _check_finite(value: torch.Tensor, name: str, source: str) -> None:
+    """Weights with NaN or infinite entries: refused before they replace the walk on screen (they started a walk
+    that could only diverge, and the user's walk was gone)."""
+    if value.is_floating_point() or value.is_complex():
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise CheckpointError(f"{source}: tensor {name!r} holds {bad:,} NaN or infinite value"
+                                  f"{'s' if bad > 1 else ''} (of {value.numel():,}): these weights cannot be walked")
 
 
 def _load_failure(message: str) -> str:

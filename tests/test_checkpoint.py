@@ -47,6 +47,18 @@ def test_mismatches_name_the_first_bad_tensor(tmp_path):
         match_params({"a.weight": torch.zeros(3, 2), "a.bias": torch.zeros(3), "b.weight": torch.zeros(1)}, like)
 
 
+def test_weights_with_nan_or_infinite_values_are_refused_before_anything_is_replaced():
+    """An upload of NaN weights started a walk that could only diverge, in place of the user's walk."""
+    like = {"a.weight": torch.zeros(3, 2), "a.bias": torch.zeros(3)}
+    bad = torch.zeros(3, 2, dtype=torch.float64)
+    bad[0, 0], bad[2, 1] = float("nan"), float("inf")
+    with pytest.raises(CheckpointError, match="'a.weight' holds 2 NaN or infinite values \\(of 6\\)"):
+        match_params({"a.weight": bad, "a.bias": torch.zeros(3)}, like)
+    with pytest.raises(CheckpointError, match="'running_mean' holds 1 NaN or infinite value \\(of 3\\)"):
+        match_params({**like, "running_mean": torch.tensor([0.0, float("-inf"), 1.0])}, like,
+                     buffers={"running_mean": torch.zeros(3)})
+
+
 def test_truncated_and_oversized_files_are_refused(tmp_path):
     save_weights({"w": torch.randn(100)}, tmp_path / "w.safetensors")
     data = (tmp_path / "w.safetensors").read_bytes()

@@ -67,6 +67,7 @@ def test_connect_summary_has_both_barriers(tmp_path):
     (["--goal", "sparsify", "--dataset", "mnist", "--data-root", "/nonexistent"], "does not exist"),
     (["--goal", "sparsify", "--seed", "-1"], "seed: got -1"),
     (["--goal", "sparsify", "--init", "/nonexistent.pt"], "no such file"),
+    (["--goal", "sparsify", "--init", "NAN_WEIGHTS"], "holds 8,192 NaN or infinite values (of 8,192)"),
     (["--goal", "sparsify", "--goal-weight", "-1"], "goal-weight: got -1.0"),
     (["--goal", "sparsify", "--restoring-weight", "nan"], "restoring-weight: got nan"),
     (["--goal", "sparsify", "--batch-size", "0"], "batch-size: got 0"),
@@ -92,6 +93,13 @@ def test_bad_settings_exit_2_with_a_message_and_no_traceback(tmp_path, args, fra
 
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA, so --device cuda is a valid setting here")
+    if "NAN_WEIGHTS" in args:  # the default MLP's weights, every one NaN
+        from geodesic.config import ModelConfig
+        from geodesic.models import build_network
+
+        params = build_network(ModelConfig(), (64,), 10).init_params(0)
+        torch.save({k: torch.full_like(v, float("nan")) for k, v in params.items()}, tmp_path / "nan.pt")
+        args = [str(tmp_path / "nan.pt") if a == "NAN_WEIGHTS" else a for a in args]
     result = geodesic("run", "--out", str(tmp_path / "x"), "--quiet", *args, timeout=120)
     assert result.returncode == 2
     assert fragment in result.stderr
