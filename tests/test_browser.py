@@ -157,7 +157,10 @@ def test_the_live_chart_follows_a_long_walk_and_pause_answers_while_it_runs(serv
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_role("button", name="Pause", exact=True).wait_for(timeout=10_000)
         time.sleep(1.0)
-    assert sorted(answers)[1] < 0.5, answers  # the median of three Pause clicks
+    # The median of three Pause clicks: answered while the walk runs, not after it (the walk has no end). How fast is a
+    # benchmark's figure (bench/dashboard_speed.py: 0.16-0.25 s, BENCHMARKS.md), not this test's: with 0.5 s here it
+    # failed at 0.51 s on a fresh clone sharing its two cores with other Chromium pages.
+    assert sorted(answers)[1] < 2.0, answers
     page.get_by_role("button", name="Pause", exact=True).click()
     _no_exception(page)
     page.close()
