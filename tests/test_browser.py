@@ -277,3 +277,28 @@ def test_every_download_of_the_data_view_arrives_even_clicked_one_after_another(
     assert b"<script src=\"https://cdn.plot.ly" not in by_kind["html"] and len(by_kind["html"]) > 1_000_000  # inside
     _no_exception(page)
     page.close()
+
+
+def test_the_umap_box_stays_open_through_the_refreshes_and_changes_above_it(server, browser):
+    """The UMAP box closed by itself: Chromium drew it anew, closed, when the live refresh stopped (the baselines
+    arriving) and when "Recompute contour" first appeared above it; the first change inside it (n_neighbors, or the
+    UMAP asked for) hid what it showed."""
+    page = browser.new_page()
+    page.goto(server)
+    page.get_by_role("button", name="Step", exact=True).wait_for(timeout=120_000)
+    for _ in range(3):  # a path of 4 points: enough for the projection
+        page.get_by_role("button", name="Step", exact=True).click()
+        page.wait_for_timeout(800)
+    page.locator("[data-testid=stButtonGroup]").get_by_text("Path", exact=True).click()
+    box = page.locator("details").filter(has=page.locator("summary").filter(has_text="UMAP (on demand)")).first
+    box.locator("summary").click()
+    page.get_by_text("Loss contour behind the path").click()
+    page.get_by_role("button", name="Recompute contour").wait_for(timeout=60_000)
+    page.get_by_text("Computing the baselines").wait_for(state="detached", timeout=120_000)
+    field = page.get_by_role("spinbutton", name="n_neighbors")
+    field.fill("20")
+    field.press("Enter")
+    page.wait_for_timeout(3000)  # the rerun that the change asks for
+    assert box.get_attribute("open") is not None and field.is_visible() and field.input_value() == "20"
+    _no_exception(page)
+    page.close()

@@ -203,14 +203,20 @@ def _path(s) -> None:
         pad = 0.25 * (xy.max(0) - xy.min(0) + 1e-6)
         extent = np.array([xy[:, 0].min() - pad[0], xy[:, 0].max() + pad[0], xy[:, 1].min() - pad[1],
                            xy[:, 1].max() + pad[1]])
-        if s.contour is None or s.contour.get("basis") is not basis or st.button("Recompute contour"):
+        # The button is drawn on every run with the contour on, first: drawn only once a contour existed, it
+        # appeared on the run after the first one and moved the UMAP box below, which Chromium then drew anew,
+        # closed (a UMAP asked for there was hidden as it arrived).
+        recompute = st.button("Recompute contour")
+        if recompute or s.contour is None or s.contour.get("basis") is not basis:
             s.contour = {"basis": basis, **s.runner.call(analysis.loss_on_plane, walker, basis, extent, 15)}
     contour = s.contour if dims == 2 and st.session_state.get("contour_on") else None
     hover = {label: t["hover"].tolist() for label, t in tables}
     _runs_chart(lambda: charts.path_projection(coords, f"Path in weight space: PCA ({dims}-D)", labels, steps,
                                                residual, goal_point, contour, hover, live=True),
                 tables, "pca", (dims, id(basis), id(contour), None if goal_point is None else tuple(goal_point)))
-    with st.expander("UMAP (on demand)"):
+    # A key: an expander without one is known by its place on the page, and Chromium drew it anew, closed, when the
+    # live refresh stopped (the baselines arriving, the walk pausing) or an element above it came or went.
+    with st.expander("UMAP (on demand)", key="umap_box"):
         u1, u2, u3 = st.columns(3)
         st.session_state.setdefault("umap_nn", 15)
         st.session_state.setdefault("umap_md", 0.1)
@@ -361,7 +367,7 @@ FAN_KINDS = {"step size ε": "max_step_norm", "goal weight β/λ": "goal_weight"
 def _fan_controls(s) -> None:
     """Compare step sizes: K walks from the current point with K values of ε (or β/λ, or K seeds), side by side."""
     walker = s.walker
-    with st.expander("Compare step sizes (a fan of walks from here)"):
+    with st.expander("Compare step sizes (a fan of walks from here)", key="fan_box"):
         c1, c2, c3 = st.columns([2, 3, 2])
         kind = c1.radio("What varies", list(FAN_KINDS), key="fan_kind")
         eps = walker.config.max_step_norm
@@ -575,7 +581,7 @@ def _drive(s, teach: bool) -> None:
     _fan_controls(s)
     if teach:
         return
-    with st.expander("Rewind and branch"):
+    with st.expander("Rewind and branch", key="branch_box"):
         b1, b2, b3 = st.columns([2, 2, 1])
         middle = max(walker.n_steps // 2, 0)
         kept = walker.trace.nearest(middle)  # a long path keeps some points' weights only (WeightTrace)

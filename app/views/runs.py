@@ -93,7 +93,7 @@ def render() -> None:
                 st.success(f"Saved as {name}.")
             except GeodesicError as err:
                 st.error(str(err))
-    with st.expander("Start from your own weights (.safetensors or a PyTorch state dict)"):
+    with st.expander("Start from your own weights (.safetensors or a PyTorch state dict)", key="upload_box"):
         uploaded = st.file_uploader("Weights for the model chosen in the sidebar", type=["safetensors", "pt", "pth"],
                                     key="upload")
         if uploaded is not None and st.button("Start a walk from these weights"):
