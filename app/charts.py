@@ -201,8 +201,10 @@ def step_lengths(runs: Runs) -> go.Figure:
                                      meta=source(i, "step", "restoring_weight")), row=1, col=3)
     fig.update_xaxes(title_text="step", row=1, col=3)
     fig.update_yaxes(title_text="ε (solid), ρ (dotted)" if with_rho else "step size ε", **LOG_TICKS, row=1, col=3)
-    fig.update_xaxes(title_text="Euclidean step ‖θ‖", row=1, col=1)
-    fig.update_yaxes(title_text="functional step √(θᵀgθ)", row=1, col=1)
+    # Both from zero: the panel compares the two lengths, and a walk whose every step is ε long (the constrained
+    # rule away from its goal) otherwise got an x axis a millionth of ε wide, ticked 0.0999998 and 0.1.
+    fig.update_xaxes(title_text="Euclidean step ‖θ‖", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="functional step √(θᵀgθ)", rangemode="tozero", row=1, col=1)
     fig.update_xaxes(title_text="step", row=1, col=2)
     fig.update_yaxes(title_text="path length", row=1, col=2)
     return _layout(fig, "Large weight moves, small output moves", height=360)

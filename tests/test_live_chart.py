@@ -44,6 +44,17 @@ def test_the_step_size_panel_names_rho_only_for_a_walk_that_has_one():
     assert "ε and ρ per step" in panels and "ε (solid), ρ (dotted)" in axes
 
 
+def test_the_per_step_panel_draws_both_lengths_from_zero():
+    """Every step of a constrained walk is ε long: the Euclidean axis was drawn a millionth of ε wide (ticks 0.0999998
+    and 0.1), hiding that the weights move far more than the outputs."""
+    steps = _frame(10).assign(step_norm=0.1 + 1e-8 * np.arange(10), functional_step=1e-4 * np.arange(10),
+                              euclidean_length=np.arange(10) * 0.1, functional_length=np.arange(10) * 0.01,
+                              step_size=0.1, restoring_weight=0.1)
+    layout = charts.step_lengths([("main", steps)]).layout
+    axes = {layout[n].title.text: layout[n] for n in layout if n.startswith(("xaxis", "yaxis"))}
+    assert axes["Euclidean step ‖θ‖"].rangemode == "tozero" and axes["functional step √(θᵀgθ)"].rangemode == "tozero"
+
+
 def test_a_growing_path_sends_only_its_new_points():
     first, sent = figure_update(charts.accuracy_and_loss([("main", _frame(10))]), None)
     assert "full" in first and first["seq"] == 1
