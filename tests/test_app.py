@@ -529,10 +529,15 @@ def test_save_reload_compare_rename_and_delete_runs(tmp_path, monkeypatch):
     at.text_input(key="rename_to").set_value("renamed").run()
     button(at, "Rename").click().run()
     assert (tmp_path / "store" / "renamed").exists() and not (tmp_path / "store" / "first").exists()
-    at.selectbox(key="run_choice").set_value("renamed").run()
+    # Said, and the renamed run is still the one chosen and compared (the box fell back to the first run in the
+    # list, the comparison lost it, the name stayed typed in, and nothing said the rename had happened)
+    assert [m.value for m in at.success] == ["Renamed first to renamed."]
+    assert at.selectbox(key="run_choice").value == "renamed" and at.text_input(key="rename_to").value == ""
+    assert "renamed" in at.multiselect(key="compare_runs").value and not at.warning
     at.checkbox(key="confirm_delete").check().run()
     button(at, "Delete").click().run()
     assert not (tmp_path / "store" / "renamed").exists()
+    assert [m.value for m in at.success] == ["Deleted renamed."] and not at.checkbox(key="confirm_delete").value
     assert not at.exception
 
 

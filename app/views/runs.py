@@ -125,6 +125,18 @@ def render() -> None:
                                 **{label: st.column_config.NumberColumn(format="%.1f") for label in percent}})
     names = [r["name"] for r in runs]
     readable = [r["name"] for r in runs if not r["problem"]]
+    done = st.session_state.pop("_runs_done", None)  # what the last rename or delete did, said once
+    if done is not None:
+        message, renamed = done
+        st.success(message)
+        st.session_state["confirm_delete"] = False  # the run chosen next is not one click from deletion
+        if renamed is not None:  # the renamed run stays the one chosen, and stays compared if it was
+            old, new = renamed
+            st.session_state["run_choice"] = new
+            st.session_state["_run_shown"] = new
+            st.session_state["rename_to"] = ""
+            if old in st.session_state.get("compare_runs", []):
+                st.session_state["compare_runs"] = [new if n == old else n for n in st.session_state["compare_runs"]]
     c1, c2, c3 = st.columns(3)
     chosen = c1.selectbox("Run", names, key="run_choice")
     # A run deleted or renamed from another page leaves this box on the first run of the list; an action clicked
@@ -147,6 +159,7 @@ def render() -> None:
     if c2.button("Rename", key="rename_run") and new_name:
         try:
             rename_run(root, chosen, new_name)
+            st.session_state["_runs_done"] = (f"Renamed {chosen} to {new_name}.", (chosen, new_name))
             st.rerun()
         except GeodesicError as err:
             st.error(str(err))
@@ -156,6 +169,7 @@ def render() -> None:
     if c3.button("Delete", disabled=not confirm, key="delete_run"):
         try:
             delete_run(root, chosen)
+            st.session_state["_runs_done"] = (f"Deleted {chosen}.", None)
             st.rerun()
         except GeodesicError as err:
             st.error(str(err))
