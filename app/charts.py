@@ -197,7 +197,9 @@ def step_lengths(runs: Runs) -> go.Figure:
                                  shape="hv"), meta=source(i, "step", "step_size")), row=1, col=3)
         if "restoring_weight" in frame and frame["restoring_weight"].notna().any():
             fig.add_trace(go.Scatter(x=frame["step"], y=frame["restoring_weight"], name=f"{label}: ρ",
-                                     line=dict(color=color, dash="dot", shape="hv"),
+                                     # wider than ε's line: the defaults for connect and a new task have ρ = ε,
+                                     # where a dotted line of the same width vanished under the solid one
+                                     line=dict(color=color, dash="dot", shape="hv", width=4),
                                      meta=source(i, "step", "restoring_weight")), row=1, col=3)
     fig.update_xaxes(title_text="step", row=1, col=3)
     fig.update_yaxes(title_text="ε (solid), ρ (dotted)" if with_rho else "step size ε", **LOG_TICKS, row=1, col=3)

@@ -53,6 +53,9 @@ def test_the_per_step_panel_draws_both_lengths_from_zero():
     layout = charts.step_lengths([("main", steps)]).layout
     axes = {layout[n].title.text: layout[n] for n in layout if n.startswith(("xaxis", "yaxis"))}
     assert axes["Euclidean step ‖θ‖"].rangemode == "tozero" and axes["functional step √(θᵀgθ)"].rangemode == "tozero"
+    # ρ = ε (the connect and new-task defaults): ρ's dotted line is drawn wider than ε's, not hidden under it
+    eps, rho = (next(t for t in charts.step_lengths([("main", steps)]).data if t.name == f"main: {s}") for s in "ερ")
+    assert rho.line.dash == "dot" and rho.line.width > (eps.line.width or 2)
 
 
 def test_a_growing_path_sends_only_its_new_points():
