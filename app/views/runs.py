@@ -130,13 +130,14 @@ def render() -> None:
         message, renamed = done
         st.success(message)
         st.session_state["confirm_delete"] = False  # the run chosen next is not one click from deletion
-        if renamed is not None:  # the renamed run stays the one chosen, and stays compared if it was
+        if renamed is not None:
             old, new = renamed
-            st.session_state["run_choice"] = new
-            st.session_state["_run_shown"] = new
             st.session_state["rename_to"] = ""
-            if old in st.session_state.get("compare_runs", []):
-                st.session_state["compare_runs"] = [new if n == old else n for n in st.session_state["compare_runs"]]
+            if new in names:  # the renamed run stays the one chosen, and stays compared if it was (unless another
+                st.session_state["run_choice"] = new  # page has renamed or deleted it since)
+                st.session_state["_run_shown"] = new
+                compared = [new if n == old else n for n in st.session_state.get("compare_runs", [])]
+                st.session_state["compare_runs"] = [n for n in compared if n in names]
     c1, c2, c3 = st.columns(3)
     chosen = c1.selectbox("Run", names, key="run_choice")
     # A run deleted or renamed from another page leaves this box on the first run of the list; an action clicked
