@@ -130,7 +130,7 @@ SIDEBAR_KEYS = ("goal", "dataset", "data_root", "model", "solver", "step_size", 
                 "device")
 
 
-def keep_values(keys: tuple[str, ...] = SIDEBAR_KEYS) -> None:
+def keep_values(keys: tuple[str, ...]) -> None:
     """Keep each control's value in `keys` on a run that does not draw it, as Streamlit's widget-behavior guide does
     ("interrupting the widget clean-up process"): call on every run, before the controls are drawn. Streamlit drops
     a widget's state at the end of any run that does not draw it, and the goal's own controls are drawn only for
