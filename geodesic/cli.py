@@ -102,8 +102,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _hidden(text: str) -> tuple[int, ...]:
+    # An empty entry ("128,,64", "128,") is a typo, not a layer to drop: say so, as the sweep's lists do.
     try:
-        widths = tuple(int(w) for w in text.split(",") if w.strip())
+        widths = tuple(int(w) for w in text.split(","))
     except ValueError:
         raise ConfigError("hidden", text, "comma-separated positive integers, e.g. 128,128") from None
     return widths

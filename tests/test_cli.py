@@ -63,6 +63,8 @@ def test_connect_summary_has_both_barriers(tmp_path):
     (["--goal", "sparsify", "--probe-size", "5000"], "probe-size: got 5000; allowed: at most 1,437 (the inputs of"),
     (["--goal", "new-task", "--probe-size", "600"], "at most 500 (the inputs of the memory of task A"),
     (["--goal", "sparsify", "--hidden", "12,x"], "hidden: got '12,x'"),
+    (["--goal", "sparsify", "--hidden", "12,,12"], "hidden: got '12,,12'"),
+    (["--goal", "sparsify", "--hidden", "12,"], "hidden: got '12,'"),
     (["--goal", "teleport"], "invalid choice: 'teleport'"),
     (["--goal", "sparsify", "--dataset", "mnist", "--data-root", "/nonexistent"], "does not exist"),
     (["--goal", "sparsify", "--seed", "-1"], "seed: got -1"),
