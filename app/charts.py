@@ -5,6 +5,8 @@ Events (step-size changes, branches, projection) are drawn as vertical dotted li
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -60,11 +62,18 @@ def _tasks(frame: pd.DataFrame, prefix: str) -> list[str]:
     return [c.split("/", 1)[1] for c in frame.columns if c.startswith(prefix + "/")]
 
 
-# A log axis for ε and ρ, ticked at 1, 2 and 5 × 10ⁿ written out (0.05, 0.1, 0.2). Plotly's own ticks under one
-# decade fall at 10^(k·d) (0.0956, 0.1477, ...), and its "D2" ticks write 0.2 as a small "2". Fixed values, so a
-# live chart whose range grows keeps them.
-LOG_TICKS = dict(type="log", tickmode="array", tickvals=[m * 10.0 ** n for n in range(-6, 4) for m in (1, 2, 5)],
-                 ticktext=[f"{m * 10.0 ** n:g}" for n in range(-6, 4) for m in (1, 2, 5)])
+# A log axis for ε and ρ, ticked at round values written out (0.05, 0.1, 0.2). Plotly's own ticks under one decade
+# fall at 10^(k·d) (0.0956, 0.1477, ...), and its "D2" ticks write 0.2 as a small "2". Fixed values, so a live chart
+# whose range grows keeps them; how many per decade follows the span of the values at hand, so that a fan from
+# ε = 0.01 to 1000 is not ticked 18 times on a short panel, and ρ = 0.3 (sparsify's default) gets its label.
+def log_ticks(*series) -> dict:
+    values = [float(v) for s in series for v in s if v == v and v > 0]  # (v == v: not NaN)
+    decades = math.log10(max(values) / min(values)) if values else 0.0
+    mantissas = (1, 2, 3, 5) if decades <= 1 else (1, 2, 5) if decades <= 2.5 else (1,)
+    every = 1 if decades <= 6 else math.ceil(decades / 6)  # powers of ten, every few when they would crowd
+    # (from text: 0.3, where 3 * 10.0 ** -1 is 0.30000000000000004)
+    vals = [float(f"{m}e{n}") for n in range(-9, 10) if n % every == 0 for m in mantissas]
+    return dict(type="log", tickmode="array", tickvals=vals, ticktext=[f"{v:g}" for v in vals])
 
 
 def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
@@ -94,7 +103,8 @@ def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
         if i == 0:
             _events(fig, frame, row=1, col=1)
     if show_eps:
-        fig.update_yaxes(title_text="step size ε", **LOG_TICKS, row=2, col=1, secondary_y=True)
+        fig.update_yaxes(title_text="step size ε", **log_ticks(*(f["step_size"] for _, f in runs)), row=2, col=1,
+                         secondary_y=True)
     for name, value in (baselines or {}).get("lines", {}).items():
         fig.add_hline(y=100 * value, line=dict(color="#0f172a", dash="dash", width=1), row=1, col=1,
                       # at the left: a finished walk's last event ("projected") is marked at the right edge, and
@@ -105,7 +115,8 @@ def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
             fig.add_trace(go.Scatter(x=curve["step"], y=100 * curve[f"accuracy/{task}"], name=f"{name}: task {task}",
                                      line=dict(color="#0f172a", dash="dashdot", width=1.5)), row=1, col=1)
     fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1)
-    fig.update_yaxes(title_text="test loss", row=2, col=1, secondary_y=False)  # not the ε axis on the right
+    # not the ε axis on the right; a loss is never below zero, where the one point of step 0 drew an axis from -1
+    fig.update_yaxes(title_text="test loss", rangemode="nonnegative", row=2, col=1, secondary_y=False)
     fig.update_xaxes(title_text="step", row=2, col=1)
     return _layout(fig, "Accuracy and loss along the path", height=460)
 
@@ -202,7 +213,9 @@ def step_lengths(runs: Runs) -> go.Figure:
                                      line=dict(color=color, dash="dot", shape="hv", width=4),
                                      meta=source(i, "step", "restoring_weight")), row=1, col=3)
     fig.update_xaxes(title_text="step", row=1, col=3)
-    fig.update_yaxes(title_text="ε (solid), ρ (dotted)" if with_rho else "step size ε", **LOG_TICKS, row=1, col=3)
+    spans = [f[c] for _, f in runs for c in ("step_size", "restoring_weight") if c in f]
+    fig.update_yaxes(title_text="ε (solid), ρ (dotted)" if with_rho else "step size ε", **log_ticks(*spans), row=1,
+                     col=3)
     # Both from zero: the panel compares the two lengths, and a walk whose every step is ε long (the constrained
     # rule away from its goal) otherwise got an x axis a millionth of ε wide, ticked 0.0999998 and 0.1.
     fig.update_xaxes(title_text="Euclidean step ‖θ‖", rangemode="tozero", row=1, col=1)

@@ -71,6 +71,9 @@ def test_app_starts_on_the_default_walk(app):
     # zeros and non-zeros, as counts (method.md): 64·128 + 128·128 + 128·10 prunable weights, none zero at the start
     assert any(c.value == "0 of 25,856 prunable weights are exactly zero; 25,856 non-zero." for c in app.caption)
     assert len(live_charts(app)) >= 2  # accuracy/loss and sparsity charts on the first paint
+    # the start's accuracy has not moved: no green "↑ +0.0 pts"
+    delta = next(m for m in app.metric if m.label == "accuracy A").proto
+    assert delta.delta == "±0.0 pts" and delta.color == delta.GRAY and delta.direction == delta.NONE, delta
     assert all("full" in message for message in live_charts(app).values())  # a new page draws them whole
 
 

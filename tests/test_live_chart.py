@@ -25,6 +25,7 @@ def test_the_loss_and_step_size_axes_keep_their_own_titles():
     axes = {layout[name].title.text: layout[name] for name in layout if name.startswith("yaxis")}
     loss_axis, eps_axis = axes["test loss"], axes["step size ε"]  # a KeyError when one title overwrote the other
     assert loss_axis is not eps_axis and eps_axis.type == "log" and eps_axis.side == "right"
+    assert loss_axis.rangemode == "nonnegative"  # the one point of step 0 drew a loss axis from -1 to 1
 
 
 def test_the_step_size_panel_names_rho_only_for_a_walk_that_has_one():
@@ -56,6 +57,26 @@ def test_the_per_step_panel_draws_both_lengths_from_zero():
     # ρ = ε (the connect and new-task defaults): ρ's dotted line is drawn wider than ε's, not hidden under it
     eps, rho = (next(t for t in charts.step_lengths([("main", steps)]).data if t.name == f"main: {s}") for s in "ερ")
     assert rho.line.dash == "dot" and rho.line.width > (eps.line.width or 2)
+
+
+def test_the_step_size_axis_ticks_round_values_and_does_not_crowd_a_wide_fan():
+    """A fan of ε = 0.1 and 1e9 was ticked at every 1, 2 and 5 × 10ⁿ up to 5,000 on a short panel (18 labels drawn over
+    each other); and ρ = 0.3, sparsify's default, had no label of its own."""
+    def shown(frames):
+        layout = charts.step_lengths([(str(i), f) for i, f in enumerate(frames)]).layout
+        title = "ε (solid), ρ (dotted)"
+        axis = next(layout[n] for n in layout if n.startswith("yaxis") and layout[n].title.text == title)
+        values = [f[c] for f in frames for c in ("step_size", "restoring_weight")]
+        low, high = min(v.min() for v in values), max(v.max() for v in values)
+        return [t for v, t in zip(axis.tickvals, axis.ticktext, strict=True) if low <= v <= high]
+
+    steps = _frame(10).assign(step_norm=0.1, functional_step=1e-3, euclidean_length=np.arange(10) * 0.1,
+                              functional_length=np.arange(10) * 0.03, step_size=0.2, restoring_weight=0.3)
+    assert shown([steps]) == ["0.2", "0.3"]
+    wide = [steps, steps.assign(step_size=1e9)]
+    assert 3 <= len(shown(wide)) <= 7 and "1" in shown(wide)
+    auto = steps.assign(step_size=np.geomspace(0.01, 0.2, 10))  # the adaptive step's span: ε0/20 to ε0
+    assert shown([auto]) == ["0.01", "0.02", "0.05", "0.1", "0.2"]
 
 
 def test_a_growing_path_sends_only_its_new_points():

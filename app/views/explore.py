@@ -323,7 +323,12 @@ def _status(s) -> None:
     tasks = list(last.accuracy.items())[:2]
     for i, (task, acc) in enumerate(tasks):
         start = walker.record[0].accuracy[task]
-        cols[1 + i].metric(f"accuracy {task}", f"{100 * acc:.1f}%", f"{100 * (acc - start):+.1f} pts")
+        change = round(100 * (acc - start), 1)
+        if change == 0:  # no green "↑ +0.0" (nor a red "↓ -0.0") for an accuracy that has not moved
+            cols[1 + i].metric(f"accuracy {task}", f"{100 * acc:.1f}%", "±0.0 pts", delta_color="off",
+                               delta_arrow="off")
+        else:
+            cols[1 + i].metric(f"accuracy {task}", f"{100 * acc:.1f}%", f"{change:+.1f} pts")
     pruned = last.extra.get("prune_now_accuracy/A")
     if len(tasks) == 1 and pruned is not None:  # sparsify: the accuracy of w's projection, beside w's own
         cols[2].metric("prune now", f"{100 * pruned:.1f}%",
