@@ -103,7 +103,7 @@ def test_run_then_pause(app):
 
 
 @pytest.mark.parametrize("view", ["Overview", "Path", "Steps", "Examples", "Metric", "Data"])
-def test_every_view_renders(app, view):
+def test_every_view_renders(app, view, monkeypatch):
     for _ in range(2):  # 3 points: what the Path view needs to fit its projection, whichever view runs first
         button(app, "Step").click().run()
     app.segmented_control[0].set_value(view).run()
@@ -120,6 +120,15 @@ def test_every_view_renders(app, view):
         assert json.loads(chart.proto.spec)["layout"]["yaxis"]["exponentformat"] == "power"  # 10⁻⁶, not "1μ"
     if view == "Data":
         assert len(app.get("download_button")) == 4
+        from app.views import explore
+
+        n = len(walker(app).record)
+        assert not any("latest" in c.value for c in app.caption)  # every point shown: nothing to say
+        monkeypatch.setattr(explore, "DATA_ROWS", 2)
+        app.run()
+        table = app.dataframe[0].value
+        assert len(table) == 2 and any(c.value == f"The latest 2 of {n:,} points (steps {n - 2:,} to {n - 1:,}); the "
+                                       "table downloads below hold all of them." for c in app.caption)
 
 
 def test_every_view_renders_a_walk_with_a_head_per_task():

@@ -291,9 +291,15 @@ def _boundary(s) -> None:
     st.plotly_chart(charts.decision_boundary(grid), config=PLOT_CONFIG, key="boundary", theme=None)
 
 
+DATA_ROWS = 200  # the table shows the latest steps only: it is sent again on every live refresh
+
+
 def _data(s, runs) -> None:
     frame = runs[s.active][1]
-    st.dataframe(frame.tail(200), width="stretch", height=260)
+    st.dataframe(frame.tail(DATA_ROWS), width="stretch", height=260)
+    if len(frame) > DATA_ROWS:  # a table that opened at step 40 of 240 looked like one that lost its first steps
+        st.caption(f"The latest {DATA_ROWS} of {len(frame):,} points (steps {frame['step'].iloc[-DATA_ROWS]:,} to "
+                   f"{frame['step'].iloc[-1]:,}); the table downloads below hold all of them.")
     c1, c2, c3, c4 = st.columns(4)
     name = f"geodesic-{s.config.goal.kind}-{s.config.walk.solver}-step{s.walker.n_steps}"
     # Callables: the files are made when a button is clicked, not on every live refresh. A click does not rerun
