@@ -76,6 +76,17 @@ def log_ticks(*series) -> dict:
     return dict(type="log", tickmode="array", tickvals=vals, ticktext=[f"{v:g}" for v in vals])
 
 
+FEW_STEPS = 8
+
+
+def step_ticks(runs: Runs) -> dict:
+    """A step axis's ticks: at whole steps while the axis spans only a few (the first clicks of Step), where Plotly's
+    own ticks fell at 0.5, 1.5, ...; Plotly's ticks beyond that (it has no integer-only mode: plotly.py#4697)."""
+    steps = [frame["step"] for _, frame in runs if len(frame)]
+    span = max(s.max() for s in steps) - min(s.min() for s in steps) if steps else 0
+    return {"dtick": 1} if span < FEW_STEPS else {}
+
+
 def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
     """Test accuracy per task (top) and test loss (bottom) along the path, with baselines overlaid."""
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.62, 0.38],
@@ -118,6 +129,8 @@ def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:
     # not the ε axis on the right; a loss is never below zero, where the one point of step 0 drew an axis from -1
     fig.update_yaxes(title_text="test loss", rangemode="nonnegative", row=2, col=1, secondary_y=False)
     fig.update_xaxes(title_text="step", row=2, col=1)
+    # both panels' (shared) step axes, the grid lines too; a baseline's curve (e.g. fine-tuning) widens the axis
+    fig.update_xaxes(**step_ticks([*runs, *(baselines or {}).get("curves", {}).items()]))
     return _layout(fig, "Accuracy and loss along the path", height=460)
 
 
@@ -212,7 +225,7 @@ def step_lengths(runs: Runs) -> go.Figure:
                                      # where a dotted line of the same width vanished under the solid one
                                      line=dict(color=color, dash="dot", shape="hv", width=4),
                                      meta=source(i, "step", "restoring_weight")), row=1, col=3)
-    fig.update_xaxes(title_text="step", row=1, col=3)
+    fig.update_xaxes(title_text="step", **step_ticks(runs), row=1, col=3)
     spans = [f[c] for _, f in runs for c in ("step_size", "restoring_weight") if c in f]
     fig.update_yaxes(title_text="ε (solid), ρ (dotted)" if with_rho else "step size ε", **log_ticks(*spans), row=1,
                      col=3)
@@ -220,7 +233,7 @@ def step_lengths(runs: Runs) -> go.Figure:
     # rule away from its goal) otherwise got an x axis a millionth of ε wide, ticked 0.0999998 and 0.1.
     fig.update_xaxes(title_text="Euclidean step ‖θ‖", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="functional step √(θᵀgθ)", rangemode="tozero", row=1, col=1)
-    fig.update_xaxes(title_text="step", row=1, col=2)
+    fig.update_xaxes(title_text="step", **step_ticks(runs), row=1, col=2)
     fig.update_yaxes(title_text="path length", row=1, col=2)
     return _layout(fig, "Large weight moves, small output moves", height=360)
 
@@ -242,7 +255,7 @@ def sparsity_and_distance(runs: Runs) -> go.Figure:
                                  line=dict(color=color), meta=source(i, "step", "goal_distance")), row=1, col=2)
     fig.update_xaxes(title_text="sparsity (%)", row=1, col=1)
     fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1)
-    fig.update_xaxes(title_text="step", row=1, col=2)
+    fig.update_xaxes(title_text="step", **step_ticks(runs), row=1, col=2)
     fig.update_yaxes(title_text="‖w − target‖ or task-B loss", type="log", row=1, col=2)
     return _layout(fig, "Sparsity and distance to the goal", height=360)
 

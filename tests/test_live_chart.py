@@ -79,6 +79,23 @@ def test_the_step_size_axis_ticks_round_values_and_does_not_crowd_a_wide_fan():
     assert shown([auto]) == ["0.01", "0.02", "0.05", "0.1", "0.2"]
 
 
+def test_a_walk_of_a_few_steps_is_ticked_at_whole_steps():
+    """After three clicks of Step the step axes were ticked 0, 0.5, 1, 1.5, ...: a step is a whole number."""
+    def dticks(figure):
+        return {figure.layout[n].dtick for n in figure.layout if n.startswith("xaxis") and
+                figure.layout[n].title.text != "sparsity (%)"}
+
+    steps = dict(step_norm=0.1, functional_step=1e-3, euclidean_length=0.1, functional_length=0.01, step_size=0.1,
+                 goal_distance=1.0, sparsity=0.0)
+    few, many = _frame(4).assign(**steps), _frame(40).assign(**steps)
+    for chart in (charts.accuracy_and_loss, charts.sparsity_and_distance):
+        assert {1} <= dticks(chart([("main", few)])) and 1 not in dticks(chart([("main", many)])), chart
+    assert 1 in dticks(charts.step_lengths([("main", few)])) and 1 not in dticks(charts.step_lengths([("main", many)]))
+    # a baseline's curve over 500 steps widens the axis: 500 ticks would be drawn
+    curve = pd.DataFrame({"step": [0, 500], "accuracy/A": [0.9, 0.9]})
+    assert 1 not in dticks(charts.accuracy_and_loss([("main", few)], {"curves": {"fine-tuning": curve}}))
+
+
 def test_a_growing_path_sends_only_its_new_points():
     first, sent = figure_update(charts.accuracy_and_loss([("main", _frame(10))]), None)
     assert "full" in first and first["seq"] == 1
