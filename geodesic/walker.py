@@ -55,6 +55,7 @@ class Walker:
         self.step_size = config.max_step_norm  # ε in force: config's, or the adaptive rule's latest
         self.trust = trust_region_for(config, goal)
         self._pending_event = ""
+        self._pending_step_size_from: float | None = None  # ε before the changes made since the last step
         self._euclidean_length = 0.0
         self._functional_length = 0.0
         probe = drift_probe if drift_probe is not None else tasks["A"].test.x[:256]
@@ -251,6 +252,11 @@ class Walker:
         if not (finite and math.isfinite(functional_step)):
             self.fail_diverged()
         event, self._pending_event = self._pending_event, ""
+        if self._pending_step_size_from is not None:
+            if self._pending_step_size_from != self.step_size:  # (set back to where it was: nothing happened)
+                event = ", ".join(filter(None, [event, f"step size {self._pending_step_size_from:g} -> "
+                                                       f"{self.step_size:g}"]))
+            self._pending_step_size_from = None
         if self.goal.is_done(new_params) if distance is None else self.goal.is_done_at(distance):
             new_params = self.goal.finish(new_params)
             self.is_done, self.stop_reason = True, "goal reached"
@@ -313,8 +319,10 @@ class Walker:
         self.step_size = max_step_norm
         if self.trust is not None:
             self.trust = trust_region_for(self.config, self.goal)
-        if old != max_step_norm:
-            self._pending_event = f"step size {old:g} -> {max_step_norm:g}"
+        # Recorded on the next step, from the ε of the last step taken: changes tried in between (1e9, then 0.05)
+        # are one change (0.2 -> 0.05), and they no longer replace an event waiting there ("branched from step k").
+        if old != max_step_norm and self._pending_step_size_from is None:
+            self._pending_step_size_from = old
 
     def branch(self, at_step: int, config: WalkConfig | None = None, seed: int | None = None) -> Walker:
         """A new walker that starts at point `at_step` of this path (its history up to there is kept)."""

@@ -44,6 +44,17 @@ def test_changing_the_step_size_is_a_recorded_event(experiment):
     with pytest.raises(ConfigError, match="max-step-norm"):
         walker.set_step_size(-1.0)
     assert walker.config.max_step_norm == 0.02  # a refused change keeps the walk as it was
+    # changes tried between two steps are one change, from the ε of the last step; back where it was, none
+    walker.set_step_size(1e9)
+    walker.set_step_size(0.05)
+    assert walker.step().event == "step size 0.02 -> 0.05"
+    walker.set_step_size(0.3)
+    walker.set_step_size(0.05)
+    assert walker.step().event == ""
+    # a change does not replace the branch's own event
+    child = walker.branch(1)
+    child.set_step_size(0.01)
+    assert child.step().event == "branched from step 1, step size 0.05 -> 0.01"
 
 
 def test_branch_starts_from_a_recorded_point_and_keeps_history(experiment):
