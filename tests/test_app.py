@@ -65,6 +65,7 @@ def app():
 
 def test_app_starts_on_the_default_walk(app):
     assert metric(app, "step") == "0"
+    assert metric(app, "distance to goal") == f"{walker(app).record.last.goal_distance:.3g}"
     assert walker(app).goal.name == "sparsify"
     pruned = walker(app).record.last.extra["prune_now_accuracy/A"]
     assert metric(app, "prune now") == f"{100 * pruned:.1f}%"  # the projection's accuracy beside w's own
@@ -137,6 +138,9 @@ def test_every_view_renders_a_walk_with_a_head_per_task():
     at = start({"goal": "new-task", "protocol": "split-heads"})
     for _ in range(2):
         button(at, "Step").click().run()
+    # no point to reach: the slot says what it shows (B's loss), where it said "distance to goal"
+    assert metric(at, "task-B loss") == f"{walker(at).record.last.goal_distance:.3g}"
+    assert not any(m.label == "distance to goal" for m in at.metric)
     for view in ("Overview", "Path", "Steps", "Examples", "Metric", "Data"):
         at.segmented_control[0].set_value(view).run()
         assert not at.exception, (view, [e.value for e in at.exception])

@@ -353,7 +353,14 @@ def _status(s) -> None:
     else:  # sparsity stays 0 on these goals; what they are judged by is the accuracy kept all along the path
         cols[3].metric("lowest A so far", f"{100 * walker.record.lowest_accuracy('A'):.1f}%",
                        help="The lowest test accuracy of task A at any step of this walk so far")
-    cols[4].metric("distance to goal", f"{last.goal_distance:.3g}")
+    # a new task has no point to reach: what falls as it learns B is B's training loss (the chart's axis says so too)
+    if walker.goal.is_point_target:
+        cols[4].metric("distance to goal", f"{last.goal_distance:.3g}",
+                       help="‖w − target‖: to the pruned copy of w (sparsify) or to network B (connect)")
+    else:
+        cols[4].metric("task-B loss", f"{last.goal_distance:.3g}",
+                       help="The goal's loss: cross-entropy of task B on a fixed set of its training inputs (what the "
+                            "walk lowers)")
     if session.settings_problem():
         st.warning(session.settings_problem())
     if s.notice:
