@@ -367,6 +367,8 @@ def test_a_new_task_run_pauses_after_its_most_steps_and_run_goes_on():
     # (it used to be the one that kept A best, whatever B it learned)
     ends = [state.branches[i].walker.record.last.accuracy for i, _ in state.fan]
     assert list(table["accuracy B (%)"]) == [round(100 * e["B"], 1) for e in ends]
+    assert "distance left" not in table and list(table["task-B loss"]) == [  # no point to reach: B's loss
+        float(f"{state.branches[i].walker.record.last.goal_distance:.3g}") for i, _ in state.fan]
     best = max(range(2), key=lambda k: ends[k]["A"] + ends[k]["B"])
     assert at.selectbox(key="fan_keep").value == state.fan[best][0]
 

@@ -481,7 +481,9 @@ def _fan_table(s) -> None:
                      "accuracy A (%)": round(100 * last.accuracy["A"], 1),
                      **({} if end_b is None else {"accuracy B (%)": round(100 * end_b, 1)}),
                      "lowest A (%)": round(100 * lowest, 1),
-                     "distance left": float(f"{last.goal_distance:.3g}"),
+                     # (a new task has no point to reach: its goal's measure is B's loss)
+                     ("distance left" if b.walker.goal.is_point_target else "task-B loss"):
+                         float(f"{last.goal_distance:.3g}"),
                      "state": handle.error or _fan_state(b.walker, handle)})
         # the sweep report's order for its best cell: one that lost the function on the way is never offered first
         rank[index] = outcome_rank(points[0].accuracy["A"], lowest, last.accuracy["A"],
