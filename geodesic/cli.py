@@ -208,12 +208,13 @@ def run_command(args: argparse.Namespace) -> int:
         bar.reset(total=n_steps)
         bar.set_description_str(f"{config.goal.kind} ({config.walk.solver})")
     status = 0
+    goal_measure = "dist" if experiment.goal.is_point_target else "B loss"  # a new task has no point to reach
     try:
         for point in walker.run(n_steps):
             store.after_step(experiment)
             if bar is not None:
                 acc = " ".join(f"{k}={v:.3f}" for k, v in point.accuracy.items())
-                bar.set_postfix_str(f"acc {acc} sparsity={point.sparsity:.3f} dist={point.goal_distance:.3g}")
+                bar.set_postfix_str(f"acc {acc} sparsity={point.sparsity:.3f} {goal_measure}={point.goal_distance:.3g}")
                 bar.update(1)
     except (WalkDiverged, OutOfMemory) as err:
         print(f"geodesic: {err}", file=sys.stderr)

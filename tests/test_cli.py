@@ -125,6 +125,8 @@ def test_a_new_task_run_names_its_scenario(tmp_path):
     assert result.returncode == 0, result.stderr
     line = result.stderr.replace("\r", "\n").strip().splitlines()[-1]
     assert line.startswith("3 steps") and "(split-heads: task-incremental, a head per task)" in line, line
+    # the progress bar names the goal's measure: a new task has no point to reach, so no "dist"
+    assert "B loss=" in result.stderr and "dist=" not in result.stderr, result.stderr
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["scenario"] == "task-incremental, a head per task"
 
 
