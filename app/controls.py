@@ -196,8 +196,9 @@ def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None) ->
     st.toggle("auto: adapt ε (and relax ρ) as the walk goes", key="auto_step",
               help="A trust region on the step: ε shrinks when the share of training inputs that keep their class "
                    "falls more than 1.5 points, grows back when it is kept, and the constrained walk's restoring "
-                   "pull ρ is relaxed while the goal stalls (geodesic/adaptive.py). The ε and ρ of every step are "
-                   "on the Steps chart.")
+                   "pull ρ is relaxed while the goal stalls (geodesic/adaptive.py). The penalty walk to a point, "
+                   "whose λ grows every step, holds λ instead where ε would shrink. The ε and ρ of every step are "
+                   "on the Steps chart, λ in the Data table.")
     st.toggle("guard: halve steps that lose training examples", key="guard",
               help="A step that lowers the share of training inputs keeping their class by more than "
                    f"{DEFAULT_STEP_GUARD:.1%}, or moves their predicted distributions by more than {KL_BUDGET:g} "

@@ -74,10 +74,12 @@ class Walker:
 
     @property
     def goal_weight(self) -> float:
-        """β or λ in force for the next step (λ grows by goal_weight_growth per step in the penalty walk)."""
+        """β or λ in force for the next step (λ grows by goal_weight_growth per step in the penalty walk, except at
+        the steps where the adaptive step held it)."""
         cfg = self.config
         growth = cfg.goal_weight_growth if cfg.solver == "penalty" else 1.0
-        return cfg.goal_weight * growth ** self.n_steps
+        held = self.trust.held if self.trust is not None and self.trust.adapt_goal_weight else 0
+        return cfg.goal_weight * growth ** (self.n_steps - held)
 
     @property
     def restoring_weight(self) -> float:
@@ -318,7 +320,9 @@ class Walker:
         self.config = dataclasses.replace(self.config, max_step_norm=max_step_norm)  # validates
         self.step_size = max_step_norm
         if self.trust is not None:
+            held = self.trust.held  # λ goes on from where it is: it is not ε's to reset
             self.trust = trust_region_for(self.config, self.goal)
+            self.trust.held = held
         # Recorded on the next step, from the ε of the last step taken: changes tried in between (1e9, then 0.05)
         # are one change (0.2 -> 0.05), and they no longer replace an event waiting there ("branched from step k").
         if old != max_step_norm and self._pending_step_size_from is None:
@@ -343,6 +347,12 @@ class Walker:
         child._pending_event = f"branched from step {at_step}"
         if child.trust is not None and config is None:  # the same settings: go on from that point's ε
             child.step_size = base.step_size
+        if child.trust is not None and child.trust.adapt_goal_weight:
+            # λ goes on from the λ of that point (the steps held before it, from the λ it recorded)
+            cfg = self.config
+            grown = math.log(base.goal_weight / cfg.goal_weight) / math.log(cfg.goal_weight_growth) \
+                if cfg.solver == "penalty" and cfg.goal_weight_growth != 1.0 else at_step - 1
+            child.trust.held = min(max(0, at_step - 1 - round(grown)), at_step)
         return child
 
     def params_at(self, index: int) -> Params:
@@ -402,7 +412,8 @@ def trust_region_for(config: WalkConfig, goal: Goal) -> TrustRegion | None:
     if not config.adaptive_step:
         return None
     return TrustRegion(initial=config.max_step_norm, tolerance=config.kept_tolerance,
-                       relax_pull=config.solver == "constrained" and goal.is_point_target)
+                       relax_pull=config.solver == "constrained" and goal.is_point_target,
+                       adapt_goal_weight=config.solver == "penalty" and config.goal_weight_growth != 1.0)
 
 
 @torch.no_grad()

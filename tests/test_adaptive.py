@@ -115,3 +115,28 @@ def test_the_pull_is_relaxed_only_on_the_way_to_a_point():
     assert not build(_auto_config("sparsify", "penalty")).walker.trust.relax_pull  # no ρ in the penalty walk
     penalty = build(_auto_config("sparsify", "penalty")).walker
     assert math.isnan(penalty.record.last.restoring_weight)  # recorded as none
+
+
+def test_the_penalty_walk_to_a_point_holds_its_growing_goal_weight_instead_of_shortening_the_step():
+    """With the penalty rule λ grows per step, so a shorter step made λ outgrow the distance walked and the walk lost
+    more of the function than at a fixed ε (digits, sparsify: 94.2% at the end against 96.7%). There auto holds λ's
+    growth at the steps where it would have shortened ε; ε stays."""
+    trust = TrustRegion(initial=0.05, relax_pull=False, adapt_goal_weight=True)
+    assert _advance(trust, 0.05, 5) == 0.05 and trust.held == 0  # within bounds: λ grows as at a fixed ε
+    assert _advance(trust, 0.05, 4, kept=0.5) == 0.05 and trust.held == 4  # the batch loses its classes: λ held
+    assert trust.last_reason == "accuracy kept: shorter step: λ held"
+    assert not build(_auto_config("new-task", "penalty")).walker.trust.adapt_goal_weight  # λ does not grow there
+    assert not build(_auto_config("sparsify")).walker.trust.adapt_goal_weight  # the constrained rule's β is fixed
+
+    walker = build(_auto_config("sparsify", "penalty", n_steps=12)).walker
+    list(walker.run())
+    lam0, growth = walker.config.goal_weight, walker.config.goal_weight_growth
+    walker.trust.held = 5  # as if five steps had been held
+    assert walker.goal_weight == pytest.approx(lam0 * growth ** (12 - 5))
+    point = walker.step()
+    assert point.goal_weight == pytest.approx(lam0 * growth ** 7) and point.step_size == 0.05  # recorded per point
+    held = walker.trust.held  # 5, or 6 if that step was held too
+    walker.set_step_size(0.02)  # a new ε does not reset λ
+    assert walker.trust.held == held and walker.goal_weight == pytest.approx(lam0 * growth ** (13 - held))
+    child = walker.branch(13)  # a branch goes on from the λ its point recorded (λ₀·growth⁷), grown by one step
+    assert child.trust.held == 5 and child.goal_weight == pytest.approx(lam0 * growth ** 8)

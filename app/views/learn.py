@@ -35,7 +35,9 @@ def render() -> None:
                 "region: shorter when the training batch starts to lose the classes the start network gave it, "
                 "back up to its start when it keeps them. Near a point target a walk can also stall where the "
                 "restoring pull cancels the goal's pull, whatever ε is; then auto relaxes ρ, and tightens it again "
-                "first if classes are lost. The **Steps** view plots the ε and ρ of every step.")
+                "first if classes are lost. The penalty walk to a point grows λ every step, so a shorter step "
+                "would only let λ outgrow the distance walked: there auto holds λ instead, and ε stays. The "
+                "**Steps** view plots the ε and ρ of every step.")
     st.markdown("**The step guard.** A probe of 16 inputs leaves most directions free, and in a conv net a few "
                 "of them move many other inputs' classes at once. With *guard* on (the default for conv nets' "
                 "sparsify and connect walks) a thousand training inputs are checked where the step would land before "
