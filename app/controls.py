@@ -191,7 +191,10 @@ def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None) ->
     _message(errors, "model")
     st.radio("Step rule", SOLVERS, key="solver", horizontal=True, on_change=_reset_walk_fields,
              help="constrained: argmin θᵀgθ − β⟨θ,v⟩ with ‖θ‖ ≤ ε; penalty: the authors' normalised gradient walk")
-    st.number_input("Step size ε" + (" (the largest: auto adapts below it)" if ss.auto_step else ""),
+    # (auto leaves ε alone in the penalty walk to a point: it holds λ's growth there, geodesic/adaptive.py)
+    holds_lambda = ss.solver == "penalty" and ss.goal in ("sparsify", "connect")
+    st.number_input("Step size ε" + ("" if not ss.auto_step else " (auto holds λ's growth instead)" if holds_lambda
+                                     else " (the largest: auto adapts below it)"),
                     key="step_size", format="%.4f", step=0.01)
     st.toggle("auto: adapt ε (and relax ρ) as the walk goes", key="auto_step",
               help="A trust region on the step: ε shrinks when the share of training inputs that keep their class "

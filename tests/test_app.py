@@ -853,6 +853,10 @@ def test_conv_models_are_offered_only_for_images_and_walk_on_them():
 def test_auto_adapts_the_step_and_the_steps_view_shows_epsilon_and_rho():
     at = start()
     at.toggle(key="auto_step").set_value(True).run()
+    assert at.number_input(key="step_size").label == "Step size ε (the largest: auto adapts below it)"
+    penalty = start({"solver": "penalty", "auto": "1"})  # auto holds λ's growth there, and leaves ε alone
+    assert penalty.number_input(key="step_size").label == "Step size ε (auto holds λ's growth instead)"
+    assert walker(penalty).trust.adapt_goal_weight
     button(at, "Start a new walk with these settings").click().run()
     assert not at.exception and walker(at).config.adaptive_step and walker(at).trust is not None
     assert at.query_params["auto"] in ("1", ["1"])  # the link keeps it
