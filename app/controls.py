@@ -42,6 +42,7 @@ SETTING_TO_WIDGET = {"max-step-norm": "step_size", "goal-weight": "goal_weight",
                      "memory-size": "memory_size", "device": "device", "data": "data_root", "model": "model",
                      "n-steps": "n_steps", "new-task": "new_task"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MISSING = "–"  # a table's cell with no value (a new task's sparsity, a sparsify run's B): Streamlit writes "None"
 
 
 def _walk_defaults(goal: str, solver: str, model: str = "mlp") -> dict:

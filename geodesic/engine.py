@@ -216,8 +216,10 @@ class WalkHandle:
         return self.engine._call_soon(lambda: fn(*args)).result(timeout)
 
     def close(self) -> None:
-        """Give the walk up (the page was closed or a new walk replaces it)."""
+        """Give the walk up (the page was closed or a new walk replaces it); returns, as pause does, once a step of
+        this walk that is under way has landed: a walk closed while its batch stepped took one more step after."""
         self.is_closed, self._running = True, False
+        self.engine._wait_not_stepping(self)
         self.engine._forget(self)
 
     def _guarded_step(self) -> PathPoint | None:

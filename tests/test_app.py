@@ -536,6 +536,7 @@ def test_save_reload_compare_rename_and_delete_runs(tmp_path, monkeypatch):
     table = at.dataframe[0].value.set_index("name")  # what each reached, to rank them by
     assert {"end A %", "lowest A %", "sparsity %", "goal reached"} <= set(table.columns)
     assert 50 < table.loc["second", "end A %"] <= 100 and table.loc["second", "goal reached"] == "no"
+    assert at.dataframe[0].proto.placeholder == "–"  # a cell with no value (e.g. B of a sparsify run), not "None"
 
     at.selectbox(key="run_choice").set_value("first").run()
     button(at, "Reload into Explore").click().run()

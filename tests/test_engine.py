@@ -524,3 +524,24 @@ def test_runs_of_many_sessions_pause_each_at_its_own_step_count(engine):
     _wait(lambda: not any(h.is_running for h in handles))
     assert [w.n_steps for w in walkers] == lengths
     assert all(h.error is None and f"step {n}:" in h.notice for h, n in zip(handles, lengths, strict=True))
+
+
+def test_a_closed_walk_takes_no_step_after_close_returns(engine):
+    """Stop the fan closes its walks while the engine is stepping them as one batch: a step under way then landed
+    after close had returned, one point more than the page had drawn (and than its Path view had fitted)."""
+    start = _walker()
+    late = []
+    for round_ in range(12):
+        walkers = [start.branch(0, seed=round_ * 4 + i) for i in range(4)]
+        handles = [engine.open(w, "fan") for w in walkers]
+        for h in handles:
+            h.run(n_steps=10_000)
+        _wait(lambda walkers=walkers: min(w.n_steps for w in walkers) >= 2)
+        time.sleep(0.003 * round_)  # close at different moments of a step
+        for h in handles:
+            h.close()
+        closed_at = [w.n_steps for w in walkers]
+        time.sleep(0.15)
+        late.append([w.n_steps - n for w, n in zip(walkers, closed_at, strict=True)])
+        assert not engine.running("fan")
+    assert all(d == 0 for row in late for d in row), late

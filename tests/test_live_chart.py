@@ -96,6 +96,17 @@ def test_a_walk_of_a_few_steps_is_ticked_at_whole_steps():
     assert 1 not in dticks(charts.accuracy_and_loss([("main", few)], {"curves": {"fine-tuning": curve}}))
 
 
+def test_a_walk_at_step_0_shows_no_negative_step():
+    """A walk that has not stepped yet is one point at step 0, which Plotly autoranged from -1 to 1: a step "-1"."""
+    start = _frame(1).assign(step_norm=0.0, functional_step=0.0, euclidean_length=0.0, functional_length=0.0,
+                             step_size=0.1, goal_distance=1.0, sparsity=0.0)
+    for chart in (charts.accuracy_and_loss, charts.sparsity_and_distance, charts.step_lengths):
+        figure = chart([("main", start)])
+        modes = {figure.layout[n].title.text: figure.layout[n].rangemode for n in figure.layout
+                 if n.startswith("xaxis") and figure.layout[n].title.text in ("step", None)}
+        assert modes and all(mode == "nonnegative" for mode in modes.values()), (chart, modes)
+
+
 def test_a_growing_path_sends_only_its_new_points():
     first, sent = figure_update(charts.accuracy_and_loss([("main", _frame(10))]), None)
     assert "full" in first and first["seq"] == 1

@@ -296,7 +296,7 @@ DATA_ROWS = 200  # the table shows the latest steps only: it is sent again on ev
 
 def _data(s, runs) -> None:
     frame = runs[s.active][1]
-    st.dataframe(frame.tail(DATA_ROWS), width="stretch", height=260)
+    st.dataframe(frame.tail(DATA_ROWS), width="stretch", height=260, placeholder=controls.MISSING)
     if len(frame) > DATA_ROWS:  # a table that opened at step 40 of 240 looked like one that lost its first steps
         st.caption(f"The latest {DATA_ROWS} of {len(frame):,} points (steps {frame['step'].iloc[-DATA_ROWS]:,} to "
                    f"{frame['step'].iloc[-1]:,}); the table downloads below hold all of them.")
@@ -488,7 +488,8 @@ def _fan_table(s) -> None:
         # the sweep report's order for its best cell: one that lost the function on the way is never offered first
         rank[index] = outcome_rank(points[0].accuracy["A"], lowest, last.accuracy["A"],
                                    b.walker.stop_reason == "goal reached", len(points), end_b)
-    st.dataframe(rows, hide_index=True, width="stretch",  # the state may be a sentence (why a walk stopped)
+    st.dataframe(rows, hide_index=True, width="stretch", placeholder=controls.MISSING,
+                 # the state may be a sentence (why a walk stopped)
                  column_config={"state": st.column_config.TextColumn(width="large")})
     c1, c2, c3 = st.columns([3, 2, 2])
     # Offered: the best walk so far (it was always the first), until the user picks one

@@ -116,9 +116,9 @@ def render() -> None:
         percent.pop("end B %")
     rows = [{**{k: r[k] for k in shown_columns},
              **{label: None if r[key] is None else round(100 * r[key], 1) for label, key in percent.items()},
-             # words, not True/False/None: a new-task walk has no goal to reach, and a CLI run still going none yet
-             "goal reached": {True: "yes", False: "no"}.get(r["reached_goal"], "–")} for r in runs]
-    st.dataframe(rows, width="stretch", hide_index=True,
+             # words, not True/False: a new-task walk has no goal to reach (–), and a CLI run still going none yet
+             "goal reached": {True: "yes", False: "no"}.get(r["reached_goal"])} for r in runs]
+    st.dataframe(rows, width="stretch", hide_index=True, placeholder=controls.MISSING,
                  column_config={"problem": st.column_config.TextColumn(width="large"),
                                 "goal reached": st.column_config.TextColumn(
                                     help="– for a new-task walk (it has no end of its own) and for a run still going"),
