@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import baselines as bl
-from .config import DEVICES, DataConfig, GoalConfig, ModelConfig, RunConfig, TrainConfig, default_walk
+from .config import DEVICES, MAX_SEED, DataConfig, GoalConfig, ModelConfig, RunConfig, TrainConfig, default_walk
 from .errors import ConfigError
 from .experiment import build, resolve_device
 from .goals import memory_indices
@@ -362,8 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         args.device = str(resolve_device(args.device))  # before an hour of walks: cuda here without a GPU is refused
     except ConfigError as err:
         parser.error(f"--device: {err.given!r} is not available: {err.allowed}")
-    if any(seed < 0 for seed in args.seeds):
-        parser.error(f"--seeds: got {args.seeds}; allowed: integers >= 0")
+    if any(not 0 <= seed <= MAX_SEED for seed in args.seeds):
+        parser.error(f"--seeds: got {args.seeds}; allowed: integers from 0 to {MAX_SEED}")
     t0 = time.perf_counter()
     chosen = [c for c in cases(args.quick, args.device) if args.only is None or args.only in c.name]
     if not chosen:

@@ -195,6 +195,17 @@ def default_walk(goal: str, solver: str, model: str = "mlp", **overrides) -> Wal
     return WalkConfig(solver=solver, **values)
 
 
+MAX_SEED = 2**31 - 1  # scikit-learn's and UMAP's random_state take at most 2**32 - 1 and connect also uses seed + 1;
+# torch's generators at most 2**64 - 1: a seed of 1e20 ended in a traceback from torch (the CLI, the fan's seeds)
+
+
+def check_seed(seed) -> int:
+    """A run's or a walk's seed: a whole number from 0 to MAX_SEED (ConfigError otherwise)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError("seed", seed, f"a whole number from 0 to {MAX_SEED}")
+    return seed
+
+
 @dataclass(frozen=True)
 class RunConfig:
     goal: GoalConfig = field(default_factory=GoalConfig)
@@ -206,8 +217,7 @@ class RunConfig:
     device: str = "auto"  # auto: cuda, then mps, then cpu
 
     def __post_init__(self):
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ConfigError("seed", self.seed, "an integer >= 0")
+        check_seed(self.seed)
         _check_choice(self, "device", DEVICES)
 
     def to_dict(self) -> dict:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .adaptive import TrustRegion
-from .config import WalkConfig
+from .config import WalkConfig, check_seed
 from .data import Dataset
 from .errors import ConfigError, OutOfMemory, WalkDiverged
 from .goals import Goal
@@ -335,6 +335,8 @@ class Walker:
         if not self.trace.is_exact:
             raise ConfigError("branch step", at_step, "a saved checkpoint (this model is too large to keep "
                               "every point's weights)")
+        if seed is not None:
+            check_seed(seed)
         params = self.params_at(at_step)
         child = Walker(self.network, params, self.goal, config or self.config, self.tasks,
                        seed=self.seed + 1 if seed is None else seed, buffers=self.buffers, bn_inputs=self.bn_inputs,

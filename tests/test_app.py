@@ -771,6 +771,13 @@ def test_a_bad_fan_is_refused_and_the_walk_kept():
     # named as the user knows the setting, not by the engine's field (max-step-norm)
     assert any("Step size ε: got -1.0" in e.value for e in at.error), [e.value for e in at.error]
 
+    at.radio(key="fan_kind").set_value("seed").run()
+    for seeds in ("nan, 1", "1e30, 2", "1.5, 2"):  # the first two ended in tracebacks
+        at.text_input(key="fan_values_seed").set_value(seeds).run()
+        button(at, "Launch the fan").click().run()
+        assert not at.exception, (seeds, [e.value for e in at.exception])
+        assert any("whole numbers from 0 to 2147483647 for seeds" in e.value for e in at.error), seeds
+        assert len(at.session_state["geodesic"].branches) == 1 and not at.session_state["geodesic"].fan
 
 
 def test_a_fan_starts_from_a_chosen_earlier_step():

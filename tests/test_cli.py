@@ -68,6 +68,7 @@ def test_connect_summary_has_both_barriers(tmp_path):
     (["--goal", "teleport"], "invalid choice: 'teleport'"),
     (["--goal", "sparsify", "--dataset", "mnist", "--data-root", "/nonexistent"], "does not exist"),
     (["--goal", "sparsify", "--seed", "-1"], "seed: got -1"),
+    (["--goal", "sparsify", "--seed", "99999999999999999999"], "seed: got 99999999999999999999; allowed: a whole"),
     (["--goal", "sparsify", "--init", "/nonexistent.pt"], "no such file"),
     (["--goal", "sparsify", "--init", "NAN_WEIGHTS"], "holds 8,192 NaN or infinite values (of 8,192)"),
     (["--goal", "sparsify", "--goal-weight", "-1"], "goal-weight: got -1.0"),
@@ -213,7 +214,8 @@ def test_init_loads_a_state_dict_and_rejects_a_wrong_one(tmp_path):
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
-    (["--seeds", "-1"], "--seeds: got [-1]; allowed: integers >= 0"),
+    (["--seeds", "-1"], "--seeds: got [-1]; allowed: integers from 0 to 2147483647"),
+    (["--seeds", "0", "99999999999999999999"], "--seeds: got [0, 99999999999999999999]; allowed: integers from 0"),
     (["--only", "no such case"], "no case's name contains it"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device: 'cuda' is not available")]))
 def test_the_benchmark_refuses_bad_options_at_once_with_one_line(argv, fragment, capsys, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ import streamlit as st
 from app import charts, controls, session
 from app.live_chart import live_plotly_chart, live_runs_chart, thin_for_drawing
 from geodesic import analysis, worker
-from geodesic.config import SCENARIOS
+from geodesic.config import MAX_SEED, SCENARIOS
 from geodesic.engine import CapacityError
 from geodesic.errors import ConfigError, GeodesicError
 from geodesic.experiment import build
@@ -451,8 +452,9 @@ def _fan_values(text: str, kind: str) -> list[float | str]:
         raise ConfigError("fan values", text, allowed) from None
     if not 2 <= len(values) <= 7 or len(set(values)) != len(values):
         raise ConfigError("fan values", text, "2 to 7 different values")
-    if kind == "seed" and any(v != int(v) or v < 0 for v in values):  # (no 'auto' here: only step sizes take it)
-        raise ConfigError("fan values", text, "whole numbers >= 0 for seeds")
+    if kind == "seed" and not all(math.isfinite(v) and v == int(v) and 0 <= v <= MAX_SEED for v in values):
+        # (no 'auto' here: only step sizes take it); nan and 1e30 ended in tracebacks
+        raise ConfigError("fan values", text, f"whole numbers from 0 to {MAX_SEED} for seeds")
     return values
 
 
