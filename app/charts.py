@@ -332,10 +332,18 @@ def spectrum(spectra: list[dict], n_params: int) -> go.Figure:
 
 def decision_boundary(grid: dict) -> go.Figure:
     fig = go.Figure(go.Contour(x=grid["x"], y=grid["y"], z=grid["p"], colorscale="RdBu", zmin=0, zmax=1,
-                               contours=dict(start=0, end=1, size=0.1), colorbar=dict(title="p(class 1)")))
+                               contours=dict(start=0, end=1, size=0.1), colorbar=dict(title="p(class 1)"),
+                               name="current network", showlegend=False))
+    start = grid.get("p_start")
+    if start is not None:  # what the walk is to keep: the start network's p = 0.5 line, over the current regions
+        fig.add_trace(go.Contour(x=grid["x"], y=grid["y"], z=start, contours=dict(start=0.5, end=0.5, size=1,
+                                 coloring="none"), line=dict(color="#111827", width=2, dash="dash"),
+                                 showscale=False, showlegend=True, name="start network's boundary",
+                                 hoverinfo="skip"))
     pts, labels = grid["points"], grid["labels"]
     for c, color in ((0, "#b91c1c"), (1, "#1d4ed8")):
         mask = labels == c
         fig.add_trace(go.Scatter(x=pts[mask, 0], y=pts[mask, 1], mode="markers", name=f"class {c}",
                                  marker=dict(size=4, color=color, line=dict(color="white", width=0.5))))
-    return _layout(fig, "Decision boundary of the current network", height=420)
+    title = "Decision boundary of the current network" + ("" if start is None else " (dashed: where it started)")
+    return _layout(fig, title, height=420)

@@ -68,15 +68,24 @@ def spectrum(walker: Walker, probe_size: int = 64, n_eigenvalues: int = 50, step
 
 
 def decision_grid(walker: Walker, resolution: int = 80, padding: float = 0.5) -> dict[str, np.ndarray]:
-    """For 2-D inputs: p(class 1) on a grid covering the training data, plus the data itself."""
+    """For 2-D inputs: p(class 1) on a grid covering the training data at the current point ("p") and at the start
+    of the path ("p_start": what the walk was to keep; None where a long path let its weights go), plus the data."""
     train = walker.tasks["A"].train
     x = train.x.cpu().numpy()
     lo, hi = x.min(0) - padding, x.max(0) + padding
     xs, ys = np.linspace(lo[0], hi[0], resolution), np.linspace(lo[1], hi[1], resolution)
-    grid = torch.as_tensor(np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2), dtype=torch.float32)
-    with torch.no_grad():
-        probs = torch.softmax(walker.model_fn(walker.params, grid.to(train.x.device)), -1)[:, 1]
-    return {"x": xs, "y": ys, "p": probs.cpu().numpy().reshape(resolution, resolution), "points": x,
+    grid = torch.as_tensor(np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2), dtype=torch.float32).to(train.x.device)
+
+    def p_class_1(params) -> np.ndarray:
+        with torch.no_grad():
+            probs = torch.softmax(walker.model_fn(params, grid), -1)[:, 1]
+        return probs.cpu().numpy().reshape(resolution, resolution)
+
+    try:
+        start = p_class_1(walker.params_at(0))
+    except ConfigError:
+        start = None
+    return {"x": xs, "y": ys, "p": p_class_1(walker.params), "p_start": start, "points": x,
             "labels": train.y.cpu().numpy()}
 
 

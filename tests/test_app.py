@@ -290,9 +290,22 @@ def test_the_view_on_show_stays_when_clicked_again():
 
 
 def test_toy_data_shows_the_decision_boundary():
+    import numpy as np
+
     at = start({"dataset": "moons"})
     at.segmented_control[0].set_value("Boundary").run()
     assert not at.exception and at.get("plotly_chart")
+    for _ in range(3):
+        button(at, "Step").click().run()
+    # the start network's boundary beside the current one: what a walk that keeps the function keeps
+    traces = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    start_line = [t for t in traces if t.get("name") == "start network's boundary"]
+    assert len(start_line) == 1 and start_line[0]["contours"]["start"] == 0.5
+    from geodesic.analysis import decision_grid
+
+    grid = decision_grid(walker(at))
+    first = walker(at).branch(0)  # a walker whose current point is the start
+    assert np.allclose(grid["p_start"], decision_grid(first)["p"]) and not np.allclose(grid["p_start"], grid["p"])
     at.selectbox(key="dataset").set_value("digits").run()  # a walk with no boundary: the kept view falls back
     button(at, "Start a new walk with these settings").click().run()
     assert not at.exception, [e.value for e in at.exception]

@@ -67,7 +67,10 @@ def render() -> None:
                 "moves, which is the point of the method — and the ε and ρ in force at each step.\n"
                 "- **Examples**: each row a network along the path, each column a test example, colour the "
                 "probability of the true class.\n"
-                "- **Metric**: the spectrum of g; a fast drop shows how few directions the probe constrains.")
+                "- **Metric**: the spectrum of g; a fast drop shows how few directions the probe constrains.\n"
+                "- **Boundary** (moons, circles, spirals): the network's decision regions at the current point, "
+                "redrawn as it walks: a sparsify walk that keeps its function keeps its boundary.\n"
+                "- **Data**: every step's numbers as a table, with downloads (CSV, Parquet, the weights).")
     if s.walker is not None and len(s.walker.record) > 1:
         st.subheader("Live: the walk on the Explore page")
         runs = [(b.label, b.walker.record.to_frame()) for b in s.branches]
