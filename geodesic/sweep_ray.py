@@ -14,6 +14,7 @@ scheduler or RPC of our own. Ray is optional: `pip install -r requirements-ray.t
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -120,6 +121,10 @@ def run_on_ray(args, cells: list, out: Path, on_done=None) -> list[str]:
     if started_here and args.ray_address:
         check_reachable(args.ray_address)
     if started_here:
+        ray_log = logging.getLogger("ray")
+        level = ray_log.level
+        if args.quiet:  # Ray's notices on starting (e.g. "Token authentication is enabled ...") too; errors stay
+            ray_log.setLevel(logging.ERROR)
         try:
             ray.init(address=args.ray_address, num_cpus=None if args.ray_address else args.ray_num_cpus,
                      runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
@@ -130,6 +135,8 @@ def run_on_ray(args, cells: list, out: Path, on_done=None) -> list[str]:
                 hint = ("; a cluster started with token authentication (what `ray start` does from Ray 2.59 on) needs "
                         "RAY_AUTH_MODE=token and its token here too (see the README)")
             raise GeodesicError(f"Ray did not start ({str(err).strip().splitlines()[-1]}){hint}") from None
+        finally:
+            ray_log.setLevel(level)
     try:
         slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
         remote = ray.remote(walk_remote).options(num_cpus=cpus, num_gpus=gpus, max_retries=1,

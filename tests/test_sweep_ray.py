@@ -14,10 +14,13 @@ from geodesic.sweep_ray import check_reachable, plan_tasks, write_cell
 SWEEP = ["sweep", "--goal", "sparsify", "--step-size", "0.1,0.2", "--seed", "0,1", "--n-steps", "12", "--quiet"]
 
 
-def test_ray_and_local_backends_write_the_same_table_and_a_rerun_skips_finished_cells(tmp_path):
+def test_ray_and_local_backends_write_the_same_table_and_a_rerun_skips_finished_cells(tmp_path, capsys):
     import ray  # requirements-ray.txt, which `make test` installs
     assert main([*SWEEP, "--out", str(tmp_path / "local")]) == 0
+    capsys.readouterr()
     assert main([*SWEEP, "--out", str(tmp_path / "ray"), "--backend", "ray", "--ray-num-cpus", "2"]) == 0
+    said = capsys.readouterr()
+    assert said.out == "" and said.err == ""  # --quiet: nothing, Ray's notice on token authentication neither
     assert not ray.is_initialized()  # the sweep shut down the instance it started
     local = pd.read_parquet(tmp_path / "local" / "sweep.parquet").sort_values("cell").reset_index(drop=True)
     remote = pd.read_parquet(tmp_path / "ray" / "sweep.parquet").sort_values("cell").reset_index(drop=True)
