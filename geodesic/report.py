@@ -56,6 +56,12 @@ def plotly_js() -> str:
     return (Path(next(iter(spec.submodule_search_locations))) / "package_data" / "plotly.min.js").read_text()
 
 
+def _whole_ticks(steps) -> dict:
+    """A step axis spanning only a few steps is ticked at whole steps (plotly.js put ticks at 14.5, 15.5)."""
+    steps = list(steps)
+    return {"dtick": 1} if steps and max(steps) - min(steps) < 8 else {}
+
+
 def write_sweep_report(out: Path, table: pd.DataFrame, paths: dict[str, pd.DataFrame]) -> Path:
     """DIR/sweep.html from the sweep's table and each cell's per-step table (paths[cell])."""
     traces = []
@@ -68,22 +74,28 @@ def write_sweep_report(out: Path, table: pd.DataFrame, paths: dict[str, pd.DataF
                    for t in tasks]
     title = "Test accuracy (task A) along the path, one line per cell" + (
         "; task B dashed" if any(t["line"]["dash"] == "dash" for t in traces) else "")
+    longest = max((len(frame) for frame in paths.values()), default=0)
     layout = {"title": {"text": title}, "height": 560,
-              "xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "test accuracy (%)"}},
+              "xaxis": {"title": {"text": "step"}, **_whole_ticks(range(longest))},
+              "yaxis": {"title": {"text": "test accuracy (%)"}},
               "template": {"layout": {"plot_bgcolor": "white"}}}
     # Each cell as one point: the steps it took against the accuracy it kept all along (its lowest point), and
-    # where it ended; cells that did not reach their goal are hollow.
+    # where it ended; cells that did not reach their goal are hollow, a new task's (no goal of its own) diamonds.
     kept = []
-    for reached in (True, False):
-        part = table[table["reached_goal"] == reached]
+    groups = (("reached the goal", table["reached_goal"] == True, "circle"),  # noqa: E712 (a column, not a bool)
+              ("did not", table["reached_goal"] == False, "circle-open"),  # noqa: E712
+              ("a new task (no goal of its own)", table["reached_goal"].isna(), "diamond-open"))
+    for name, chosen, symbol in groups:
+        part = table[chosen]
         if len(part):
-            kept.append({"type": "scatter", "mode": "markers", "name": "reached the goal" if reached else "did not",
+            kept.append({"type": "scatter", "mode": "markers", "name": name,
                          "x": part["steps"].tolist(), "y": (100 * part["min_accuracy/A"]).round(3).tolist(),
                          "text": part["cell"].tolist(), "hovertemplate": "%{text}<br>%{x} steps, lowest %{y}%",
-                         "marker": {"size": 11, "symbol": "circle" if reached else "circle-open"}})
+                         "marker": {"size": 11, "symbol": symbol}})
     kept_layout = {"title": {"text": "Accuracy kept (lowest test accuracy A along the path) against steps, "
                                      "one point per cell"}, "height": 420,
-                   "xaxis": {"title": {"text": "steps"}}, "yaxis": {"title": {"text": "lowest test accuracy (%)"}},
+                   "xaxis": {"title": {"text": "steps"}, **_whole_ticks(table["steps"])},
+                   "yaxis": {"title": {"text": "lowest test accuracy (%)"}},
                    "template": {"layout": {"plot_bgcolor": "white"}}}
     best = best_cells(table).drop(columns=["stop_reason"], errors="ignore")
 

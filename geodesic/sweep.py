@@ -377,7 +377,8 @@ def sweep_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
             continue
         s = json.loads(path.read_text())
         row = {"cell": cell.name, **cell.settings, "goal": s["goal"], "steps": s["steps"],
-               "reached_goal": s["reached_goal"],
+               # a new task has no goal of its own to reach: None, as the Runs page and the benchmark have it
+               "reached_goal": s["reached_goal"] if s["goal"] != "new-task" else None,
                "stop_reason": s["stop_reason"], "wall_seconds": s["wall_seconds"],
                "end_sparsity": s["end"]["sparsity"]}
         for task, value in s["start"]["test_accuracy"].items():

@@ -62,6 +62,13 @@ def test_a_mixed_sweep_s_table_and_report_leave_what_a_goal_lacks_empty(tmp_path
         "split"
     report = (out / "sweep.html").read_text()
     assert ">nan<" not in report and "<td>–</td>" in report
+    # a new task has no goal of its own: not "False" (it was, beside the Runs page's "–"), and its cells are still
+    # points of the accuracy-kept chart (they were left out of it)
+    assert table.loc["goal-new-task_new-task-split", "reached_goal"] is None
+    assert table.loc["goal-sparsify_target-sparsity-0.5", "reached_goal"] in (True, False)
+    kept, _ = json.JSONDecoder().raw_decode(report.split('Plotly.newPlot("kept", ')[1])
+    assert sorted(c for trace in kept for c in trace["text"]) == sorted(table.index)
+    assert '"dtick": 1' in report  # 2 steps: ticked at whole steps, not 0.5
 
 
 @pytest.mark.parametrize("argv,flag", [
