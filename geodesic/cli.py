@@ -183,9 +183,13 @@ def run_command(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr)
 
+    from .training import PhaseClock
+
+    clock = PhaseClock()
+
     def progress(what: str, fraction: float) -> None:
         if bar is not None:
-            bar.set_description_str(f"{what} {fraction:.0%}")
+            bar.set_description_str(f"{clock.text(what, fraction)} {fraction:.0%}")
 
     try:
         experiment = build(config, progress=progress, start_tensors=start_tensors, start_source=str(start_path))

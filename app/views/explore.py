@@ -18,6 +18,7 @@ from geodesic.experiment import build
 from geodesic.path import distinct_rows
 from geodesic.projection import fit_pca, trustworthiness, umap_embed
 from geodesic.summary import CONNECTED_POINTS, connect_barriers, connected, function_lost, outcome_rank
+from geodesic.training import PhaseClock
 
 REFRESH_SECONDS = 0.3
 SPEEDS = {"1 step/s": 1.0, "2 steps/s": 2.0, "5 steps/s": 5.0, "10 steps/s": 10.0, "20 steps/s": 20.0,
@@ -34,9 +35,11 @@ PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "
 def _build(config) -> None:
     """Build a walk (training start networks if needed, with progress) and show it."""
     bar = st.progress(0.0, text="preparing the walk")
+    clock = PhaseClock()
 
     def progress(what: str, fraction: float) -> None:
-        bar.progress(min(max(fraction, 0.0), 1.0), text=what)
+        fraction = min(max(fraction, 0.0), 1.0)
+        bar.progress(fraction, text=clock.text(what, fraction))  # with the time left, once it can be told
 
     device = session.engine().settings.device
     if config.device == "auto" and device not in ("", "auto"):  # the server's choice for walks set to auto
