@@ -64,16 +64,16 @@ class PhaseClock:
     a bar that said nothing of how long (the dashboard's and the CLI's)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.clock, self.what, self.since = clock, None, 0.0
+        self.clock, self.what, self.since, self.first = clock, None, 0.0, 0.0
 
     def text(self, what: str, fraction: float) -> str:
         now = self.clock()
-        if what != self.what:
-            self.what, self.since = what, now
-        elapsed = now - self.since
-        if elapsed <= 5 or not 0.02 < fraction < 1:
+        if what != self.what:  # from the fraction seen first: a page that joins a training under way sees it late
+            self.what, self.since, self.first = what, now, fraction
+        elapsed, done = now - self.since, fraction - self.first
+        if elapsed <= 5 or done < 0.02 or fraction >= 1:
             return what
-        left = elapsed * (1 - fraction) / fraction
+        left = elapsed * (1 - fraction) / done
         left_text = f"{max(left, 1):.0f} s" if left < 90 else f"{left / 60:.0f} min"
         cached = " (trained once, then cached for every walk that uses it)" if what.startswith("training") else ""
         return f"{what}: about {left_text} left{cached}"
@@ -110,17 +110,32 @@ def start_network(network: Network, dataset: Dataset, dataset_key: dict, model: 
     # A class opening the teacher's link asks for the same start network from many sessions at once: one trains
     # it, the others wait and read it from the cache (training the same network 30 times over would take the
     # server's cores for 30 times as long). Across processes the atomic write keeps the file whole.
-    with _training_lock(path):
+    # The sessions that wait are shown the training's progress (their bar stood still at 0 for minutes).
+    lock = _training_lock(path)
+    while not lock.acquire(timeout=0.5):
+        if progress:
+            progress(_TRAINING_PROGRESS.get(path, 0.0))
+    try:
         found = cached()
         if found is not None:
             return found
-        params, buffers = train(network, init, dataset, config, seed, progress)
+
+        def report(fraction: float) -> None:
+            _TRAINING_PROGRESS[path] = fraction
+            if progress:
+                progress(fraction)
+
+        params, buffers = train(network, init, dataset, config, seed, report)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_weights(params, path, buffers)
+    finally:
+        _TRAINING_PROGRESS.pop(path, None)
+        lock.release()
     return params, buffers
 
 
 _TRAINING_LOCKS: dict[Path, threading.Lock] = {}
+_TRAINING_PROGRESS: dict[Path, float] = {}  # fraction done of each start network being trained in this process
 _TRAINING_LOCKS_GUARD = threading.Lock()
 
 

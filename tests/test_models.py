@@ -98,17 +98,21 @@ def test_sessions_asking_for_the_same_start_network_at_once_train_it_once(tmp_pa
 
     def counted(*args, **kwargs):
         calls.append(threading.get_ident())
-        time.sleep(0.3)  # long enough for every other session to arrive meanwhile
+        args[5](0.5)  # (progress) half done ...
+        time.sleep(1.2)  # ... for long enough that every other session arrives and waits meanwhile
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(training, "train", counted)
     config = RunConfig(goal=GoalConfig(kind="sparsify"), train=TrainConfig(epochs=2))
     barrier, starts, errors = threading.Barrier(6), [], []
 
+    seen: dict[int, list[float]] = {}
+
     def session():
         barrier.wait()
+        mine = seen.setdefault(threading.get_ident(), [])
         try:
-            starts.append(build(config).start)
+            starts.append(build(config, progress=lambda what, fraction: mine.append(fraction)).start)
         except Exception as err:  # noqa: BLE001 - collected and asserted below
             errors.append(err)
 
@@ -118,4 +122,28 @@ def test_sessions_asking_for_the_same_start_network_at_once_train_it_once(tmp_pa
     for t in threads:
         t.join()
     assert errors == [] and len(calls) == 1 and len(starts) == 6
+    # the sessions that waited were shown the training's progress (their bars stood still at 0 before)
+    waiting = [fractions for ident, fractions in seen.items() if ident != calls[0]]
+    assert len(waiting) == 5 and all(0.5 in fractions for fractions in waiting), seen
     assert all(torch.equal(s[k], starts[0][k]) for s in starts for k in s)  # every session walks the same network
+
+
+def test_a_long_phase_of_a_build_says_about_how_long_it_has_left():
+    """Training a ResNet-18's start network took minutes behind a bar that said nothing of how long."""
+    from geodesic.training import PhaseClock
+
+    now = [0.0]
+    clock = PhaseClock(clock=lambda: now[0])
+    assert clock.text("training start network (seed 0)", 0.0) == "training start network (seed 0)"
+    now[0] = 60.0  # a quarter done in a minute: three minutes left
+    assert clock.text("training start network (seed 0)", 0.25) == (
+        "training start network (seed 0): about 3 min left (trained once, then cached for every walk that uses it)")
+    now[0] = 61.0
+    assert clock.text("loading data", 0.5) == "loading data"  # a new phase: too soon to tell
+    now[0] = 71.0
+    assert clock.text("loading data", 0.5) == "loading data"  # nothing done since it was first seen: no rate yet
+    late = PhaseClock(clock=lambda: now[0])  # a page that joins a training already half done
+    assert late.text("training", 0.5) == "training"
+    now[0] = 81.0  # 10 % more in 10 s: 40 s left (from a start at 0 it would have said 10 s)
+    assert late.text("training", 0.6) == ("training: about 40 s left (trained once, then cached for every walk that "
+                                          "uses it)")
