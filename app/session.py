@@ -195,7 +195,7 @@ def close_fan() -> None:
     """Stop the fan's walks (their branches stay on the charts)."""
     s = state()
     for _, handle in s.fan:
-        handle.close()
+        handle.close(wait=True)  # its branch stays on the charts: no point lands after the page drew it
     s.fan, s.fan_from = [], None
 
 

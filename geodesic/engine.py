@@ -215,11 +215,15 @@ class WalkHandle:
         self.touch()
         return self.engine._call_soon(lambda: fn(*args)).result(timeout)
 
-    def close(self) -> None:
-        """Give the walk up (the page was closed or a new walk replaces it); returns, as pause does, once a step of
-        this walk that is under way has landed: a walk closed while its batch stepped took one more step after."""
+    def close(self, wait: bool = False) -> None:
+        """Give the walk up (the page was closed or a new walk replaces it). wait: return, as pause does, only once
+        a step of this walk under way has landed (a walk the page keeps showing: a fan's walks closed while their
+        batch stepped took one more step after, a point the page had not drawn). Not by default: a close from a
+        garbage collector's finalizer can run on a thread the step itself waits on (the eigh workers), and waiting
+        there stalled the engine for the wait's whole timeout."""
         self.is_closed, self._running = True, False
-        self.engine._wait_not_stepping(self)
+        if wait:
+            self.engine._wait_not_stepping(self)
         self.engine._forget(self)
 
     def _guarded_step(self) -> PathPoint | None:

@@ -539,9 +539,31 @@ def test_a_closed_walk_takes_no_step_after_close_returns(engine):
         _wait(lambda walkers=walkers: min(w.n_steps for w in walkers) >= 2)
         time.sleep(0.003 * round_)  # close at different moments of a step
         for h in handles:
-            h.close()
+            h.close(wait=True)
         closed_at = [w.n_steps for w in walkers]
         time.sleep(0.15)
         late.append([w.n_steps - n for w, n in zip(walkers, closed_at, strict=True)])
         assert not engine.running("fan")
     assert all(d == 0 for row in late for d in row), late
+
+
+def test_a_close_from_a_thread_the_step_waits_on_returns_at_once(engine):
+    """A session's state dropped by the garbage collector closes its walk from whichever thread collected it, e.g.
+    an eigh worker that the engine's step is waiting for: a close that waited for that step stalled both for its
+    whole 30 s timeout (a browser test's fan never appeared)."""
+    walker = _walker()
+    handle = engine.open(walker, "gone")
+    took, real_step = [], walker.step
+
+    def step():
+        t0 = time.monotonic()
+        closer = threading.Thread(target=handle.close)  # a thread this step waits for, closing its walk
+        closer.start()
+        closer.join(timeout=10)
+        took.append(time.monotonic() - t0)
+        return real_step()
+
+    walker.step = step
+    handle.run()
+    _wait(lambda: took)
+    assert took[0] < 2 and handle.is_closed
