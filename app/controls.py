@@ -9,6 +9,7 @@ import weakref
 
 import streamlit as st
 
+from geodesic.adaptive import holds_goal_weight
 from geodesic.config import (
     DEFAULT_STEP_GUARD,
     GOALS,
@@ -193,7 +194,7 @@ def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None) ->
     st.radio("Step rule", SOLVERS, key="solver", horizontal=True, on_change=_reset_walk_fields,
              help="constrained: argmin θᵀgθ − β⟨θ,v⟩ with ‖θ‖ ≤ ε; penalty: the authors' normalised gradient walk")
     # (auto leaves ε alone in the penalty walk to a point: it holds λ's growth there, geodesic/adaptive.py)
-    holds_lambda = ss.solver == "penalty" and ss.goal in ("sparsify", "connect")
+    holds_lambda = holds_goal_weight(ss.solver, default_walk(ss.goal, ss.solver).goal_weight_growth)
     st.number_input("Step size ε" + ("" if not ss.auto_step else " (auto holds λ's growth instead)" if holds_lambda
                                      else " (the largest: auto adapts below it)"),
                     key="step_size", format="%.4f", step=0.01)

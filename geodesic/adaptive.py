@@ -41,6 +41,12 @@ SMOOTHING = 0.8  # weight of the past in the moving averages (about five steps)
 FUNCTIONAL_BUDGET = 0.05  # ½‖Δf‖² per probe input over which one step is too long (Fisher: nats of KL)
 
 
+def holds_goal_weight(solver: str, goal_weight_growth: float) -> bool:
+    """Whether the adaptive step holds λ's growth instead of shortening ε: the penalty walk whose λ grows (to a
+    point: sparsify, connect). One rule for the engine (walker.trust_region_for) and the sidebar's label."""
+    return solver == "penalty" and goal_weight_growth != 1.0
+
+
 @dataclass
 class TrustRegion:
     """The state of one walk's adaptive step (saved with the run, so a resumed walk adapts on from it)."""

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .adaptive import TrustRegion
+from .adaptive import TrustRegion, holds_goal_weight
 from .config import WalkConfig, check_seed
 from .data import Dataset
 from .errors import ConfigError, OutOfMemory, WalkDiverged
@@ -415,7 +415,7 @@ def trust_region_for(config: WalkConfig, goal: Goal) -> TrustRegion | None:
         return None
     return TrustRegion(initial=config.max_step_norm, tolerance=config.kept_tolerance,
                        relax_pull=config.solver == "constrained" and goal.is_point_target,
-                       adapt_goal_weight=config.solver == "penalty" and config.goal_weight_growth != 1.0)
+                       adapt_goal_weight=holds_goal_weight(config.solver, config.goal_weight_growth))
 
 
 @torch.no_grad()
