@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -221,3 +222,151 @@ def select_branch(index: int) -> None:
     if 0 <= index < len(s.branches) and index != s.active:
         s.active = index
         s.runner.swap(s.branches[index].walker)
+
+
+# -- a reload of a browser tab keeps its walk ------------------------------------------------------------------
+# A reload is a new Streamlit session with an empty st.session_state: the walk on screen, its branches and its
+# fan were lost with the old one (a student's F5, a laptop woken up). Each tab has a token (app/tab.py); the
+# session that knows it registers its AppState under it here, and a later session of the same tab, once the
+# page that held it is gone, takes that AppState back. A closed page's state is kept `keep_closed_seconds`
+# (EngineSettings), then dropped, which closes its walks (the finalizers in install and launch_fan).
+@dataclass
+class _Kept:
+    state: AppState
+    session: str  # the session that shows it
+    views: dict  # its views' own controls as last drawn (explore.VIEW_KEYS): the view on show comes back too
+    gone_since: float | None = None  # monotonic time its page was first found closed
+
+
+_KEPT: dict[str, _Kept] = {}
+_KEPT_LOCK = threading.Lock()
+
+
+def _page_open(session: str) -> bool:
+    """Whether a browser page is connected to this Streamlit session (False outside a server: AppTest)."""
+    from streamlit.runtime import Runtime
+
+    return Runtime.exists() and Runtime.instance().is_active_session(session)
+
+
+def _forget_closed_pages(keep: float) -> None:
+    """Drop the states whose page has been closed for longer than `keep` seconds (call with _KEPT_LOCK held)."""
+    now = time.monotonic()
+    for token, kept in list(_KEPT.items()):
+        if _page_open(kept.session):
+            kept.gone_since = None
+        elif kept.gone_since is None:
+            kept.gone_since = now
+        elif now - kept.gone_since > keep:
+            del _KEPT[token]
+
+
+@functools.cache
+def _start_forgetting(keep: float) -> None:
+    """Once per process: a thread that drops closed pages' states even when no page runs to do it."""
+    def forget() -> None:
+        while not _SHUTTING_DOWN.wait(min(30.0, max(keep / 4, 1.0))):
+            with _KEPT_LOCK:
+                _forget_closed_pages(keep)
+
+    threading.Thread(target=forget, name="geodesic-kept-tabs", daemon=True).start()
+
+
+def keep_tab(token: str | None, views: dict) -> str | None:
+    """Register this session's state under its tab's token, or take back the state a reload of the tab left.
+    Returns "restored" (this session now shows the tab's earlier walk; its own, if any, is closed), "renew" (the
+    token is held by another open page: a duplicated tab, which needs a token of its own) or None."""
+    keep = engine().settings.keep_closed_seconds
+    if token is None or not keep:
+        return None
+    from streamlit.runtime import Runtime
+
+    if not Runtime.exists():  # AppTest: no pages to come back to
+        return None
+    me = session_id()
+    with _KEPT_LOCK:
+        kept = _KEPT.get(token)
+        if kept is not None and kept.session == me:  # every run: what a reload should bring back
+            kept.views = dict(views)
+            return None
+        _start_forgetting(keep)
+        _forget_closed_pages(keep)
+        kept = _KEPT.get(token)
+        if kept is None:
+            _KEPT[token] = _Kept(state(), me, dict(views))
+            return None
+        if _page_open(kept.session):
+            return "renew"
+        kept.session, kept.gone_since = me, None
+        restored = kept.state
+    _adopt(restored, me, kept.views)
+    return "restored"
+
+
+def _adopt(restored: AppState, me: str, views: dict) -> None:
+    """Show `restored` in this session: the walk this session had built meanwhile is closed, and the restored
+    walks' handles count against this session's limits from now on."""
+    current = st.session_state.get(KEY)
+    if current is not None and current is not restored:
+        for _, handle in current.fan:
+            handle.close()
+        if current.runner is not None:
+            current.runner.close()
+        if current.stop_baselines is not None:
+            current.stop_baselines.set()
+    for handle in [restored.runner, *(h for _, h in restored.fan)]:
+        if handle is not None:
+            handle.session = me
+            handle.touch()
+    st.session_state[KEY] = restored
+    for key, value in views.items():
+        st.session_state[key] = value
+
+
+TAB_WAIT_SECONDS = 3.0  # the most a new session waits for its page to say which tab it is (about a second)
+
+
+def waiting_for_tab() -> bool:
+    """Whether a new session should wait for its tab's token before building a walk: while some closed page's
+    walk is kept, this session may be that page reloaded, and a walk built now would be thrown away a moment
+    later (shown at step 0 first). Never more than TAB_WAIT_SECONDS: a page whose scripts do not report goes on."""
+    ss = st.session_state
+    if ss.get("_tab") is not None or state().experiment is not None or not engine().settings.keep_closed_seconds:
+        return False
+    if time.monotonic() - ss.get("_tab_first_run", 0.0) > TAB_WAIT_SECONDS:
+        return False
+    from streamlit.runtime import Runtime
+
+    if not Runtime.exists():
+        return False
+    with _KEPT_LOCK:
+        return any(not _page_open(kept.session) for kept in _KEPT.values())
+
+
+def follow_tab(view_keys: tuple[str, ...]) -> None:
+    """On every run, before any control is drawn: learn this tab's token, and after a reload take back the walk
+    the tab showed (with a toast saying so)."""
+    from app import tab
+
+    ss = st.session_state
+    stale = ss.setdefault("_tab_stale", set())  # tokens this session gave up (a duplicated tab's)
+    token = tab.token(ss.get("_tab"), renew=next(iter(stale), None))
+    if token is None and "_tab_first_run" not in ss:
+        ss["_tab_first_run"] = time.monotonic()
+    if token is None or token in stale or token == ss.get("_tab"):
+        if token is not None and token == ss.get("_tab"):
+            keep_tab(token, {k: ss[k] for k in view_keys if k in ss})  # the view on show, for a later reload
+        return
+    outcome = keep_tab(token, {k: ss[k] for k in view_keys if k in ss})
+    if outcome == "renew":
+        stale.clear()
+        stale.add(token)
+        st.rerun()  # the page makes a token of its own, and reports it
+    ss["_tab"] = token
+    if outcome == "restored":
+        s = state()
+        walker = s.walker
+        keep = engine().settings.keep_closed_seconds
+        within = f"{keep / 60:g} min" if keep >= 60 else f"{keep:g} s"
+        st.toast(f"Your walk is back, at step {walker.n_steps if walker else 0}: a tab reloaded or reopened within "
+                 f"{within} of closing gets its walk back.", icon=":material/history:")

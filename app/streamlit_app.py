@@ -6,6 +6,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run app/streamlit_app.py` from anywhere
 
+from app import session  # noqa: E402
 from app.views import explore, learn, runs  # noqa: E402
 
 # The tab's icon is a file of ours: a Material icon there is fetched from fonts.gstatic.com, which offline
@@ -16,5 +17,6 @@ pages = [st.Page(explore.render, title="Explore", icon=":material/explore:", url
          st.Page(runs.render, title="Runs", icon=":material/folder_open:", url_path="runs"),
          st.Page(learn.render, title="Learn", icon=":material/school:", url_path="learn")]
 navigation = st.navigation(pages)
+session.follow_tab(explore.VIEW_KEYS)  # after a reload, the tab's walk comes back
 explore.setup_sidebar()  # every page: the set-up controls and their state live in the sidebar
 navigation.run()

@@ -71,6 +71,8 @@ class EngineSettings:
     max_batch: int = 32  # most walks stepped as one batch
     batching: bool = True  # step compatible walks together (False: one at a time, for comparison)
     idle_seconds: float = 120.0  # a running walk that no page has read for this long is paused
+    # the dashboard keeps a closed page's walks this long, for a reload of that browser tab to take them back (0: no)
+    keep_closed_seconds: float = 300.0
     device: str = ""  # device for walks whose settings say 'auto' (empty: cuda, then mps, then cpu)
     keep_freed_mb: int = DEFAULT_KEEP_FREED_MB  # freed memory kept for the next steps (allocator.py); 0: malloc's own
     fair_share: str = "time"  # walks share the engine's seconds ('time') or take one step each per round ('steps')
@@ -89,6 +91,10 @@ class EngineSettings:
                               "an integer >= 0 (0: every core if tune_threads, else half of them)")
         if not isinstance(self.idle_seconds, (int, float)) or not self.idle_seconds > 0:
             raise ConfigError(_env_name("idle_seconds"), self.idle_seconds, "a number of seconds > 0")
+        if isinstance(self.keep_closed_seconds, bool) or not isinstance(self.keep_closed_seconds, (int, float)) \
+                or not self.keep_closed_seconds >= 0 or self.keep_closed_seconds == float("inf"):
+            raise ConfigError(_env_name("keep_closed_seconds"), self.keep_closed_seconds,
+                              "a number of seconds >= 0 (0: a reload starts afresh)")
         if self.device not in ("", "auto", "cpu", "cuda", "mps"):
             raise ConfigError(_env_name("device"), self.device, "auto, cpu, cuda or mps")
         if self.fair_share not in ("time", "steps"):

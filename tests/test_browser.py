@@ -302,3 +302,63 @@ def test_the_umap_box_stays_open_through_the_refreshes_and_changes_above_it(serv
     assert box.get_attribute("open") is not None and field.is_visible() and field.input_value() == "20"
     _no_exception(page)
     page.close()
+
+
+def _wait_step(page, n: int, timeout: float = 30.0) -> None:
+    page.wait_for_function("(n) => [...document.querySelectorAll('[data-testid=stMetric]')].some(m =>"
+                           " m.innerText.includes('step') && m.querySelector('[data-testid=stMetricValue]')"
+                           ".innerText.trim() === String(n))", arg=n, timeout=timeout * 1000)
+
+
+def _tab_token(page) -> str | None:
+    return page.evaluate("() => sessionStorage.getItem('geodesic-tab')")
+
+
+def test_a_reload_gives_the_tab_its_walk_back_and_a_duplicated_tab_gets_its_own(server, browser):
+    """A reload is a new Streamlit session: the walk on screen was lost with the old one (step 0 again). The tab's
+    token (sessionStorage, app/tab.py) now brings back its walk and its view, with two tabs open at once; a tab
+    that carries another open tab's token (a duplicated tab) gets a token and a walk of its own."""
+    a, b = browser.new_page(), browser.new_page()
+    for page in (a, b):
+        page.goto(server)
+        page.get_by_role("button", name="Step", exact=True).wait_for(timeout=120_000)
+    for page, steps in ((a, 2), (b, 1)):
+        for n in range(1, steps + 1):
+            page.get_by_role("button", name="Step", exact=True).click()
+            _wait_step(page, n)
+    a.locator("[data-testid=stButtonGroup]").get_by_text("Path", exact=True).click()
+    a.get_by_role("button", name="Refit PCA basis").wait_for(timeout=30_000)
+    token_a, token_b = _tab_token(a), _tab_token(b)
+    assert token_a and token_b and token_a != token_b
+
+    a.reload()
+    _wait_step(a, 2)
+    a.get_by_role("button", name="Refit PCA basis").wait_for(timeout=30_000)  # the view it showed
+    a.wait_for_timeout(1500)
+    assert _step_value(a) == 2 and _tab_token(a) == token_a
+    assert _step_value(b) == 1
+
+    c = browser.new_page()  # as "Duplicate tab" does: the storage of a tab that is still open
+    c.add_init_script(f"if (!sessionStorage.getItem('geodesic-tab')) sessionStorage.setItem('geodesic-tab', "
+                      f"'{token_a}')")
+    c.goto(server)
+    c.get_by_role("button", name="Step", exact=True).wait_for(timeout=120_000)
+    c.wait_for_function("(t) => sessionStorage.getItem('geodesic-tab') !== t", arg=token_a, timeout=30_000)
+    c.wait_for_timeout(1500)
+    assert _step_value(c) == 0 and _step_value(a) == 2
+
+    b.reload()
+    _wait_step(b, 1)
+
+    # A walk running when its tab is reloaded goes on, and the page sees it stop: the button went back to Run only
+    # in the session that had clicked Run, so it read "Pause" under "Stopped: goal reached".
+    a.get_by_role("button", name="Run", exact=True).click()
+    a.get_by_role("button", name="Pause", exact=True).wait_for(timeout=30_000)
+    a.reload()
+    a.get_by_role("button", name="Pause", exact=True).wait_for(timeout=60_000)
+    a.get_by_text("Stopped: goal reached").wait_for(timeout=120_000)
+    a.get_by_role("button", name="Run", exact=True).wait_for(timeout=10_000)
+    assert _step_value(a) > 2
+    for page in (a, b, c):
+        _no_exception(page)
+        page.close()

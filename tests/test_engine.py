@@ -338,6 +338,10 @@ def test_settings_from_the_environment_and_a_file(tmp_path):
     assert EngineSettings.from_env({"GEODESIC_KEEP_FREED_MB": "0"}).keep_freed_mb == 0
     with pytest.raises(ConfigError, match="GEODESIC_KEEP_FREED_MB"):
         EngineSettings.from_env({"GEODESIC_KEEP_FREED_MB": "-1"})
+    assert EngineSettings.from_env({"GEODESIC_KEEP_CLOSED_SECONDS": "0"}).keep_closed_seconds == 0
+    for bad in ("-1", "nan", "inf", "soon"):
+        with pytest.raises(ConfigError, match="GEODESIC_KEEP_CLOSED_SECONDS"):
+            EngineSettings.from_env({"GEODESIC_KEEP_CLOSED_SECONDS": bad})
     path.write_text("[engine]\nmax_walkz = 3\n")
     with pytest.raises(ConfigError, match="max_walkz"):
         EngineSettings.from_env({"GEODESIC_SERVER_CONFIG": str(path)})

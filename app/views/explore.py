@@ -657,9 +657,18 @@ def setup_sidebar() -> None:
                 st.rerun()
 
 
+def _wait_for_tab() -> None:
+    if not session.waiting_for_tab():  # the tab's page never said which it is: start a walk of its own
+        st.rerun(scope="app")
+
+
 def render() -> None:
     s = session.state()
     teach = controls.teach_mode()
+    if s.experiment is None and session.waiting_for_tab():  # this may be a reload: its walk comes back
+        st.info("Opening this tab's walk…")
+        st.fragment(run_every=0.5)(_wait_for_tab)()
+        return
     if s.experiment is None:
         try:
             config = controls.config_from_widgets()
@@ -693,4 +702,10 @@ def render() -> None:
     st.segmented_control("View", available, key="view", required=True, label_visibility="collapsed")
     st.session_state["_baselines_pending"] = session.baselines_pending()
     live = s.runner.is_running or st.session_state["_baselines_pending"] or session.fan_running()
+    # What the live refresh compares with to see a walk stop by itself. Set here as well as by Run: a walk running
+    # when its tab was reloaded (session.follow_tab) was started by another session, whose flags went with it.
+    if s.runner.is_running:
+        st.session_state["_was_running"] = True
+    if session.fan_running():
+        st.session_state["_fan_was_running"] = True
     st.fragment(run_every=REFRESH_SECONDS if live else None)(_live)(s)
