@@ -17,6 +17,8 @@ pages = [st.Page(explore.render, title="Explore", icon=":material/explore:", url
          st.Page(runs.render, title="Runs", icon=":material/folder_open:", url_path="runs"),
          st.Page(learn.render, title="Learn", icon=":material/school:", url_path="learn")]
 navigation = st.navigation(pages)
-session.follow_tab(explore.VIEW_KEYS)  # after a reload, the tab's walk comes back
+# After a reload, the tab's walk comes back, with its view and teach mode (a link's ?teach=1 is gone from the URL
+# once the user has moved to another page, and a reload there showed a student the whole set-up).
+session.follow_tab(explore.VIEW_KEYS + ("_teach",))
 explore.setup_sidebar()  # every page: the set-up controls and their state live in the sidebar
 navigation.run()

@@ -319,8 +319,8 @@ def test_a_reload_gives_the_tab_its_walk_back_and_a_duplicated_tab_gets_its_own(
     token (sessionStorage, app/tab.py) now brings back its walk and its view, with two tabs open at once; a tab
     that carries another open tab's token (a duplicated tab) gets a token and a walk of its own."""
     a, b = browser.new_page(), browser.new_page()
-    for page in (a, b):
-        page.goto(server)
+    for page, link in ((a, server), (b, f"{server}/?teach=1")):  # b: a student at the teacher's link
+        page.goto(link)
         page.get_by_role("button", name="Step", exact=True).wait_for(timeout=120_000)
     for page, steps in ((a, 2), (b, 1)):
         for n in range(1, steps + 1):
@@ -347,8 +347,15 @@ def test_a_reload_gives_the_tab_its_walk_back_and_a_duplicated_tab_gets_its_own(
     c.wait_for_timeout(1500)
     assert _step_value(c) == 0 and _step_value(a) == 2
 
+    # Teach mode comes back too: the link's ?teach=1 is gone from the URL on another page, and a reload there
+    # showed the student the whole set-up.
+    b.get_by_text("Learn", exact=True).first.click()
+    b.get_by_text("How a functionally invariant walk works").wait_for(timeout=30_000)
     b.reload()
+    b.get_by_text("How a functionally invariant walk works").wait_for(timeout=30_000)
+    b.get_by_text("Explore", exact=True).first.click()
     _wait_step(b, 1)
+    assert b.get_by_text("Set up a walk").count() == 0
 
     # A walk running when its tab is reloaded goes on, and the page sees it stop: the button went back to Run only
     # in the session that had clicked Run, so it read "Pause" under "Stopped: goal reached".
