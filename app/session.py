@@ -353,11 +353,13 @@ def follow_tab(view_keys: tuple[str, ...]) -> None:
     token = tab.token(ss.get("_tab"), renew=next(iter(stale), None))
     if token is None and "_tab_first_run" not in ss:
         ss["_tab_first_run"] = time.monotonic()
-    if token is None or token in stale or token == ss.get("_tab"):
-        if token is not None and token == ss.get("_tab"):
-            keep_tab(token, {k: ss[k] for k in view_keys if k in ss})  # the view on show, for a later reload
+    if token is None or token in stale:
         return
-    outcome = keep_tab(token, {k: ss[k] for k in view_keys if k in ss})
+    views = {k: ss[k] for k in view_keys if k in ss}
+    if token == ss.get("_tab"):
+        keep_tab(token, views)  # the view on show now, for a later reload
+        return
+    outcome = keep_tab(token, views)
     if outcome == "renew":
         stale.clear()
         stale.add(token)
