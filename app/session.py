@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import streamlit as st
 
 from geodesic.config import RunConfig
-from geodesic.engine import Engine, EngineSettings, WalkHandle, background_thread, shared_engine
+from geodesic.engine import CapacityError, Engine, EngineSettings, WalkHandle, background_thread, shared_engine
 from geodesic.errors import Cancelled, ConfigError
 from geodesic.experiment import Experiment
 from geodesic.projection import PCABasis
@@ -236,10 +236,16 @@ class _Kept:
     session: str  # the session that shows it
     views: dict  # its views' own controls as last drawn (explore.VIEW_KEYS): the view on show comes back too
     gone_since: float | None = None  # monotonic time its page was first found closed
+    resume: list = field(default_factory=list)  # (handle, steps its run had left) paused while the page was closed
 
 
 _KEPT: dict[str, _Kept] = {}
 _KEPT_LOCK = threading.Lock()
+# A walk running when its page closed is paused this long after (a reload is back within a few seconds, and a
+# network blip reconnects the same page), so it does not hold a share of a class's engine until idle_seconds (two
+# minutes by default); the page that takes it back resumes it where its run was.
+CLOSED_PAUSE_SECONDS = 10.0
+CLOSED_CHECK_SECONDS = 2.0  # how often closed pages are looked for
 
 
 def _page_open(session: str) -> bool:
@@ -250,22 +256,46 @@ def _page_open(session: str) -> bool:
 
 
 def _forget_closed_pages(keep: float) -> None:
-    """Drop the states whose page has been closed for longer than `keep` seconds (call with _KEPT_LOCK held)."""
+    """Drop the states whose page has been closed for longer than `keep` seconds, and pause the running walks of
+    pages closed for CLOSED_PAUSE_SECONDS, noting each in its state's `resume` (call with _KEPT_LOCK held, so a
+    page that comes back meanwhile finds them either running or noted)."""
     now = time.monotonic()
     for token, kept in list(_KEPT.items()):
         if _page_open(kept.session):
             kept.gone_since = None
-        elif kept.gone_since is None:
+            continue
+        if kept.gone_since is None:
             kept.gone_since = now
         elif now - kept.gone_since > keep:
             del _KEPT[token]
+        elif now - kept.gone_since > CLOSED_PAUSE_SECONDS:
+            for handle in _handles(kept.state):
+                left = handle.steps_left
+                if left is not None:
+                    kept.resume.append((handle, left))
+                    handle.pause(wait=False)  # no page draws it: nothing to wait for (and the lock is held)
+
+
+def _handles(s: AppState) -> list[WalkHandle]:
+    return [h for h in [s.runner, *(h for _, h in s.fan)] if h is not None]
+
+
+def _resume(kept: _Kept) -> None:
+    """Run again, for the steps their run had left, the walks paused while the page was closed."""
+    resume, kept.resume = kept.resume, []
+    for handle, left in resume:
+        if not handle.is_closed and not handle.is_running and not handle.walker.is_done:
+            try:
+                handle.run(left)
+            except CapacityError as err:  # the server filled up meanwhile: the page says so, the walk waits
+                handle.notice = f"Paused while its page was closed; {err}."
 
 
 @functools.cache
 def _start_forgetting(keep: float) -> None:
     """Once per process: a thread that drops closed pages' states even when no page runs to do it."""
     def forget() -> None:
-        while not _SHUTTING_DOWN.wait(min(30.0, max(keep / 4, 1.0))):
+        while not _SHUTTING_DOWN.wait(CLOSED_CHECK_SECONDS):
             with _KEPT_LOCK:
                 _forget_closed_pages(keep)
 
@@ -288,6 +318,8 @@ def keep_tab(token: str | None, views: dict) -> str | None:
         kept = _KEPT.get(token)
         if kept is not None and kept.session == me:  # every run: what a reload should bring back
             kept.views = dict(views)
+            if kept.resume:  # the page came back to the same session (a network blip) after its walks paused
+                _resume(kept)
             return None
         _start_forgetting(keep)
         _forget_closed_pages(keep)
@@ -297,9 +329,9 @@ def keep_tab(token: str | None, views: dict) -> str | None:
             return None
         if _page_open(kept.session):
             return "renew"
-        kept.session, kept.gone_since = me, None
-        restored = kept.state
-    _adopt(restored, me, kept.views)
+        kept.session, kept.gone_since = me, None  # an open page's walks are never paused by _forget_closed_pages
+    _adopt(kept.state, me, kept.views)
+    _resume(kept)
     return "restored"
 
 
@@ -314,10 +346,9 @@ def _adopt(restored: AppState, me: str, views: dict) -> None:
             current.runner.close()
         if current.stop_baselines is not None:
             current.stop_baselines.set()
-    for handle in [restored.runner, *(h for _, h in restored.fan)]:
-        if handle is not None:
-            handle.session = me
-            handle.touch()
+    for handle in _handles(restored):
+        handle.session = me
+        handle.touch()
     st.session_state[KEY] = restored
     for key, value in views.items():
         st.session_state[key] = value

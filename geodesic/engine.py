@@ -175,6 +175,13 @@ class WalkHandle:
     def is_running(self) -> bool:
         return self._running and not self.walker.is_done and not self.is_closed
 
+    @property
+    def steps_left(self) -> int | None:
+        """The steps this run takes before it pauses by itself (None when it is not running)."""
+        if not self.is_running or self._stop_at is None:
+            return None
+        return max(1, self._stop_at[0] - self.walker.n_steps)
+
     def touch(self) -> None:
         """The page has looked at this walk (keeps a running walk from being paused as idle)."""
         self.last_seen = time.monotonic()
@@ -192,10 +199,12 @@ class WalkHandle:
         self.touch()
         self.engine._start(self, budget)
 
-    def pause(self) -> None:
-        """Stop walking; returns once a step of this walk that is under way has landed (no point comes after)."""
+    def pause(self, wait: bool = True) -> None:
+        """Stop walking; returns once a step of this walk that is under way has landed (no point comes after),
+        or at once with wait=False (no page is drawing the walk: a step under way may still land)."""
         self._running = False
-        self.engine._wait_not_stepping(self)
+        if wait:
+            self.engine._wait_not_stepping(self)
 
     def set_rate(self, steps_per_second: float | None) -> None:
         """Slow motion: at most this many steps per second (None or 0: as fast as possible)."""

@@ -571,3 +571,23 @@ def test_a_close_from_a_thread_the_step_waits_on_returns_at_once(engine):
     handle.run()
     _wait(lambda: took)
     assert took[0] < 2 and handle.is_closed
+
+
+def test_steps_left_says_how_far_a_run_goes_and_a_pause_without_waiting_stops_it(engine):
+    """What a reloaded tab resumes a walk with, after the walk paused while its page was closed (app/session.py)."""
+    handle = engine.open(_walker(goal="new-task"), "closed page")
+    assert handle.steps_left is None
+    handle.set_rate(20.0)
+    handle.run(400)
+    _wait(lambda: handle.walker.n_steps >= 3, seconds=30)
+    left = handle.steps_left
+    assert 400 - handle.walker.n_steps - 1 <= left <= 400 - 3
+    handle.pause(wait=False)  # returns at once; at most the step under way lands
+    time.sleep(0.5)
+    n = handle.walker.n_steps
+    time.sleep(0.5)
+    assert not handle.is_running and handle.steps_left is None and handle.walker.n_steps == n
+    handle.run(left)
+    _wait(lambda: handle.walker.n_steps > n, seconds=30)
+    assert handle.steps_left <= left
+    handle.pause()

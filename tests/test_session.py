@@ -93,3 +93,49 @@ def test_no_registry_outside_a_server_or_when_switched_off(registry, monkeypatch
     registry.settings.keep_closed_seconds = 60
     monkeypatch.setattr(streamlit.runtime.Runtime, "exists", classmethod(lambda cls: False))
     assert session.keep_tab("token", {}) is None and session._KEPT == {}
+
+
+class _Handle:
+    """A stand-in for geodesic.engine.WalkHandle: running, with `left` steps left in its run."""
+
+    def __init__(self, left: int):
+        self.left, self.running, self.is_closed, self.ran = left, True, False, []
+        self.walker = types.SimpleNamespace(is_done=False)
+
+    @property
+    def is_running(self) -> bool:
+        return self.running
+
+    @property
+    def steps_left(self):
+        return self.left if self.running else None
+
+    def pause(self, wait: bool = True) -> None:
+        self.running = False
+
+    def run(self, n_steps=None) -> None:
+        self.ran.append(n_steps)
+        self.running = True
+
+
+def test_a_closed_page_s_running_walks_pause_and_the_page_that_takes_them_back_resumes_them(registry, monkeypatch):
+    """A walk left running by a closed page held a share of the engine until idle_seconds (two minutes); it now
+    pauses CLOSED_PAUSE_SECONDS after, and the reloaded tab runs it again for the steps its run had left."""
+    monkeypatch.setattr(session, "_adopt", lambda restored, me, views: None)
+    monkeypatch.setattr(session, "session_id", lambda: "new")
+    main, fan_walk, quick = _Handle(40), _Handle(7), _Handle(3)
+    state = session.AppState(runner=main, fan=[(1, fan_walk)])
+    session._KEPT["tab"] = session._Kept(state, "old", {})
+    session._KEPT["back soon"] = session._Kept(session.AppState(runner=quick), "old2", {})
+    session._forget_closed_pages(60)  # both pages found closed
+    registry.clock[0] += session.CLOSED_PAUSE_SECONDS - 1
+    registry.pages.add("old2")  # that page came back (a network blip): its walk never pauses
+    session._forget_closed_pages(60)
+    assert main.running and fan_walk.running and quick.running
+    registry.clock[0] += 2
+    session._forget_closed_pages(60)
+    assert not main.running and not fan_walk.running and quick.running
+    registry.pages.add("new")
+    assert session.keep_tab("tab", {}) == "restored"
+    assert (main.ran, fan_walk.ran, quick.ran) == ([40], [7], [])
+    assert main.running and fan_walk.running and session._KEPT["tab"].resume == []
