@@ -778,6 +778,11 @@ def test_a_bad_fan_is_refused_and_the_walk_kept():
     at.text_input(key="fan_values_step size ε").set_value("0.1, abc").run()
     button(at, "Launch the fan").click().run()
     assert any("fan values" in e.value for e in at.error) and len(at.session_state["geodesic"].branches) == 1
+    for typo in ("0.1,, 0.2", "0.1, 0.2,"):  # a value left out: it walked a fan of the others without a word
+        at.text_input(key="fan_values_step size ε").set_value(typo).run()
+        button(at, "Launch the fan").click().run()
+        assert any("no empty entries" in e.value for e in at.error), typo
+        assert len(at.session_state["geodesic"].branches) == 1 and not at.session_state["geodesic"].fan
     at.text_input(key="fan_values_step size ε").set_value("0.1, -1").run()
     button(at, "Launch the fan").click().run()
     assert len(at.session_state["geodesic"].branches) == 1 and not at.session_state["geodesic"].fan

@@ -447,7 +447,9 @@ def _fan_start(walker, chosen: float | None) -> int:
 
 def _fan_values(text: str, kind: str) -> list[float | str]:
     """The fan's values: numbers, and for step sizes also 'auto' (the adaptive step)."""
-    items = [t for t in text.replace(" ", "").split(",") if t]
+    items = text.replace(" ", "").split(",")
+    if "" in items:  # "0.1,,0.2" or a trailing comma: a value left out by mistake, refused as `geodesic sweep` does
+        raise ConfigError("fan values", text, "values separated by commas, with no empty entries")
     try:
         values = [t if (t == "auto" and kind == "step size ε") else float(t) for t in items]
     except ValueError:
