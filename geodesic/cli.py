@@ -196,7 +196,9 @@ def run_command(args: argparse.Namespace) -> int:
     except BaseException:
         if bar is not None:  # the error is said on a clean line, not after the bar's text
             bar.leave = False
-            bar.close()
+            bar.close()  # (a terminal's line is cleared; a log's keeps the bar's text: end it there)
+            if not sys.stderr.isatty():
+                print(file=sys.stderr)
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused (missing data, weights that do not fit): no empty folder left for it
         raise

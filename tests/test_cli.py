@@ -110,6 +110,17 @@ def test_bad_settings_exit_2_with_a_message_and_no_traceback(tmp_path, args, fra
     assert not (tmp_path / "x").exists()  # refused: no folder left behind for it
 
 
+def test_an_error_after_the_progress_bar_started_is_said_on_a_line_of_its_own(tmp_path):
+    """Data refused once the bar had started (loading it is a phase of the bar): in a log, where the bar is not
+    cleared, the message ran on after the bar's text on one line ("?step/s]\\r   \\rgeodesic: error: ...")."""
+    result = subprocess.run([sys.executable, "-m", "geodesic", "run", "--out", str(tmp_path / "x"), "--goal",
+                             "new-task", "--new-task", "mnist-fashion", "--dataset", "mnist-sample", "--data-root",
+                             str(tmp_path / "none")], cwd=ROOT, capture_output=True, timeout=120)  # bytes: "\r" kept
+    assert result.returncode == 2 and b"step/s" in result.stderr  # the bar did start
+    last = result.stderr.rstrip(b"\n").split(b"\n")[-1]
+    assert last.startswith(b"geodesic: error: the mnist-fashion protocol's task B is Fashion-MNIST"), last
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["run", "--goal", "sparsify"], "--out: got nothing (it is required); allowed: a folder to write the run to"),
     (["run", "--out", "OUT"], "--goal: got nothing (it is required); allowed: sparsify, new-task, connect"),
