@@ -86,6 +86,16 @@ KEY = "geodesic"
 class Branch:
     label: str
     walker: object  # geodesic.walker.Walker
+    # The steps it had when made, reloaded from the store or last saved: the steps past it are lost if it is closed.
+    kept_at: int | None = None
+
+    def __post_init__(self):
+        if self.kept_at is None:
+            self.kept_at = self.walker.n_steps
+
+    @property
+    def unsaved_steps(self) -> int:
+        return self.walker.n_steps - self.kept_at
 
 
 @dataclass
@@ -211,6 +221,12 @@ def add_branch(walker, label: str) -> None:
     s.branches.append(Branch(label, walker))
     s.active = len(s.branches) - 1
     s.runner.swap(walker)
+
+
+def unsaved() -> list[Branch]:
+    """The walks on screen with steps taken since they were made, reloaded or saved: closing them (a new walk,
+    Reset, a run reloaded or started from uploaded weights) would lose those steps."""
+    return [b for b in state().branches if b.walker.n_steps != b.kept_at]
 
 
 def select_branch(index: int) -> None:

@@ -256,6 +256,7 @@ def test_branch_from_step_follows_the_walk_until_the_user_picks_a_step():
         button(at, "Step").click().run()
     assert at.number_input(key="branch_at").value == 2  # the user's own step is kept
     button(at, "Reset").click().run()
+    button(at, "Go on without saving").click().run()  # (10 steps not saved: asked first)
     assert at.number_input(key="branch_at").value == 0 and not at.exception  # past a new walk's end: its middle
 
 
@@ -308,6 +309,7 @@ def test_toy_data_shows_the_decision_boundary():
     assert np.allclose(grid["p_start"], decision_grid(first)["p"]) and not np.allclose(grid["p_start"], grid["p"])
     at.selectbox(key="dataset").set_value("digits").run()  # a walk with no boundary: the kept view falls back
     button(at, "Start a new walk with these settings").click().run()
+    button(at, "Go on without saving").click().run()  # (3 steps not saved: asked first)
     assert not at.exception, [e.value for e in at.exception]
     assert at.segmented_control[0].value == "Overview" and "Boundary" not in at.segmented_control[0].options
 
@@ -334,6 +336,8 @@ def test_bad_settings_show_a_message_and_keep_the_walk(key, value, fragment):
     kept = walker(at)
     at.number_input(key=key).set_value(value).run()
     button(at, "Start a new walk with these settings").click().run()
+    if any(b.label == "Go on without saving" for b in at.button):  # a value refused only once the walk is built
+        button(at, "Go on without saving").click().run()
     assert walker(at) is kept and kept.n_steps == 1
     assert any(fragment in e.value for e in at.error), [e.value for e in at.error]
     at.number_input(key=key).set_value(8 if key in ("probe_size", "n_steps") else 0.5).run()  # corrected: it goes
@@ -502,6 +506,7 @@ def test_a_link_with_bad_settings_says_which_and_walks_with_the_defaults(query, 
     button(at, "Step").click().run()
     assert [w.value for w in at.warning] == warnings  # still there after the page ran again
     button(at, "Start a new walk with these settings").click().run()
+    button(at, "Go on without saving").click().run()  # (a step not saved: asked first)
     assert not at.warning  # gone once the user starts a walk of their own
 
 
@@ -676,6 +681,129 @@ def test_a_running_walk_is_saved_at_one_point_and_runs_on(tmp_path, monkeypatch)
         assert time.monotonic() - t0 < 60
         time.sleep(0.05)
     state.runner.pause()
+
+
+def _question(at: AppTest) -> list[str]:
+    return [w.value for w in at.warning if "not saved" in w.value]
+
+
+def test_closing_a_walk_with_unsaved_steps_asks_first(tmp_path, monkeypatch):
+    """A new walk, Reset, a run reloaded and a walk from uploaded weights each close the walks on screen, which live
+    in the session only until saved: a click threw a long walk away without a word. They ask now, unless nothing
+    on screen is new since it was made, reloaded or saved."""
+    monkeypatch.setenv("GEODESIC_RUNS", str(tmp_path / "store"))
+    at = _two_pages()
+    at.run()
+    button(at, "Start a new walk with these settings").click().run()  # step 0: nothing to lose, nothing asked
+    assert not _question(at) and walker(at).n_steps == 0
+    for _ in range(3):
+        button(at, "Step").click().run()
+    first = walker(at)
+    button(at, "Start a new walk with these settings").click().run()
+    assert _question(at) == ["The walk on screen has 3 steps not saved. A new walk closes it."]
+    assert walker(at) is first and first.n_steps == 3  # nothing closed while it asks
+    button(at, "Cancel").click().run()
+    assert not _question(at) and walker(at) is first
+    button(at, "Reset").click().run()
+    assert _question(at) == ["The walk on screen has 3 steps not saved. Reset closes it."]
+    button(at, "Go on without saving").click().run()
+    assert walker(at) is not first and walker(at).n_steps == 0 and not _question(at)
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())
+
+    # a branch and the main walk, both with new steps: "Save and go on" keeps each as a run of its own
+    for _ in range(4):
+        button(at, "Step").click().run()
+    at.number_input(key="branch_at").set_value(2).run()
+    button(at, "Branch").click().run()
+    button(at, "Step").click().run()
+    button(at, "Reset").click().run()
+    assert _question(at) == ["2 walks on screen have steps not saved: main (4 steps), branch 1 @ 2 (1 step)."
+                             " Reset closes them."]
+    button(at, "Save and go on").click().run()
+    saved = sorted(p.name for p in (tmp_path / "store").iterdir())
+    assert saved == ["sparsify-constrained-seed0-branch-1-at-2-step3", "sparsify-constrained-seed0-step4"]
+    assert walker(at).n_steps == 0 and len(at.session_state["geodesic"].branches) == 1
+    assert [m.value for m in at.success] == ["Saved before closing: sparsify-constrained-seed0-step4, "
+                                             "sparsify-constrained-seed0-branch-1-at-2-step3 (on the Runs page)."]
+
+    # saved on the Runs page: nothing asked; a step after the save: asked again
+    button(at, "Step").click().run()
+    at.query_params["page"] = "runs"
+    at.run()
+    at.text_input(key="save_name").set_value("mine").run()
+    button(at, "Save").click().run()
+    at.selectbox(key="run_choice").set_value("sparsify-constrained-seed0-step4").run()
+    button(at, "Reload into Explore").click().run()
+    assert not _question(at) and walker(at).n_steps == 4  # "mine" holds every step: reloaded without a question
+    at.query_params["page"] = "explore"
+    at.run()
+    button(at, "Reset").click().run()
+    assert not _question(at)  # a reloaded run is in the store as it is: Reset asks nothing
+    button(at, "Step").click().run()
+    at.query_params["page"] = "runs"
+    at.run()
+    at.selectbox(key="run_choice").set_value("sparsify-constrained-seed0-step4").run()
+    button(at, "Reload into Explore").click().run()
+    assert _question(at) == ["The walk on screen has 1 step not saved. Reloading sparsify-constrained-seed0-step4 "
+                             "closes it."]
+    at.checkbox(key="replace_no_ask_reload").check().run()
+    button(at, "Go on without saving").click().run()
+    assert walker(at).n_steps == 4 and not at.exception
+    # "don't ask again": the rest of the session's clicks act at once
+    at.query_params["page"] = "explore"
+    at.run()
+    button(at, "Step").click().run()
+    button(at, "Start a new walk with these settings").click().run()
+    assert not _question(at) and walker(at).n_steps == 0
+
+
+def test_a_walk_is_kept_when_saving_it_before_closing_fails(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    store.write_text("a file where the store's folder should be")
+    monkeypatch.setenv("GEODESIC_RUNS", str(store))
+    at = start()
+    button(at, "Step").click().run()
+    first = walker(at)
+    button(at, "Start a new walk with these settings").click().run()
+    button(at, "Save and go on").click().run()
+    assert walker(at) is first and first.n_steps == 1 and not at.exception
+    assert any("Not saved, so nothing was closed" in e.value for e in at.error)
+
+
+def test_pages_saving_before_closing_at_once_each_get_a_run_of_their_own(tmp_path):
+    """A class clicking "Save and go on" together saves walks of the same settings and step: the same offered name.
+    Each page gets a run of its own (name, name-2, …), every one complete, none written over another."""
+    import threading
+
+    from app.views.replace import save_under_free_name
+    from geodesic.config import RunConfig, TrainConfig, default_walk
+    from geodesic.experiment import build
+    from geodesic.store import list_runs, save_run
+    from geodesic.summary import summarize
+
+    experiment = build(RunConfig(train=TrainConfig(epochs=5), walk=default_walk("sparsify", "constrained")))
+    experiment.walker.step()
+    summary = summarize(experiment, wall_seconds=0.0)
+    barrier, names, errors = threading.Barrier(8), [], []
+
+    def page():
+        barrier.wait()
+        try:
+            names.append(save_under_free_name(lambda n: save_run(experiment, tmp_path, n, summary),
+                                              "sparsify-constrained-seed0-step1", tmp_path))
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=page) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(names)) == 8
+    assert set(names) == {"sparsify-constrained-seed0-step1", *(f"sparsify-constrained-seed0-step1-{i}"
+                                                                 for i in range(2, 9))}
+    listed = {r["name"]: r for r in list_runs(tmp_path)}
+    assert set(listed) == set(names) and all(r["problem"] == "" and r["steps"] == 1 for r in listed.values())
 
 
 def test_settings_survive_moving_between_pages(tmp_path, monkeypatch):
@@ -863,6 +991,7 @@ def test_conv_models_are_offered_only_for_images_and_walk_on_them():
     assert "guard" not in at.query_params  # the default needs no word in the link
     at.toggle(key="guard").set_value(False).run()
     button(at, "Start a new walk with these settings").click().run()
+    button(at, "Go on without saving").click().run()  # (a step not saved: asked first)
     assert not at.exception and walker(at).config.step_guard == 0
     assert at.query_params["guard"] in ("0", ["0"])  # a link to the unguarded walk says so
     assert start({"dataset": "digits-images", "model": "lenet5", "guard": "0"}).toggle(key="guard").value is False

@@ -10,6 +10,7 @@ import streamlit as st
 
 from app import charts, controls, session
 from app.live_chart import live_plotly_chart, live_runs_chart, thin_for_drawing
+from app.views import replace
 from geodesic import analysis, worker
 from geodesic.config import MAX_SEED, SCENARIOS
 from geodesic.engine import CapacityError
@@ -587,9 +588,7 @@ def _drive(s, teach: bool) -> None:
     refused = st.session_state.pop("_run_refused", None)
     if refused:  # the server or this session is at its limit: say so, keep the walk
         st.error(refused)
-    if c3.button("Reset", width="stretch", help="Back to the start network with the same settings"):
-        _start_walk(s.config)
-        st.rerun()
+    reset = c3.button("Reset", width="stretch", help="Back to the start network with the same settings")
     s.speed = c4.select_slider("Speed", list(SPEEDS), value=s.speed,
                                help="Slow motion for teaching, or as fast as the server's engine walks (the page "
                                     f"shows the newest point every {REFRESH_SECONDS} s and never holds the walk up)")
@@ -606,6 +605,9 @@ def _drive(s, teach: bool) -> None:
                 st.toast(f"ε = {new_eps:g} from step {walker.n_steps + 1} (marked on the charts)")
             except ConfigError as err:
                 st.error(controls.message_for(err))
+    if replace.go_ahead("reset", reset, "Reset"):
+        _start_walk(s.config)
+        st.rerun()
     _fan_controls(s)
     if teach:
         return
@@ -647,16 +649,21 @@ def setup_sidebar() -> None:
         return
     with st.sidebar:
         device = str(s.experiment.device) if s.experiment else None
-        if controls.sidebar(s.errors, device):
+        clicked = controls.sidebar(s.errors, device)
+        if clicked:
             st.session_state.pop("_url_errors", None)  # the user's own settings from now on
+        # settings refused are said before anything is asked, and again if they were changed while it was asked
+        if clicked or st.session_state.get(replace.PENDING) == "new":
             try:
                 config = controls.config_from_widgets()
             except ConfigError as err:
+                st.session_state.pop(replace.PENDING, None)
                 s.errors = controls.errors_for(err)
                 st.rerun()
-            else:
-                _start_walk(config)
-                st.rerun()
+    # asked in the page, not under the button: at the sidebar's foot the question was below the fold
+    if replace.go_ahead("new", clicked, "A new walk"):
+        _start_walk(config)
+        st.rerun()
 
 
 def _wait_for_tab() -> None:

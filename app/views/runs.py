@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 
 from app import charts, controls, session
+from app.views import replace
 from geodesic import worker
 from geodesic.checkpoint import read_tensors
 from geodesic.errors import GeodesicError
@@ -36,18 +37,25 @@ def store_root() -> Path:
     return Path(os.environ.get("GEODESIC_RUNS", "runs"))
 
 
-def _save(s, name: str) -> None:
+def save_branch(s, branch, name: str) -> None:
+    """Save one walk on screen (the main walk or a branch) as run `name`; the caller makes sure the engine is not
+    stepping it. It then counts as saved at the step it was saved at (session.unsaved)."""
     experiment = s.experiment
-    walker = s.walker
-    if walker is not experiment.walker:  # saving a branch: store that walker's path
-        experiment = dataclasses.replace(experiment, walker=walker)
+    if branch.walker is not experiment.walker:  # saving a branch: store that walker's path
+        experiment = dataclasses.replace(experiment, walker=branch.walker)
+    steps = branch.walker.n_steps
+    save_run(experiment, store_root(), name, summarize(experiment, wall_seconds=0.0))
+    branch.kept_at = steps
+
+
+def _save(s, name: str) -> None:
     # A walk still running (the engine steps it while this page is open) is paused for the save, so that its
     # table, weights and state are written at one point; it runs on afterwards.
     was_running = s.runner.is_running
     if was_running:
         s.runner.pause()  # returns once a step under way has landed
     try:
-        save_run(experiment, store_root(), name, summarize(experiment, wall_seconds=0.0))
+        save_branch(s, s.branches[s.active], name)
     finally:
         if was_running:
             s.runner.run()
@@ -96,7 +104,8 @@ def render() -> None:
     with st.expander("Start from your own weights (.safetensors or a PyTorch state dict)", key="upload_box"):
         uploaded = st.file_uploader("Weights for the model chosen in the sidebar", type=["safetensors", "pt", "pth"],
                                     key="upload")
-        if uploaded is not None and st.button("Start a walk from these weights"):
+        if uploaded is not None and replace.go_ahead("upload", st.button("Start a walk from these weights"),
+                                                     "A walk from these weights"):
             try:
                 _upload(s, uploaded)
                 st.success("Started: open Explore to walk it.")
@@ -148,7 +157,7 @@ def render() -> None:
         st.error(f"The run you chose, {shown}, is no longer in the store (deleted or renamed from another page): "
                  "nothing was done. Choose again.")
         return
-    if c1.button("Reload into Explore", key="reload_run"):
+    if replace.go_ahead("reload", c1.button("Reload into Explore", key="reload_run"), f"Reloading {chosen}"):
         try:
             left_out = _reload(chosen)
             st.success(f"Reloaded {chosen}: open Explore to continue or branch it.")

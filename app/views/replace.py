@@ -1,0 +1,120 @@
+"""Ask before closing walks with steps not saved.
+
+A new walk, Reset, a run reloaded into Explore and a walk started from uploaded weights each close the walks on
+screen (the main walk, its branches, a fan). Walks live in the session only until saved on the Runs page, so a
+click on any of them threw away a long walk without a word. Now, when some walk on screen has steps taken since it
+was made, reloaded or saved, the click asks first, as an editor does before closing a changed file: save them (each
+as a run in the store) and go on, go on without saving, or cancel. A walk with nothing new is closed without a
+question, and "don't ask again" keeps the session's clicks one click each for someone trying setting after setting.
+"""
+from __future__ import annotations
+
+import re
+
+import streamlit as st
+
+from app import session
+from geodesic.errors import GeodesicError
+
+PENDING = "_replace_pending"  # the action waiting for an answer
+NO_ASK = "_replace_no_ask"  # "don't ask again", for the rest of the session
+SAID = "_replace_said"  # (action, what the last answer saved), shown once where the action's button is
+
+_GREEK = {"ε": "eps", "β": "beta", "λ": "lambda", "ρ": "rho", "@": "at"}
+
+
+def run_name(s, branch) -> str:
+    """A name for the branch's run as the Runs page offers one (goal-solver-seed-step), with the branch's label:
+    'sparsify-constrained-seed0-step340', 'sparsify-constrained-seed0-eps-0.1-at-200-step340'."""
+    base = f"{s.config.goal.kind}-{s.config.walk.solver}-seed{s.config.seed}"
+    label = "" if branch.label == "main" else "".join(_GREEK.get(c, c) for c in branch.label)
+    label = re.sub(r"[^A-Za-z0-9._]+", "-", label).strip("-.")[:40]
+    return f"{base}-{label + '-' if label else ''}step{branch.walker.n_steps}"
+
+
+def save_under_free_name(save, name: str, root) -> str:
+    """Call save(candidate) with `name`, or name-2, name-3…, the first one no run under `root` has; the name it was
+    saved under. Pages saving at once may pick the same free name: save_run refuses the second (nothing is
+    overwritten) and that page takes the next one."""
+    for _ in range(100):
+        candidate, n = name, 1
+        while (root / candidate).exists():
+            n += 1
+            candidate = f"{name}-{n}"
+        try:
+            save(candidate)
+            return candidate
+        except GeodesicError:
+            if not (root / candidate).exists():  # not a name taken meanwhile (a store that cannot be written)
+                raise
+    raise GeodesicError(f"no free name like {name} in {root}: too many pages saving at once, try again")
+
+
+def save_unsaved(s) -> list[str]:
+    """Save every walk on screen with unsaved steps as a run of its own; the names they were saved under. The walks
+    are stopped first (they are about to be closed), so that each is written at one point."""
+    from app.views import runs  # (here: the Runs page asks this module before it reloads a run)
+
+    s.runner.pause()
+    session.close_fan()
+    return [save_under_free_name(lambda name, b=branch: runs.save_branch(s, b, name), run_name(s, branch),
+                                 runs.store_root())
+            for branch in session.unsaved()]
+
+
+def _describe(branches) -> str:
+    def steps(n: int) -> str:
+        return f"{n:,} step{'s' if n != 1 else ''}"
+
+    if len(branches) == 1:
+        b = branches[0]
+        walk = "The walk on screen" if b.label == "main" else f"The walk {b.label}"
+        return f"{walk} has {steps(b.unsaved_steps)} not saved"
+    listed = ", ".join(f"{b.label} ({steps(b.unsaved_steps)})" for b in branches)
+    return f"{len(branches)} walks on screen have steps not saved: {listed}"
+
+
+def go_ahead(action: str, clicked: bool, what: str) -> bool:
+    """True when `action` (whose button was `clicked` in this run, or earlier and answered now) may close the walks
+    on screen: nothing on screen is unsaved, the user said so, or the unsaved walks were just saved. Otherwise the
+    question is drawn here, where the action's button is, and False returned; Cancel takes the question away."""
+    ss = st.session_state
+    said = ss.get(SAID)
+    if said and said[0] == action:
+        ss.pop(SAID)
+        st.success(f"Saved before closing: {', '.join(said[1])} (on the Runs page).")
+    if clicked:
+        if not session.unsaved() or ss.get(NO_ASK):
+            ss.pop(PENDING, None)
+            return True
+        ss[PENDING] = action
+    if ss.get(PENDING) != action:
+        return False
+    s = session.state()
+    at_risk = session.unsaved()
+    with st.container(border=True, key=f"replace_{action}"):
+        if at_risk:
+            st.warning(f"{_describe(at_risk)}. {what} closes {'it' if len(at_risk) == 1 else 'them'}.")
+        c1, c2, c3 = st.columns(3)
+        save = c1.button("Save and go on", key=f"replace_save_{action}", type="primary", disabled=not at_risk,
+                         help="Each walk with new steps is saved in the run store under the name shown on the Runs "
+                              "page (goal-solver-seed-step), then closed")
+        drop = c2.button("Go on without saving", key=f"replace_drop_{action}")
+        cancel = c3.button("Cancel", key=f"replace_cancel_{action}")
+        no_ask = st.checkbox("Don't ask again in this session", key=f"replace_no_ask_{action}")
+    if cancel:
+        ss.pop(PENDING, None)
+        st.rerun()
+    if not (save or drop):
+        return False
+    if save and at_risk:
+        try:
+            names = save_unsaved(s)
+        except GeodesicError as err:  # the store cannot be written: nothing is closed
+            st.error(f"Not saved, so nothing was closed: {err}")
+            return False
+        ss[SAID] = (action, names)
+    ss.pop(PENDING, None)
+    if no_ask:
+        ss[NO_ASK] = True
+    return True
