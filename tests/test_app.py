@@ -723,8 +723,8 @@ def test_closing_a_walk_with_unsaved_steps_asks_first(tmp_path, monkeypatch):
     saved = sorted(p.name for p in (tmp_path / "store").iterdir())
     assert saved == ["sparsify-constrained-seed0-branch-1-at-2-step3", "sparsify-constrained-seed0-step4"]
     assert walker(at).n_steps == 0 and len(at.session_state["geodesic"].branches) == 1
-    assert [m.value for m in at.success] == ["Saved before closing: sparsify-constrained-seed0-step4, "
-                                             "sparsify-constrained-seed0-branch-1-at-2-step3 (on the Runs page)."]
+    assert [m.value for m in at.toast] == ["Saved before closing: sparsify-constrained-seed0-step4, "
+                                           "sparsify-constrained-seed0-branch-1-at-2-step3 (on the Runs page)."]
 
     # saved on the Runs page: nothing asked; a step after the save: asked again
     button(at, "Step").click().run()
@@ -746,7 +746,7 @@ def test_closing_a_walk_with_unsaved_steps_asks_first(tmp_path, monkeypatch):
     button(at, "Reload into Explore").click().run()
     assert _question(at) == ["The walk on screen has 1 step not saved. Reloading sparsify-constrained-seed0-step4 "
                              "closes it."]
-    at.checkbox(key="replace_no_ask_reload").check().run()
+    at.checkbox(key="replace_no_ask_box").check().run()
     button(at, "Go on without saving").click().run()
     assert walker(at).n_steps == 4 and not at.exception
     # "don't ask again": the rest of the session's clicks act at once

@@ -34,9 +34,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def store(tmp_path_factory):
+    """The server's run store: a folder of the test's own, not the checkout's runs/."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, store):
     port = _free_port()
-    env = {**os.environ, "GEODESIC_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    env = {**os.environ, "GEODESIC_CACHE": str(tmp_path_factory.mktemp("cache")), "GEODESIC_RUNS": str(store)}
     proc = subprocess.Popen([sys.executable, "-m", "app.serve",
                              "--server.headless", "true", "--server.address", "127.0.0.1", "--server.port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -368,4 +374,54 @@ def test_a_reload_gives_the_tab_its_walk_back_and_a_duplicated_tab_gets_its_own(
     assert _step_value(a) > 2
     for page in (a, b, c):
         _no_exception(page)
+        page.close()
+
+
+def test_two_pages_closing_unsaved_walks_at_once_are_asked_in_sight_and_each_keeps_its_run(server, browser, store):
+    """A new walk closed the walk on screen without a word. It asks now, in a dialog seen wherever the page was
+    scrolled to (the sidebar's button stays in view, the top of the page does not), and two pages saving at once
+    walks of the same settings and step (one offered name) each get a run of their own."""
+    pages = [browser.new_page(), browser.new_page()]
+    for page in pages:
+        page.goto(server)
+        page.get_by_role("button", name="Step", exact=True).wait_for(timeout=120_000)
+    for n in (1, 2):
+        for page in pages:
+            page.get_by_role("button", name="Step", exact=True).click()
+            _wait_step(page, n)
+    for page in pages:
+        page.locator(".js-plotly-plot").last.scroll_into_view_if_needed()  # reading the charts at the page's foot
+        page.get_by_role("button", name="Start a new walk with these settings").click()
+    for page in pages:
+        question = page.get_by_role("dialog").get_by_text("The walk on screen has 2 steps not saved. "
+                                                          "A new walk closes it.")
+        question.wait_for(timeout=30_000)
+        box = question.bounding_box()
+        assert box is not None and 0 <= box["y"] and box["y"] + box["height"] <= 1000, box  # in sight
+        assert _step_value(page) == 2  # nothing closed while it asks
+    pages[0].screenshot(path=str(SHOTS / "10-unsaved-question.png"))
+    for page in pages:  # both answer before either has saved
+        page.get_by_role("button", name="Save and go on").click()
+    for page in pages:
+        page.get_by_text("Saved before closing").wait_for(timeout=60_000)
+        _wait_step(page, 0)
+        assert page.get_by_role("dialog").count() == 0
+        _no_exception(page)
+    saved = sorted(p.name for p in store.iterdir() if p.name.startswith("sparsify-constrained-seed0-step2"))
+    assert saved == ["sparsify-constrained-seed0-step2", "sparsify-constrained-seed0-step2-2"], saved
+    assert all((store / name / "steps.parquet").exists() for name in saved)
+
+    # closed with Esc: the same as Cancel (the walk kept, and no question back at the page's next run)
+    page = pages[0]
+    page.get_by_role("button", name="Step", exact=True).click()
+    _wait_step(page, 1)
+    page.get_by_role("button", name="Reset", exact=True).click()
+    page.get_by_role("dialog").wait_for(timeout=30_000)
+    page.keyboard.press("Escape")
+    page.get_by_role("dialog").wait_for(state="detached", timeout=10_000)
+    page.get_by_role("button", name="Step", exact=True).click()  # a run of the whole page
+    _wait_step(page, 2)
+    page.wait_for_timeout(1000)
+    assert page.get_by_role("dialog").count() == 0 and _step_value(page) == 2
+    for page in pages:
         page.close()

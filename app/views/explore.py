@@ -641,6 +641,7 @@ def setup_sidebar() -> None:
     s = session.state()
     controls.init_widgets()
     controls.keep_values(controls.SIDEBAR_KEYS + VIEW_KEYS)
+    replace.say()  # what saving before a new walk or Reset saved (they run the page again once done)
     # Shown on every run until the user starts a walk of their own: a rerun right after the first paint (the
     # baselines arriving, a live refresh) must not take the message away before it is read.
     for message in st.session_state.get("_url_errors", []):
@@ -650,19 +651,22 @@ def setup_sidebar() -> None:
     with st.sidebar:
         device = str(s.experiment.device) if s.experiment else None
         clicked = controls.sidebar(s.errors, device)
-        if clicked:
-            st.session_state.pop("_url_errors", None)  # the user's own settings from now on
-        # settings refused are said before anything is asked, and again if they were changed while it was asked
-        if clicked or st.session_state.get(replace.PENDING) == "new":
-            try:
-                config = controls.config_from_widgets()
-            except ConfigError as err:
-                st.session_state.pop(replace.PENDING, None)
-                s.errors = controls.errors_for(err)
-                st.rerun()
-    # asked in the page, not under the button: at the sidebar's foot the question was below the fold
+    if clicked:
+        st.session_state.pop("_url_errors", None)  # the user's own settings from now on
+        _check_settings(s)  # refused before anything is asked
+    # (outside the sidebar: the new walk's progress bar is drawn in the page)
     if replace.go_ahead("new", clicked, "A new walk"):
-        _start_walk(config)
+        _check_settings(s)
+        _start_walk(controls.config_from_widgets())
+        st.rerun()
+
+
+def _check_settings(s) -> None:
+    """Settings that make no RunConfig: the page runs again with each message beside its control."""
+    try:
+        controls.config_from_widgets()
+    except ConfigError as err:
+        s.errors = controls.errors_for(err)
         st.rerun()
 
 

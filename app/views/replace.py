@@ -1,4 +1,4 @@
-"""Ask before closing walks with steps not saved.
+"""Ask before closing walks with steps not saved (a dialog).
 
 A new walk, Reset, a run reloaded into Explore and a walk started from uploaded weights each close the walks on
 screen (the main walk, its branches, a fan). Walks live in the session only until saved on the Runs page, so a
@@ -18,7 +18,8 @@ from geodesic.errors import GeodesicError
 
 PENDING = "_replace_pending"  # the action waiting for an answer
 NO_ASK = "_replace_no_ask"  # "don't ask again", for the rest of the session
-SAID = "_replace_said"  # (action, what the last answer saved), shown once where the action's button is
+ANSWERED = "_replace_answered"  # the action the user said to go on with
+SAID = "_replace_said"  # the runs that answer saved, said once the action is done (say)
 
 _GREEK = {"ε": "eps", "β": "beta", "λ": "lambda", "ρ": "rho", "@": "at"}
 
@@ -74,47 +75,68 @@ def _describe(branches) -> str:
     return f"{len(branches)} walks on screen have steps not saved: {listed}"
 
 
+def say() -> None:
+    """Say which runs the last answer saved, once: called after the action, or at the top of the run that follows
+    it (a toast sent before a st.rerun() never shows)."""
+    if st.session_state.get(ANSWERED):  # the action is still to come in this run
+        return
+    said = st.session_state.pop(SAID, None)
+    if said:
+        st.toast(f"Saved before closing: {', '.join(said)} (on the Runs page).", icon=":material/save:",
+                 duration="long")
+
+
+def _cancel() -> None:
+    st.session_state.pop(PENDING, None)
+
+
+@st.dialog("Close walks not saved?", on_dismiss=_cancel)  # closing it (×, Esc, a click beside it) is Cancel
+def _ask(action: str, what: str) -> None:
+    """The question, in a dialog: drawn in the page, it was out of sight whenever the page had been scrolled (the
+    sidebar's button stays in view; the top of the page does not). A click here runs this function alone; its
+    answer is noted and the whole page run again, where go_ahead acts on it."""
+    ss = st.session_state
+    at_risk = session.unsaved()
+    if at_risk:
+        st.warning(f"{_describe(at_risk)}. {what} closes {'it' if len(at_risk) == 1 else 'them'}.")
+    no_ask = st.checkbox("Don't ask again in this session", key="replace_no_ask_box")
+    c1, c2, c3 = st.columns([3, 4, 2])
+    save = c1.button("Save and go on", type="primary", disabled=not at_risk,
+                     help="Each walk with new steps is saved in the run store under the name the Runs page offers "
+                          "(goal-solver-seed-step), then closed")
+    drop = c2.button("Go on without saving")
+    if c3.button("Cancel"):
+        _cancel()
+        st.rerun()
+    if not (save or drop):
+        return
+    if save and at_risk:
+        try:
+            names = save_unsaved(session.state())
+        except GeodesicError as err:  # the store cannot be written: nothing is closed
+            st.error(f"Not saved, so nothing was closed: {err}")
+            return
+        ss[SAID] = names
+    ss.pop(PENDING, None)
+    ss[ANSWERED] = action
+    if no_ask:
+        ss[NO_ASK] = True
+    st.rerun()
+
+
 def go_ahead(action: str, clicked: bool, what: str) -> bool:
     """True when `action` (whose button was `clicked` in this run, or earlier and answered now) may close the walks
-    on screen: nothing on screen is unsaved, the user said so, or the unsaved walks were just saved. Otherwise the
-    question is drawn here, where the action's button is, and False returned; Cancel takes the question away."""
+    on screen: nothing on screen is unsaved, the user asked not to be asked, or they answered "go on" (saving or
+    not). Otherwise, with walks not saved, the question is asked and False returned."""
     ss = st.session_state
-    said = ss.get(SAID)
-    if said and said[0] == action:
-        ss.pop(SAID)
-        st.success(f"Saved before closing: {', '.join(said[1])} (on the Runs page).")
+    if ss.get(ANSWERED) == action:
+        ss.pop(ANSWERED)
+        return True
     if clicked:
         if not session.unsaved() or ss.get(NO_ASK):
             ss.pop(PENDING, None)
             return True
         ss[PENDING] = action
-    if ss.get(PENDING) != action:
-        return False
-    s = session.state()
-    at_risk = session.unsaved()
-    with st.container(border=True, key=f"replace_{action}"):
-        if at_risk:
-            st.warning(f"{_describe(at_risk)}. {what} closes {'it' if len(at_risk) == 1 else 'them'}.")
-        c1, c2, c3 = st.columns(3)
-        save = c1.button("Save and go on", key=f"replace_save_{action}", type="primary", disabled=not at_risk,
-                         help="Each walk with new steps is saved in the run store under the name shown on the Runs "
-                              "page (goal-solver-seed-step), then closed")
-        drop = c2.button("Go on without saving", key=f"replace_drop_{action}")
-        cancel = c3.button("Cancel", key=f"replace_cancel_{action}")
-        no_ask = st.checkbox("Don't ask again in this session", key=f"replace_no_ask_{action}")
-    if cancel:
-        ss.pop(PENDING, None)
-        st.rerun()
-    if not (save or drop):
-        return False
-    if save and at_risk:
-        try:
-            names = save_unsaved(s)
-        except GeodesicError as err:  # the store cannot be written: nothing is closed
-            st.error(f"Not saved, so nothing was closed: {err}")
-            return False
-        ss[SAID] = (action, names)
-    ss.pop(PENDING, None)
-    if no_ask:
-        ss[NO_ASK] = True
-    return True
+    if ss.get(PENDING) == action:
+        _ask(action, what)
+    return False

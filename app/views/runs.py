@@ -108,6 +108,7 @@ def render() -> None:
                                                      "A walk from these weights"):
             try:
                 _upload(s, uploaded)
+                replace.say()
                 st.success("Started: open Explore to walk it.")
             except GeodesicError as err:
                 st.error(str(err))
@@ -160,6 +161,7 @@ def render() -> None:
     if replace.go_ahead("reload", c1.button("Reload into Explore", key="reload_run"), f"Reloading {chosen}"):
         try:
             left_out = _reload(chosen)
+            replace.say()
             st.success(f"Reloaded {chosen}: open Explore to continue or branch it.")
             if left_out:
                 st.warning(f"{chosen}: {left_out}.")
