@@ -735,6 +735,9 @@ def test_closing_a_walk_with_unsaved_steps_asks_first(tmp_path, monkeypatch):
     at.selectbox(key="run_choice").set_value("sparsify-constrained-seed0-step4").run()
     button(at, "Reload into Explore").click().run()
     assert not _question(at) and walker(at).n_steps == 4  # "mine" holds every step: reloaded without a question
+    at.run()
+    # the name offered for saving is a free one (it offered the reloaded run's own, which Save then refused)
+    assert at.text_input(key="save_name").value == "sparsify-constrained-seed0-step4-2"
     at.query_params["page"] = "explore"
     at.run()
     button(at, "Reset").click().run()

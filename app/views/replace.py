@@ -33,15 +33,21 @@ def run_name(s, branch) -> str:
     return f"{base}-{label + '-' if label else ''}step{branch.walker.n_steps}"
 
 
+def free_name(name: str, root) -> str:
+    """`name`, or name-2, name-3…: the first one no run under `root` has."""
+    candidate, n = name, 1
+    while (root / candidate).exists():
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
 def save_under_free_name(save, name: str, root) -> str:
     """Call save(candidate) with `name`, or name-2, name-3…, the first one no run under `root` has; the name it was
     saved under. Pages saving at once may pick the same free name: save_run refuses the second (nothing is
     overwritten) and that page takes the next one."""
     for _ in range(100):
-        candidate, n = name, 1
-        while (root / candidate).exists():
-            n += 1
-            candidate = f"{name}-{n}"
+        candidate = free_name(name, root)
         try:
             save(candidate)
             return candidate

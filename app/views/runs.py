@@ -92,7 +92,8 @@ def render() -> None:
                "using this server. Walks you don't save stay in your session only.")
     if s.walker is not None:
         c1, c2 = st.columns([3, 1])
-        default = f"{s.config.goal.kind}-{s.config.walk.solver}-seed{s.config.seed}-step{s.walker.n_steps}"
+        # a name no run has yet (the walk reloaded from the store, or saved a moment ago, has the plain one)
+        default = replace.free_name(replace.run_name(s, s.branches[s.active]), root)
         controls.offer("save_name", default, s.walker)
         name = c1.text_input("Save the walk on screen as", key="save_name")
         if c2.button("Save", width="stretch"):
