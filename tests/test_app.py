@@ -777,6 +777,7 @@ def test_pages_saving_before_closing_at_once_each_get_a_run_of_their_own(tmp_pat
     """A class clicking "Save and go on" together saves walks of the same settings and step: the same offered name.
     Each page gets a run of its own (name, name-2, …), every one complete, none written over another."""
     import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from app.views.replace import save_under_free_name
     from geodesic.config import RunConfig, TrainConfig, default_walk
@@ -787,22 +788,16 @@ def test_pages_saving_before_closing_at_once_each_get_a_run_of_their_own(tmp_pat
     experiment = build(RunConfig(train=TrainConfig(epochs=5), walk=default_walk("sparsify", "constrained")))
     experiment.walker.step()
     summary = summarize(experiment, wall_seconds=0.0)
-    barrier, names, errors = threading.Barrier(8), [], []
+    barrier = threading.Barrier(8)
 
-    def page():
-        barrier.wait()
-        try:
-            names.append(save_under_free_name(lambda n: save_run(experiment, tmp_path, n, summary),
-                                              "sparsify-constrained-seed0-step1", tmp_path))
-        except Exception as err:  # noqa: BLE001 - reported by the assertion below
-            errors.append(err)
+    def page(_):
+        barrier.wait()  # all eight at once: the same free name seen by several
+        return save_under_free_name(lambda n: save_run(experiment, tmp_path, n, summary),
+                                    "sparsify-constrained-seed0-step1", tmp_path)
 
-    threads = [threading.Thread(target=page) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(set(names)) == 8
+    with ThreadPoolExecutor(8) as pool:
+        names = list(pool.map(page, range(8)))  # (an exception in a page is raised here)
+    assert len(set(names)) == 8
     assert set(names) == {"sparsify-constrained-seed0-step1", *(f"sparsify-constrained-seed0-step1-{i}"
                                                                  for i in range(2, 9))}
     listed = {r["name"]: r for r in list_runs(tmp_path)}
