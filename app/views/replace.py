@@ -120,7 +120,7 @@ def _ask(action: str, what: str) -> None:
         try:
             names = save_unsaved(session.state())
         except GeodesicError as err:  # the store cannot be written: nothing is closed
-            st.error(f"Not saved, so nothing was closed: {err}")
+            st.error(f"Not saved, so nothing was closed (the walks are paused): {err}")
             return
         ss[SAID] = names
     ss.pop(PENDING, None)
