@@ -423,5 +423,18 @@ def test_two_pages_closing_unsaved_walks_at_once_are_asked_in_sight_and_each_kee
     _wait_step(page, 2)
     page.wait_for_timeout(1000)
     assert page.get_by_role("dialog").count() == 0 and _step_value(page) == 2
+
+    # "don't ask again" holds for the tab, through a reload too
+    page.get_by_role("button", name="Reset", exact=True).click()
+    page.get_by_role("dialog").get_by_text("Don't ask again in this session").click()
+    page.get_by_role("button", name="Go on without saving").click()
+    _wait_step(page, 0)
+    page.reload()
+    page.get_by_text("Your walk is back").wait_for(timeout=30_000)
+    page.get_by_role("button", name="Step", exact=True).click()
+    _wait_step(page, 1)
+    page.get_by_role("button", name="Reset", exact=True).click()
+    _wait_step(page, 0)
+    assert page.get_by_role("dialog").count() == 0
     for page in pages:
         page.close()
