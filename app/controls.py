@@ -169,8 +169,8 @@ def _message(errors: dict[str, tuple[str, object]], key: str) -> None:
         st.error(errors[key][0], icon="⚠️")
 
 
-def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None) -> bool:
-    """Draw the set-up controls; True when the user asked for a new walk with them."""
+def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None, on_start) -> None:
+    """Draw the set-up controls; on_start is called when the user asks for a new walk with them."""
     ss = st.session_state
     st.header("Set up a walk")
     st.selectbox("Goal", GOALS, key="goal", on_change=_reset_walk_fields,
@@ -248,7 +248,7 @@ def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None) ->
         st.caption(f"in use: **{device_in_use}**")
     _message(errors, "device")
     _message(errors, "other")
-    return st.button("Start a new walk with these settings", type="primary", width="stretch")
+    st.button("Start a new walk with these settings", type="primary", width="stretch", on_click=on_start)
 
 
 def config_from_widgets() -> RunConfig:

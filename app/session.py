@@ -155,6 +155,10 @@ def install(experiment: Experiment, baselines=None) -> None:
     weakref.finalize(s, s.runner.close)  # the session's state is dropped when its page is gone for good
     s.basis = s.umap = s.spectrum = s.contour = None
     s.errors = {}
+    # What the live refresh compares with to see the walk or fan stop by itself: the new walk has neither running.
+    # Left set, the first refresh "saw" the closed one stop and ran the page again in the middle of the run that
+    # drew the new walk, and a toast sent in it (which runs were saved before closing) never showed.
+    st.session_state["_was_running"] = st.session_state["_fan_was_running"] = False
 
 
 def baselines_pending() -> bool:

@@ -5,6 +5,7 @@ any exception shown on the page, and keeps screenshots in artifacts/screenshots/
 charts (app/live_chart.py) follow the walk point by point and that Pause answers while it runs.
 """
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -389,17 +390,25 @@ def test_two_pages_closing_unsaved_walks_at_once_are_asked_in_sight_and_each_kee
         for page in pages:
             page.get_by_role("button", name="Step", exact=True).click()
             _wait_step(page, n)
+    # the second page's walk has a fan running beside it: a fan's walks are saved too, and the toast that says so
+    # was lost (the first refresh saw the closed fan stop and ran the page again in the middle of that run)
+    pages[1].get_by_text("Compare step sizes (a fan of walks from here)").click()
+    pages[1].get_by_role("button", name="Launch the fan", exact=True).click()
+    pages[1].locator("[data-testid='stDataFrame']").first.wait_for(timeout=30_000)
     for page in pages:
         page.locator(".js-plotly-plot").last.scroll_into_view_if_needed()  # reading the charts at the page's foot
         page.get_by_role("button", name="Start a new walk with these settings").click()
-    for page in pages:
-        question = page.get_by_role("dialog").get_by_text("The walk on screen has 2 steps not saved. "
-                                                          "A new walk closes it.")
+    # (a fan walk that has not stepped yet has nothing to lose: it is not listed)
+    for page, asked in zip(pages, ["The walk on screen has 2 steps not saved. A new walk closes it.",
+                                   "walks on screen have steps not saved: main (2 steps), ε="], strict=True):
+        question = page.get_by_role("dialog").get_by_text(asked)
         question.wait_for(timeout=30_000)
         box = question.bounding_box()
         assert box is not None and 0 <= box["y"] and box["y"] + box["height"] <= 1000, box  # in sight
         assert _step_value(page) == 2  # nothing closed while it asks
     pages[0].screenshot(path=str(SHOTS / "10-unsaved-question.png"))
+    listed = re.findall(r"ε=([0-9.]+) @ 2 \(", pages[1].get_by_role("dialog").inner_text())  # the fan walks asked about
+    assert listed and set(listed) <= {"0.1", "0.2", "0.4"}, listed
     for page in pages:  # both answer before either has saved
         page.get_by_role("button", name="Save and go on").click()
     for page in pages:
@@ -409,7 +418,10 @@ def test_two_pages_closing_unsaved_walks_at_once_are_asked_in_sight_and_each_kee
         _no_exception(page)
     saved = sorted(p.name for p in store.iterdir() if p.name.startswith("sparsify-constrained-seed0-step2"))
     assert saved == ["sparsify-constrained-seed0-step2", "sparsify-constrained-seed0-step2-2"], saved
-    assert all((store / name / "steps.parquet").exists() for name in saved)
+    fan = sorted(p.name for p in store.iterdir() if p.name.startswith("sparsify-constrained-seed0-eps-"))
+    assert [name.split("-step")[0] for name in fan] == [f"sparsify-constrained-seed0-eps-{e}-at-2"
+                                                        for e in sorted(listed)], fan
+    assert all((store / name / "steps.parquet").exists() for name in saved + fan)
 
     # closed with Esc: the same as Cancel (the walk kept, and no question back at the page's next run)
     page = pages[0]

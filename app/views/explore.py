@@ -588,7 +588,8 @@ def _drive(s, teach: bool) -> None:
     refused = st.session_state.pop("_run_refused", None)
     if refused:  # the server or this session is at its limit: say so, keep the walk
         st.error(refused)
-    reset = c3.button("Reset", width="stretch", help="Back to the start network with the same settings")
+    c3.button("Reset", width="stretch", help="Back to the start network with the same settings",
+              on_click=replace.request, args=("reset",))
     s.speed = c4.select_slider("Speed", list(SPEEDS), value=s.speed,
                                help="Slow motion for teaching, or as fast as the server's engine walks (the page "
                                     f"shows the newest point every {REFRESH_SECONDS} s and never holds the walk up)")
@@ -605,7 +606,7 @@ def _drive(s, teach: bool) -> None:
                 st.toast(f"ε = {new_eps:g} from step {walker.n_steps + 1} (marked on the charts)")
             except ConfigError as err:
                 st.error(controls.message_for(err))
-    if replace.go_ahead("reset", reset, "Reset"):
+    if replace.go_ahead("reset", "Reset"):
         _start_walk(s.config)
         st.rerun()
     _fan_controls(s)
@@ -650,12 +651,12 @@ def setup_sidebar() -> None:
         return
     with st.sidebar:
         device = str(s.experiment.device) if s.experiment else None
-        clicked = controls.sidebar(s.errors, device)
-    if clicked:
+        controls.sidebar(s.errors, device, on_start=lambda: replace.request("new"))
+    if replace.requested("new"):
         st.session_state.pop("_url_errors", None)  # the user's own settings from now on
         _check_settings(s)  # refused before anything is asked
     # (outside the sidebar: the new walk's progress bar is drawn in the page)
-    if replace.go_ahead("new", clicked, "A new walk"):
+    if replace.go_ahead("new", "A new walk"):
         _check_settings(s)
         _start_walk(controls.config_from_widgets())
         st.rerun()
@@ -666,6 +667,7 @@ def _check_settings(s) -> None:
     try:
         controls.config_from_widgets()
     except ConfigError as err:
+        replace.drop("new")
         s.errors = controls.errors_for(err)
         st.rerun()
 

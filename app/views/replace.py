@@ -18,6 +18,7 @@ from geodesic.errors import GeodesicError
 
 PENDING = "_replace_pending"  # the action waiting for an answer
 NO_ASK = "_replace_no_ask"  # "don't ask again", for the rest of the session
+REQUESTED = "_replace_requested"  # the action whose button was clicked (request)
 ANSWERED = "_replace_answered"  # the action the user said to go on with
 SAID = "_replace_said"  # the runs that answer saved, said once the action is done (say)
 
@@ -130,15 +131,33 @@ def _ask(action: str, what: str) -> None:
     st.rerun()
 
 
-def go_ahead(action: str, clicked: bool, what: str) -> bool:
-    """True when `action` (whose button was `clicked` in this run, or earlier and answered now) may close the walks
-    on screen: nothing on screen is unsaved, the user asked not to be asked, or they answered "go on" (saving or
-    not). Otherwise, with walks not saved, the question is asked and False returned."""
+def request(action: str) -> None:
+    """A button's on_click: the user asked for `action`. Noted in a callback, before the page runs again: a click
+    read from the button's value was lost when that run was cut short (a live refresh's rerun, with a fan walking),
+    and the walk stayed on screen with no question asked (seen about once in ten in Chromium)."""
+    st.session_state[REQUESTED] = action
+
+
+def requested(action: str) -> bool:
+    return st.session_state.get(REQUESTED) == action
+
+
+def drop(action: str) -> None:
+    """Forget a request that will not be carried out (its settings were refused, its run is gone)."""
+    if requested(action):
+        st.session_state.pop(REQUESTED)
+
+
+def go_ahead(action: str, what: str) -> bool:
+    """True when `action` (asked for by its button, now or earlier and answered now) may close the walks on screen:
+    nothing on screen is unsaved, the user asked not to be asked, or they answered "go on" (saving or not).
+    Otherwise, with walks not saved, the question is asked and False returned."""
     ss = st.session_state
     if ss.get(ANSWERED) == action:
         ss.pop(ANSWERED)
         return True
-    if clicked:
+    if requested(action):
+        ss.pop(REQUESTED)
         if not session.unsaved() or ss.get(NO_ASK):
             ss.pop(PENDING, None)
             return True

@@ -105,8 +105,9 @@ def render() -> None:
     with st.expander("Start from your own weights (.safetensors or a PyTorch state dict)", key="upload_box"):
         uploaded = st.file_uploader("Weights for the model chosen in the sidebar", type=["safetensors", "pt", "pth"],
                                     key="upload")
-        if uploaded is not None and replace.go_ahead("upload", st.button("Start a walk from these weights"),
-                                                     "A walk from these weights"):
+        if uploaded is not None:
+            st.button("Start a walk from these weights", on_click=replace.request, args=("upload",))
+        if uploaded is not None and replace.go_ahead("upload", "A walk from these weights"):
             try:
                 _upload(s, uploaded)
                 replace.say()
@@ -155,11 +156,14 @@ def render() -> None:
     # meanwhile would act on a run the user did not choose: refused instead, and the list shown anew.
     shown, st.session_state["_run_shown"] = st.session_state.get("_run_shown"), chosen
     vanished = shown is not None and shown != chosen and shown not in names
-    if vanished and any(st.session_state.get(k) for k in ("reload_run", "rename_run", "delete_run")):
+    if vanished and (replace.requested("reload") or any(st.session_state.get(k) for k in ("rename_run",
+                                                                                          "delete_run"))):
+        replace.drop("reload")
         st.error(f"The run you chose, {shown}, is no longer in the store (deleted or renamed from another page): "
                  "nothing was done. Choose again.")
         return
-    if replace.go_ahead("reload", c1.button("Reload into Explore", key="reload_run"), f"Reloading {chosen}"):
+    c1.button("Reload into Explore", key="reload_run", on_click=replace.request, args=("reload",))
+    if replace.go_ahead("reload", f"Reloading {chosen}"):
         try:
             left_out = _reload(chosen)
             replace.say()
