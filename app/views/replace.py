@@ -132,9 +132,9 @@ def _ask(action: str, what: str) -> None:
 
 
 def request(action: str) -> None:
-    """A button's on_click: the user asked for `action`. Noted in a callback, before the page runs again: a click
-    read from the button's value was lost when that run was cut short (a live refresh's rerun, with a fan walking),
-    and the walk stayed on screen with no question asked (seen about once in ten in Chromium)."""
+    """A button's on_click: the user asked for `action`. Noted in a callback, which runs before the page does (as
+    Run and Pause are): read from the button's value, 2 clicks in about 15 were lost in Chromium with a fan walking,
+    no question and no new walk, most likely in a run a live refresh's rerun cut short."""
     st.session_state[REQUESTED] = action
 
 
