@@ -230,7 +230,7 @@ def add_branch(walker, label: str) -> None:
 def unsaved() -> list[Branch]:
     """The walks on screen with steps taken since they were made, reloaded or saved: closing them (a new walk,
     Reset, a run reloaded or started from uploaded weights) would lose those steps."""
-    return [b for b in state().branches if b.walker.n_steps != b.kept_at]
+    return [b for b in state().branches if b.unsaved_steps]
 
 
 def select_branch(index: int) -> None:

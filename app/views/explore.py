@@ -652,20 +652,20 @@ def setup_sidebar() -> None:
     with st.sidebar:
         device = str(s.experiment.device) if s.experiment else None
         controls.sidebar(s.errors, device, on_start=lambda: replace.request("new"))
+    config = None
     if replace.requested("new"):
         st.session_state.pop("_url_errors", None)  # the user's own settings from now on
-        _check_settings(s)  # refused before anything is asked
+        config = _settings(s)  # refused before anything is asked
     # (outside the sidebar: the new walk's progress bar is drawn in the page)
     if replace.go_ahead("new", "A new walk"):
-        _check_settings(s)
-        _start_walk(controls.config_from_widgets())
+        _start_walk(config or _settings(s))  # (asked and answered: read on the run that acts)
         st.rerun()
 
 
-def _check_settings(s) -> None:
-    """Settings that make no RunConfig: the page runs again with each message beside its control."""
+def _settings(s):
+    """The sidebar's RunConfig; settings that make none run the page again with each message beside its control."""
     try:
-        controls.config_from_widgets()
+        return controls.config_from_widgets()
     except ConfigError as err:
         replace.drop("new")
         s.errors = controls.errors_for(err)

@@ -107,13 +107,13 @@ def render() -> None:
                                     key="upload")
         if uploaded is not None:
             st.button("Start a walk from these weights", on_click=replace.request, args=("upload",))
-        if uploaded is not None and replace.go_ahead("upload", "A walk from these weights"):
-            try:
-                _upload(s, uploaded)
-                replace.say()
-                st.success("Started: open Explore to walk it.")
-            except GeodesicError as err:
-                st.error(str(err))
+            if replace.go_ahead("upload", "A walk from these weights"):
+                try:
+                    _upload(s, uploaded)
+                    replace.say()
+                    st.success("Started: open Explore to walk it.")
+                except GeodesicError as err:
+                    st.error(str(err))
     runs = list_runs(root)
     if not runs:
         st.info("No saved runs yet.")
