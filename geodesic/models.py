@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .config import ModelConfig
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .params import Params, clone
 
 MODEL_NAMES = ("mlp", "lenet5", "vgg11", "vgg16", "resnet18")
@@ -173,6 +173,44 @@ class NetworkFunction:
     def with_head(self, head: tuple[int, int] | None) -> NetworkFunction:
         """The same network scored on the columns `head` (None: all outputs)."""
         return self if head == self.head else dataclasses.replace(self, head=head)
+
+
+def check_fits(network: Network, params: Params, data, role: str = "") -> None:
+    """Python API: refuse, saying what to change, weights and a dataset the engine cannot walk together.
+
+    The CLI and the app build both themselves; `Goal.for_network` and `Walker` take them from the user, where a
+    mismatch used to surface steps later as PyTorch's own error ("Target 1 is out of bounds", "mat1 and mat2 must
+    have the same dtype"). One forward pass on two of `data`'s training inputs. `role` names the argument (task_b)."""
+    task = f"{role} ({data.name})" if role else data.name
+    if not isinstance(params, dict) or not params:
+        raise CheckpointError(f"weights: expected a non-empty dict of tensors (network_from_module's second value), "
+                              f"got {type(params).__name__}{' (empty)' if isinstance(params, dict) else ''}")
+    for name, value in params.items():
+        if not isinstance(value, Tensor) or value.dtype != torch.float32:
+            got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise CheckpointError(f"weights: {name!r} is {got}; the engine walks float32 weights (its data are "
+                                  f"float32): call module.float() before network_from_module")
+    x = data.train.x[:2]
+    devices = {str(v.device) for v in params.values()}
+    if devices != {str(x.device)}:
+        raise CheckpointError(f"weights on {', '.join(sorted(devices))} but {task}'s inputs on {x.device}: "
+                              f"put both on one device (data.to(device), module.to(device))")
+    try:
+        with torch.no_grad():
+            out = network.apply(params, x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{task}: the network cannot take its inputs of shape {tuple(x.shape[1:])} "
+                        f"({first})") from err
+    if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != len(x):
+        got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+        raise DataError(f"{task}: the network must return logits of shape (inputs, classes); it returned {got}")
+    needed = data.head[1] if data.head is not None else data.n_classes
+    if out.shape[1] < needed:
+        scored = (f"a head on outputs {data.head[0]}..{data.head[1] - 1}" if data.head is not None
+                  else f"labels 0..{data.n_classes - 1}")
+        raise DataError(f"{task}: the network has {out.shape[1]} output{'s' if out.shape[1] != 1 else ''}; "
+                        f"the task needs {needed} ({scored})")
 
 
 def build_network(config: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> Network:

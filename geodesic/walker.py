@@ -24,7 +24,7 @@ from .guard import HALVINGS as GUARD_HALVINGS
 from .guard import accepts, guard_inputs, guard_outputs
 from .measures import logits_of, loss_and_accuracy
 from .metric import PullbackMetric
-from .models import Network, NetworkFunction, recompute_batchnorm
+from .models import Network, NetworkFunction, check_fits, recompute_batchnorm
 from .params import Params, add, clone, dot, flush_subnormal, is_finite, norm, scale, unflatten
 from .path import PathPoint, PathRecord, WeightTrace
 from .step import STEP_RULES
@@ -41,6 +41,12 @@ class Walker:
     def __init__(self, network: Network, start: Params, goal: Goal, config: WalkConfig, tasks: dict[str, Dataset],
                  seed: int = 0, buffers: dict | None = None, bn_inputs: torch.Tensor | None = None,
                  n_eval: int | None = None, drift_probe: torch.Tensor | None = None, _record: bool = True):
+        if not isinstance(tasks, dict) or not isinstance(tasks.get("A"), Dataset):
+            raise ConfigError("tasks", type(tasks).__name__ if not isinstance(tasks, dict) else sorted(tasks),
+                              "a dict of Datasets with the start network's task under 'A' (goal.tasks has it)")
+        if _record:  # a branch (_record=False) goes on from a walker that was checked when it was built
+            for task in tasks.values():
+                check_fits(network, start, task)
         self.network, self.goal, self.config, self.tasks, self.seed = network, goal, config, tasks, seed
         self.params = clone(start)
         # BatchNorm statistics, shared with the goal's model_fn (the same dict, updated in place).

@@ -225,3 +225,50 @@ def test_from_tensors_refuses_labels_its_outputs_cannot_score(labels, kwargs, fr
     y = torch.tensor(labels)
     with pytest.raises(DataError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         from_tensors(torch.zeros(len(y), 2), y, torch.zeros(len(y), 2), y, **kwargs)
+
+
+def test_the_python_api_refuses_what_it_cannot_walk_saying_what_to_change():
+    """Weights and data that do not fit each other used to fail steps later with PyTorch's own words ("Target 1 is
+    out of bounds", "mat1 and mat2 must have the same dtype", a KeyError); a target sparsity of 2 was walked."""
+    from geodesic import Connect, NewTask
+    from geodesic.errors import CheckpointError, DataError
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 10)
+    y = (x[:, 0] > 0).long()
+    data = from_tensors(x[:200], y[:200], x[200:], y[200:])
+    net, params = network_from_module(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2)))
+
+    def refused(error, words, make):
+        with pytest.raises(error) as raised:
+            make()
+        assert all(w in str(raised.value) for w in words), str(raised.value)
+
+    one_output = network_from_module(nn.Sequential(nn.Linear(10, 1)))
+    refused(DataError, ["1 output", "needs 2", "labels 0..1"], lambda: Sparsify.for_network(*one_output, data,
+                                                                                           target_sparsity=0.5))
+    doubled = network_from_module(nn.Sequential(nn.Linear(10, 2)).double())
+    refused(CheckpointError, ["torch.float64", "module.float()"],
+            lambda: Sparsify.for_network(*doubled, data, target_sparsity=0.5))
+    narrow = network_from_module(nn.Sequential(nn.Linear(7, 2)))
+    refused(DataError, ["inputs of shape (10,)"], lambda: Sparsify.for_network(*narrow, data, target_sparsity=0.5))
+    refused(ConfigError, ["target-sparsity", "2"], lambda: Sparsify.for_network(net, params, data, target_sparsity=2))
+    refused(ConfigError, ["metric_kind"], lambda: Sparsify.for_network(net, params, data, metric_kind="l2",
+                                                                       target_sparsity=0.5))
+    _, wider = network_from_module(nn.Sequential(nn.Linear(10, 9), nn.ReLU(), nn.Linear(9, 2)))
+    refused(CheckpointError, ["end_params", "'0.weight'", "(9, 10)", "(8, 10)"],
+            lambda: Connect.for_network(net, params, data, end_params=wider))
+    refused(CheckpointError, ["end_params", "missing"], lambda: Connect.for_network(net, params, data, end_params={}))
+    four = torch.randint(0, 4, (300,))
+    refused(DataError, ["task_b", "needs 4"], lambda: NewTask.for_network(
+        net, params, data, task_b=from_tensors(x[:200], four[:200], x[200:], four[200:])))
+    refused(ConfigError, ["memory-size"], lambda: NewTask.for_network(net, params, data, task_b=data, memory_size=0))
+    goal = Sparsify.for_network(net, params, data, target_sparsity=0.5)
+    refused(ConfigError, ["tasks", "'A'"], lambda: Walker(net, params, goal, WalkConfig(), tasks={"B": data}))
+    refused(DataError, ["needs 4"], lambda: Walker(net, params, goal, WalkConfig(), tasks={
+        "A": data, "C": from_tensors(x[:200], four[:200], x[200:], four[200:])}))
+    # what fits still walks, and a Connect whose end weights are a state dict with "module." names is taken
+    prefixed = {f"module.{k}": v + 0.1 for k, v in params.items()}
+    goal = Connect.for_network(net, params, data, end_params=prefixed)
+    walker = Walker(net, params, goal, WalkConfig(max_step_norm=0.05), tasks=goal.tasks)
+    assert walker.step().step == 1

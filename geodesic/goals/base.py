@@ -53,9 +53,19 @@ class Goal:
     @classmethod
     def for_network(cls, network, params: Params, data: Dataset, metric_kind: str = "fisher",
                     tolerance: float = 0.01, **goal_kwargs) -> Goal:
-        """The goal for `network` starting at `params`, anchored on `data`'s training inputs (Python API)."""
-        from ..models import NetworkFunction
+        """The goal for `network` starting at `params`, anchored on `data`'s training inputs (Python API).
 
+        Settings are checked as the CLI checks them, and the network against `data` (models.check_fits): a
+        mismatch is a ConfigError, DataError or CheckpointError saying what to change, raised here."""
+        from ..config import METRICS, GoalConfig
+        from ..errors import ConfigError
+        from ..models import NetworkFunction, check_fits
+
+        if metric_kind not in METRICS:
+            raise ConfigError("metric_kind", metric_kind, ", ".join(METRICS))
+        checked = {k: v for k, v in goal_kwargs.items() if k in ("target_sparsity", "memory_size")}
+        GoalConfig(kind=cls.name, tolerance=tolerance, **checked)
+        check_fits(network, params, data)
         model_fn = NetworkFunction(network, network.buffers, head=data.head)  # the function kept: data's
         return cls._for_network(model_fn, network, params, data, metric_kind, tolerance, **goal_kwargs)
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import CheckpointError
 from ..params import Params, clone, norm, sub
 from .base import Batch, Goal
 
@@ -24,9 +25,16 @@ class Connect(Goal):
         self.labels = labels  # labels of anchor_inputs (task A's training split)
 
     @classmethod
-    def _for_network(cls, model_fn, network, params, data, metric_kind, tolerance, **goal_kwargs):
+    def _for_network(cls, model_fn, network, params, data, metric_kind, tolerance, end_params: Params,
+                     **goal_kwargs):
+        from ..checkpoint import match_params
+
+        if not isinstance(end_params, dict):
+            raise CheckpointError(f"end_params: expected a dict of tensors like the start's, "
+                                  f"got {type(end_params).__name__}")
+        end_params, _ = match_params(end_params, params, "end_params")  # names the first missing or misshapen
         return cls(model_fn, params, data.train.x, {"A": data}, metric_kind, tolerance,
-                   labels=data.train.y, **goal_kwargs)
+                   labels=data.train.y, end_params=end_params, **goal_kwargs)
 
     def direction_inputs(self, batch: Batch) -> tuple:
         return (self.end_params,)

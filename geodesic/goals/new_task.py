@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.func import grad
 
 from ..data import Dataset
+from ..errors import DataError
 from ..measures import scored_on
 from ..params import Params, scale
 from .base import Batch, Goal, draw
@@ -24,6 +25,11 @@ class NewTask(Goal):
     @classmethod
     def _for_network(cls, model_fn, network, params, data, metric_kind, tolerance, task_b: Dataset,
                      memory_size: int = 500, seed: int = 0):
+        from ..models import check_fits
+
+        if not isinstance(task_b, Dataset):
+            raise DataError(f"task_b: expected a Dataset (from_tensors(...)), got {type(task_b).__name__}")
+        check_fits(network, params, task_b, role="task_b")
         memory = data.train.x[memory_indices(data, memory_size, seed).to(data.train.x.device)]
         return cls(model_fn, params, memory, {"A": data, "B": task_b}, metric_kind, tolerance, task_b=task_b)
 
