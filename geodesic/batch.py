@@ -148,6 +148,12 @@ class WalkBatch:
     def __init__(self, walkers: list[Walker]):
         if not walkers:
             raise ValueError("WalkBatch needs at least one walker")
+        firsts = {}
+        for i, walker in enumerate(walkers):
+            if id(walker) in firsts:  # it would be stepped twice a step, from the same weights
+                raise ValueError(f"walker {i} is walker {firsts[id(walker)]} again: a walker can be in a batch once "
+                                 f"(walker.branch(step) makes another from any of its points)")
+            firsts[id(walker)] = i
         why = why_not_batched(walkers)
         if why is not None:
             raise ValueError(f"these walkers cannot be stepped as one batch: {why} (see batch.batch_key)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Iterator
 
@@ -47,6 +48,7 @@ class Walker:
         if _record:  # a branch (_record=False) goes on from a walker that was checked when it was built
             for task in tasks.values():
                 check_fits(network, start, task)
+        seed = check_seed(int(seed) if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) else seed)
         self.network, self.goal, self.config, self.tasks, self.seed = network, goal, config, tasks, seed
         self.params = clone(start)
         # BatchNorm statistics, shared with the goal's model_fn (the same dict, updated in place).
@@ -371,6 +373,8 @@ class Walker:
             raise ConfigError("step", index, f"the current point ({self.n_steps}) only: this model's "
                               f"{self.trace.n_params:,} weights are too many to keep for every point of its path (it "
                               "keeps a sketch of them for the projections; a saved run holds its checkpoints)")
+        if not 0 <= index < len(self.record):
+            raise ConfigError("step", index, f"0..{len(self.record) - 1}, the points of this path")
         try:
             row = self.trace.row(index)
         except KeyError:

@@ -1,6 +1,7 @@
 """The walker: one step per call, recorded events, branching, divergence, and the Python API."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -267,6 +268,13 @@ def test_the_python_api_refuses_what_it_cannot_walk_saying_what_to_change():
     refused(ConfigError, ["tasks", "'A'"], lambda: Walker(net, params, goal, WalkConfig(), tasks={"B": data}))
     refused(DataError, ["needs 4"], lambda: Walker(net, params, goal, WalkConfig(), tasks={
         "A": data, "C": from_tensors(x[:200], four[:200], x[200:], four[200:])}))
+    refused(ConfigError, ["seed", "'a'"], lambda: Walker(net, params, goal, WalkConfig(), tasks=goal.tasks, seed="a"))
+    walker = Walker(net, params, goal, WalkConfig(), tasks=goal.tasks, seed=np.int64(3))  # a seed read from a table
+    assert walker.seed == 3 and type(walker.seed) is int
+    refused(ConfigError, ["step", "99", "0..0"], lambda: walker.params_at(99))  # said a stride of a long path
+    from geodesic import WalkBatch
+
+    refused(ValueError, ["walker 1 is walker 0"], lambda: WalkBatch([walker, walker]))  # stepped twice a step
     # what fits still walks, and a Connect whose end weights are a state dict with "module." names is taken
     prefixed = {f"module.{k}": v + 0.1 for k, v in params.items()}
     goal = Connect.for_network(net, params, data, end_params=prefixed)
