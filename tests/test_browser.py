@@ -262,6 +262,41 @@ def test_a_fan_of_step_sizes_is_drawn_one_colour_each_and_one_is_kept(server, br
     page.close()
 
 
+CUT_TEXT = """() => [...document.querySelectorAll('[data-testid=stMain] *')].filter(e => {
+    const style = getComputedStyle(e);
+    return style.textOverflow === 'ellipsis' && e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1
+        && e.innerText.trim(); }).map(e => e.innerText.trim())"""
+
+
+def test_on_a_tablet_with_the_sidebar_open_no_value_or_button_is_cut(server, browser):
+    """At 820 pixels wide (a tablet, half a laptop's screen), st.columns cut the status row's values to "97.…" and
+    "41.…", and the buttons to "Re…", "Keep this one a…", "Weights (.sa…": the rows now wrap instead."""
+    page = browser.new_page()
+    page.set_viewport_size({"width": 820, "height": 1100})
+    page.goto(server)
+    page.get_by_role("button", name="Step", exact=True).wait_for(timeout=120_000)
+    page.get_by_role("button", name="Step", exact=True).click()
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stMetricValue]')]"
+                           ".some(e => e.innerText.trim() === '1')", timeout=30_000)
+    page.get_by_text("Compare step sizes (a fan of walks from here)").click()
+    page.get_by_role("button", name="Launch the fan", exact=True).click()
+    page.get_by_role("button", name="Keep this one as the walk that steps", exact=True).wait_for(timeout=30_000)
+    time.sleep(1)
+    cut = {"Overview": page.evaluate(CUT_TEXT)}
+    for view in ("Path", "Data"):
+        page.locator("[data-testid=stButtonGroup]").get_by_text(view, exact=True).click()
+        page.get_by_role("button", name="Refit PCA basis" if view == "Path" else "Table (CSV)").wait_for(
+            timeout=60_000)
+        time.sleep(1)
+        cut[view] = page.evaluate(CUT_TEXT)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "08-tablet.png"))
+    assert not any(cut.values()), cut
+    page.get_by_role("button", name="Stop the fan", exact=True).click()
+    _no_exception(page)
+    page.close()
+
+
 def test_every_download_of_the_data_view_arrives_even_clicked_one_after_another(server, browser):
     """Each click used to rerun the page, which replaced the other buttons' files: a second download clicked
     soon after the first found its file gone (nothing downloaded). The chart's HTML opens offline."""

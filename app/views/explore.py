@@ -178,7 +178,7 @@ def _projected(s, basis) -> list[tuple[str, pd.DataFrame]]:
 
 def _path(s) -> None:
     walker = s.walker
-    c1, c2, c3 = st.columns([1, 1, 2])
+    c1, c2, c3 = st.columns([2, 3, 4])  # [1, 1, 2] cut the button to "Refit PCA ba…" on a tablet
     dims = c1.radio("Dimensions", (2, 3), horizontal=True, key="pca_dims")
     if c2.button("Refit PCA basis", help="The basis is fitted once and frozen so axes don't jump; refit here"):
         s.basis = None
@@ -305,65 +305,66 @@ def _data(s, runs) -> None:
     if len(frame) > DATA_ROWS:  # a table that opened at step 40 of 240 looked like one that lost its first steps
         st.caption(f"The latest {DATA_ROWS} of {len(frame):,} points (steps {frame['step'].iloc[-DATA_ROWS]:,} to "
                    f"{frame['step'].iloc[-1]:,}); the table downloads below hold all of them.")
-    c1, c2, c3, c4 = st.columns(4)
+    row = st.container(horizontal=True)  # wraps; in columns the labels read "Weights (.sa…" on a tablet
     name = f"geodesic-{s.config.goal.kind}-{s.config.walk.solver}-step{s.walker.n_steps}"
     # Callables: the files are made when a button is clicked, not on every live refresh. A click does not rerun
     # the page (on_click="ignore"): a rerun replaced the other buttons' files, and a second download clicked soon
     # after the first found its file gone ("Deferred file ... not found", nothing downloaded).
     walker, overlays = s.walker, _baseline_overlays(s)
     download = dict(on_click="ignore")
-    c1.download_button("Table (CSV)", lambda: analysis.table_bytes(frame, "csv"), f"{name}.csv", "text/csv",
-                       **download)
-    c2.download_button("Table (Parquet)", lambda: analysis.table_bytes(frame, "parquet"), f"{name}.parquet",
-                       **download)
-    c3.download_button("Weights (.safetensors)", lambda: analysis.weights_bytes(walker), f"{name}.safetensors",
-                       **download)
+    row.download_button("Table (CSV)", lambda: analysis.table_bytes(frame, "csv"), f"{name}.csv", "text/csv",
+                        **download)
+    row.download_button("Table (Parquet)", lambda: analysis.table_bytes(frame, "parquet"), f"{name}.parquet",
+                        **download)
+    row.download_button("Weights (.safetensors)", lambda: analysis.weights_bytes(walker), f"{name}.safetensors",
+                        **download)
     # plotly.js inside the file (as the sweep report has it): a chart that fetched it from a CDN stayed blank on the
     # offline machines and classrooms this app is for
-    c4.download_button("Accuracy chart (HTML)",
-                       lambda: charts.accuracy_and_loss(runs, overlays).to_html(include_plotlyjs=True),
-                       f"{name}-accuracy.html", "text/html", **download)
+    row.download_button("Accuracy chart (HTML)",
+                        lambda: charts.accuracy_and_loss(runs, overlays).to_html(include_plotlyjs=True),
+                        f"{name}-accuracy.html", "text/html", **download)
     st.caption("Every chart's toolbar also saves it as PNG (camera icon).")
 
 
 def _status(s) -> None:
     walker = s.walker
     last = walker.record.last
-    cols = st.columns(5)
-    cols[0].metric("step", last.step)
+    # a row that wraps: st.columns cut the values to '97.…' once the page was narrower than about 1,000 px (a
+    # laptop's half screen, a tablet with the sidebar open); a horizontal container moves a metric to a next line
+    row = st.container(horizontal=True, gap="medium")
+    row.metric("step", last.step)
     tasks = list(last.accuracy.items())[:2]
-    for i, (task, acc) in enumerate(tasks):
+    for task, acc in tasks:
         start = walker.record[0].accuracy[task]
         change = round(100 * (acc - start), 1)
         if change == 0:  # no green "↑ +0.0" (nor a red "↓ -0.0") for an accuracy that has not moved
-            cols[1 + i].metric(f"accuracy {task}", f"{100 * acc:.1f}%", "±0.0 pts", delta_color="off",
-                               delta_arrow="off")
+            row.metric(f"accuracy {task}", f"{100 * acc:.1f}%", "±0.0 pts", delta_color="off", delta_arrow="off")
         else:
-            cols[1 + i].metric(f"accuracy {task}", f"{100 * acc:.1f}%", f"{change:+.1f} pts")
+            row.metric(f"accuracy {task}", f"{100 * acc:.1f}%", f"{change:+.1f} pts")
     pruned = last.extra.get("prune_now_accuracy/A")
     if len(tasks) == 1 and pruned is not None:  # sparsify: the accuracy of w's projection, beside w's own
-        cols[2].metric("prune now", f"{100 * pruned:.1f}%",
+        row.metric("prune now", f"{100 * pruned:.1f}%",
                        help="Test accuracy of the current weights with the target share of smallest weights set "
                             "to zero now: what the network would keep if the walk stopped here")
     elif len(tasks) == 1:  # connect: no second number to show beside accuracy, so the step size in use
-        cols[2].metric("step size ε now", f"{walker.step_size:.3g}",
+        row.metric("step size ε now", f"{walker.step_size:.3g}",
                        help="The largest Euclidean step ‖θ‖ of the next step: set in the sidebar, changed mid-walk "
                             "with 'Step size ε now', or adapted by auto")
     if s.config.goal.kind == "sparsify":
-        cols[3].metric("sparsity", f"{100 * last.sparsity:.1f}%",
+        row.metric("sparsity", f"{100 * last.sparsity:.1f}%",
                        help="Exact zeros among the prunable weights (Linear and Conv weights). Zeros in dense tensors "
                             "give no speed-up by themselves.")
         total, zeros = walker.n_prunable, walker.zeros_at(last)  # counts, not latency (method.md); below the row
         st.caption(f"{zeros:,} of {total:,} prunable weights are exactly zero; {total - zeros:,} non-zero.")
     else:  # sparsity stays 0 on these goals; what they are judged by is the accuracy kept all along the path
-        cols[3].metric("lowest A so far", f"{100 * walker.record.lowest_accuracy('A'):.1f}%",
+        row.metric("lowest A so far", f"{100 * walker.record.lowest_accuracy('A'):.1f}%",
                        help="The lowest test accuracy of task A at any step of this walk so far")
     # a new task has no point to reach: what falls as it learns B is B's training loss (the chart's axis says so too)
     if walker.goal.is_point_target:
-        cols[4].metric("distance to goal", f"{last.goal_distance:.3g}",
+        row.metric("distance to goal", f"{last.goal_distance:.3g}",
                        help="‖w − target‖: to the pruned copy of w (sparsify) or to network B (connect)")
     else:
-        cols[4].metric("task-B loss", f"{last.goal_distance:.3g}",
+        row.metric("task-B loss", f"{last.goal_distance:.3g}",
                        help="The goal's loss: cross-entropy of task B on a fixed set of its training inputs (what the "
                             "walk lowers)")
     if session.settings_problem():
@@ -499,15 +500,15 @@ def _fan_table(s) -> None:
     st.dataframe(rows, hide_index=True, width="stretch", placeholder=controls.MISSING,
                  # the state may be a sentence (why a walk stopped)
                  column_config={"state": st.column_config.TextColumn(width="large")})
-    c1, c2, c3 = st.columns([3, 2, 2])
+    row = st.container(horizontal=True, vertical_alignment="bottom")  # wraps: columns cut "Keep this one a…"
     # Offered: the best walk so far (it was always the first), until the user picks one
     controls.offer("fan_keep", max(rank, key=rank.get), s.walker, keep=lambda i: i in rank)
-    choice = c1.selectbox("Keep", list(rank), format_func=lambda i: s.branches[i].label, key="fan_keep",
-                          label_visibility="collapsed")
-    if c2.button("Keep this one as the walk that steps", key="fan_keep_button"):
+    choice = row.selectbox("Keep", list(rank), format_func=lambda i: s.branches[i].label, key="fan_keep",
+                           label_visibility="collapsed")
+    if row.button("Keep this one as the walk that steps", key="fan_keep_button"):
         session.keep_from_fan(choice)
         st.rerun(scope="app")
-    if c3.button("Stop the fan", key="fan_stop"):
+    if row.button("Stop the fan", key="fan_stop"):
         session.close_fan()
         st.rerun(scope="app")
 
@@ -576,26 +577,27 @@ def _pause(s) -> None:
 def _drive(s, teach: bool) -> None:
     """Step / Run / Pause / Reset, ε mid-walk, branching."""
     walker = s.walker
-    c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 2, 2])
-    if c1.button("Step", width="stretch", disabled=walker.is_done):
+    # a row that wraps, as the status row does: in columns "Reset" read "Re…" on a tablet with the sidebar open
+    row = st.container(horizontal=True, vertical_alignment="bottom")
+    if row.button("Step", width="stretch", disabled=walker.is_done):
         s.runner.step_once()  # served by the engine between two of the other walks' steps
     # Run and Pause act in their callbacks, before this script runs again, so the rerun a click causes already
     # draws the other button and starts (or stops) the live refresh: no second rerun, the walk shows sooner.
     if s.runner.is_running:
-        c2.button("Pause", width="stretch", type="primary", on_click=_pause, args=(s,))
+        row.button("Pause", width="stretch", type="primary", on_click=_pause, args=(s,))
     else:
-        c2.button("Run", width="stretch", type="primary", disabled=walker.is_done, on_click=_run, args=(s,))
+        row.button("Run", width="stretch", type="primary", disabled=walker.is_done, on_click=_run, args=(s,))
     refused = st.session_state.pop("_run_refused", None)
     if refused:  # the server or this session is at its limit: say so, keep the walk
         st.error(refused)
-    c3.button("Reset", width="stretch", help="Back to the start network with the same settings",
-              on_click=replace.request, args=("reset",))
-    s.speed = c4.select_slider("Speed", list(SPEEDS), value=s.speed,
-                               help="Slow motion for teaching, or as fast as the server's engine walks (the page "
-                                    f"shows the newest point every {REFRESH_SECONDS} s and never holds the walk up)")
+    row.button("Reset", width="stretch", help="Back to the start network with the same settings",
+               on_click=replace.request, args=("reset",))
+    s.speed = row.select_slider("Speed", list(SPEEDS), value=s.speed,
+                                help="Slow motion for teaching, or as fast as the server's engine walks (the page "
+                                     f"shows the newest point every {REFRESH_SECONDS} s and never holds the walk up)")
     for handle in [s.runner, *(h for _, h in s.fan)]:  # the fan walks at the same speed as the main walk
         handle.set_rate(SPEEDS[s.speed])
-    with c5.popover("Step size ε now", width="stretch"):
+    with row.popover("Step size ε now", width="stretch"):
         controls.offer("eps_now", float(walker.config.max_step_norm), walker)
         new_eps = st.number_input("ε from the next step on", format="%.4f", key="eps_now")
         if st.button("Apply to this walk"):

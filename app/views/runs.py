@@ -180,8 +180,10 @@ def render() -> None:
             st.rerun()
         except GeodesicError as err:
             st.error(str(err))
-    c1.download_button("Export (zip: settings, table, weights)", lambda: export_zip(root / check_run_name(chosen)),
-                       f"{chosen}.zip", "application/zip", on_click="ignore")  # (no rerun: see explore._data)
+    # (no rerun: see explore._data); a short label: "Export (zip: settings, table, weights)" was cut on a tablet
+    c1.download_button("Export (zip)", lambda: export_zip(root / check_run_name(chosen)), f"{chosen}.zip",
+                       "application/zip", on_click="ignore",
+                       help="The run's settings, per-step table and weights (.safetensors and PyTorch state dicts)")
     confirm = c3.checkbox("Yes, delete it", key="confirm_delete")
     if c3.button("Delete", disabled=not confirm, key="delete_run"):
         try:
