@@ -35,8 +35,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"geodesic: error: {message} (see --help)\n")
 
 
+class _Version(argparse.Action):
+    """--version: as argparse's own, but the line is made only when asked (it imports torch and asks git)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .version import describe
+
+        print(describe())  # on stdout, as argparse's own version action prints
+        parser.exit(0)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m geodesic", description="Walk trained networks through weight space.")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print geodesic's, Python's and PyTorch's "
+                        "versions and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="walk a network toward a goal and save the run")
     run.add_argument("--goal", choices=GOALS, help="sparsify, new-task or connect (required unless --resume)")

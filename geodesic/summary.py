@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from .baselines import barrier, straight_line
 from .config import SCENARIOS
 from .experiment import Experiment
+from .version import versions
 
 LOST_POINTS = 5.0  # a walk whose accuracy fell more than this many points below its start did not keep the function
 CONNECTED_POINTS = 2.0  # two networks count as connected by a path whose error barrier is below this (method.md §5)
@@ -67,6 +68,7 @@ def summarize(experiment: Experiment, wall_seconds: float) -> dict:
         "start": point(first), "end": point(last), "min_test_accuracy": record.min_accuracy(),
         "euclidean_length": last.euclidean_length, "functional_length": last.functional_length,
         "prunable_weights": walker.n_prunable,  # zeros and non-zeros, not latency: masks give no speed-up (method.md)
+        "versions": versions(),  # which code and which PyTorch walked it (version.py)
     }
     if cfg.goal.kind == "connect":
         line = straight_line(walker.model_fn, experiment.start, experiment.end, experiment.tasks["A"], n_points=21)

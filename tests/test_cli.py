@@ -37,6 +37,19 @@ def test_sparsify_run_writes_the_contract_files(tmp_path):
     assert summary["prunable_weights"] == sum(v.numel() for v in prunable) == 64 * 128 + 128 * 128 + 128 * 10
     assert summary["end"]["zero_weights"] == sum(int((v == 0).sum()) for v in prunable)
     assert summary["start"]["zero_weights"] == 0
+    # which code and which PyTorch walked it (a run opened months later said neither)
+    versions = summary["versions"]
+    assert versions["torch"] == torch.__version__ and versions["python"] == ".".join(map(str, sys.version_info[:3]))
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (CI's fresh clone is one)
+        assert versions["commit"].split("+")[0] == head.stdout.strip()
+
+
+def test_version_prints_one_line_on_stdout_and_exits_0():
+    result = geodesic("--version", timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    line = result.stdout.strip()
+    assert "\n" not in line and line.startswith("geodesic ") and f"torch {torch.__version__}" in line, line
 
 
 def test_a_sparsify_run_stopped_short_says_what_pruning_there_keeps(tmp_path):
