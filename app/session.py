@@ -141,7 +141,7 @@ def install(experiment: Experiment, baselines=None) -> None:
     s.config, s.experiment = experiment.config, experiment
     s.branches = [Branch("main", experiment.walker)]
     s.active = 0
-    s.runner = engine().open(experiment.walker, session_id())
+    s.runner = engine().open(experiment.walker, session_id(), pause_unwatched=True)
     if s.stop_baselines is not None:  # the page moved on: nobody will see the previous walk's baselines
         s.stop_baselines.set()
     s.baselines, s.pending_baselines, s.stop_baselines = {}, None, None
@@ -189,7 +189,7 @@ def launch_fan(walkers: list, labels: list[str], at_step: int) -> None:
     try:
         for walker, label in zip(walkers, labels, strict=True):
             s.branches.append(Branch(label, walker))
-            handle = engine().open(walker, session_id())
+            handle = engine().open(walker, session_id(), pause_unwatched=True)
             opened.append((len(s.branches) - 1, handle))
             handle.run()
     except Exception:

@@ -18,7 +18,8 @@ and nobody would get faster with more hardware. Here a single worker thread does
   A Step click or a `call` (a spectrum, a contour) is served between two batch steps, so it waits for at most
   one of them.
 - A walk that diverges or runs out of memory stops with its own message (`handle.error`); the others go on.
-  A running walk nobody has looked at for `idle_seconds` (its page was closed) is paused and its slot freed, and
+  A page's running walk (`open(..., pause_unwatched=True)`) nobody has looked at for `idle_seconds` (its page
+  was closed) is paused and its slot freed, and
   one that has taken its run's steps (`run(n_steps)`, by default the walk's own `n_steps`, as `geodesic run`
   takes) is paused there; `handle.notice` says why, and `run()` goes on.
 - Limits (`EngineSettings`, from `geodesic-server.toml` or the environment): running walks in total and per
@@ -157,8 +158,9 @@ class WalkHandle:
     """A session's hold on one walk in the engine. Every method returns at once except `step_once` and
     `call`, which wait for the engine (one batch step at most before their turn)."""
 
-    def __init__(self, engine: Engine, walker: Walker, session: str):
+    def __init__(self, engine: Engine, walker: Walker, session: str, pause_unwatched: bool = False):
         self.engine, self.walker, self.session = engine, walker, session
+        self.pause_unwatched = pause_unwatched  # a page's walk: paused after idle_seconds without a touch()
         self.error: str | None = None  # why the walk stopped against its will (diverged, out of memory)
         self.notice: str | None = None  # why the engine paused it (no page watching, its run's steps taken)
         self.paused_for: str | None = None  # the same in a word: "idle" or "steps"
@@ -198,6 +200,17 @@ class WalkHandle:
         budget = int(budget)
         self.touch()
         self.engine._start(self, budget)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until this walk stops running: its goal reached, its run's steps taken, paused, or stopped by an
+        error (`notice` and `error` say which). True once it has stopped; False if `timeout` seconds passed first.
+        For scripts (`handle.run(); handle.wait()`); a page never waits, it draws what the engine has added."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_running:  # polled: the engine's thread signals nobody per step, and 20 ms is far below a run
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def pause(self, wait: bool = True) -> None:
         """Stop walking; returns once a step of this walk that is under way has landed (no point comes after),
@@ -371,8 +384,11 @@ class Engine:
         self.tuner = ThreadTuner(self.settings.thread_candidates)
 
     # -- what sessions call ------------------------------------------------------------------------------------
-    def open(self, walker: Walker, session: str = "") -> WalkHandle:
-        handle = WalkHandle(self, walker, session)
+    def open(self, walker: Walker, session: str = "", pause_unwatched: bool = False) -> WalkHandle:
+        """A handle on `walker` for `session` (whose limits it counts against). pause_unwatched: a page's walk, paused
+        once no page has looked at it (`touch`) for `idle_seconds`; a script's walk (the default) runs its steps
+        whoever watches (it was paused after two minutes, as an abandoned page's is)."""
+        handle = WalkHandle(self, walker, session, pause_unwatched)
         with self._cond:
             self._handles.append(handle)
         return handle
@@ -487,7 +503,7 @@ class Engine:
         idle = self.settings.idle_seconds
         due = []
         for h in self._handles:
-            if h.is_running and now - h.last_seen > idle:
+            if h.is_running and h.pause_unwatched and now - h.last_seen > idle:
                 h._pause_because("idle", f"Paused after {idle:g} s without a page watching it; press Run to go on.")
             elif h.is_running and now >= h._next_due:
                 due.append(h)

@@ -306,12 +306,28 @@ def test_limits_say_what_to_do(engine):
 def test_an_unwatched_walk_is_paused_and_frees_its_slot():
     eng = Engine(EngineSettings(threads=1, idle_seconds=0.5))
     try:
-        handle = eng.open(_walker(), "gone")
+        handle = eng.open(_walker(), "gone", pause_unwatched=True)  # as a page opens its walks
         handle.run()
         _wait(lambda: not handle.is_running, seconds=30)
         # a pause, not a failure: said in handle.notice, and Run goes on
         assert "without a page watching" in handle.notice and handle.error is None and eng.running() == 0
         assert handle.paused_for == "idle"
+    finally:
+        eng.stop()
+
+
+def test_a_script_walk_runs_its_steps_unwatched_and_wait_returns_when_it_stops():
+    """From Python a walk was paused as a closed page's after idle_seconds (two minutes by default): a script's
+    long walk stopped half-way, and nothing waited for it but a hand-written polling loop."""
+    eng = Engine(EngineSettings(threads=1, idle_seconds=0.3))
+    try:
+        handle = eng.open(_walker(solver="penalty"))
+        handle.set_rate(20.0)  # 40 steps take about 2 s, well past idle_seconds
+        handle.run(40)
+        assert handle.wait(timeout=0.05) is False and handle.is_running  # still walking
+        assert handle.wait(timeout=120) is True
+        assert handle.walker.n_steps == 40 and handle.paused_for == "steps" and handle.error is None
+        assert handle.wait() is True  # not running: at once
     finally:
         eng.stop()
 
