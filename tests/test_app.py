@@ -114,7 +114,7 @@ def test_every_view_renders(app, view, monkeypatch):
     if view == "Metric":
         import json
 
-        button(app, "Compute the spectrum at the current point").click().run()
+        button(app, "Compute the spectrum").click().run()
         assert app.get("plotly_chart") and not app.exception
         chart = app.get("plotly_chart")[0]
         assert chart.proto.theme == ""  # the figure's own look, as the live charts have (not Streamlit's theme)
@@ -145,7 +145,7 @@ def test_every_view_renders_a_walk_with_a_head_per_task():
         at.segmented_control[0].set_value(view).run()
         assert not at.exception, (view, [e.value for e in at.exception])
         if view == "Metric":
-            button(at, "Compute the spectrum at the current point").click().run()
+            button(at, "Compute the spectrum").click().run()
             assert not at.exception and at.get("plotly_chart")
     assert walker(at).model_fn.head == (0, 5)
 
@@ -160,9 +160,9 @@ def test_the_metric_spectrum_at_chosen_steps_is_drawn_beside_the_others():
     for _ in range(3):
         button(at, "Step").click().run()
     at.segmented_control[0].set_value("Metric").run()
-    button(at, "Compute the spectrum at the current point").click().run()
+    button(at, "Compute the spectrum").click().run()
     at.number_input(key="spec_step").set_value(0).run()
-    button(at, "Compute the spectrum at step 0").click().run()
+    button(at, "Compute the spectrum").click().run()
     assert not at.exception, [e.value for e in at.exception]
     state = at.session_state["geodesic"]
     assert [x["step"] for x in state.spectrum] == [3, 0]
@@ -172,7 +172,7 @@ def test_the_metric_spectrum_at_chosen_steps_is_drawn_beside_the_others():
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert [t["name"] for t in spec["data"]] == ["step 3", "step 0"] and "steps 3, 0" in spec["layout"]["title"]["text"]
     at.number_input(key="spec_step").set_value(99).run()  # later than the walk: refused by name, the spectra kept
-    button(at, "Compute the spectrum at step 99").click().run()
+    button(at, "Compute the spectrum").click().run()
     assert any("spectrum step: got 99; allowed: a step of this walk, 0 to 3" in e.value for e in at.error)
     assert len(state.spectrum) == 2
     button(at, "Clear the spectra").click().run()
@@ -198,10 +198,10 @@ def test_a_model_too_large_to_keep_every_point_says_so_in_the_views_that_need_th
     assert any("too many to keep for each point" in i.value for i in at.info), [i.value for i in at.info]
     at.segmented_control[0].set_value("Metric").run()
     at.number_input(key="spec_step").set_value(0).run()
-    button(at, "Compute the spectrum at step 0").click().run()
+    button(at, "Compute the spectrum").click().run()
     assert not at.exception and any("step: got 0; allowed: the current point (2) only" in e.value for e in at.error)
     at.number_input(key="spec_step").set_value(None).run()
-    button(at, "Compute the spectrum at the current point").click().run()  # the current point has its weights
+    button(at, "Compute the spectrum").click().run()  # the current point has its weights
     assert not at.exception and at.get("plotly_chart")
 
 

@@ -270,7 +270,8 @@ CUT_TEXT = """() => [...document.querySelectorAll('[data-testid=stMain] *')].fil
 
 def test_on_a_tablet_with_the_sidebar_open_no_value_or_button_is_cut(server, browser):
     """At 820 pixels wide (a tablet, half a laptop's screen), st.columns cut the status row's values to "97.…" and
-    "41.…", and the buttons to "Re…", "Keep this one a…", "Weights (.sa…": the rows now wrap instead."""
+    "41.…", and the buttons to "Re…", "Keep this one a…", "Weights (.sa…", "Compute the spectrum at the current p…":
+    the rows now wrap instead, and labels that could not are shorter."""
     page = browser.new_page()
     page.set_viewport_size({"width": 820, "height": 1100})
     page.goto(server)
@@ -283,10 +284,9 @@ def test_on_a_tablet_with_the_sidebar_open_no_value_or_button_is_cut(server, bro
     page.get_by_role("button", name="Keep this one as the walk that steps", exact=True).wait_for(timeout=30_000)
     time.sleep(1)
     cut = {"Overview": page.evaluate(CUT_TEXT)}
-    for view in ("Path", "Data"):
+    for view, button in (("Path", "Refit PCA basis"), ("Metric", "Compute the spectrum"), ("Data", "Table (CSV)")):
         page.locator("[data-testid=stButtonGroup]").get_by_text(view, exact=True).click()
-        page.get_by_role("button", name="Refit PCA basis" if view == "Path" else "Table (CSV)").wait_for(
-            timeout=60_000)
+        page.get_by_role("button", name=button, exact=True).wait_for(timeout=60_000)
         time.sleep(1)
         cut[view] = page.evaluate(CUT_TEXT)
     SHOTS.mkdir(parents=True, exist_ok=True)

@@ -115,15 +115,15 @@ def _barriers(s) -> None:
     frame = s.walker.record.to_frame()
     line = s.baselines.get("straight_line")
     b = connect_barriers(frame["accuracy/A"].tolist(), frame["loss/A"].tolist(), line)
-    cols = st.columns(4)
-    cols[0].metric("error barrier, walk", f"{100 * b['error_barrier']:.2f} pts",
-                   help="max over the path of the test error, minus the mean of its two ends (method.md §5); "
-                        f"two networks count as connected below {CONNECTED_POINTS:g} points")
-    cols[1].metric("error barrier, straight line",
-                   "…" if line is None else f"{100 * b['linear_error_barrier']:.2f} pts",
-                   help="the same on (1 − α) w_A + α w_B, 21 points of α")
-    cols[2].metric("loss barrier, walk", f"{b['loss_barrier']:.3f}")
-    cols[3].metric("loss barrier, straight line", "…" if line is None else f"{b['linear_loss_barrier']:.3f}")
+    row = st.container(horizontal=True, gap="medium")  # wraps (columns cut "10.69 pts" on a tablet)
+    row.metric("error barrier, walk", f"{100 * b['error_barrier']:.2f} pts",
+               help="max over the path of the test error, minus the mean of its two ends (method.md §5); "
+                    f"two networks count as connected below {CONNECTED_POINTS:g} points")
+    row.metric("error barrier, straight line",
+               "…" if line is None else f"{100 * b['linear_error_barrier']:.2f} pts",
+               help="the same on (1 − α) w_A + α w_B, 21 points of α")
+    row.metric("loss barrier, walk", f"{b['loss_barrier']:.3f}")
+    row.metric("loss barrier, straight line", "…" if line is None else f"{b['linear_loss_barrier']:.3f}")
     matched = s.baselines.get("matched_line")
     if matched is not None:
         m = connect_barriers(matched["accuracy"].tolist(), matched["loss"].tolist())
@@ -265,13 +265,14 @@ SPECTRUM_RANKS = 50  # the largest eigenvalues of g drawn
 def _metric(s) -> None:
     """The spectrum of g at the current point or a chosen step of the walk (method.md §7: at chosen points); each one
     computed is kept on the chart beside the others, so the start and the current point can be compared."""
-    c1, c2, c3 = st.columns([1, 1, 2])
+    c1, c2, c3 = st.columns([1, 1, 2], vertical_alignment="bottom")
     st.session_state.setdefault("spec_probe", 64)
     probe = c1.number_input("Probe size for the spectrum", min_value=2, max_value=512, key="spec_probe")
     at = c2.number_input("At step", min_value=0, value=None, step=1, key="spec_step",
                          placeholder=f"this one ({s.walker.n_steps})", help="Empty: the current point. 0: the start.")
-    if c3.button("Compute the spectrum at the current point" if at is None else f"Compute the spectrum at step {at}",
-                 key="spec_compute"):
+    # the step in its own words, not the label's: "Compute the spectrum at the current point" was cut on a tablet
+    if c3.button("Compute the spectrum", key="spec_compute",
+                 help="At the current point, or at the step in 'At step'; each one computed stays on the chart"):
         step = s.walker.n_steps if at is None else int(at)
         try:
             with st.spinner("eigenvalues of g"):
