@@ -345,29 +345,29 @@ def _status(s) -> None:
     pruned = last.extra.get("prune_now_accuracy/A")
     if len(tasks) == 1 and pruned is not None:  # sparsify: the accuracy of w's projection, beside w's own
         row.metric("prune now", f"{100 * pruned:.1f}%",
-                       help="Test accuracy of the current weights with the target share of smallest weights set "
-                            "to zero now: what the network would keep if the walk stopped here")
+                   help="Test accuracy of the current weights with the target share of smallest weights set "
+                        "to zero now: what the network would keep if the walk stopped here")
     elif len(tasks) == 1:  # connect: no second number to show beside accuracy, so the step size in use
         row.metric("step size ε now", f"{walker.step_size:.3g}",
-                       help="The largest Euclidean step ‖θ‖ of the next step: set in the sidebar, changed mid-walk "
-                            "with 'Step size ε now', or adapted by auto")
+                   help="The largest Euclidean step ‖θ‖ of the next step: set in the sidebar, changed mid-walk "
+                        "with 'Step size ε now', or adapted by auto")
     if s.config.goal.kind == "sparsify":
         row.metric("sparsity", f"{100 * last.sparsity:.1f}%",
-                       help="Exact zeros among the prunable weights (Linear and Conv weights). Zeros in dense tensors "
-                            "give no speed-up by themselves.")
+                   help="Exact zeros among the prunable weights (Linear and Conv weights). Zeros in dense tensors "
+                        "give no speed-up by themselves.")
         total, zeros = walker.n_prunable, walker.zeros_at(last)  # counts, not latency (method.md); below the row
         st.caption(f"{zeros:,} of {total:,} prunable weights are exactly zero; {total - zeros:,} non-zero.")
     else:  # sparsity stays 0 on these goals; what they are judged by is the accuracy kept all along the path
         row.metric("lowest A so far", f"{100 * walker.record.lowest_accuracy('A'):.1f}%",
-                       help="The lowest test accuracy of task A at any step of this walk so far")
+                   help="The lowest test accuracy of task A at any step of this walk so far")
     # a new task has no point to reach: what falls as it learns B is B's training loss (the chart's axis says so too)
     if walker.goal.is_point_target:
         row.metric("distance to goal", f"{last.goal_distance:.3g}",
-                       help="‖w − target‖: to the pruned copy of w (sparsify) or to network B (connect)")
+                   help="‖w − target‖: to the pruned copy of w (sparsify) or to network B (connect)")
     else:
         row.metric("task-B loss", f"{last.goal_distance:.3g}",
-                       help="The goal's loss: cross-entropy of task B on a fixed set of its training inputs (what the "
-                            "walk lowers)")
+                   help="The goal's loss: cross-entropy of task B on a fixed set of its training inputs (what the "
+                        "walk lowers)")
     if session.settings_problem():
         st.warning(session.settings_problem())
     if s.notice:
