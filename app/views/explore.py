@@ -109,21 +109,25 @@ def _overview(s, runs) -> None:
         _barriers(s)
 
 
+METRIC_WIDTH = 140  # pixels: three to a row at 820 px with the sidebar open, five from about 1,000 px
+BARRIER_WIDTH = 200  # the barriers' labels are longer
+
+
 def _barriers(s) -> None:
     """Connect: the walk's error and loss barriers beside the straight line's (method.md §5), the numbers the
     chart above is judged by; from every point so far (the whole table, not the thinned drawing)."""
     frame = s.walker.record.to_frame()
     line = s.baselines.get("straight_line")
     b = connect_barriers(frame["accuracy/A"].tolist(), frame["loss/A"].tolist(), line)
-    row = st.container(horizontal=True, gap="medium")  # wraps (columns cut "10.69 pts" on a tablet)
-    row.metric("error barrier, walk", f"{100 * b['error_barrier']:.2f} pts",
+    row = st.container(horizontal=True)  # wraps (columns cut "10.69 pts" on a tablet); widths fixed: see _status
+    row.metric("error barrier, walk", f"{100 * b['error_barrier']:.2f} pts", width=BARRIER_WIDTH,
                help="max over the path of the test error, minus the mean of its two ends (method.md §5); "
                     f"two networks count as connected below {CONNECTED_POINTS:g} points")
-    row.metric("error barrier, straight line",
-               "…" if line is None else f"{100 * b['linear_error_barrier']:.2f} pts",
-               help="the same on (1 − α) w_A + α w_B, 21 points of α")
-    row.metric("loss barrier, walk", f"{b['loss_barrier']:.3f}")
-    row.metric("loss barrier, straight line", "…" if line is None else f"{b['linear_loss_barrier']:.3f}")
+    row.metric("error barrier, straight line", "…" if line is None else f"{100 * b['linear_error_barrier']:.2f} pts",
+               width=BARRIER_WIDTH, help="the same on (1 − α) w_A + α w_B, 21 points of α")
+    row.metric("loss barrier, walk", f"{b['loss_barrier']:.3f}", width=BARRIER_WIDTH)
+    row.metric("loss barrier, straight line", "…" if line is None else f"{b['linear_loss_barrier']:.3f}",
+               width=BARRIER_WIDTH)
     matched = s.baselines.get("matched_line")
     if matched is not None:
         m = connect_barriers(matched["accuracy"].tolist(), matched["loss"].tolist())
@@ -330,42 +334,45 @@ def _data(s, runs) -> None:
 def _status(s) -> None:
     walker = s.walker
     last = walker.record.last
-    # a row that wraps: st.columns cut the values to '97.…' once the page was narrower than about 1,000 px (a
-    # laptop's half screen, a tablet with the sidebar open); a horizontal container moves a metric to a next line
-    row = st.container(horizontal=True, gap="medium")
-    row.metric("step", last.step)
+    # A row that wraps: st.columns cut the values to '97.…' once the page was narrower than about 1,000 px (a
+    # laptop's half screen, a tablet with the sidebar open); a horizontal container moves a metric to a next line.
+    # Each metric is METRIC_WIDTH wide: sized by their text, the row's items changed width as the values changed
+    # on every live refresh, and the walk in Chromium measured 0.65 of headless against 0.73 in columns (noisy).
+    row = st.container(horizontal=True)
+    row.metric("step", last.step, width=METRIC_WIDTH)
     tasks = list(last.accuracy.items())[:2]
     for task, acc in tasks:
         start = walker.record[0].accuracy[task]
         change = round(100 * (acc - start), 1)
         if change == 0:  # no green "↑ +0.0" (nor a red "↓ -0.0") for an accuracy that has not moved
-            row.metric(f"accuracy {task}", f"{100 * acc:.1f}%", "±0.0 pts", delta_color="off", delta_arrow="off")
+            row.metric(f"accuracy {task}", f"{100 * acc:.1f}%", "±0.0 pts", delta_color="off", delta_arrow="off",
+                       width=METRIC_WIDTH)
         else:
-            row.metric(f"accuracy {task}", f"{100 * acc:.1f}%", f"{change:+.1f} pts")
+            row.metric(f"accuracy {task}", f"{100 * acc:.1f}%", f"{change:+.1f} pts", width=METRIC_WIDTH)
     pruned = last.extra.get("prune_now_accuracy/A")
     if len(tasks) == 1 and pruned is not None:  # sparsify: the accuracy of w's projection, beside w's own
-        row.metric("prune now", f"{100 * pruned:.1f}%",
+        row.metric("prune now", f"{100 * pruned:.1f}%", width=METRIC_WIDTH,
                    help="Test accuracy of the current weights with the target share of smallest weights set "
                         "to zero now: what the network would keep if the walk stopped here")
     elif len(tasks) == 1:  # connect: no second number to show beside accuracy, so the step size in use
-        row.metric("step size ε now", f"{walker.step_size:.3g}",
+        row.metric("step size ε now", f"{walker.step_size:.3g}", width=METRIC_WIDTH,
                    help="The largest Euclidean step ‖θ‖ of the next step: set in the sidebar, changed mid-walk "
                         "with 'Step size ε now', or adapted by auto")
     if s.config.goal.kind == "sparsify":
-        row.metric("sparsity", f"{100 * last.sparsity:.1f}%",
+        row.metric("sparsity", f"{100 * last.sparsity:.1f}%", width=METRIC_WIDTH,
                    help="Exact zeros among the prunable weights (Linear and Conv weights). Zeros in dense tensors "
                         "give no speed-up by themselves.")
         total, zeros = walker.n_prunable, walker.zeros_at(last)  # counts, not latency (method.md); below the row
         st.caption(f"{zeros:,} of {total:,} prunable weights are exactly zero; {total - zeros:,} non-zero.")
     else:  # sparsity stays 0 on these goals; what they are judged by is the accuracy kept all along the path
-        row.metric("lowest A so far", f"{100 * walker.record.lowest_accuracy('A'):.1f}%",
+        row.metric("lowest A so far", f"{100 * walker.record.lowest_accuracy('A'):.1f}%", width=METRIC_WIDTH,
                    help="The lowest test accuracy of task A at any step of this walk so far")
     # a new task has no point to reach: what falls as it learns B is B's training loss (the chart's axis says so too)
     if walker.goal.is_point_target:
-        row.metric("distance to goal", f"{last.goal_distance:.3g}",
+        row.metric("distance to goal", f"{last.goal_distance:.3g}", width=METRIC_WIDTH,
                    help="‖w − target‖: to the pruned copy of w (sparsify) or to network B (connect)")
     else:
-        row.metric("task-B loss", f"{last.goal_distance:.3g}",
+        row.metric("task-B loss", f"{last.goal_distance:.3g}", width=METRIC_WIDTH,
                    help="The goal's loss: cross-entropy of task B on a fixed set of its training inputs (what the "
                         "walk lowers)")
     if session.settings_problem():
