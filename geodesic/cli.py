@@ -159,7 +159,7 @@ def _set_on_resume(args: argparse.Namespace) -> list[str]:
 def run_command(args: argparse.Namespace) -> int:
     from .checkpoint import read_tensors
     from .experiment import build
-    from .store import RunStore, check_new_run_folder, load_run, restore_walker
+    from .store import RunStore, check_new_run_folder, load_run, restore_walker, saved_stop_at
     from .summary import function_lost, summarize
 
     t0 = time.perf_counter()
@@ -176,12 +176,21 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"geodesic: {out} stopped at step {state['step']} ({state.get('stop_reason') or 'done'}); "
                   "there is nothing to continue", file=sys.stderr)
             return 0
+        # A killed run walks on to the step it was walking to, not that many steps more; --n-steps K walks K more.
+        if args.n_steps is not None and args.n_steps < 1:
+            raise ConfigError("n-steps", args.n_steps, "a whole number >= 1: the steps to walk on from the saved one")
+        stop_at = state["step"] + args.n_steps if args.n_steps else saved_stop_at(out, state)
+        if stop_at <= state["step"]:
+            print(f"geodesic: {out} stopped at its step limit (step {state['step']}); --n-steps K walks K more",
+                  file=sys.stderr)
+            return 0
         start_path = out / "weights" / "start.safetensors"
     else:
         if not args.out:
             raise ConfigError("out", None, "a folder to write the run to")
         config = config_from_args(args)
         start_path = Path(args.init) if args.init else None
+        stop_at = config.walk.n_steps
     if args.save_every < 0:
         raise ConfigError("save-every", args.save_every, "an integer >= 0")
 
@@ -214,14 +223,14 @@ def run_command(args: argparse.Namespace) -> int:
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused (missing data, weights that do not fit): no empty folder left for it
         raise
-    store = RunStore(out, save_every=args.save_every)
+    store = RunStore(out, save_every=args.save_every, stop_at=stop_at)
     if args.resume:
         restore_walker(experiment, out, state, record)
         if args.n_steps:
             experiment.walker.config = dataclasses.replace(experiment.walker.config, n_steps=args.n_steps)
     store.begin(experiment)
     walker = experiment.walker
-    n_steps = walker.config.n_steps
+    n_steps = stop_at - walker.n_steps
     if bar is not None:
         bar.reset(total=n_steps)
         bar.set_description_str(f"{config.goal.kind} ({config.walk.solver})")
@@ -243,7 +252,7 @@ def run_command(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-        summary = summarize(experiment, wall_seconds=time.perf_counter() - t0)
+        summary = summarize(experiment, wall_seconds=time.perf_counter() - t0, stop_at=stop_at)
         store.finish(experiment, summary)
     if not args.quiet:
         end = summary["end"]

@@ -29,10 +29,12 @@ from .walker import trust_region_for
 
 
 class RunStore:
-    def __init__(self, directory: str | Path, flush_seconds: float = 2.0, save_every: int = 0):
+    def __init__(self, directory: str | Path, flush_seconds: float = 2.0, save_every: int = 0,
+                 stop_at: int | None = None):
         self.directory = Path(directory)
         self.flush_seconds = flush_seconds
         self.save_every = save_every  # also keep the weights of every k-th step (0: none)
+        self.stop_at = stop_at  # the step this run walks to (saved: a killed run resumes to it, not past it)
         self._last_flush = 0.0
 
     @property
@@ -66,13 +68,24 @@ class RunStore:
         write_json(self.directory / "state.json", {
             "step": walker.n_steps, "is_done": walker.is_done, "stop_reason": walker.stop_reason,
             "walk": dataclasses.asdict(walker.config), "step_size": walker.step_size,
-            "trust_region": dataclasses.asdict(walker.trust) if walker.trust is not None else None})
+            "trust_region": dataclasses.asdict(walker.trust) if walker.trust is not None else None,
+            **({"stop_at": self.stop_at} if self.stop_at is not None else {})})
         self._last_flush = now
 
     def finish(self, experiment: Experiment, summary: dict) -> None:
         self.flush(experiment, force=True)
         save_weights(experiment.walker.params, self.weights_dir / "final.safetensors", experiment.walker.buffers)
         write_json(self.directory / "summary.json", summary)
+
+
+def saved_stop_at(directory: str | Path, state: dict) -> int:
+    """The step a saved run was walking to: its state's stop_at, or (a run saved before stop_at was) its walk's
+    n_steps, the step limit of a run never resumed."""
+    stop_at = state.get("stop_at", (state.get("walk") or {}).get("n_steps"))
+    if isinstance(stop_at, bool) or not isinstance(stop_at, int):
+        raise CheckpointError(f"{Path(directory).name}: state.json does not say where the walk stops "
+                              f"(stop_at: {stop_at!r})")
+    return stop_at
 
 
 def load_run(directory: str | Path) -> tuple[RunConfig, dict, PathRecord]:

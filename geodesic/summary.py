@@ -44,9 +44,10 @@ def connected(error_barrier: float) -> bool:
     return error_barrier < CONNECTED_POINTS / 100
 
 
-def summarize(experiment: Experiment, wall_seconds: float) -> dict:
+def summarize(experiment: Experiment, wall_seconds: float, stop_at: int | None = None) -> dict:
     """start/end accuracy and sparsity, the lowest accuracy along the path, and for connect the
-    error and loss barriers of the walk beside those of the straight line (21-point α grid)."""
+    error and loss barriers of the walk beside those of the straight line (21-point α grid). stop_at: the step
+    the run was walking to (default: its walk's n_steps; a resumed run's is its own)."""
     cfg, walker = experiment.config, experiment.walker
     record = walker.record
     first, last = record[0], record.last
@@ -62,7 +63,7 @@ def summarize(experiment: Experiment, wall_seconds: float) -> dict:
         "scenario": SCENARIOS[cfg.goal.new_task] if cfg.goal.kind == "new-task" else None,
         "target_sparsity": cfg.goal.target_sparsity if cfg.goal.kind == "sparsify" else None,
         "seed": cfg.seed, "device": str(experiment.device), "steps": last.step,
-        "reached_goal": walker.stop_reason == "goal reached", "stop_reason": _stop_reason(walker),
+        "reached_goal": walker.stop_reason == "goal reached", "stop_reason": _stop_reason(walker, stop_at),
         "wall_seconds": wall_seconds, "step_seconds_mean": (
             sum(p.step_seconds for p in record.points[1:]) / max(len(record) - 1, 1)),
         "start": point(first), "end": point(last), "min_test_accuracy": record.min_accuracy(),
@@ -77,11 +78,12 @@ def summarize(experiment: Experiment, wall_seconds: float) -> dict:
     return summary
 
 
-def _stop_reason(walker) -> str:
+def _stop_reason(walker, stop_at: int | None = None) -> str:
     """Why the walk ended: the walker's own reason (goal reached, diverged ...) or, for a walk that is not done,
     its step limit or that it was stopped before it (interrupted, paused and saved)."""
     if walker.stop_reason:
         return walker.stop_reason
-    if walker.n_steps >= walker.config.n_steps:
-        return f"step limit ({walker.config.n_steps} steps)"
-    return f"stopped at step {walker.n_steps} of {walker.config.n_steps}"
+    stop_at = walker.config.n_steps if stop_at is None else stop_at
+    if walker.n_steps >= stop_at:
+        return f"step limit ({stop_at} steps)"
+    return f"stopped at step {walker.n_steps} of {stop_at}"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from geodesic.config import GoalConfig, RunConfig, TrainConfig, default_walk
 from geodesic.errors import CheckpointError, OutOfMemory
@@ -42,6 +43,52 @@ def test_killed_run_stays_readable_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr
     table = pd.read_parquet(out / "steps.parquet")
     assert table["step"].tolist() == list(range(state["step"] + 4))
+    # --n-steps 3 walked 3 more, and that is where it stops now: resumed again, it does not walk 100,000 more
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    done = subprocess.run([sys.executable, "-m", "geodesic", "run", "--resume", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and f"stopped at its step limit (step {state['step'] + 3})" in done.stderr, \
+        done.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_an_interrupted_run_resumes_to_its_step_limit_not_past_it(tmp_path, monkeypatch, capsys):
+    """A 12-step run stopped at step 5 walks the 7 steps it had left when resumed (it used to walk 12 more, to
+    step 17, and say "step limit (12 steps)")."""
+    from geodesic import cli
+
+    out = tmp_path / "run"
+    after_step = RunStore.after_step
+
+    def interrupted_at_5(self, experiment):
+        after_step(self, experiment)
+        if experiment.walker.n_steps == 5:
+            raise KeyboardInterrupt  # Ctrl-C: the run is saved where it is
+
+    monkeypatch.setattr(RunStore, "after_step", interrupted_at_5)
+    argv = ["run", "--goal", "sparsify", "--target-sparsity", "0.99", "--epochs", "10", "--n-steps", "12"]
+    assert cli.main([*argv, "--out", str(out), "--quiet"]) == 130
+    assert json.loads((out / "summary.json").read_text())["stop_reason"] == "stopped at step 5 of 12"
+    monkeypatch.setattr(RunStore, "after_step", after_step)
+    assert cli.main(["run", "--resume", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["stop_reason"] == "step limit (12 steps)"
+    assert pd.read_parquet(out / "steps.parquet")["step"].tolist() == list(range(13))
+    # the same walk never interrupted ends at the same point: the 7 steps are the ones it would have taken
+    whole = tmp_path / "whole"
+    assert cli.main([*argv, "--out", str(whole), "--quiet"]) == 0
+    for name in ("last.safetensors", "final.safetensors"):
+        resumed, straight = (load_file(d / "weights" / name) for d in (out, whole))
+        assert all(torch.equal(resumed[k], straight[k]) for k in straight if not k.startswith("state:"))
+    # a run saved before state.json said where it stops: its walk's n_steps is the limit
+    state = json.loads((out / "state.json").read_text())
+    del state["stop_at"]
+    (out / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert cli.main(["run", "--resume", str(out)]) == 0
+    assert "stopped at its step limit (step 12); --n-steps K walks K more" in capsys.readouterr().err
+    assert cli.main(["run", "--resume", str(out), "--n-steps", "0"]) == 2
+    assert "--n-steps: got 0" in capsys.readouterr().err
 
 
 def test_truncated_table_is_a_clear_error(tmp_path):
