@@ -67,6 +67,30 @@ def check_probe(config: RunConfig, task_a: Dataset) -> None:
                           f"at most {pool:,} (the inputs of {where}, which the probe is drawn from)")
 
 
+def _tasks(config: RunConfig, device: torch.device) -> dict[str, Dataset]:
+    """The walk's tasks on `device` ("A", and "B" for a new task), its probe checked against them."""
+    dataset = load_dataset(config.data)
+    if config.goal.kind == "new-task":
+        task_a, task_b = task_pair(dataset, config.goal.new_task, config.seed, config.data)
+        tasks = {"A": task_a.to(device), "B": task_b.to(device)}
+    else:
+        tasks = {"A": dataset.to(device)}
+    check_probe(config, tasks["A"])
+    return tasks
+
+
+def preflight(config: RunConfig, start_tensors: dict | None = None, start_source: str = "start weights") -> None:
+    """Refuse what `build` would refuse before it trains anything (a device not here, data missing or unreadable, a
+    probe larger than its inputs, start weights that do not fit the model) without training: ConfigError,
+    DataError or CheckpointError. The app asks it before it asks to close the walks on screen for a new walk, so
+    that a setting it then refuses has not cost a question."""
+    resolve_device(config.device)
+    tasks = _tasks(config, torch.device("cpu"))
+    if start_tensors is not None:
+        network = build_network(config.model, tasks["A"].input_shape, tasks["A"].n_classes)
+        match_params(start_tensors, network.init_params(config.seed), start_source, network.buffers)
+
+
 def build(config: RunConfig, progress: Progress | None = None, start_tensors: dict | None = None,
           start_source: str = "start weights") -> Experiment:
     """Everything a walk needs. Start networks come from the cache or are trained (reported to `progress`).
@@ -78,15 +102,9 @@ def build(config: RunConfig, progress: Progress | None = None, start_tensors: di
     report = progress or (lambda what, frac: None)
     device = resolve_device(config.device)
     report("loading data", 0.0)
-    dataset = load_dataset(config.data)
+    tasks = _tasks(config, device)
     goal_cfg = config.goal
-    if goal_cfg.kind == "new-task":
-        task_a, task_b = task_pair(dataset, goal_cfg.new_task, config.seed, config.data)
-        tasks = {"A": task_a.to(device), "B": task_b.to(device)}
-    else:
-        tasks = {"A": dataset.to(device)}
-    check_probe(config, tasks["A"])
-    network = build_network(config.model, dataset.input_shape, tasks["A"].n_classes).to(device)
+    network = build_network(config.model, tasks["A"].input_shape, tasks["A"].n_classes).to(device)
     data_key = {**dataclasses.asdict(config.data), "task": tasks["A"].name}
     data_key.pop("root"), data_key.pop("download")
 

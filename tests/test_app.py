@@ -336,14 +336,36 @@ def test_bad_settings_show_a_message_and_keep_the_walk(key, value, fragment):
     kept = walker(at)
     at.number_input(key=key).set_value(value).run()
     button(at, "Start a new walk with these settings").click().run()
-    if any(b.label == "Go on without saving" for b in at.button):  # a value refused only once the walk is built
-        button(at, "Go on without saving").click().run()
+    # refused before the walk on screen is offered to be closed (a probe larger than the data was refused only
+    # after "Go on without saving": a question that led nowhere)
+    assert not any(b.label == "Go on without saving" for b in at.button)
     assert walker(at) is kept and kept.n_steps == 1
     assert any(fragment in e.value for e in at.error), [e.value for e in at.error]
     at.number_input(key=key).set_value(8 if key in ("probe_size", "n_steps") else 0.5).run()  # corrected: it goes
     assert not any(fragment in e.value for e in at.error), [e.value for e in at.error]
     at.number_input(key=key).set_value(value).run()  # and comes back with the value it was about
     assert any(fragment in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_a_device_not_here_is_refused_before_the_unsaved_walk_is_offered_to_be_closed():
+    import torch
+
+    absent = next((d for d, here in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
+                   if not here), None)
+    if absent is None:
+        pytest.skip("CUDA and MPS are both here")
+    at = start()
+    button(at, "Step").click().run()
+    kept = walker(at)
+    at.selectbox(key="device").set_value(absent).run()
+    button(at, "Start a new walk with these settings").click().run()
+    assert not any(b.label == "Go on without saving" for b in at.button)  # it was asked, then refused
+    assert walker(at) is kept and kept.n_steps == 1
+    assert any(f"Device: got '{absent}'" in e.value for e in at.error), [e.value for e in at.error]
+    # with nothing unsaved on screen (saved, or the question turned off) it is refused the same way
+    at.session_state["_replace_no_ask"] = True
+    button(at, "Start a new walk with these settings").click().run()
+    assert walker(at) is kept and any(f"Device: got '{absent}'" in e.value for e in at.error)
 
 
 def test_a_new_task_run_pauses_after_its_most_steps_and_run_goes_on():

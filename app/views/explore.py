@@ -15,7 +15,7 @@ from geodesic import analysis, worker
 from geodesic.config import MAX_SEED, SCENARIOS
 from geodesic.engine import CapacityError
 from geodesic.errors import ConfigError, GeodesicError
-from geodesic.experiment import build
+from geodesic.experiment import build, preflight
 from geodesic.path import distinct_rows
 from geodesic.projection import fit_pca, trustworthiness, umap_embed
 from geodesic.summary import CONNECTED_POINTS, connect_barriers, connected, function_lost, outcome_rank
@@ -59,10 +59,14 @@ def _start_walk(config) -> None:
     try:
         _build(config)
         controls.write_url(config, teach=controls.teach_mode())
-    except ConfigError as err:
-        s.errors = controls.errors_for(err)
-    except GeodesicError as err:  # data folder missing or corrupt, bad weights: keep the current walk
-        s.errors = controls.error_at("data_root" if "data" in str(err).lower() else "other", str(err))
+    except GeodesicError as err:  # a setting, data folder missing or corrupt, bad weights: keep the current walk
+        s.errors = _errors_for(err)
+
+
+def _errors_for(err: GeodesicError) -> dict:
+    if isinstance(err, ConfigError):
+        return controls.errors_for(err)
+    return controls.error_at("data_root" if "data" in str(err).lower() else "other", str(err))
 
 
 def _runs(s, thin: bool = True) -> list[tuple[str, object]]:
@@ -665,20 +669,26 @@ def setup_sidebar() -> None:
     config = None
     if replace.requested("new"):
         st.session_state.pop("_url_errors", None)  # the user's own settings from now on
-        config = _settings(s)  # refused before anything is asked
+        config = _settings(s, check=replace.would_ask())  # refused before anything is asked
     # (outside the sidebar: the new walk's progress bar is drawn in the page)
     if replace.go_ahead("new", "A new walk"):
         _start_walk(config or _settings(s))  # (asked and answered: read on the run that acts)
         st.rerun()
 
 
-def _settings(s):
-    """The sidebar's RunConfig; settings that make none run the page again with each message beside its control."""
+def _settings(s, check: bool = False):
+    """The sidebar's RunConfig; settings that make none run the page again with each message beside its control.
+    check: also what the walk's build would refuse before training (no CUDA here, data missing, a probe larger
+    than the data), asked before the question whether to close the walks on screen: answered, it only led to the
+    same message beside the control."""
     try:
-        return controls.config_from_widgets()
-    except ConfigError as err:
+        config = controls.config_from_widgets()
+        if check:
+            preflight(config)
+        return config
+    except GeodesicError as err:
         replace.drop("new")
-        s.errors = controls.errors_for(err)
+        s.errors = _errors_for(err)
         st.rerun()
 
 

@@ -148,6 +148,11 @@ def drop(action: str) -> None:
         st.session_state.pop(REQUESTED)
 
 
+def would_ask() -> bool:
+    """Whether closing the walks on screen asks first (some are not saved, and the user did not say not to ask)."""
+    return bool(session.unsaved()) and not st.session_state.get(NO_ASK)
+
+
 def go_ahead(action: str, what: str) -> bool:
     """True when `action` (asked for by its button, now or earlier and answered now) may close the walks on screen:
     nothing on screen is unsaved, the user asked not to be asked, or they answered "go on" (saving or not).
@@ -158,7 +163,7 @@ def go_ahead(action: str, what: str) -> bool:
         return True
     if requested(action):
         ss.pop(REQUESTED)
-        if not session.unsaved() or ss.get(NO_ASK):
+        if not would_ask():
             ss.pop(PENDING, None)
             return True
         ss[PENDING] = action

@@ -17,7 +17,7 @@ from app.views import replace
 from geodesic import worker
 from geodesic.checkpoint import read_tensors
 from geodesic.errors import GeodesicError
-from geodesic.experiment import build
+from geodesic.experiment import build, preflight
 from geodesic.path import PathRecord
 from geodesic.store import (
     check_run_name,
@@ -70,8 +70,10 @@ def _reload(name: str) -> str | None:
     return left_out
 
 
-def _upload(s, uploaded) -> None:
-    """Start a new walk, with the sidebar's settings, from uploaded weights (never run as code)."""
+def _read_upload(uploaded, check: bool = False) -> tuple:
+    """(the sidebar's settings, the uploaded tensors), read as data (never run as code). check: also what the
+    walk's build would refuse before training (weights that do not fit the model, data missing, a device not here),
+    asked before the question whether to close the walks on screen, which otherwise led only to the message."""
     if uploaded.size > MAX_UPLOAD_MB * 2**20:
         raise GeodesicError(f"{uploaded.name}: {uploaded.size / 2**20:.0f} MB is over the {MAX_UPLOAD_MB} MB limit")
     config = controls.config_from_widgets()
@@ -80,6 +82,14 @@ def _upload(s, uploaded) -> None:
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(uploaded.getvalue())
         tensors = read_tensors(path, name=uploaded.name)
+    if check:
+        preflight(config, start_tensors=tensors, start_source=uploaded.name)
+    return config, tensors
+
+
+def _upload(s, uploaded) -> None:
+    """Start a new walk, with the sidebar's settings, from uploaded weights."""
+    config, tensors = _read_upload(uploaded)
     experiment = build(config, start_tensors=tensors, start_source=uploaded.name)
     session.install(experiment, worker.shared_goal_baselines_in_process)
 
@@ -107,6 +117,12 @@ def render() -> None:
                                     key="upload")
         if uploaded is not None:
             st.button("Start a walk from these weights", on_click=replace.request, args=("upload",))
+            if replace.requested("upload") and replace.would_ask():
+                try:
+                    _read_upload(uploaded, check=True)
+                except GeodesicError as err:  # said now, not after "Go on without saving"
+                    replace.drop("upload")
+                    st.error(str(err))
             if replace.go_ahead("upload", "A walk from these weights"):
                 try:
                     _upload(s, uploaded)
