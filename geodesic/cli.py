@@ -152,14 +152,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def _set_on_resume(args: argparse.Namespace) -> list[str]:
     """The flags given beside --resume that a resumed run cannot honour (their values differ from the defaults)."""
     defaults = vars(_parser().parse_args(["run", "--resume", args.resume]))
-    honoured = {"command", "resume", "n_steps", "save_every", "quiet"}
+    honoured = {"command", "resume", "n_steps", "save_every", "quiet", "device"}
     return [k.replace("_", "-") for k, v in vars(args).items() if k not in honoured and v != defaults.get(k)]
 
 
 def run_command(args: argparse.Namespace) -> int:
     from .checkpoint import read_tensors
     from .experiment import build
-    from .store import RunStore, check_new_run_folder, load_run, restore_walker, saved_stop_at
+    from .store import RunStore, check_new_run_folder, load_run, on_this_machine, restore_walker, saved_stop_at
     from .summary import function_lost, summarize
 
     t0 = time.perf_counter()
@@ -168,10 +168,10 @@ def run_command(args: argparse.Namespace) -> int:
         config, state, record = load_run(out)
         given = _set_on_resume(args)
         if given:  # they would be silently ignored: the saved run's settings are what it continues with
+            also = f" (also given: {', '.join('--' + g for g in given[1:])})" if given[1:] else ""
             raise ConfigError(given[0], getattr(args, given[0].replace("-", "_")),
-                              "nothing but --n-steps, --save-every and --quiet with --resume: the run continues "
-                              "with its saved settings" + (f" (also given: {', '.join('--' + g for g in given[1:])})"
-                                                           if given[1:] else ""))
+                              "nothing but --n-steps, --save-every, --device and --quiet with --resume: the run "
+                              "continues with its saved settings" + also)
         if state.get("is_done"):  # nothing to continue: say so, and leave the run's files as they are
             print(f"geodesic: {out} stopped at step {state['step']} ({state.get('stop_reason') or 'done'}); "
                   "there is nothing to continue", file=sys.stderr)
@@ -184,6 +184,12 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"geodesic: {out} stopped at its step limit (step {state['step']}); --n-steps K walks K more",
                   file=sys.stderr)
             return 0
+        if args.device != "auto":  # asked for: a run walked on the CPU can go on on a GPU, and back
+            config = dataclasses.replace(config, device=args.device)
+        else:
+            config, moved = on_this_machine(config)
+            if moved:
+                print(f"geodesic: {out} was {moved}", file=sys.stderr)
         start_path = out / "weights" / "start.safetensors"
     else:
         if not args.out:

@@ -314,17 +314,47 @@ def save_trace(experiment: Experiment, directory: str | Path) -> None:
             tmp.replace(weights / f"{name}.npy")
 
 
+def on_this_machine(config: RunConfig) -> tuple[RunConfig, str | None]:
+    """A saved run's settings to go on with here: its own device if this machine has it, else this machine's
+    (auto), with a sentence saying so. A run walked on a GPU was refused on a machine without one, in the app
+    and by --resume alike, with no way to continue it but editing its config.json."""
+    from .errors import ConfigError
+    from .experiment import resolve_device
+
+    try:
+        resolve_device(config.device)
+        return config, None
+    except ConfigError:
+        here = dataclasses.replace(config, device="auto")
+        return here, f"walked on {config.device}, which this machine lacks: it goes on here on {resolve_device('auto')}"
+
+
+def check_run(directory: str | Path, start_source: str | None = None) -> None:
+    """Refuse what reload_run would refuse before it builds the walk (a damaged or missing file, weights that do not
+    fit the model, data missing here) without building it: the app asks it before it asks to close the walks on
+    screen for the reloaded one."""
+    from .experiment import preflight
+
+    directory = Path(directory)
+    config, _, _ = load_run(directory)
+    start = read_tensors(directory / "weights" / "start.safetensors")
+    read_tensors(directory / "weights" / "last.safetensors")
+    preflight(on_this_machine(config)[0], start_tensors=start, start_source=start_source or "start.safetensors")
+
+
 def reload_run(directory: str | Path, start_source: str | None = None) -> tuple[Experiment, str | None]:
-    """A saved run as a walk to go on with or branch: (experiment, what was left out of it, if anything: see
-    load_trace). CheckpointError if the folder is not a readable run."""
+    """A saved run as a walk to go on with or branch: (experiment, what was left out of it or changed, if
+    anything: see load_trace and on_this_machine). CheckpointError if the folder is not a readable run."""
     from .experiment import build
 
     directory = Path(directory)
     config, state, record = load_run(directory)
+    config, moved = on_this_machine(config)
     experiment = build(config, start_tensors=read_tensors(directory / "weights" / "start.safetensors"),
                        start_source=start_source)
     restore_walker(experiment, directory, state, record)
-    return experiment, load_trace(experiment, directory)
+    notes = [note for note in (moved, load_trace(experiment, directory)) if note]
+    return experiment, "; ".join(notes) or None
 
 
 def load_trace(experiment: Experiment, directory: str | Path) -> str | None:

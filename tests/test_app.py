@@ -782,6 +782,53 @@ def test_closing_a_walk_with_unsaved_steps_asks_first(tmp_path, monkeypatch):
     assert not _question(at) and walker(at).n_steps == 0
 
 
+def test_a_run_that_cannot_be_reloaded_is_said_before_the_question_and_one_from_a_gpu_reloads_here(tmp_path,
+                                                                                                     monkeypatch):
+    """Reloading a damaged run with a walk not saved asked 'Close walks not saved?' first, and answered, only said
+    the run was damaged. A run walked on a GPU was refused on a server without one."""
+    import shutil
+
+    import torch
+
+    store = tmp_path / "store"
+    monkeypatch.setenv("GEODESIC_RUNS", str(store))
+    at = _two_pages()
+    at.run()
+    button(at, "Step").click().run()
+    at.query_params["page"] = "runs"
+    at.run()
+    at.text_input(key="save_name").set_value("first").run()
+    button(at, "Save").click().run()
+    shutil.copytree(store / "first", store / "damaged")
+    (store / "damaged" / "weights" / "last.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{oops")
+    at.query_params["page"] = "explore"
+    at.run()
+    button(at, "Step").click().run()
+    kept = walker(at)
+    at.query_params["page"] = "runs"
+    at.run()
+    at.selectbox(key="run_choice").set_value("damaged").run()
+    button(at, "Reload into Explore").click().run()
+    assert not _question(at) and walker(at) is kept and kept.n_steps == 2
+    assert any("last.safetensors" in e.value for e in at.error), [e.value for e in at.error]
+
+    absent = next((d for d, here in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
+                   if not here), None)
+    if absent is None:
+        return
+    shutil.copytree(store / "first", store / "from-a-gpu")
+    config = json.loads((store / "from-a-gpu" / "config.json").read_text())
+    (store / "from-a-gpu" / "config.json").write_text(json.dumps({**config, "device": absent}))
+    at.run()
+    at.selectbox(key="run_choice").set_value("from-a-gpu").run()
+    button(at, "Reload into Explore").click().run()
+    assert _question(at)  # it can be reloaded: the walk on screen, not saved, is offered to be closed
+    button(at, "Go on without saving").click().run()
+    assert walker(at) is not kept and walker(at).n_steps == 1 and not at.error
+    assert [w.value for w in at.warning] == [f"from-a-gpu: walked on {absent}, which this machine lacks: it goes on "
+                                             "here on cpu."]
+
+
 def test_a_walk_is_kept_when_saving_it_before_closing_fails(tmp_path, monkeypatch):
     store = tmp_path / "store"
     store.write_text("a file where the store's folder should be")

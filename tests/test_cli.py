@@ -168,7 +168,7 @@ def test_resume_continues_a_saved_walk(tmp_path):
     changed = geodesic("run", "--resume", str(out), "--n-steps", "3", "--goal", "connect", "--step-size", "0.5",
                        "--quiet")
     assert changed.returncode == 2 and "--goal: got 'connect'" in changed.stderr
-    assert "nothing but --n-steps, --save-every and --quiet with --resume" in changed.stderr
+    assert "nothing but --n-steps, --save-every, --device and --quiet with --resume" in changed.stderr
     assert "(also given: --step-size)" in changed.stderr
     assert pd.read_parquet(out / "steps.parquet")["step"].tolist() == list(range(8))
     # a run that reached its goal has nothing to continue: said in one line, its files untouched

@@ -52,6 +52,45 @@ def test_killed_run_stays_readable_and_resumes(tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
 
+def _absent_device() -> str | None:
+    return next((d for d, here in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
+                 if not here), None)
+
+
+def test_a_run_walked_on_a_device_this_machine_lacks_goes_on_here_and_says_so(tmp_path):
+    """A run walked on a GPU was refused on a machine without one (the app's Runs page, and --resume, which took no
+    --device): 'device: got cuda; allowed: auto or cpu', with no way on but editing its config.json."""
+    absent = _absent_device()
+    if absent is None:
+        pytest.skip("CUDA and MPS are both here")
+    from geodesic.store import reload_run
+
+    out = tmp_path / "run"
+    assert subprocess.run([sys.executable, "-m", "geodesic", "run", "--goal", "sparsify", "--out", str(out),
+                           "--epochs", "10", "--n-steps", "3", "--quiet"], cwd=ROOT, timeout=300).returncode == 0
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "device": absent}))  # as the GPU machine saved it
+    experiment, note = reload_run(out)
+    assert experiment.device.type == "cpu" and experiment.walker.n_steps == 3
+    assert note == f"walked on {absent}, which this machine lacks: it goes on here on cpu"
+    again = subprocess.run([sys.executable, "-m", "geodesic", "run", "--resume", str(out), "--n-steps", "2",
+                            "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"{out} was walked on {absent}, which this machine lacks: it goes on here on cpu" in again.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 5
+    # asked for by name, the device is used, and one not here is refused as a new run's would be
+    (out / "config.json").write_text(json.dumps({**config, "device": absent}))
+    refused = subprocess.run([sys.executable, "-m", "geodesic", "run", "--resume", str(out), "--n-steps", "2",
+                              "--device", absent, "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and f"--device: got '{absent}'" in refused.stderr, refused.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 5
+    moved = subprocess.run([sys.executable, "-m", "geodesic", "run", "--resume", str(out), "--n-steps", "2",
+                            "--device", "cpu", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert moved.returncode == 0 and "lacks" not in moved.stderr, moved.stderr
+    assert json.loads((out / "config.json").read_text())["device"] == "cpu"
+    assert json.loads((out / "summary.json").read_text())["steps"] == 7
+
+
 def test_an_interrupted_run_resumes_to_its_step_limit_not_past_it(tmp_path, monkeypatch, capsys):
     """A 12-step run stopped at step 5 walks the 7 steps it had left when resumed (it used to walk 12 more, to
     step 17, and say "step limit (12 steps)")."""

@@ -20,6 +20,7 @@ from geodesic.errors import GeodesicError
 from geodesic.experiment import build, preflight
 from geodesic.path import PathRecord
 from geodesic.store import (
+    check_run,
     check_run_name,
     delete_run,
     export_zip,
@@ -179,6 +180,12 @@ def render() -> None:
                  "nothing was done. Choose again.")
         return
     c1.button("Reload into Explore", key="reload_run", on_click=replace.request, args=("reload",))
+    if replace.requested("reload") and replace.would_ask():
+        try:  # a run that cannot be reloaded is said now, not after "Go on without saving"
+            check_run(root / check_run_name(chosen), f"{chosen}/weights/start.safetensors")
+        except GeodesicError as err:
+            replace.drop("reload")
+            st.error(str(err))
     if replace.go_ahead("reload", f"Reloading {chosen}"):
         try:
             left_out = _reload(chosen)
