@@ -347,11 +347,16 @@ def test_bad_settings_show_a_message_and_keep_the_walk(key, value, fragment):
     assert any(fragment in e.value for e in at.error), [e.value for e in at.error]
 
 
-def test_a_device_not_here_is_refused_before_the_unsaved_walk_is_offered_to_be_closed():
+def _absent_device() -> str | None:
+    """A device PyTorch does not see here (cuda or mps), if any."""
     import torch
 
-    absent = next((d for d, here in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
-                   if not here), None)
+    return next((d for d, here in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
+                 if not here), None)
+
+
+def test_a_device_not_here_is_refused_before_the_unsaved_walk_is_offered_to_be_closed():
+    absent = _absent_device()
     if absent is None:
         pytest.skip("CUDA and MPS are both here")
     at = start()
@@ -629,6 +634,35 @@ def test_a_damaged_run_in_the_store_is_listed_and_refused_and_the_others_still_w
     at.query_params["page"] = "explore"
     assert 0.0 < baselines_when_they_arrive(at)["masked_fine_tune_accuracy"] <= 1.0
 
+    # with a step not saved on screen, a run that cannot be reloaded is said at once: it asked "Close walks not
+    # saved?" first, and answered, only said the run was damaged
+    store = tmp_path / "store"
+    shutil.copytree(store / "good", store / "cut")
+    (store / "cut" / "weights" / "last.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{oops")
+    button(at, "Step").click().run()
+    kept = walker(at)
+    at.query_params["page"] = "runs"
+    at.run()
+    at.selectbox(key="run_choice").set_value("cut").run()
+    button(at, "Reload into Explore").click().run()
+    assert not _question(at) and walker(at) is kept and kept.n_steps == 2
+    assert any("last.safetensors" in e.value for e in at.error), [e.value for e in at.error]
+    # a run walked on a GPU reloads on a server without one (it was refused: "device: got 'cuda'"), and says so
+    absent = _absent_device()
+    if absent is None:
+        return
+    shutil.copytree(store / "good", store / "from-a-gpu")
+    config = json.loads((store / "from-a-gpu" / "config.json").read_text())
+    (store / "from-a-gpu" / "config.json").write_text(json.dumps({**config, "device": absent}))
+    at.run()
+    at.selectbox(key="run_choice").set_value("from-a-gpu").run()
+    button(at, "Reload into Explore").click().run()
+    assert _question(at)  # it can be reloaded: the walk on screen, not saved, is offered to be closed
+    button(at, "Go on without saving").click().run()
+    assert walker(at) is not kept and walker(at).n_steps == 1 and not at.error
+    assert [w.value for w in at.warning] == [f"from-a-gpu: walked on {absent}, which this machine lacks: it goes on "
+                                             "here on cpu."]
+
 
 def test_a_run_deleted_from_another_page_is_not_acted_on_here(tmp_path, monkeypatch):
     """Two people on the Runs page of one server: one deletes the run the other has chosen; the other's Delete
@@ -780,53 +814,6 @@ def test_closing_a_walk_with_unsaved_steps_asks_first(tmp_path, monkeypatch):
     button(at, "Step").click().run()
     button(at, "Start a new walk with these settings").click().run()
     assert not _question(at) and walker(at).n_steps == 0
-
-
-def test_a_run_that_cannot_be_reloaded_is_said_before_the_question_and_one_from_a_gpu_reloads_here(tmp_path,
-                                                                                                     monkeypatch):
-    """Reloading a damaged run with a walk not saved asked 'Close walks not saved?' first, and answered, only said
-    the run was damaged. A run walked on a GPU was refused on a server without one."""
-    import shutil
-
-    import torch
-
-    store = tmp_path / "store"
-    monkeypatch.setenv("GEODESIC_RUNS", str(store))
-    at = _two_pages()
-    at.run()
-    button(at, "Step").click().run()
-    at.query_params["page"] = "runs"
-    at.run()
-    at.text_input(key="save_name").set_value("first").run()
-    button(at, "Save").click().run()
-    shutil.copytree(store / "first", store / "damaged")
-    (store / "damaged" / "weights" / "last.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{oops")
-    at.query_params["page"] = "explore"
-    at.run()
-    button(at, "Step").click().run()
-    kept = walker(at)
-    at.query_params["page"] = "runs"
-    at.run()
-    at.selectbox(key="run_choice").set_value("damaged").run()
-    button(at, "Reload into Explore").click().run()
-    assert not _question(at) and walker(at) is kept and kept.n_steps == 2
-    assert any("last.safetensors" in e.value for e in at.error), [e.value for e in at.error]
-
-    absent = next((d for d, here in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
-                   if not here), None)
-    if absent is None:
-        return
-    shutil.copytree(store / "first", store / "from-a-gpu")
-    config = json.loads((store / "from-a-gpu" / "config.json").read_text())
-    (store / "from-a-gpu" / "config.json").write_text(json.dumps({**config, "device": absent}))
-    at.run()
-    at.selectbox(key="run_choice").set_value("from-a-gpu").run()
-    button(at, "Reload into Explore").click().run()
-    assert _question(at)  # it can be reloaded: the walk on screen, not saved, is offered to be closed
-    button(at, "Go on without saving").click().run()
-    assert walker(at) is not kept and walker(at).n_steps == 1 and not at.error
-    assert [w.value for w in at.warning] == [f"from-a-gpu: walked on {absent}, which this machine lacks: it goes on "
-                                             "here on cpu."]
 
 
 def test_a_walk_is_kept_when_saving_it_before_closing_fails(tmp_path, monkeypatch):
