@@ -19,6 +19,7 @@ from .goals import Connect, Goal, NewTask, Sparsify
 from .metric import PullbackMetric
 from .models import Network, build_network, network_from_module
 from .path import PathPoint, PathRecord
+from .store import reload_run
 from .version import __version__
 from .walker import Walker
 
@@ -27,5 +28,5 @@ __all__ = [
     "Dataset", "from_tensors", "load_dataset", "CheckpointError", "ConfigError", "DataError", "GeodesicError",
     "WalkDiverged", "Experiment", "build", "Connect", "Goal", "NewTask", "Sparsify", "PullbackMetric", "Network",
     "build_network", "network_from_module", "PathPoint", "PathRecord", "Walker",
-    "WalkBatch", "Engine", "__version__",
+    "WalkBatch", "Engine", "reload_run", "__version__",
 ]

@@ -63,7 +63,7 @@ def test_a_run_walked_on_a_device_this_machine_lacks_goes_on_here_and_says_so(tm
     absent = _absent_device()
     if absent is None:
         pytest.skip("CUDA and MPS are both here")
-    from geodesic.store import reload_run
+    from geodesic import reload_run  # (the Python API's)
 
     out = tmp_path / "run"
     assert subprocess.run([sys.executable, "-m", "geodesic", "run", "--goal", "sparsify", "--out", str(out),
