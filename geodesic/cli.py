@@ -157,14 +157,31 @@ def _set_on_resume(args: argparse.Namespace) -> list[str]:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    import contextlib
+
+    with contextlib.ExitStack() as held:  # the run's folder, held while this process walks into it
+        return _run(args, held)
+
+
+def _run(args: argparse.Namespace, held) -> int:
     from .checkpoint import read_tensors
     from .experiment import build
-    from .store import RunStore, check_new_run_folder, load_run, on_this_machine, restore_walker, saved_stop_at
+    from .store import (
+        RunStore,
+        check_new_run_folder,
+        load_run,
+        on_this_machine,
+        restore_walker,
+        saved_stop_at,
+        walking,
+    )
     from .summary import function_lost, summarize
 
     t0 = time.perf_counter()
     if args.resume:
         out = Path(args.resume)
+        if out.is_dir():  # (held first: read as it is once no other process walks it; not a run: load_run says so)
+            held.enter_context(walking(out, "resume"))
         config, state, record = load_run(out)
         given = _set_on_resume(args)
         if given:  # they would be silently ignored: the saved run's settings are what it continues with
@@ -204,6 +221,7 @@ def run_command(args: argparse.Namespace) -> int:
     made = not args.resume and not Path(args.out).exists()
     if not args.resume:
         out = check_new_run_folder(args.out)  # made now: before the start network is trained for it, not after
+        held.enter_context(walking(out))
     bar = None
     if not args.quiet:
         from tqdm import tqdm

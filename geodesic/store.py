@@ -7,13 +7,15 @@
     DIR/summary.json           written when the walk stops
 
 Every file is written to a temporary name and renamed, so a crash or kill -9 mid-write leaves the
-previous good version in place.
+previous good version in place. A process walking into DIR holds it (`walking`): a second one is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
+import os
 import time
 from pathlib import Path
 
@@ -76,6 +78,49 @@ class RunStore:
         self.flush(experiment, force=True)
         save_weights(experiment.walker.params, self.weights_dir / "final.safetensors", experiment.walker.buffers)
         write_json(self.directory / "summary.json", summary)
+
+
+@contextlib.contextmanager
+def walking(directory: str | Path, setting: str = "out"):
+    """Hold `directory` while this process walks into it. A second process walking into the same folder (a --resume
+    of a run still going, a second sweep into one folder) is refused, ConfigError on `setting`: the two wrote the
+    same table, weights and state in turn, and the run ended as a mix of both walks.
+
+    An advisory flock on the folder itself, which the system releases when the process ends, kill -9 included.
+    (Not the filelock package torch installs: it locks a file of its own, which would sit in the run folder, left
+    behind, where a new run's folder must be empty and exports and listings read every file.) Where there is no
+    flock (Windows), folders are not held."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            from .errors import ConfigError
+
+            raise ConfigError(setting, str(directory), "a folder no other process is walking into; another geodesic "
+                                                       "process is walking into this one now (let it end, or stop it "
+                                                       "first)") from None
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+def being_walked(directory: str | Path) -> bool:
+    """Whether another process holds `directory` (see walking)."""
+    from .errors import ConfigError
+
+    try:
+        with walking(directory):
+            return False
+    except ConfigError:
+        return True
+    except OSError:  # gone, or not a folder: nobody walks it
+        return False
 
 
 def saved_stop_at(directory: str | Path, state: dict) -> int:
@@ -274,6 +319,7 @@ def rename_run(root: str | Path, name: str, new_name: str) -> None:
     source, target = root / check_run_name(name), root / check_run_name(new_name)
     if target.exists():
         raise CheckpointError(f"a run named {new_name} exists already")
+    _refuse_if_walked(source, "renamed")
     try:
         source.rename(target)  # onto a run saved meanwhile (a folder with files) this fails
     except FileNotFoundError as err:
@@ -284,12 +330,19 @@ def rename_run(root: str | Path, name: str, new_name: str) -> None:
         raise CheckpointError(f"the run {name} could not be renamed ({err.strerror})") from err
 
 
+def _refuse_if_walked(directory: Path, what: str) -> None:
+    if being_walked(directory):  # its process writes there by name: moved or removed, the walk would fail or scatter
+        raise CheckpointError(f"the run {directory.name} is being walked now (geodesic run, in another process): it "
+                              f"can be {what} once that walk ends or is stopped")
+
+
 def delete_run(root: str | Path, name: str) -> None:
     """Delete a saved run: first renamed to a hidden name (at once gone from every list), then removed."""
     import shutil
     import uuid
 
     root = Path(root)
+    _refuse_if_walked(root / check_run_name(name), "deleted")
     doomed = root / f".deleting-{uuid.uuid4().hex}"
     try:
         (root / check_run_name(name)).rename(doomed)

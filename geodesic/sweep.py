@@ -154,7 +154,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made: OSError now, before any training
     try:
-        return _sweep_into(out, args, cells, backend)
+        from .store import walking
+
+        with walking(out):  # a second sweep into this folder is refused: both walked the same cells
+            return _sweep_into(out, args, cells, backend)
     except GeodesicError:  # refused (a Ray address, a cell's setting): a folder made for nothing is not left behind
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()

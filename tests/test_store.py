@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from geodesic.config import GoalConfig, RunConfig, TrainConfig, default_walk
 from geodesic.errors import CheckpointError, OutOfMemory
 from geodesic.experiment import build
-from geodesic.store import RunStore, export_zip, load_run
+from geodesic.store import RunStore, delete_run, export_zip, load_run, rename_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,17 @@ def test_killed_run_stays_readable_and_resumes(tmp_path):
         if state.exists() and json.loads(state.read_text())["step"] >= 20:
             break
         time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)  # mid-walk, possibly mid-write
+    # while it walks, the run is its own: a --resume of it is refused (the two processes wrote the same files in
+    # turn, and the run ended as a mix of both walks), and so are deleting and renaming it from the store
+    second = subprocess.run([sys.executable, "-m", "geodesic", "run", "--resume", str(out), "--n-steps", "3",
+                             "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "another geodesic process is walking into this one" in second.stderr, \
+        second.stderr
+    for refused in (lambda: delete_run(tmp_path, "run"), lambda: rename_run(tmp_path, "run", "moved")):
+        with pytest.raises(CheckpointError, match="is being walked now"):
+            refused()
+    assert proc.poll() is None and out.is_dir()
+    os.kill(proc.pid, signal.SIGKILL)  # mid-walk, possibly mid-write (and the folder is free again)
     proc.wait()
     config, state, record = load_run(out)  # every file is still a complete, readable version
     assert state["step"] >= 20 and len(pd.read_parquet(out / "steps.parquet")) >= 1

@@ -150,6 +150,11 @@ def test_a_killed_sweep_loses_only_the_cells_in_flight(tmp_path):
         assert time.monotonic() - t0 < 120 and proc.poll() is None
         time.sleep(0.05)
     time.sleep(0.5)  # the long cell is in flight
+    # a second sweep into the folder while this one walks is refused (both walked the same cells, in turn)
+    second = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and "another geodesic process is walking into this one" in second.stderr, \
+        second.stderr[-2000:]
+    assert proc.poll() is None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "cells" / "n-steps-2000" / "summary.json").exists()
