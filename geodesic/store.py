@@ -136,6 +136,11 @@ def saved_stop_at(directory: str | Path, state: dict) -> int:
 def load_run(directory: str | Path) -> tuple[RunConfig, dict, PathRecord]:
     """(config, state, record) of a saved run; a clear error if the folder is not one."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a saved run: it is a file, and a run is a folder")
+    if not (directory / "config.json").exists() and (directory / "cells").is_dir():
+        raise CheckpointError(f"{directory} is a sweep's folder, not a run: its runs are in {directory / 'cells'}/, "
+                              "one folder per cell (and the sweep goes on by running the same sweep command again)")
     try:
         config = RunConfig.from_dict(json.loads((directory / "config.json").read_text()))
         state = json.loads((directory / "state.json").read_text())

@@ -103,6 +103,7 @@ def test_connect_summary_has_both_barriers(tmp_path):
     (["--goal", "sparsify", "--step-guard", "1.5"], "step-guard: got 1.5"),
     (["--goal", "sparsify", "--step-size", "abc"], "--step-size: got 'abc'; allowed: a number > 0, or auto"),
     (["--resume", "/nonexistent-run"], "is not a saved run"),
+    (["--resume", str(ROOT / "README.md")], "README.md is not a saved run: it is a file, and a run is a folder"),
 ])
 def test_bad_settings_exit_2_with_a_message_and_no_traceback(tmp_path, args, fragment):
     import torch

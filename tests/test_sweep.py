@@ -127,7 +127,7 @@ def test_a_sweep_writes_cells_and_a_table_and_a_rerun_skips_finished_cells(tmp_p
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
-def test_fixed_and_adaptive_step_sizes_share_one_column(tmp_path):
+def test_fixed_and_adaptive_step_sizes_share_one_column(tmp_path, capsys):
     """The issue's own example, --step-size 0.05,0.1,auto: numbers and 'auto' in one Parquet column."""
     out = tmp_path / "sweep"
     argv = ["sweep", "--goal", "sparsify", "--step-size", "0.1,auto", "--n-steps", "6", "--out", str(out), "--quiet"]
@@ -137,6 +137,9 @@ def test_fixed_and_adaptive_step_sizes_share_one_column(tmp_path):
     assert (table["stop_reason"] == "step limit (6 steps)").all()  # not an empty reason for a walk cut short
     assert "step-size-auto" in (out / "sweep.html").read_text()
     assert main(argv) == 0 and len(pd.read_parquet(out / "sweep.parquet")) == 2  # a rerun reads it back
+    # --resume of the sweep's folder says where its runs are ("config.json is missing" said nothing of the sort)
+    assert main(["run", "--resume", str(out)]) == 2
+    assert f"is a sweep's folder, not a run: its runs are in {out / 'cells'}/" in capsys.readouterr().err
 
 
 def test_a_killed_sweep_loses_only_the_cells_in_flight(tmp_path):
