@@ -111,16 +111,24 @@ def walking(directory: str | Path, setting: str = "out"):
 
 
 def being_walked(directory: str | Path) -> bool:
-    """Whether another process holds `directory` (see walking)."""
-    from .errors import ConfigError
-
+    """Whether a process holds `directory` (see walking). Asked with a shared lock, which a walk's exclusive one
+    refuses but another asker's does not: asked with the walk's own lock, pages renaming or deleting one run at once
+    each found the others' question holding it, and were told it was being walked."""
     try:
-        with walking(directory):
-            return False
-    except ConfigError:
-        return True
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(directory, os.O_RDONLY)
     except OSError:  # gone, or not a folder: nobody walks it
         return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def saved_stop_at(directory: str | Path, state: dict) -> int:
