@@ -155,11 +155,18 @@ def _torchvision(name: str, root: str | None, download: bool) -> Dataset:
     for train in (True, False):
         try:
             ds = cls(str(root_path), train=train, download=download)
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted..."
-            raise DataError(f"{name}: could not read {'train' if train else 'test'} files under "
-                            f"{root_path / folder}/ ({err}). Copy torchvision's {name} files there, or add "
-                            "--download to fetch them when online.") from err
-        except Exception as err:  # truncated or foreign files fail deep inside the readers
+        except Exception as err:
+            if download and _download_failed(err):  # offline, or the mirrors did not answer: not a damaged file
+                raise DataError(f"{name}: could not download it into {root_path / folder}/ ({_why_not(err)}). "
+                                f"Where this machine has no network, copy torchvision's {name} files there and "
+                                "run without --download.") from err
+            if isinstance(err, RuntimeError):  # torchvision: "Dataset not found or corrupted..."
+                raise DataError(f"{name}: could not read {'train' if train else 'test'} files under "
+                                f"{root_path / folder}/ ({err}). "
+                                + ("Delete them and run again to download them afresh." if download else
+                                   f"Copy torchvision's {name} files there, or add --download to fetch them "
+                                   "when online.")) from err
+            # truncated or foreign files fail deep inside the readers
             raise DataError(f"{name}: files under {root_path / folder}/ are corrupt ({type(err).__name__}: "
                             f"{err}). Delete them and download again.") from err
         data = torch.as_tensor(np.asarray(ds.data))
@@ -169,6 +176,35 @@ def _torchvision(name: str, root: str | None, download: bool) -> Dataset:
         splits.append(Split(x.contiguous(), torch.as_tensor(np.asarray(ds.targets)).long()))
     n_classes = 100 if name == "cifar100" else 10
     return Dataset(name, splits[0], splits[1], n_classes)
+
+
+def _download_failed(err: BaseException) -> bool:
+    """True for a download that got no file: no network, a mirror down, a refused or timed-out connection.
+
+    torchvision raises these as they come (CIFAR) or wraps them in RuntimeError("Error downloading ...") after
+    trying every mirror (MNIST, Fashion-MNIST)."""
+    import urllib.error
+
+    while err is not None:
+        if isinstance(err, (urllib.error.URLError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(err, RuntimeError) and str(err).startswith("Error downloading"):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _why_not(err: BaseException) -> str:
+    """The network's own reason on one line ("Name or service not known"), not torchvision's list of mirrors."""
+    import re
+
+    found = re.findall(r"<urlopen error (?:\[Errno [-\d]+\] )?([^>]*)>", str(err))
+    if found:
+        return found[-1]
+    reason = getattr(err, "reason", None)
+    text = str(reason if reason is not None else err).strip()
+    text = re.sub(r"^\[Errno [-\d]+\] ", "", text)
+    return text.splitlines()[-1] if text else type(err).__name__
 
 
 _EMBEDDED_LOCK = threading.Lock()

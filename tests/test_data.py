@@ -159,3 +159,22 @@ def test_embedded_data_is_read_once_per_process_and_each_walk_gets_its_own_tenso
     assert torch.equal(first.train.x, second.train.x) and first.train.x.data_ptr() != second.train.x.data_ptr()
     first.train.x.add_(1)  # a walk that changed its own copy changes nobody else's
     assert torch.equal(data.load_dataset(DataConfig(name="mnist-sample")).train.x, second.train.x)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10"])
+def test_a_download_with_no_network_says_so_on_one_line(tmp_path, monkeypatch, name):
+    """Offline, --download used to be told its files were corrupt (CIFAR) or to add --download (MNIST), over 6 lines."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError) as caught:
+        load_dataset(DataConfig(name, root=str(tmp_path), download=True))
+    message = str(caught.value)
+    assert message.startswith(f"{name}: could not download it into {tmp_path}")
+    assert "(Name or service not known)" in message and "without --download" in message
+    assert "corrupt" not in message and "add --download" not in message and "\n" not in message
