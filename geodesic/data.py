@@ -318,13 +318,26 @@ def mnist_then_fashion(mnist: Dataset, fashion: Dataset) -> tuple[Dataset, Datas
             Dataset(f"{fashion.name}+{mnist.n_classes}", garments(fashion.train), garments(fashion.test), n_classes))
 
 
+def check_protocol(name: str, n_classes: int, protocol: str) -> None:
+    """Refuse (DataError) a new-task protocol this dataset cannot give, before anything is read for task B."""
+    if protocol == "mnist-fashion" and name not in MNIST_NAMES:
+        raise DataError(f"the mnist-fashion protocol starts from MNIST: choose the dataset "
+                        f"{', '.join(MNIST_NAMES)} (got {name})")
+    if protocol in ("split", "split-heads") and n_classes // 2 < 2:
+        raise DataError(f"{name} has {n_classes} classes: splitting them into two tasks needs at least 4 "
+                        "(two per task)")
+    if protocol not in ("mnist-fashion", "permuted", "split", "split-heads"):
+        raise DataError(f"unknown new-task protocol {protocol!r}; known: permuted, split, split-heads, mnist-fashion")
+
+
 def task_pair(dataset: Dataset, protocol: str, seed: int, data=None) -> tuple[Dataset, Dataset]:
     """(task A, task B) for the new-task goal (config.NEW_TASKS). data: the DataConfig `dataset` was loaded with;
     mnist-fashion reads Fashion-MNIST from its root."""
+    check_protocol(dataset.name, dataset.n_classes, protocol)
     if protocol == "mnist-fashion":
-        if dataset.name not in MNIST_NAMES or data is None:
-            raise DataError(f"the mnist-fashion protocol starts from MNIST: choose the dataset "
-                            f"{', '.join(MNIST_NAMES)} (got {dataset.name})")
+        if data is None:
+            raise DataError("the mnist-fashion protocol reads Fashion-MNIST from the DataConfig MNIST was loaded with: "
+                            "pass it as data")
         import dataclasses
 
         try:
@@ -335,14 +348,9 @@ def task_pair(dataset: Dataset, protocol: str, seed: int, data=None) -> tuple[Da
         return mnist_then_fashion(dataset, fashion)
     if protocol == "permuted":
         return dataset, permuted(dataset, seed=10_000 + seed)
-    if protocol in ("split", "split-heads"):
-        half = dataset.n_classes // 2
-        if half < 2:
-            raise DataError(f"{dataset.name} has {dataset.n_classes} classes: splitting them into two tasks needs "
-                            "at least 4 (two per task)")
-        classes = tuple(range(half)), tuple(range(half, dataset.n_classes))
-        tasks = tuple(split_classes(dataset, c, f"{c[0]}-{c[-1]}") for c in classes)
-        if protocol == "split-heads":
-            tasks = tuple(with_own_head(t, c) for t, c in zip(tasks, classes, strict=True))
-        return tasks
-    raise DataError(f"unknown new-task protocol {protocol!r}; known: permuted, split, split-heads, mnist-fashion")
+    half = dataset.n_classes // 2  # split or split-heads (check_protocol refused any other)
+    classes = tuple(range(half)), tuple(range(half, dataset.n_classes))
+    tasks = tuple(split_classes(dataset, c, f"{c[0]}-{c[-1]}") for c in classes)
+    if protocol == "split-heads":
+        tasks = tuple(with_own_head(t, c) for t, c in zip(tasks, classes, strict=True))
+    return tasks

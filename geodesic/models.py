@@ -90,23 +90,32 @@ def _resnet18(in_channels: int, n_classes: int) -> nn.Module:
     return model
 
 
-def build_module(config: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
-    name = config.name
+def check_takes(name: str, input_shape: tuple[int, ...]) -> None:
+    """Refuse (ConfigError) a model that cannot take these inputs: a conv net on flat inputs, or on images that are
+    not square or not 8 to 32 pixels a side. The MLP takes any input (it flattens it)."""
     if name == "mlp":
-        return MLP(int(torch.tensor(input_shape).prod()), tuple(config.hidden), n_classes)
+        return
+    if name not in MODEL_NAMES:
+        raise ConfigError("model", name, ", ".join(MODEL_NAMES))
     if len(input_shape) != 3:
         raise ConfigError("model", name, f"'mlp' for flat inputs of shape {input_shape}; "
                           f"{name} needs images (channels, height, width)")
-    channels, height, width = input_shape
+    _, height, width = input_shape
     if height != width or not 8 <= height <= 32:
         raise ConfigError("model", name, f"{name} is adapted to square images of 8 to 32 pixels; got {height}x{width}")
+
+
+def build_module(config: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    name = config.name
+    check_takes(name, input_shape)
+    if name == "mlp":
+        return MLP(int(torch.tensor(input_shape).prod()), tuple(config.hidden), n_classes)
+    channels, height = input_shape[0], input_shape[1]
     if name == "lenet5":
         return LeNet5(channels, height, n_classes)
     if name in ("vgg11", "vgg16"):
         return _vgg(name, channels, height, n_classes)
-    if name == "resnet18":
-        return _resnet18(channels, n_classes)
-    raise ConfigError("model", name, ", ".join(MODEL_NAMES))
+    return _resnet18(channels, n_classes)
 
 
 @dataclass

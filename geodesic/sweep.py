@@ -167,7 +167,12 @@ def run_sweep(args: argparse.Namespace) -> int:
 def _sweep_into(out: Path, args: argparse.Namespace, cells: list[Cell], backend: str) -> int:
     _check_finished_cells_match(out, cells)
     todo = [c for c in cells if not is_finished(out / "cells" / c.name)]
-    _check_cells(todo)
+    left_out = _leave_out(todo, cells, data_here=backend != "ray")
+    if left_out:
+        names = {c.name for c, _ in left_out}
+        cells, todo = [c for c in cells if c.name not in names], [c for c in todo if c.name not in names]
+        print(f"left out {len(left_out)} cell{'s' * (len(left_out) > 1)} whose settings cannot go together: "
+              + "; ".join(f"{c.name} ({err})" for c, err in left_out), file=sys.stderr)
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -250,36 +255,77 @@ def _check_finished_cells_match(out: Path, cells: list[Cell]) -> None:
                                                                        if len(differ) > 1 else ""))
 
 
-def _check_cells(cells: list[Cell]) -> None:
-    """What a cell's walk would refuse once its data is loaded (a probe larger than its inputs), refused before
-    any cell is walked: found while building, it stopped the sweep with the cells before it half-built."""
+def _problems(cells: list[Cell], data_here: bool) -> list[tuple[Cell, GeodesicError]]:
+    """What each cell's walk would refuse once its data is loaded, found before any cell is walked (found while
+    building, it stopped the sweep with the cells before it half-built): a model that does not take the data's
+    inputs, a new-task protocol the dataset cannot give, a probe larger than its inputs. Data that is not here is
+    raised (DataError) when the cells will walk here (`data_here`); on Ray, whose workers may hold it, it is not
+    checked: the cell's own build will say."""
     from .cli import config_from_args
-    from .data import load_dataset, task_pair
+    from .data import check_protocol, load_dataset, task_pair
     from .errors import DataError
     from .experiment import check_probe
+    from .models import check_takes
 
-    datasets, first_tasks = {}, {}
+    datasets, first_tasks, problems = {}, {}, []
     for cell in cells:
         config = config_from_args(cell.args)
         key = (config.data.name, config.data.root)
         if key not in datasets:
             try:
                 datasets[key] = load_dataset(config.data)
-            except DataError:  # not here (a Ray cluster's workers may hold it): the cell's own build will say
+            except DataError:
+                if data_here:
+                    raise
                 datasets[key] = None
-        if datasets[key] is None:
+        dataset = datasets[key]
+        if dataset is None:
             continue
-        task_a = datasets[key]
+        try:
+            check_takes(config.model.name, dataset.input_shape)
+            if config.goal.kind == "new-task":
+                check_protocol(dataset.name, dataset.n_classes, config.goal.new_task)
+        except GeodesicError as err:
+            problems.append((cell, err))
+            continue
+        task_a = dataset
         if config.goal.kind == "new-task":  # once per protocol and seed: mnist-fashion reads Fashion-MNIST for it
             pair = (*key, config.goal.new_task, config.seed)
             if pair not in first_tasks:
                 try:
-                    first_tasks[pair] = task_pair(datasets[key], config.goal.new_task, config.seed, config.data)[0]
-                except DataError:  # task B's data not here (mnist-fashion), or no such pair: the cell's build says
+                    first_tasks[pair] = task_pair(dataset, config.goal.new_task, config.seed, config.data)[0]
+                except DataError:  # task B's data not here (Fashion-MNIST)
+                    if data_here:
+                        raise
                     first_tasks[pair] = None
             task_a = first_tasks[pair]
-        if task_a is not None:
+        if task_a is None:
+            continue
+        try:
             check_probe(config, task_a)
+        except ConfigError as err:
+            problems.append((cell, err))
+    return problems
+
+
+def _leave_out(todo: list[Cell], cells: list[Cell], data_here: bool) -> list[tuple[Cell, GeodesicError]]:
+    """The cells to leave out of a sweep over datasets, each with why: `--dataset digits,digits-images --model
+    mlp,lenet5` walks the three pairs that go together, not LeNet-5 on flat digits. Anything else a cell would
+    refuse is raised (ConfigError or DataError, exit 2) before any cell is walked: in a sweep that does not vary
+    the dataset, and where every cell of a listed value would be left out (a value that could never be walked)."""
+    problems = _problems(todo, data_here)
+    if not problems:
+        return []
+    varying = {flag for cell in cells for flag in cell.settings}
+    if "dataset" not in varying:
+        raise problems[0][1]
+    names = {c.name for c, _ in problems}
+    for flag in sorted(varying):
+        for cell, err in problems:
+            value = cell.settings.get(flag)
+            if value is not None and not any(c.settings.get(flag) == value for c in cells if c.name not in names):
+                raise err  # e.g. --model mlp,lenet5 with --dataset digits,moons: no cell could walk LeNet-5
+    return problems
 
 
 def walk_cells(cells: list[Cell], out: Path, on_done=None) -> None:

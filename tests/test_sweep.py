@@ -80,6 +80,10 @@ def test_a_mixed_sweep_s_table_and_report_leave_what_a_goal_lacks_empty(tmp_path
     (["--goal", "sparsify,bogus"], "--goal"),  # named as typed, not as the config's field (kind)
     (["--dataset", "digits,nope"], "--dataset"),  # (not name)
     (["--probe-size", "16,5000"], "--probe-size"),  # refused once the data is loaded: before any cell is walked
+    # a model that never fits the data: the MLP cell was walked first, then the sweep stopped (exit 2) at LeNet-5's
+    (["--model", "mlp,lenet5"], "--model"),
+    (["--dataset", "digits,moons", "--model", "mlp,lenet5"], "--model"),  # LeNet-5 fits neither dataset
+    (["--dataset", "digits,digits-images", "--model", "lenet5"], "--model"),  # nor digits, which is listed
 ])
 def test_a_bad_list_exits_2_with_one_line_naming_it(tmp_path, capsys, argv, flag):
     assert main(["sweep", "--goal", "sparsify", "--out", str(tmp_path / "s"), "--quiet", *argv]) == 2
@@ -253,3 +257,23 @@ def test_a_best_cell_is_chosen_within_each_problem_the_sweep_varies():
     best = best_cells(table)
     assert sorted(best["cell"]) == ["c", "h2", "p5", "p9", "s2"]
 
+
+
+def test_a_sweep_over_datasets_leaves_out_the_pairs_that_cannot_go_together(tmp_path, capsys):
+    """--dataset digits,moons --new-task permuted,split: moons has two classes, which cannot be split into two
+    tasks. The sweep walks the three cells that can be walked and says which it left out and why; it used to stop
+    (exit 2) at the moons/split cell after walking the cells before it."""
+    out = tmp_path / "s"
+    assert main(["sweep", "--goal", "new-task", "--dataset", "digits,moons", "--new-task", "permuted,split",
+                 "--n-steps", "3", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["left out 1 cell whose settings cannot go together: dataset-moons_new-task-split (moons has 2 "
+                   "classes: splitting them into two tasks needs at least 4 (two per task))"]
+    table = pd.read_parquet(out / "sweep.parquet")
+    walked = {"dataset-digits_new-task-permuted", "dataset-digits_new-task-split", "dataset-moons_new-task-permuted"}
+    assert set(table["cell"]) == walked and (table["steps"] == 3).all()
+    assert {p.name for p in (out / "cells").iterdir()} == walked
+    capsys.readouterr()
+    assert main(["sweep", "--goal", "new-task", "--dataset", "digits,moons", "--new-task", "permuted,split",
+                 "--n-steps", "3", "--epochs", "2", "--out", str(out)]) == 0  # the rerun: all walked, none again
+    assert "3 cells (0 walked, 3 finished before)" in capsys.readouterr().err
