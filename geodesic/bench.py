@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -364,10 +365,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--device: {err.given!r} is not available: {err.allowed}")
     if any(not 0 <= seed <= MAX_SEED for seed in args.seeds):
         parser.error(f"--seeds: got {args.seeds}; allowed: integers from 0 to {MAX_SEED}")
-    t0 = time.perf_counter()
     chosen = [c for c in cases(args.quick, args.device) if args.only is None or args.only in c.name]
     if not chosen:
         parser.error(f"--only {args.only!r}: no case's name contains it")
+    for flag, path in (("--json", Path(args.json)), ("--markdown", Path(args.markdown))):
+        try:  # before an hour of walks, not after: a path that cannot be written lost every figure
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            parser.error(f"{flag} {path}: cannot make its folder ({err.strerror})")
+        if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            parser.error(f"{flag} {path}: " + ("a folder; give a file's path" if path.is_dir()
+                                               else "not writable here"))
+    t0 = time.perf_counter()
     costs = [] if args.only else [step_cost("mlp", (64,), 10, device=args.device),
              step_cost("lenet5", (1, 28, 28), 10, device=args.device),
              step_cost("vgg11", (3, 32, 32), 10, device=args.device, n_repeats=3 if args.device == "cpu" else 20,
@@ -390,8 +399,6 @@ def main(argv: list[str] | None = None) -> None:
                "step_cost": {"penalty_ratio": costs[0]["penalty_ratio"], "constrained_ratio": costs[0][
                    "constrained_ratio"], "models": costs} if costs else None,
                "seeds": args.seeds, "quick": args.quick, "total_seconds": time.perf_counter() - t0}
-    for path in (args.json, args.markdown):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(payload, indent=2, default=lambda o: float(o) if isinstance(
         o, np.floating) else str(o)))
     table = markdown(rows, costs)

@@ -250,3 +250,20 @@ def test_the_benchmark_refuses_bad_options_at_once_with_one_line(argv, fragment,
         bench.main([*argv, "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")])
     assert exit_.value.code == 2 and fragment in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()  # nothing was run or written
+
+
+def test_the_benchmark_refuses_an_output_it_cannot_write_before_it_walks(capsys, tmp_path):
+    """A --json or --markdown path that cannot be written was found after the last walk, losing every figure."""
+    from geodesic import bench
+
+    (tmp_path / "notes.txt").write_text("mine")
+    for flag, path, fragment in (("--json", tmp_path, "a folder; give a file's path"),
+                                 ("--markdown", tmp_path / "notes.txt" / "b.md", "cannot make its folder")):
+        other = "--markdown" if flag == "--json" else "--json"
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["--only", "digits sparsify 90%", "--seeds", "0", flag, str(path), other,
+                        str(tmp_path / "other")])
+        err = capsys.readouterr()
+        assert exit_.value.code == 2 and f"{flag} {path}: {fragment}" in err.err, err.err
+        assert "seed 0" not in err.out  # refused before the first walk
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "other").exists()
