@@ -24,7 +24,7 @@ from geodesic.config import (
     TrainConfig,
     default_walk,
 )
-from geodesic.data import DATASETS, MNIST_NAMES, TORCHVISION_SETS, is_image_data
+from geodesic.data import DATASETS, IMAGE_VIEWS, MNIST_NAMES, TORCHVISION_SETS, is_image_data
 from geodesic.errors import ConfigError
 from geodesic.guard import KL_BUDGET
 from geodesic.models import MODEL_NAMES
@@ -84,6 +84,10 @@ def init_widgets() -> None:
             notes.append(f"URL parameter {URL_FIELDS[key][0]}={values[key]!r} is not one of {', '.join(allowed)}; "
                          f"{default} used")
             values[key] = default
+    if values["model"] != "mlp" and not is_image_data(values["dataset"]):  # the sidebar offers only the MLP there
+        notes.append(f"URL parameter model={values['model']!r} needs images, and {values['dataset']} is flat; mlp used "
+                     f"(for {values['model']}: dataset={' or '.join(IMAGE_VIEWS)}, or a torchvision set)")
+        values["model"] = "mlp"
     # the tuned values of this goal, step rule and model (conv nets: CONV_WALK_DEFAULTS) where the link gave none
     defaults = _walk_defaults(values["goal"], values["solver"], values["model"])
     values.update({k: v for k, v in defaults.items() if k not in given})
@@ -160,8 +164,50 @@ def error_at(key: str, message: str) -> dict[str, tuple[str, object]]:
 
 
 def errors_for(err: ConfigError) -> dict[str, tuple[str, object]]:
-    """error_at for a refused setting: next to its own control, in that control's words."""
-    return error_at(widget_for(err), message_for(err))
+    """error_at for a refused setting: next to its own control, in that control's words. When the sidebar's own
+    settings were refused, every one it would refuse is there, each next to its control (the engine names the first
+    only: a link with ε = -1 and sparsity 2 showed the second only once the first was put right)."""
+    found = [err]
+    if _widget_error(err):
+        found = sidebar_errors() or found
+    errors = {}
+    for each in found:
+        errors.update(error_at(widget_for(each), message_for(each)))
+    return errors
+
+
+def _widget_error(err: ConfigError) -> bool:
+    try:
+        config_from_widgets()
+    except ConfigError as again:
+        return (again.setting, again.given) == (err.setting, err.given)
+    return False
+
+
+def sidebar_errors() -> list[ConfigError]:
+    """Every setting config_from_widgets refuses, found by putting each refused one back to its default in turn."""
+    ss = st.session_state
+    found, fixed = [], {}
+    for _ in SIDEBAR_KEYS:
+        try:
+            config_from_widgets(fixed)
+            return found
+        except ConfigError as err:
+            key = widget_for(err)
+            found.append(err)
+            default = _default_of(key, {k: fixed.get(k, ss.get(k)) for k in ("goal", "solver", "model")})
+            if key in fixed or default is None:
+                return found  # one that no default puts right (a data folder): the rest waits for it
+            fixed[key] = default
+    return found
+
+
+def _default_of(key: str, chosen: dict):
+    """What a sidebar control holds for a new session with these goal, step rule and model, if it has a default
+    that always holds."""
+    if key in ("step_size", "goal_weight", "restoring_weight", "probe_size", "n_steps"):
+        return _walk_defaults(chosen["goal"], chosen["solver"], chosen["model"])[key]
+    return {"seed": 0, "target_sparsity": 0.9, "memory_size": 500, "device": "auto"}.get(key)
 
 
 def _message(errors: dict[str, tuple[str, object]], key: str) -> None:
@@ -251,9 +297,10 @@ def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None, on
     st.button("Start a new walk with these settings", type="primary", width="stretch", on_click=on_start)
 
 
-def config_from_widgets() -> RunConfig:
-    """The RunConfig the widgets describe; raises ConfigError naming the setting."""
-    ss = st.session_state
+def config_from_widgets(instead: dict | None = None) -> RunConfig:
+    """The RunConfig the widgets describe; raises ConfigError naming the setting. instead: values to read in place
+    of some widgets' (sidebar_errors)."""
+    ss = _Values(st.session_state, instead or {})
     walk = default_walk(ss.goal, ss.solver, model=ss.model, max_step_norm=ss.step_size, goal_weight=ss.goal_weight,
                         restoring_weight=ss.restoring_weight if ss.solver == "constrained" else None,
                         probe_size=ss.probe_size, n_steps=ss.n_steps, adaptive_step=bool(ss.get("auto_step")) or None,
@@ -274,6 +321,19 @@ def config_from_widgets() -> RunConfig:
                                      memory_size=ss.memory_size),
                      walk=walk, data=DataConfig(name=ss.dataset, root=root), model=ModelConfig(name=ss.model),
                      train=TrainConfig(), seed=ss.seed, device=ss.device)
+
+
+class _Values:
+    """Session state with some widgets' values replaced, read as config_from_widgets reads it."""
+
+    def __init__(self, state, instead: dict):
+        self._state, self._instead = state, instead
+
+    def __getattr__(self, key: str):
+        return self._instead[key] if key in self._instead else getattr(self._state, key)
+
+    def get(self, key: str, default=None):
+        return self._instead[key] if key in self._instead else self._state.get(key, default)
 
 
 def widget_for(err: ConfigError) -> str:

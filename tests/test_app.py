@@ -522,6 +522,8 @@ def test_url_reproduces_the_setup_and_teach_mode_hides_controls():
                                        "eps='abc' is not a number"]),
     ({"goal": "connect", "solver": "nope"}, ["solver='nope' is not one of constrained, penalty; constrained used"]),
     ({"dataset": "zzz", "probe": "1.5"}, ["dataset='zzz' is not one of", "probe='1.5' is not a whole number"]),
+    # the sidebar offers only the MLP for flat data: the walk was an MLP's, without a word
+    ({"model": "vgg11"}, ["model='vgg11' needs images, and digits is flat; mlp used (for vgg11: dataset=digits-"]),
 ])
 def test_a_link_with_bad_settings_says_which_and_walks_with_the_defaults(query, fragments):
     at = start(query)
@@ -540,6 +542,26 @@ def test_a_link_with_bad_settings_says_which_and_walks_with_the_defaults(query, 
 def test_a_link_whose_numbers_the_engine_refuses_names_the_field():
     at = start({"eps": "-1"})
     assert any("Step size ε: got -1.0" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_a_link_with_several_refused_numbers_names_every_one_beside_its_control_at_once():
+    """The engine names the first setting it refuses: ε = -1 and sparsity 2 showed the sparsity's message only once
+    ε had been put right and Start pressed again."""
+    at = start({"eps": "-1", "sparsity": "2"})
+    ours = ["Step size ε: got -1.0; allowed: a finite number > 0",
+            "Target sparsity: got 2.0; allowed: a number strictly between 0 and 1"]
+    beside = [e.value for e in at.sidebar.error]
+    assert beside == ours, beside
+    (top,) = [e.value for e in at.main.error]
+    assert top.startswith("No walk yet: 2 settings in the link are not valid") and all(m in top for m in ours), top
+    at.sidebar.number_input(key="step_size").set_value(0.1).run()
+    assert [e.value for e in at.sidebar.error] == ours[1:]  # the one put right is no longer marked
+    button(at, "Start a new walk with these settings").click().run()
+    (top,) = [e.value for e in at.main.error]  # the user's own settings now, not the link's
+    assert top.startswith("No walk yet: 1 setting in the sidebar is not valid") and ours[1] in top, top
+    at.sidebar.number_input(key="target_sparsity").set_value(0.5).run()
+    button(at, "Start a new walk with these settings").click().run()
+    assert not at.error and walker(at).goal.target_sparsity == 0.5
 
 
 PAGES = str(Path(__file__).resolve().parent / "pages_app.py")  # Explore or Runs, by ?page=

@@ -663,6 +663,11 @@ def setup_sidebar() -> None:
         st.warning(message)
     if controls.teach_mode():
         return
+    if s.experiment is None and not s.errors:  # a link whose settings start no walk: marked before they are drawn
+        try:
+            controls.config_from_widgets()
+        except ConfigError as err:
+            s.errors = controls.errors_for(err)
     with st.sidebar:
         device = str(s.experiment.device) if s.experiment else None
         controls.sidebar(s.errors, device, on_start=lambda: replace.request("new"))
@@ -709,7 +714,11 @@ def render() -> None:
             config = controls.config_from_widgets()
         except ConfigError as err:
             s.errors = controls.errors_for(err)
-            st.error(f"The settings in the link are not valid: {controls.message_for(err)}")
+            where = "in the link" if "_url_errors" in st.session_state else "in the sidebar"  # (Start pressed since)
+            messages = [message for message, _ in s.errors.values()]
+            st.error(f"No walk yet: {len(messages)} setting{'s' * (len(messages) > 1)} {where} "
+                     f"{'are' if len(messages) > 1 else 'is'} not valid (each is marked beside its control too):\n\n"
+                     + "\n".join(f"- {m}" for m in messages))
             return
         _start_walk(config)
         if s.experiment is None:
