@@ -84,7 +84,15 @@ def from_tensors(x_train, y_train, x_test, y_test, name: str = "custom", n_class
     task, as the split-heads protocol does); its labels then count from 0 within the head (0..hi-lo-1), and
     n_classes, the network's number of outputs, is at least hi (hi when not given)."""
     xs = [torch.as_tensor(x, dtype=torch.float32) for x in (x_train, x_test)]
-    ys = [torch.as_tensor(y).long() for y in (y_train, y_test)]
+    ys = [torch.as_tensor(y) for y in (y_train, y_test)]
+    for part, x, y in (("train", xs[0], ys[0]), ("test", xs[1], ys[1])):
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:  # every loss along the walk would be NaN: the walk stopped at its first step as "diverged"
+            raise DataError(f"{name}: the {part} inputs hold {bad:,} NaN or infinite value{'s' * (bad > 1)}")
+        if y.is_floating_point() and not bool((torch.isfinite(y) & (y == y.round())).all()):
+            raise DataError(f"{name}: the {part} labels must be whole numbers (class indices); found "
+                            f"{y[~(torch.isfinite(y) & (y == y.round()))][0].item()!r}")  # 0.5 was read as class 0
+    ys = [y.long() for y in ys]
     if len(xs[0]) != len(ys[0]) or len(xs[1]) != len(ys[1]):
         raise DataError(f"{name}: inputs and labels differ in length "
                         f"(train {len(xs[0])} vs {len(ys[0])}, test {len(xs[1])} vs {len(ys[1])})")

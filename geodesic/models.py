@@ -199,6 +199,10 @@ def check_fits(network: Network, params: Params, data, role: str = "") -> None:
             got = value.dtype if isinstance(value, Tensor) else type(value).__name__
             raise CheckpointError(f"weights: {name!r} is {got}; the engine walks float32 weights (its data are "
                                   f"float32): call module.float() before network_from_module")
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:  # (a file's weights are checked so when read: checkpoint.match_params)
+            raise CheckpointError(f"weights: {name!r} holds {bad:,} NaN or infinite value{'s' * (bad > 1)} (of "
+                                  f"{value.numel():,}): these weights cannot be walked")
     x = data.train.x[:2]
     devices = {str(v.device) for v in params.values()}
     if devices != {str(x.device)}:

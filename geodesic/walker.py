@@ -314,8 +314,16 @@ class Walker:
         return point
 
     def run(self, n_steps: int | None = None) -> Iterator[PathPoint]:
-        """Yield up to n_steps new points (default: the config's n_steps), stopping at the goal."""
-        for _ in range(self.config.n_steps if n_steps is None else n_steps):
+        """Yield up to n_steps new points (default: the config's n_steps), stopping at the goal. A count that is not
+        a whole number >= 0 is refused here (ConfigError), not when the first point is asked for (-5 walked none,
+        without a word)."""
+        budget = self.config.n_steps if n_steps is None else n_steps
+        if not isinstance(budget, numbers.Integral) or isinstance(budget, bool) or budget < 0:
+            raise ConfigError("n-steps", budget, "a whole number >= 0")
+        return self._run(int(budget))
+
+    def _run(self, budget: int) -> Iterator[PathPoint]:
+        for _ in range(budget):
             if self.is_done:
                 return
             yield self.step()

@@ -219,6 +219,7 @@ def test_python_api_learns_a_new_task_on_its_own_head():
     ([0, 1], {"head": (2, 4), "n_classes": 3}, "needs at least 4 outputs"),
     ([0, 5], {"n_classes": 3}, "labels must be below n_classes 3"),
     ([-1, 1], {}, "labels must be integers from 0"),
+    ([0.0, 0.5], {}, "the train labels must be whole numbers (class indices); found 0.5"),  # was read as class 0
 ])
 def test_from_tensors_refuses_labels_its_outputs_cannot_score(labels, kwargs, fragment):
     from geodesic.errors import DataError
@@ -275,6 +276,19 @@ def test_the_python_api_refuses_what_it_cannot_walk_saying_what_to_change():
     from geodesic import WalkBatch
 
     refused(ValueError, ["walker 1 is walker 0"], lambda: WalkBatch([walker, walker]))  # stepped twice a step
+    # walked none without a word (a generator checks nothing until its first point is asked for)
+    refused(ConfigError, ["n-steps", "-5", "a whole number >= 0"], lambda: walker.run(-5))
+    refused(ConfigError, ["n-steps", "'10'"], lambda: walker.run("10"))
+    assert list(walker.run(0)) == [] and len(walker.record) == 1
+    # NaN weights or inputs: every loss NaN, the walk stopped at its first step as "diverged"
+    broken = {k: v.clone() for k, v in params.items()}
+    broken["0.weight"][0, 0] = float("nan")
+    refused(CheckpointError, ["weights", "'0.weight'", "1 NaN or infinite value (of 80)"],
+            lambda: Walker(net, broken, goal, WalkConfig(), tasks=goal.tasks))
+    holes = x.clone()
+    holes[3, 1] = float("inf")
+    refused(DataError, ["the train inputs hold 1 NaN or infinite value"],
+            lambda: from_tensors(holes[:200], y[:200], x[200:], y[200:]))
     # what fits still walks, and a Connect whose end weights are a state dict with "module." names is taken
     prefixed = {f"module.{k}": v + 0.1 for k, v in params.items()}
     goal = Connect.for_network(net, params, data, end_params=prefixed)
