@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
@@ -275,6 +276,9 @@ def _run(args: argparse.Namespace, held) -> int:
         status = 130
     finally:
         if bar is not None:
+            if walker.is_done:  # the goal came before the step limit: the bar ends full, not at "15% 297/2000"
+                bar.total = bar.n
+                bar.refresh()
             bar.close()
         summary = summarize(experiment, wall_seconds=time.perf_counter() - t0, stop_at=stop_at)
         store.finish(experiment, summary)
@@ -290,7 +294,9 @@ def _run(args: argparse.Namespace, held) -> int:
             extra += " (not reached; pruned now: " + " ".join(f"{k}={v:.4f}" for k, v in pruned.items()) + ")"
         zeros = f" ({end['zero_weights']:,} of {summary['prunable_weights']:,} weights zero)" \
             if summary["goal"] == "sparsify" else ""
-        print(f"{summary['steps']} steps, {summary['wall_seconds']:.1f} s: test accuracy {line}, "
+        why = re.sub(r" \(\d+ steps\)$", "", summary.get("stop_reason", ""))  # "step limit (30 steps)": counted there
+        why = f" ({why})" if why else ""
+        print(f"{summary['steps']} steps{why}, {summary['wall_seconds']:.1f} s: test accuracy {line}, "
               f"sparsity {end['sparsity']:.3f}{zeros}{extra} -> {out}", file=sys.stderr)
     start, lowest = summary["start"]["test_accuracy"]["A"], summary["min_test_accuracy"]["A"]
     if function_lost(start, lowest):  # as the app says it

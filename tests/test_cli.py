@@ -56,8 +56,19 @@ def test_a_sparsify_run_stopped_short_says_what_pruning_there_keeps(tmp_path):
     short = geodesic("run", "--goal", "sparsify", "--epochs", "10", "--n-steps", "3", "--out", str(tmp_path / "s"))
     assert short.returncode == 0
     line = short.stderr.replace("\r", "\n").strip().splitlines()[-1]
-    assert line.startswith("3 steps") and "sparsity 0.000 (0 of 25,856 weights zero) (not reached; pruned now: A=0." \
-        in line, line
+    assert line.startswith("3 steps (step limit), ") and "sparsity 0.000 (0 of 25,856 weights zero) (not reached; " \
+        "pruned now: A=0." in line, line
+
+
+def test_a_run_that_reaches_its_goal_says_so_and_its_bar_ends_full(tmp_path):
+    """The bar ended at "15%| 297/2000" and the last line did not say why the walk stopped there."""
+    done = geodesic("run", "--goal", "sparsify", "--target-sparsity", "0.3", "--epochs", "10", "--out",
+                    str(tmp_path / "s"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.replace("\r", "\n").strip().splitlines()
+    steps = json.loads((tmp_path / "s" / "summary.json").read_text())["steps"]
+    assert steps < 2000 and lines[-1].startswith(f"{steps} steps (goal reached), "), lines[-1]
+    assert any("100%" in bar and f"{steps}/{steps}" in bar for bar in lines[-3:-1]), lines[-3:]
 
 
 def test_connect_summary_has_both_barriers(tmp_path):
