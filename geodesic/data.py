@@ -151,13 +151,15 @@ def _torchvision(name: str, root: str | None, download: bool) -> Dataset:
     import torchvision
 
     cls_name, folder, mean, std = TORCHVISION_SETS[name]
+    # The way to fetch the files, said in words that hold in the app too (it has no download of its own).
+    fetch = f"`geodesic run --dataset {name} --data-root DIR --download` fetches them when online"
     if root is None:
-        raise DataError(f"{name} needs a data folder: pass root (CLI: --data-root DIR) holding {folder}/, "
-                        "or add --download to fetch it there when online")
+        raise DataError(f"{name} needs a data folder holding {folder}/ with torchvision's files (CLI: --data-root "
+                        f"DIR); {fetch}")
     root_path = Path(root).expanduser()
     if not download and not root_path.is_dir():
         raise DataError(f"{name}: data folder {root_path} does not exist; expected {root_path / folder}/ "
-                        "with torchvision's files, or add --download to fetch them when online")
+                        f"with torchvision's files ({fetch})")
     cls = getattr(torchvision.datasets, cls_name)
     splits = []
     for train in (True, False):
@@ -168,12 +170,11 @@ def _torchvision(name: str, root: str | None, download: bool) -> Dataset:
                 raise DataError(f"{name}: could not download it into {root_path / folder}/ ({_why_not(err)}). "
                                 f"Where this machine has no network, copy torchvision's {name} files there and "
                                 "run without --download.") from err
-            if isinstance(err, RuntimeError):  # torchvision: "Dataset not found or corrupted..."
+            if isinstance(err, RuntimeError):  # torchvision: "Dataset not found or corrupted. You can use ..."
                 raise DataError(f"{name}: could not read {'train' if train else 'test'} files under "
-                                f"{root_path / folder}/ ({err}). "
+                                f"{root_path / folder}/ (missing or damaged). "
                                 + ("Delete them and run again to download them afresh." if download else
-                                   f"Copy torchvision's {name} files there, or add --download to fetch them "
-                                   "when online.")) from err
+                                   f"Copy torchvision's {name} files there ({fetch}).")) from err
             # truncated or foreign files fail deep inside the readers
             raise DataError(f"{name}: files under {root_path / folder}/ are corrupt ({type(err).__name__}: "
                             f"{err}). Delete them and download again.") from err

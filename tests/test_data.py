@@ -102,8 +102,11 @@ def test_cifar_format_loader_reads_pickled_batches(tmp_path, monkeypatch):
 def test_missing_data_folder_says_what_was_expected(tmp_path):
     with pytest.raises(DataError, match="does not exist; expected .*MNIST/raw"):
         load_dataset(DataConfig("mnist", root=str(tmp_path / "nowhere")))
-    with pytest.raises(DataError, match="could not read train files"):
+    with pytest.raises(DataError, match="could not read train files") as caught:
         load_dataset(DataConfig("mnist", root=str(tmp_path)))
+    # torchvision's "You can use download=True" is for its own API: not what a user of the app or the CLI types
+    assert "download=True" not in str(caught.value) and "geodesic run --dataset mnist --data-root DIR --download" \
+        in str(caught.value)
     with pytest.raises(DataError, match="needs a data folder"):
         load_dataset(DataConfig("cifar10"))
 
