@@ -79,13 +79,20 @@ def log_ticks(*series) -> dict:
 FEW_STEPS = 8
 
 
+def few_steps(runs: Runs) -> bool:
+    """Whether the walks' steps span fewer than FEW_STEPS: their step axes are then ticked at every step. A live
+    chart is drawn again from scratch when this changes (live_chart.runs_signature): a walk run from step 0 kept its
+    first figure's tick at every step, a smear of numbers and grid lines, until the walk stopped."""
+    steps = [frame["step"] for _, frame in runs if len(frame)]
+    span = max(s.max() for s in steps) - min(s.min() for s in steps) if steps else 0
+    return span < FEW_STEPS
+
+
 def step_ticks(runs: Runs) -> dict:
     """A step axis's ticks: at whole steps while the axis spans only a few (the first clicks of Step), where Plotly's
     own ticks fell at 0.5, 1.5, ...; Plotly's ticks beyond that (it has no integer-only mode: plotly.py#4697). Steps
     are never negative: a walk at step 0 alone was autoranged from -1 to 1 and showed a step "-1"."""
-    steps = [frame["step"] for _, frame in runs if len(frame)]
-    span = max(s.max() for s in steps) - min(s.min() for s in steps) if steps else 0
-    return {"rangemode": "nonnegative", **({"dtick": 1} if span < FEW_STEPS else {})}
+    return {"rangemode": "nonnegative", **({"dtick": 1} if few_steps(runs) else {})}
 
 
 def accuracy_and_loss(runs: Runs, baselines: dict | None = None) -> go.Figure:

@@ -34,7 +34,7 @@ import plotly
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.charts import column_values
+from app.charts import column_values, few_steps
 
 STATIC = Path(__file__).resolve().parent / "static"
 PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
@@ -286,8 +286,8 @@ def thin_for_drawing(n: int) -> np.ndarray:
 
 def runs_signature(runs: list[tuple[str, pd.DataFrame]], extra: object = None) -> tuple:
     """What a chart of `runs` is built from besides the rows themselves: the walks and their columns, the events
-    (dotted lines), how the tables were thinned, and whatever else the caller passes. While it stays the same,
-    the chart only grows."""
+    (dotted lines), how the tables were thinned, whether the steps span only a few (charts.few_steps: the step
+    axes' ticks), and whatever else the caller passes. While it stays the same, the chart only grows."""
     def events(frame: pd.DataFrame) -> tuple:
         if "event" not in frame:
             return ()
@@ -297,7 +297,7 @@ def runs_signature(runs: list[tuple[str, pd.DataFrame]], extra: object = None) -
     def stride(frame: pd.DataFrame) -> int:
         return int(frame.index[1] - frame.index[0]) if len(frame) > 1 else 1
 
-    return (tuple((label, tuple(f.columns), events(f), stride(f)) for label, f in runs), extra)
+    return (tuple((label, tuple(f.columns), events(f), stride(f)) for label, f in runs), few_steps(runs), extra)
 
 
 def _values(rows: pd.DataFrame, src: dict) -> dict:

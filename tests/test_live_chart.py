@@ -96,6 +96,36 @@ def test_a_walk_of_a_few_steps_is_ticked_at_whole_steps():
     assert 1 not in dticks(charts.accuracy_and_loss([("main", few)], {"curves": {"fine-tuning": curve}}))
 
 
+def test_a_walk_run_from_its_first_steps_is_drawn_again_once_they_are_many_with_plotly_s_own_ticks():
+    """A walk run from step 0 kept its first figure's tick at every step while its new points were appended: at
+    step 238 its step axis was a smear of 238 numbers and grid lines, until the walk stopped."""
+    from app.live_chart import runs_signature, runs_update
+
+    def runs(n: int):
+        f = _frame(n).assign(step_norm=0.1, functional_step=1e-3, euclidean_length=0.1, functional_length=0.01,
+                             step_size=0.1, goal_distance=1.0, sparsity=0.0)
+        return [("main", f)]
+
+    def dticks(message):
+        layout = message["full"]["layout"]
+        return {layout[n].get("dtick") for n in layout if n.startswith("xaxis") and layout[n].get("title", {}).get(
+            "text") != "sparsity (%)"}
+
+    for chart in (charts.accuracy_and_loss, charts.sparsity_and_distance, charts.step_lengths):
+        def update(n, sent, chart=chart):
+            return runs_update(lambda: chart(runs(n)), runs(n), runs_signature(runs(n)), sent)
+
+        first, sent = update(1, None)
+        assert "full" in first and 1 in dticks(first), chart  # a few steps: ticked at each
+        for n in (3, 7):
+            message, sent = update(n, sent)
+            assert "full" not in message and message["ops"], (chart, n)  # only the new points are sent
+        message, sent = update(40, sent)
+        assert "full" in message and 1 not in dticks(message), chart  # drawn again, with Plotly's own ticks
+        message, _ = update(60, sent)
+        assert "full" not in message and message["ops"], chart  # then new points only, again
+
+
 def test_a_walk_at_step_0_shows_no_negative_step():
     """A walk that has not stepped yet is one point at step 0, which Plotly autoranged from -1 to 1: a step "-1"."""
     start = _frame(1).assign(step_norm=0.0, functional_step=0.0, euclidean_length=0.0, functional_length=0.0,
