@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import NEW_TASKS
 from .errors import DataError
 
 TOY_SETS = ("moons", "circles", "spirals")
@@ -335,8 +336,8 @@ def check_protocol(name: str, n_classes: int, protocol: str) -> None:
     if protocol in ("split", "split-heads") and n_classes // 2 < 2:
         raise DataError(f"{name} has {n_classes} classes: splitting them into two tasks needs at least 4 "
                         "(two per task)")
-    if protocol not in ("mnist-fashion", "permuted", "split", "split-heads"):
-        raise DataError(f"unknown new-task protocol {protocol!r}; known: permuted, split, split-heads, mnist-fashion")
+    if protocol not in NEW_TASKS:
+        raise DataError(f"unknown new-task protocol {protocol!r}; known: {', '.join(NEW_TASKS)}")
 
 
 def task_pair(dataset: Dataset, protocol: str, seed: int, data=None) -> tuple[Dataset, Dataset]:
