@@ -167,21 +167,13 @@ def errors_for(err: ConfigError) -> dict[str, tuple[str, object]]:
     """error_at for a refused setting: next to its own control, in that control's words. When the sidebar's own
     settings were refused, every one it would refuse is there, each next to its control (the engine names the first
     only: a link with ε = -1 and sparsity 2 showed the second only once the first was put right)."""
-    found = [err]
-    if _widget_error(err):
-        found = sidebar_errors() or found
+    found = sidebar_errors()  # its first is the sidebar's own first refusal, if err is one
+    if not found or (found[0].setting, found[0].given) != (err.setting, err.given):
+        found = [err]  # refused by the walk's build (a probe larger than the data), not by the sidebar
     errors = {}
     for each in found:
         errors.update(error_at(widget_for(each), message_for(each)))
     return errors
-
-
-def _widget_error(err: ConfigError) -> bool:
-    try:
-        config_from_widgets()
-    except ConfigError as again:
-        return (again.setting, again.given) == (err.setting, err.given)
-    return False
 
 
 def sidebar_errors() -> list[ConfigError]:
