@@ -246,22 +246,49 @@ def step_lengths(runs: Runs) -> go.Figure:
     return _layout(fig, "Large weight moves, small output moves", height=360)
 
 
-def sparsity_and_distance(runs: Runs) -> go.Figure:
-    """Sparsity against accuracy (with prune-now accuracy), and distance to the goal against step."""
+PRUNING_NOW = "pruning-now"  # the current point's pruning curve: restyled in place as the walk moves (live_chart)
+
+
+def pruning_now(pruning: dict) -> dict:
+    """The plotly.js attributes of the current point's pruning curve that change as the walk moves."""
+    return {"y": (100 * np.asarray(pruning["now"])).tolist(), "name": f"step {pruning['step']}, pruned now to each "
+            "sparsity"}
+
+
+def sparsity_and_distance(runs: Runs, pruning: dict | None = None) -> go.Figure:
+    """Accuracy against sparsity, and distance to the goal against step.
+
+    A sparsify walk keeps its weights dense until it arrives (sparsity is exact zeros), so its own points sit at 0%
+    until the last one: pruning (analysis.pruning_curve) adds what the walk changes on the way, the accuracy of the
+    start network and of the current point if pruned now to each sparsity ({levels, start, now, step, target,
+    color}; start or now None while not computed)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs sparsity", "distance to goal"))
+    if pruning is not None:
+        levels = 100 * np.asarray(pruning["levels"])
+        used, of = pruning.get("examples") or (0, 0)
+        if used < of:
+            fig.add_annotation(text=f"pruned: on the first {used:,} of {of:,} test examples", showarrow=False,
+                               xref="x domain", yref="y domain", x=0, y=1.02, xanchor="left", yanchor="bottom",
+                               font=dict(size=10, color="#64748b"))
+        if pruning.get("start") is not None:
+            fig.add_trace(go.Scatter(x=levels, y=100 * np.asarray(pruning["start"]), mode="lines+markers",
+                                     name="start, pruned now to each sparsity", marker=dict(size=4),
+                                     line=dict(color="#64748b", dash="dash")), row=1, col=1)
+        if pruning.get("now") is not None:
+            fig.add_trace(go.Scatter(x=levels, mode="lines+markers", marker=dict(size=4), meta={"side": PRUNING_NOW},
+                                     line=dict(color=PALETTE[pruning.get("color", 0) % len(PALETTE)], width=3),
+                                     **pruning_now(pruning)), row=1, col=1)
+        fig.add_vline(x=100 * pruning["target"], line=dict(color="#94a3b8", dash="dot", width=1), row=1, col=1,
+                      annotation_text="target", annotation_position="bottom left")
     for i, (label, frame) in enumerate(runs):
         color = PALETTE[i % len(PALETTE)]
-        fig.add_trace(go.Scatter(x=100 * frame["sparsity"], y=100 * frame["accuracy/A"], mode="lines+markers",
-                                 name=f"{label}: accuracy", line=dict(color=color), marker=dict(size=3),
+        fig.add_trace(go.Scatter(x=100 * frame["sparsity"], y=100 * frame["accuracy/A"], mode="markers",
+                                 name=f"{label}: accuracy at its sparsity (exact zeros)",
+                                 marker=dict(size=6, color=color, symbol="circle-open"),
                                  meta=source(i, ["sparsity", 100], ["accuracy/A", 100])), row=1, col=1)
-        if "prune_now_accuracy/A" in frame:
-            fig.add_trace(go.Scatter(x=frame["step"], y=100 * frame["prune_now_accuracy/A"],
-                                     name=f"{label}: prune-now accuracy (vs step)", line=dict(color=color, dash="dot"),
-                                     xaxis="x3", visible="legendonly",
-                                     meta=source(i, "step", ["prune_now_accuracy/A", 100])), row=1, col=1)
         fig.add_trace(go.Scatter(x=frame["step"], y=frame["goal_distance"], name=f"{label}: distance",
                                  line=dict(color=color), meta=source(i, "step", "goal_distance")), row=1, col=2)
-    fig.update_xaxes(title_text="sparsity (%)", row=1, col=1)
+    fig.update_xaxes(title_text="sparsity (%)", range=[-3, 103], row=1, col=1)
     fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1)
     fig.update_xaxes(title_text="step", **step_ticks(runs), row=1, col=2)
     fig.update_yaxes(title_text="‖w − target‖ or task-B loss", type="log", row=1, col=2)

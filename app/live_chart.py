@@ -310,27 +310,38 @@ def _values(rows: pd.DataFrame, src: dict) -> dict:
 
 
 def runs_update(build, runs: list[tuple[str, pd.DataFrame]], signature: tuple, sent: dict | None,
-                want_full: object = None) -> tuple[dict, dict]:
+                want_full: object = None, side: dict[str, dict] | None = None) -> tuple[dict, dict]:
     """Like figure_update for a chart of growing tables, without building the figure while only rows are added:
     each trace built by charts.py says where its points come from (`charts.source`), so the new rows of each
-    table become the new points of its traces. build() makes the figure when a full draw is needed."""
+    table become the new points of its traces. build() makes the figure when a full draw is needed.
+
+    side: the plotly.js attributes of small traces that change in place rather than grow ({name: {attribute:
+    value}}, for the trace whose meta is {"side": name}: a curve measured at the current point); one that changed
+    since the last message is restyled, not redrawn with the whole figure."""
+    side = {k: _plain(v) for k, v in (side or {}).items()}
     fast = (sent is not None and sent.get("signature") == signature and want_full == sent["want_full"]
-            and sent.get("sources") is not None)
+            and sent.get("sources") is not None and set(side) == set(sent.get("side", {})))
     if not fast:
         fig = build()
         message, memory = figure_update(fig, None, want_full)
         message["seq"] = memory["seq"] = (sent["seq"] + 1) if sent else 1
-        sources, counts = [], []
-        for trace in fig.data:
-            src = (trace.meta or {}).get("src") if isinstance(trace.meta, dict) else None
+        sources, counts, side_at = [], [], {}
+        for i, trace in enumerate(fig.data):
+            meta = trace.meta if isinstance(trace.meta, dict) else {}
+            src = meta.get("src")
             sources.append(src)
+            if meta.get("side") in side:
+                side_at[meta["side"]] = i
             if src is not None and src.get("last"):
                 counts.append(len(runs[src["run"]][1]) - src["start"])
             else:
                 counts.append(len(trace.x) if src is not None and trace.x is not None else 0)
         return message, {"seq": message["seq"], "signature": signature, "want_full": want_full, "sources": sources,
-                         "counts": counts, "message": message}
+                         "counts": counts, "message": message, "side": side, "side_at": side_at}
     ops, counts = [], list(sent["counts"])
+    for name, values in side.items():
+        if values != sent["side"][name] and name in sent["side_at"]:
+            ops.append({"op": "restyle", "trace": sent["side_at"][name], "update": values})
     for i, src in enumerate(sent["sources"]):
         if src is None:
             continue
@@ -348,7 +359,7 @@ def runs_update(build, runs: list[tuple[str, pd.DataFrame]], signature: tuple, s
         return sent["message"], sent
     seq = sent["seq"] + 1
     message = {"seq": seq, "base": sent["seq"], "ops": ops}
-    return message, {**sent, "seq": seq, "counts": counts, "message": message}
+    return message, {**sent, "seq": seq, "counts": counts, "message": message, "side": side}
 
 
 # -- in the app -----------------------------------------------------------------------------------------------
@@ -359,11 +370,12 @@ def live_plotly_chart(fig: go.Figure, key: str, config: dict | None = None) -> d
 
 
 def live_runs_chart(build, runs: list[tuple[str, pd.DataFrame]], key: str, config: dict | None = None,
-                    extra: object = None) -> dict:
+                    extra: object = None, side: dict[str, dict] | None = None) -> dict:
     """Draw the chart build() makes from `runs` under `key`; while only rows are added to the tables, send their
-    new points without building the figure (extra: anything else the figure depends on)."""
+    new points without building the figure (extra: anything else the figure depends on; side: small traces that
+    change in place, see runs_update)."""
     signature = runs_signature(runs, extra)
-    return _mount(key, config, lambda sent, want_full: runs_update(build, runs, signature, sent, want_full))
+    return _mount(key, config, lambda sent, want_full: runs_update(build, runs, signature, sent, want_full, side))
 
 
 def _mount(key: str, config: dict | None, update) -> dict:

@@ -111,6 +111,7 @@ class AppState:
     basis: PCABasis | None = None  # frozen PCA basis (refit on demand)
     umap: dict | None = None  # last UMAP result {"coords", "steps", "params"}
     spectrum: list[dict] | None = None  # the metric spectra computed, {values, probe, step} each (Metric view)
+    pruning: dict | None = None  # the Overview's pruning curves of a sparsify walk (explore._pruning_curves)
     contour: dict | None = None
     errors: dict[str, tuple] = field(default_factory=dict)  # control -> (message, what it was about): controls.error_at
     notice: str = ""
@@ -153,7 +154,7 @@ def install(experiment: Experiment, baselines=None) -> None:
     elif baselines:
         s.baselines = baselines
     weakref.finalize(s, s.runner.close)  # the session's state is dropped when its page is gone for good
-    s.basis = s.umap = s.spectrum = s.contour = None
+    s.basis = s.umap = s.spectrum = s.contour = s.pruning = None
     s.errors = {}
     # What the live refresh compares with to see the walk or fan stop by itself: the new walk has neither running.
     # Left set, the first refresh "saw" the closed one stop and ran the page again in the middle of the run that

@@ -55,16 +55,65 @@ def spectrum(walker: Walker, probe_size: int = 64, n_eigenvalues: int = 50, step
     point `step` (method.md §7: the spectrum at chosen points; ConfigError for a step whose weights a long path let
     go, see Walker.params_at). BatchNorm statistics are those of that point, recomputed as the walk does."""
     probe = walker.goal.anchor_inputs[:probe_size]
-    if step is not None and not 0 <= step <= walker.n_steps:
-        raise ConfigError("spectrum step", step, f"a step of this walk, 0 to {walker.n_steps}")
-    if step is None or step == walker.n_steps:
-        params, model_fn = walker.params, walker.model_fn
-    else:
-        params, model_fn = walker.params_at(step), walker.model_fn
-        if walker.network.has_batchnorm and walker.bn_inputs is not None:
-            buffers = recompute_batchnorm(walker.network, params, walker.bn_inputs)
-            model_fn = NetworkFunction(walker.network, buffers, head=model_fn.head)
+    params, model_fn = _network_at(walker, step, "spectrum step")
     return PullbackMetric(model_fn, probe, walker.config.metric).spectrum(params, n_eigenvalues)
+
+
+def _network_at(walker: Walker, step: int | None, what: str) -> tuple:
+    """(params, model_fn) of recorded point `step` (None: the current point), BatchNorm statistics recomputed for it
+    as the walk does; ConfigError for a step outside the walk or one whose weights a long path let go."""
+    if step is not None and not 0 <= step <= walker.n_steps:
+        raise ConfigError(what, step, f"a step of this walk, 0 to {walker.n_steps}")
+    if step is None or step == walker.n_steps:
+        return walker.params, walker.model_fn
+    params, model_fn = walker.params_at(step), walker.model_fn
+    if walker.network.has_batchnorm and walker.bn_inputs is not None:
+        buffers = recompute_batchnorm(walker.network, params, walker.bn_inputs)
+        model_fn = NetworkFunction(walker.network, buffers, head=model_fn.head)
+    return params, model_fn
+
+
+def pruning_levels(target_sparsity: float) -> np.ndarray:
+    """The sparsities a pruning curve is measured at: every 5% from 0 to 95%, every 1% beyond 95% up to the target,
+    and the target itself."""
+    top = max(0.95, target_sparsity)
+    fine = np.arange(96, int(np.floor(100 * top + 1e-9)) + 1) / 100
+    return np.unique(np.round(np.r_[np.arange(20) * 0.05, fine, target_sparsity], 6))
+
+
+PRUNING_EXAMPLES = 2000  # test examples a pruning curve is measured on (the first ones): 20 levels of a VGG on the
+# CPU each cost a pass over them, taken on the engine's thread that every walk of a server shares
+
+
+def pruning_curve(walker: Walker, levels: np.ndarray, step: int | None = None,
+                  max_examples: int = PRUNING_EXAMPLES) -> np.ndarray:
+    """Task-A test accuracy of the network at `step` (None: the current point) magnitude-pruned, with no retraining,
+    to each sparsity in `levels` (global over the prunable weights, as the sparsify goal prunes). A sparsify walk
+    keeps its weights dense until it arrives, so its own accuracy against its exact zeros says little on the way;
+    this curve shows what it has changed: how far the network can be pruned now before its accuracy falls (at the
+    start, the one-shot pruning baseline's curve). On the first `max_examples` test examples."""
+    prunable = getattr(walker.goal, "prunable", None) or walker.network.prunable
+    if not prunable:
+        raise ConfigError("model", "one with no prunable weights", "a model with Linear or Conv2d weights")
+    params, model_fn = _network_at(walker, step, "pruning curve step")
+    task = walker.tasks["A"]
+    scored = scored_on(model_fn, task)
+    # One global ranking by |w| for every level: level s prunes the ceil(s·n) smallest, as measures.magnitude_prune
+    # does (ties broken the same way within one ranking), without a top-k per level.
+    flat = torch.cat([params[k].detach().reshape(-1).abs() for k in prunable])
+    rank = torch.empty_like(flat, dtype=torch.long)
+    rank[torch.argsort(flat, stable=True)] = torch.arange(flat.numel(), device=flat.device)
+    out = []
+    for level in levels:
+        n_prune = min(int(np.ceil(float(level) * flat.numel() - 1e-9)), flat.numel())
+        keep = (rank >= n_prune).to(flat.dtype)
+        pruned, start = dict(params), 0
+        for k in prunable:
+            n = params[k].numel()
+            pruned[k] = params[k].detach() * keep[start:start + n].view_as(params[k])
+            start += n
+        out.append(evaluate(scored, pruned, task.test.x[:max_examples], task.test.y[:max_examples])[1])
+    return np.asarray(out)
 
 
 def decision_grid(walker: Walker, resolution: int = 80, padding: float = 0.5) -> dict[str, np.ndarray]:

@@ -150,6 +150,45 @@ def test_every_view_renders_a_walk_with_a_head_per_task():
     assert walker(at).model_fn.head == (0, 5)
 
 
+def test_the_sparsity_chart_shows_how_far_the_start_and_the_current_point_can_be_pruned():
+    """A sparsify walk keeps its weights dense until it arrives, so its accuracy against its exact zeros was a
+    vertical line at 0% and one jump at the end: the chart showed nothing of the walk. It now draws the start's and
+    the current point's accuracy if pruned now to each sparsity (analysis.pruning_curve), the latter following the
+    walk."""
+    import numpy as np
+
+    from geodesic import analysis
+
+    at = start()
+
+    def curves() -> dict:
+        full = at.session_state["_live_chart:sparsity"]["message"]["full"]
+        return {t["name"]: t for t in full["data"] if "pruned now" in t.get("name", "")}
+
+    levels = analysis.pruning_levels(0.9)
+    first = curves()
+    assert list(first) == ["start, pruned now to each sparsity", "step 0, pruned now to each sparsity"]
+    start_curve = analysis.pruning_curve(walker(at), levels, step=0)
+    for curve in first.values():  # at step 0 the current point is the start
+        np.testing.assert_allclose(curve["x"], 100 * levels)
+        np.testing.assert_allclose(curve["y"], 100 * start_curve, atol=1e-4)
+    # the one-shot pruning baseline is the start's curve at the target
+    assert start_curve[np.flatnonzero(np.isclose(levels, 0.9))[0]] == pytest.approx(
+        baselines_when_they_arrive(at)["one_shot_accuracy"], abs=1e-6)
+    at.run()
+    for _ in range(40):
+        button(at, "Step").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    # the current point's curve follows the walk, restyled in place: the chart is not sent again in full
+    message = at.session_state["_live_chart:sparsity"]["message"]
+    assert "full" not in message, message
+    restyled = [op["update"] for op in message["ops"] if "name" in op["update"]]
+    assert [u["name"] for u in restyled] == ["step 40, pruned now to each sparsity"]
+    moved = analysis.pruning_curve(walker(at), levels)
+    np.testing.assert_allclose(restyled[0]["y"], 100 * moved, atol=1e-4)
+    assert not np.allclose(moved, start_curve)  # the walk has changed how the network prunes
+
+
 def test_the_metric_spectrum_at_chosen_steps_is_drawn_beside_the_others():
     """method.md §7: the spectrum at chosen points. It was only at the current point, each one replacing the last."""
     import numpy as np

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from geodesic.config import DataConfig, GoalConfig, RunConfig, TrainConfig, default_walk
+from geodesic.errors import ConfigError
 from geodesic.experiment import build
 from geodesic.measures import magnitude_prune, sparsity
 from geodesic.params import norm, sub
@@ -83,3 +84,33 @@ def test_zero_goal_weight_keeps_the_constrained_walk_still():
 def test_pruning_never_falls_short_of_the_target():
     params = {"w": torch.arange(1.0, 25857.0)}
     assert sparsity(magnitude_prune(params, ("w",), 0.9), ("w",)) >= 0.9
+
+
+def test_pruning_curve_is_magnitude_pruning_at_every_level_without_retraining():
+    """analysis.pruning_curve ranks |w| once for all levels; it must prune exactly what magnitude_prune prunes
+    (the goal's target and the one-shot baseline), ties and rounding included, at the current point and at a
+    recorded step."""
+    import numpy as np
+
+    from geodesic import analysis
+    from geodesic.measures import evaluate
+
+    config = RunConfig(goal=GoalConfig(kind="sparsify", target_sparsity=0.98),
+                       walk=default_walk("sparsify", "constrained", n_steps=5), train=FAST_TRAIN,
+                       data=DataConfig("digits"))
+    walker = build(config).walker
+    start = {k: v.clone() for k, v in walker.params.items()}
+    for _ in walker.run():
+        pass
+    levels = analysis.pruning_levels(0.98)
+    assert levels[0] == 0 and levels[-1] == pytest.approx(0.98) and {0.9, 0.95, 0.96, 0.97} <= set(levels.tolist())
+    assert 0.935 in analysis.pruning_levels(0.935).tolist() and analysis.pruning_levels(0.5)[-1] == pytest.approx(0.95)
+    test = walker.tasks["A"].test
+    for step, params in ((None, walker.params), (0, start)):
+        curve = analysis.pruning_curve(walker, levels, step=step)
+        expected = [evaluate(walker.model_fn, magnitude_prune(params, walker.goal.prunable, s), test.x, test.y)[1]
+                    for s in levels]
+        np.testing.assert_allclose(curve, expected, atol=1e-7)
+    assert curve[0] > 0.9 and curve[-1] < curve[0]  # the start network loses accuracy at 98%
+    with pytest.raises(ConfigError, match="pruning curve step: got 9"):
+        analysis.pruning_curve(walker, levels, step=9)

@@ -257,8 +257,42 @@ def test_a_growing_table_becomes_the_same_points_as_a_rebuilt_figure_without_bui
         for axis in ("x", "y"):
             expected = np.asarray(getattr(charts.sparsity_and_distance(runs(14)).data[op["trace"]], axis))
             np.testing.assert_allclose(list(getattr(old, axis)) + op["update"][axis], expected)
-    assert len(delta["ops"]) == len(full) == 3
+    assert len(delta["ops"]) == len(full) == 2  # the walk's accuracy at its sparsity, its distance
     steps = runs(15)
     steps[0][1].loc[14, "event"] = "step size 0.2 -> 0.1"
     redrawn, _ = runs_update(build(steps), steps, runs_signature(steps), sent)
     assert "full" in redrawn and len(built) == 2  # an event line: the figure is rebuilt
+
+
+def test_a_curve_measured_at_the_current_point_is_restyled_in_place_not_redrawn():
+    """The Overview's pruning curve of the current point changes values, not length, as the walk moves: `side`
+    sends it as a restyle beside the new rows' extensions; the figure is built again only when its shape changes."""
+    from app.live_chart import runs_signature, runs_update
+
+    def runs(n: int):
+        f = _frame(n)
+        f["sparsity"], f["goal_distance"] = 0.0, 3.0 / (1 + f["step"])
+        return [("main", f)]
+
+    def pruning(step: int, now: list[float]) -> dict:
+        return {"levels": [0.0, 0.5, 0.9], "start": [0.9, 0.8, 0.3], "now": now, "step": step, "target": 0.9,
+                "examples": (30, 30)}
+
+    built = []
+
+    def update(n, p, sent):
+        side = {charts.PRUNING_NOW: charts.pruning_now(p)}
+        return runs_update(lambda: built.append(1) or charts.sparsity_and_distance(runs(n), p), runs(n),
+                           runs_signature(runs(n), "same shape"), sent, side=side)
+
+    first, sent = update(10, pruning(9, [0.9, 0.85, 0.5]), None)
+    names = [t["name"] for t in first["full"]["data"]]
+    assert names[:2] == ["start, pruned now to each sparsity", "step 9, pruned now to each sparsity"]
+    delta, sent = update(12, pruning(11, [0.9, 0.88, 0.6]), sent)
+    assert len(built) == 1 and "full" not in delta
+    restyle = [op for op in delta["ops"] if op["op"] == "restyle"]
+    assert restyle == [{"op": "restyle", "trace": 1,
+                        "update": {"y": [90.0, 88.0, 60.0], "name": "step 11, pruned now to each sparsity"}}]
+    assert {op["op"] for op in delta["ops"]} == {"restyle", "extend"}  # the new rows too
+    same, sent = update(12, pruning(11, [0.9, 0.88, 0.6]), sent)
+    assert same is delta  # nothing changed: the same message, which the browser ignores

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
+import weakref
 
 import numpy as np
 import pandas as pd
@@ -100,7 +102,12 @@ def _overview(s, runs) -> None:
     _runs_chart(lambda: charts.accuracy_and_loss(runs, _baseline_overlays(s)), runs, "acc", id(s.baselines))
     goal = s.config.goal.kind
     if goal == "sparsify":
-        _runs_chart(lambda: charts.sparsity_and_distance(runs), runs, "sparsity")
+        pruning = _pruning_curves(s)
+        # the curves' shape in the signature; the current point's curve, as it moves, is restyled (side), not redrawn
+        shape = pruning and (tuple(pruning["levels"]), pruning["target"], pruning["examples"], pruning["color"],
+                             None if pruning["start"] is None else tuple(pruning["start"]), pruning["now"] is None)
+        live_runs_chart(lambda: charts.sparsity_and_distance(runs, pruning), runs, "sparsity", PLOT_CONFIG, shape,
+                        pruning and pruning["now"] is not None and {charts.PRUNING_NOW: charts.pruning_now(pruning)})
     elif goal == "new-task":
         _runs_chart(lambda: charts.per_task_accuracy(runs, s.baselines.get("naive_fine_tune"),
                                                      s.baselines.get("joint_training"),
@@ -111,6 +118,47 @@ def _overview(s, runs) -> None:
         _chart(charts.accuracy_vs_alpha(walks, s.baselines.get("straight_line"), s.baselines.get("matched_line")),
                "alpha")
         _barriers(s)
+
+
+# A running walk's pruning curve is measured again at most this often: on the engine's thread between two steps,
+# about 20 ms for the digits MLP and more for a conv net, and each new curve redraws the chart in full.
+PRUNING_REFRESH_SECONDS = 2.0
+
+
+def _pruning_curves(s) -> dict | None:
+    """The accuracy of the start network and of the current point if pruned now to each sparsity (for the Overview's
+    accuracy-vs-sparsity chart: the walk's own weights stay dense until it arrives), measured once for the start and
+    again for the current point when it has moved (while the walk runs, every PRUNING_REFRESH_SECONDS)."""
+    walker, runner = s.walker, s.runner
+    kept = s.pruning if s.pruning is not None and s.pruning["walker"]() is walker else None
+    try:
+        if kept is None:
+            levels = analysis.pruning_levels(walker.goal.target_sparsity)
+            try:
+                start = runner.call(analysis.pruning_curve, walker, levels, 0)
+            except ConfigError:  # a long path let the start's weights go
+                start = None
+            kept = s.pruning = {"walker": weakref.ref(walker), "levels": levels, "start": start, "now": None,
+                                "step": None, "at": -math.inf, "target": walker.goal.target_sparsity,
+                                "examples": (min(len(walker.tasks["A"].test.y), analysis.PRUNING_EXAMPLES),
+                                             len(walker.tasks["A"].test.y))}
+            if walker.n_steps == 0 and start is not None:  # the current point is the start
+                kept.update(step=0, now=start)
+        due = not runner.is_running or time.monotonic() - kept["at"] >= kept.get("every", PRUNING_REFRESH_SECONDS)
+        if kept["step"] != walker.n_steps and due:
+            def measure():  # the step read where the curve is measured: a running walk moves on meanwhile
+                began = time.perf_counter()
+                return walker.n_steps, analysis.pruning_curve(walker, kept["levels"]), time.perf_counter() - began
+
+            step, now, took = runner.call(measure)
+            # at most a twentieth of the engine's time while the walk runs, however slow the model
+            kept.update(step=step, now=now, at=time.monotonic(),
+                        every=max(PRUNING_REFRESH_SECONDS, 20 * took))
+    except GeodesicError as err:  # not on the chart; the walk itself goes on
+        s.pruning = None
+        st.caption(f"The pruning curves could not be measured: {err}")
+        return None
+    return {**kept, "color": s.active}
 
 
 METRIC_WIDTH = 140  # pixels: three to a row at 820 px with the sidebar open, five from about 1,000 px
