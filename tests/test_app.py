@@ -189,6 +189,30 @@ def test_the_sparsity_chart_shows_how_far_the_start_and_the_current_point_can_be
     assert not np.allclose(moved, start_curve)  # the walk has changed how the network prunes
 
 
+def test_a_slow_models_pruning_curve_is_measured_a_slice_per_refresh(monkeypatch):
+    """A pruning curve of ResNet-18 took 10 s, VGG11's 48 s, on the engine's thread that every walk of the server
+    shares: it is measured a slice per refresh (here one level each), the page refreshing itself until it is drawn."""
+    import numpy as np
+
+    from app.views import explore
+    from geodesic import analysis
+
+    monkeypatch.setattr(explore, "PRUNING_SLICE_SECONDS", 0.0)
+    at = start()
+    state = at.session_state["geodesic"]
+    levels = analysis.pruning_levels(0.9)
+    # a level per run of the page (the run that asks the timer to start is a second one)
+    assert 1 <= len(state.pruning["measuring"]["start"].values) <= 2 and state.pruning["start"] is None
+    for _ in range(len(levels) + 2):
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+    assert not state.pruning["measuring"] and at.session_state["_pruning_pending"] is False
+    np.testing.assert_allclose(state.pruning["start"], analysis.pruning_curve(walker(at), levels, step=0))
+    drawn = at.session_state["_live_chart:sparsity"]["message"]
+    names = [t["name"] for t in drawn["full"]["data"]] if "full" in drawn else []
+    assert "start, pruned now to each sparsity" in names
+
+
 def test_the_metric_spectrum_at_chosen_steps_is_drawn_beside_the_others():
     """method.md §7: the spectrum at chosen points. It was only at the current point, each one replacing the last."""
     import numpy as np

@@ -112,5 +112,15 @@ def test_pruning_curve_is_magnitude_pruning_at_every_level_without_retraining():
                     for s in levels]
         np.testing.assert_allclose(curve, expected, atol=1e-7)
     assert curve[0] > 0.9 and curve[-1] < curve[0]  # the start network loses accuracy at 98%
+    # measured a slice at a time (a slow model must not hold the engine's thread): one level per advance(0), on a
+    # copy of the point, so the walk may move on meanwhile
+    sliced = analysis.PruningCurve(walker, levels)
+    assert not sliced.advance(0) and len(sliced.values) == 1
+    for _ in walker.run(3):
+        pass
+    while not sliced.advance(0):
+        pass
+    np.testing.assert_allclose(sliced.values, analysis.pruning_curve(walker, levels, step=5), atol=1e-7)
+    assert sliced.step == 5 and walker.n_steps == 8
     with pytest.raises(ConfigError, match="pruning curve step: got 9"):
         analysis.pruning_curve(walker, levels, step=9)

@@ -82,10 +82,11 @@ def _chart(fig, key: str) -> None:
     live_plotly_chart(fig, key, PLOT_CONFIG)
 
 
-def _runs_chart(build, runs, key: str, extra: object = None) -> None:
+def _runs_chart(build, runs, key: str, extra: object = None, side: dict | None = None) -> None:
     """A live chart of the walks' tables: while they only grow, their new rows are sent without building the
-    figure (a refresh then costs the server about a millisecond, not the figure's tens)."""
-    live_runs_chart(build, runs, key, PLOT_CONFIG, extra)
+    figure (a refresh then costs the server about a millisecond, not the figure's tens). side: small traces that
+    change in place (live_chart.runs_update)."""
+    live_runs_chart(build, runs, key, PLOT_CONFIG, extra, side)
 
 
 def _baseline_overlays(s) -> dict:
@@ -106,8 +107,8 @@ def _overview(s, runs) -> None:
         # the curves' shape in the signature; the current point's curve, as it moves, is restyled (side), not redrawn
         shape = pruning and (tuple(pruning["levels"]), pruning["target"], pruning["examples"], pruning["color"],
                              None if pruning["start"] is None else tuple(pruning["start"]), pruning["now"] is None)
-        live_runs_chart(lambda: charts.sparsity_and_distance(runs, pruning), runs, "sparsity", PLOT_CONFIG, shape,
-                        pruning and pruning["now"] is not None and {charts.PRUNING_NOW: charts.pruning_now(pruning)})
+        _runs_chart(lambda: charts.sparsity_and_distance(runs, pruning), runs, "sparsity", shape,
+                    pruning and pruning["now"] is not None and {charts.PRUNING_NOW: charts.pruning_now(pruning)})
     elif goal == "new-task":
         _runs_chart(lambda: charts.per_task_accuracy(runs, s.baselines.get("naive_fine_tune"),
                                                      s.baselines.get("joint_training"),
@@ -120,45 +121,59 @@ def _overview(s, runs) -> None:
         _barriers(s)
 
 
-# A running walk's pruning curve is measured again at most this often: on the engine's thread between two steps,
-# about 20 ms for the digits MLP and more for a conv net, and each new curve redraws the chart in full.
+# A running walk's pruning curve is measured again at most this often, and never for more than a twentieth of the
+# time: on the engine's thread between two steps (about 20 ms for the digits MLP, 70 ms for LeNet-5 on
+# digits-images, 10 s for ResNet-18), a slice of PRUNING_SLICE_SECONDS (or one level) per refresh of the page.
 PRUNING_REFRESH_SECONDS = 2.0
+PRUNING_SLICE_SECONDS = 0.1
 
 
 def _pruning_curves(s) -> dict | None:
     """The accuracy of the start network and of the current point if pruned now to each sparsity (for the Overview's
-    accuracy-vs-sparsity chart: the walk's own weights stay dense until it arrives), measured once for the start and
-    again for the current point when it has moved (while the walk runs, every PRUNING_REFRESH_SECONDS)."""
+    accuracy-vs-sparsity chart: the walk's own weights stay dense until it arrives): the start's measured once, the
+    current point's again when it has moved (while the walk runs, every PRUNING_REFRESH_SECONDS at most). A curve
+    being measured (analysis.PruningCurve) advances a slice per refresh; the chart keeps the last one finished."""
     walker, runner = s.walker, s.runner
     kept = s.pruning if s.pruning is not None and s.pruning["walker"]() is walker else None
     try:
         if kept is None:
             levels = analysis.pruning_levels(walker.goal.target_sparsity)
+            n_test = len(walker.tasks["A"].test.y)
+            kept = s.pruning = {"walker": weakref.ref(walker), "levels": levels, "target": walker.goal.target_sparsity,
+                                "examples": (min(n_test, analysis.PRUNING_EXAMPLES), n_test), "start": None,
+                                "now": None, "step": None, "at": -math.inf, "every": PRUNING_REFRESH_SECONDS,
+                                "measuring": {}}
             try:
-                start = runner.call(analysis.pruning_curve, walker, levels, 0)
+                kept["measuring"]["start"] = runner.call(analysis.PruningCurve, walker, levels, 0)
             except ConfigError:  # a long path let the start's weights go
-                start = None
-            kept = s.pruning = {"walker": weakref.ref(walker), "levels": levels, "start": start, "now": None,
-                                "step": None, "at": -math.inf, "target": walker.goal.target_sparsity,
-                                "examples": (min(len(walker.tasks["A"].test.y), analysis.PRUNING_EXAMPLES),
-                                             len(walker.tasks["A"].test.y))}
-            if walker.n_steps == 0 and start is not None:  # the current point is the start
-                kept.update(step=0, now=start)
-        due = not runner.is_running or time.monotonic() - kept["at"] >= kept.get("every", PRUNING_REFRESH_SECONDS)
-        if kept["step"] != walker.n_steps and due:
-            def measure():  # the step read where the curve is measured: a running walk moves on meanwhile
-                began = time.perf_counter()
-                return walker.n_steps, analysis.pruning_curve(walker, kept["levels"]), time.perf_counter() - began
-
-            step, now, took = runner.call(measure)
-            # at most a twentieth of the engine's time while the walk runs, however slow the model
-            kept.update(step=step, now=now, at=time.monotonic(),
-                        every=max(PRUNING_REFRESH_SECONDS, 20 * took))
+                pass
+        measuring = kept["measuring"]
+        due = not runner.is_running or time.monotonic() - kept["at"] >= kept["every"]
+        start = measuring.get("start")
+        if "now" not in measuring and kept["step"] != walker.n_steps and due and (
+                start is None or start.step != walker.n_steps):  # at step 0 the start's curve is the current one
+            measuring["now"] = runner.call(analysis.PruningCurve, walker, kept["levels"])
+        for name, curve in list(measuring.items()):
+            if not curve.done:
+                runner.call(curve.advance, PRUNING_SLICE_SECONDS)
+            if curve.done:
+                del measuring[name]
+                if name == "start":
+                    kept["start"] = curve.values
+                if name == "now" or curve.step == walker.n_steps:
+                    # at most a twentieth of the engine's time while the walk runs, however slow the model
+                    kept.update(now=curve.values, step=curve.step, at=time.monotonic(),
+                                every=max(PRUNING_REFRESH_SECONDS, 20 * curve.seconds))
     except GeodesicError as err:  # not on the chart; the walk itself goes on
         s.pruning = None
         st.caption(f"The pruning curves could not be measured: {err}")
         return None
     return {**kept, "color": s.active}
+
+
+def _measuring(s) -> bool:
+    """A pruning curve of the Overview on show is being measured: the page refreshes until it is drawn."""
+    return bool(s.pruning and s.pruning["measuring"]) and st.session_state.get("view") == "Overview"
 
 
 METRIC_WIDTH = 140  # pixels: three to a row at 820 px with the sidebar open, five from about 1,000 px
@@ -597,6 +612,10 @@ def _live(s) -> None:
         st.session_state["_baselines_pending"] = False
         if not s.runner.is_running:
             st.rerun(scope="app")
+    # A slow model's pruning curve is measured a slice per refresh: start the timer for it, or stop it once drawn.
+    if _measuring(s) != st.session_state.get("_pruning_pending", False) and not (
+            s.runner.is_running or session.fan_running() or pending):
+        st.rerun(scope="app")
 
 
 def _draw(s) -> None:
@@ -793,7 +812,9 @@ def render() -> None:
     # required: clicking the view on show keeps it (it used to deselect it, and the page fell through to Data)
     st.segmented_control("View", available, key="view", required=True, label_visibility="collapsed")
     st.session_state["_baselines_pending"] = session.baselines_pending()
-    live = s.runner.is_running or st.session_state["_baselines_pending"] or session.fan_running()
+    st.session_state["_pruning_pending"] = _measuring(s)
+    live = (s.runner.is_running or st.session_state["_baselines_pending"] or session.fan_running()
+            or st.session_state["_pruning_pending"])
     # What the live refresh compares with to see a walk stop by itself. Set here as well as by Run: a walk running
     # when its tab was reloaded (session.follow_tab) was started by another session, whose flags went with it.
     if s.runner.is_running:
