@@ -24,7 +24,7 @@ from geodesic.config import (
     TrainConfig,
     default_walk,
 )
-from geodesic.data import DATASETS, IMAGE_VIEWS, MNIST_NAMES, TORCHVISION_SETS, is_image_data
+from geodesic.data import DATASETS, IMAGE_VIEWS, MNIST_NAMES, TORCHVISION_SETS, is_image_data, protocol_caveat
 from geodesic.errors import ConfigError
 from geodesic.guard import KL_BUDGET
 from geodesic.models import MODEL_NAMES
@@ -275,6 +275,8 @@ def sidebar(errors: dict[str, tuple[str, object]], device_in_use: str | None, on
                           "classes 10-19 of one head of twenty (dataset mnist-sample or mnist, with Fashion-MNIST's "
                           "files in the data folder)")
         _message(errors, "new_task")
+        if caveat := protocol_caveat(ss.dataset, ss.new_task):
+            st.caption(caveat)
         st.number_input("Memory of task-A inputs", key="memory_size", step=50)
         _message(errors, "memory_size")
     else:

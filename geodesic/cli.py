@@ -166,6 +166,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, held) -> int:
     from .checkpoint import read_tensors
+    from .data import protocol_caveat
     from .experiment import build
     from .store import (
         RunStore,
@@ -215,6 +216,8 @@ def _run(args: argparse.Namespace, held) -> int:
         config = config_from_args(args)
         start_path = Path(args.init) if args.init else None
         stop_at = config.walk.n_steps
+        if config.goal.kind == "new-task" and (caveat := protocol_caveat(config.data.name, config.goal.new_task)):
+            print(f"geodesic: note: {caveat}", file=sys.stderr)
     if args.save_every < 0:
         raise ConfigError("save-every", args.save_every, "an integer >= 0")
 

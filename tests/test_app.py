@@ -213,6 +213,16 @@ def test_a_slow_models_pruning_curve_is_measured_a_slice_per_refresh(monkeypatch
     assert "start, pruned now to each sparsity" in names
 
 
+def test_a_permuted_task_on_two_features_says_what_it_is_beside_the_protocol():
+    from geodesic.data import protocol_caveat
+
+    note = protocol_caveat("moons", "permuted")
+    at = start({"goal": "new-task", "dataset": "moons"})
+    assert note in [c.value for c in at.sidebar.caption]
+    at.sidebar.selectbox(key="dataset").set_value("digits").run()
+    assert note not in [c.value for c in at.sidebar.caption]
+
+
 def test_the_metric_spectrum_at_chosen_steps_is_drawn_beside_the_others():
     """method.md §7: the spectrum at chosen points. It was only at the current point, each one replacing the last."""
     import numpy as np

@@ -278,3 +278,15 @@ def test_the_benchmark_refuses_an_output_it_cannot_write_before_it_walks(capsys,
         assert exit_.value.code == 2 and f"{flag} {path}: {fragment}" in err.err, err.err
         assert "seed 0" not in err.out  # refused before the first walk
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "other").exists()
+
+
+def test_a_permuted_task_on_two_features_says_what_it_is(tmp_path):
+    """With two features "permuted" can only swap them: on circles task B is task A again, on moons and spirals the
+    swapped points fall among the originals with other labels. The run says so; on digits it says nothing."""
+    toy = geodesic("run", "--goal", "new-task", "--dataset", "circles", "--n-steps", "2", "--quiet",
+                   "--out", str(tmp_path / "circles"))
+    assert toy.returncode == 0, toy.stderr
+    assert "geodesic: note: With two features, permuted swaps x and y. On circles" in toy.stderr
+    digits = geodesic("run", "--goal", "new-task", "--n-steps", "2", "--epochs", "5", "--quiet",
+                      "--out", str(tmp_path / "digits"))
+    assert digits.returncode == 0 and "note" not in digits.stderr, digits.stderr

@@ -43,6 +43,21 @@ def test_permuted_task_shuffles_features_with_one_fixed_permutation():
     assert torch.equal(permuted(data, seed=3).test.x, b.test.x)
 
 
+@pytest.mark.parametrize("name", ["moons", "spirals"])
+def test_a_permuted_task_is_never_the_task_itself(name):
+    """Two features have two orders: half the seeds drew the identity, and task B was task A (moons, seed 0: B at
+    A's accuracy before the first step). Every seed now swaps them; on digits the permutations are the ones drawn
+    before (each seed's first draw), so every figure measured on them stands."""
+    data = load_dataset(DataConfig(name))
+    for seed in range(6):
+        b = permuted(data, seed=10_000 + seed)
+        torch.testing.assert_close(b.train.x, data.train.x.flip(1))
+    digits = load_dataset(DataConfig("digits"))
+    for seed in range(3):
+        first = torch.randperm(64, generator=torch.Generator().manual_seed(10_000 + seed))
+        assert torch.equal(permuted(digits, seed=10_000 + seed).test.x, digits.test.x[:, first])
+
+
 def test_split_classes_and_task_pair():
     data = load_dataset(DataConfig("digits"))
     low = split_classes(data, (0, 1, 2, 3, 4), "0-4")
