@@ -66,10 +66,13 @@ def _tasks(frame: pd.DataFrame, prefix: str) -> list[str]:
 # fall at 10^(k·d) (0.0956, 0.1477, ...), and its "D2" ticks write 0.2 as a small "2". Fixed values, so a live chart
 # whose range grows keeps them; how many per decade follows the span of the values at hand, so that a fan from
 # ε = 0.01 to 1000 is not ticked 18 times on a short panel, and ρ = 0.3 (sparsify's default) gets its label.
-def log_ticks(*series) -> dict:
+def log_ticks(*series, mantissas: tuple[int, ...] | None = None) -> dict:
+    """A log axis's ticks for the values in `series`: more in each decade the fewer decades they span (or at
+    `mantissas` × powers of ten, whatever the values)."""
     values = [float(v) for s in series for v in s if v == v and v > 0]  # (v == v: not NaN)
     decades = math.log10(max(values) / min(values)) if values else 0.0
-    mantissas = (1, 2, 3, 5) if decades <= 1 else (1, 2, 5) if decades <= 2.5 else (1,)
+    if mantissas is None:
+        mantissas = (1, 2, 3, 5) if decades <= 1 else (1, 2, 5) if decades <= 2.5 else (1,)
     every = 1 if decades <= 6 else math.ceil(decades / 6)  # powers of ten, every few when they would crowd
     # (from text: 0.3, where 3 * 10.0 ** -1 is 0.30000000000000004)
     vals = [float(f"{m}e{n}") for n in range(-9, 10) if n % every == 0 for m in mantissas]
@@ -291,7 +294,10 @@ def sparsity_and_distance(runs: Runs, pruning: dict | None = None) -> go.Figure:
     fig.update_xaxes(title_text="sparsity (%)", range=[-3, 103], row=1, col=1)
     fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1)
     fig.update_xaxes(title_text="step", **step_ticks(runs), row=1, col=2)
-    fig.update_yaxes(title_text="‖w − target‖ or task-B loss", type="log", row=1, col=2)
+    # Ticks for the decades a walk crosses (1, 2, 5 in each), not the first point's: a live chart keeps the axis it was
+    # first drawn with while the distance falls from about 10 to the tolerance, and Plotly's own ticks then labelled
+    # every digit (10, 9, 8, ... 2, 1, 9, 8, ...) in 250 pixels.
+    fig.update_yaxes(title_text="‖w − target‖ or task-B loss", **log_ticks(mantissas=(1, 2, 5)), row=1, col=2)
     return _layout(fig, "Sparsity and distance to the goal", height=360)
 
 

@@ -296,3 +296,14 @@ def test_a_curve_measured_at_the_current_point_is_restyled_in_place_not_redrawn(
     assert {op["op"] for op in delta["ops"]} == {"restyle", "extend"}  # the new rows too
     same, sent = update(12, pruning(11, [0.9, 0.88, 0.6]), sent)
     assert same is delta  # nothing changed: the same message, which the browser ignores
+
+
+def test_the_distance_axis_is_ticked_for_the_decades_a_walk_crosses_from_its_first_point():
+    """A live chart keeps the axis of its first draw (one point) while the distance falls three decades: Plotly's own
+    log ticks then labelled every digit, 10, 9, 8, ... 1, 9, 8 ..., in 250 pixels. 1, 2 and 5 in each decade now."""
+    f = _frame(1)
+    f["sparsity"], f["goal_distance"] = 0.0, 12.8
+    axis = charts.sparsity_and_distance([("main", f)]).layout.yaxis2
+    assert axis.type == "log" and axis.tickmode == "array"
+    shown = [t for v, t in zip(axis.tickvals, axis.ticktext, strict=True) if 0.01 <= v <= 20]
+    assert shown == ["0.01", "0.02", "0.05", "0.1", "0.2", "0.5", "1", "2", "5", "10", "20"]
