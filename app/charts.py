@@ -254,8 +254,9 @@ PRUNING_NOW = "pruning-now"  # the current point's pruning curve: restyled in pl
 
 def pruning_now(pruning: dict) -> dict:
     """The plotly.js attributes of the current point's pruning curve that change as the walk moves."""
-    return {"y": (100 * np.asarray(pruning["now"])).tolist(), "name": f"step {pruning['step']}, pruned now to each "
-            "sparsity"}
+    walk = f"{pruning['label']}: " if pruning.get("label") else ""
+    return {"y": (100 * np.asarray(pruning["now"])).tolist(),
+            "name": f"{walk}step {pruning['step']}, pruned now to each sparsity"}
 
 
 def sparsity_and_distance(runs: Runs, pruning: dict | None = None) -> go.Figure:

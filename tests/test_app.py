@@ -167,7 +167,7 @@ def test_the_sparsity_chart_shows_how_far_the_start_and_the_current_point_can_be
 
     levels = analysis.pruning_levels(0.9)
     first = curves()
-    assert list(first) == ["start, pruned now to each sparsity", "step 0, pruned now to each sparsity"]
+    assert list(first) == ["start, pruned now to each sparsity", "main: step 0, pruned now to each sparsity"]
     start_curve = analysis.pruning_curve(walker(at), levels, step=0)
     for curve in first.values():  # at step 0 the current point is the start
         np.testing.assert_allclose(curve["x"], 100 * levels)
@@ -183,10 +183,19 @@ def test_the_sparsity_chart_shows_how_far_the_start_and_the_current_point_can_be
     message = at.session_state["_live_chart:sparsity"]["message"]
     assert "full" not in message, message
     restyled = [op["update"] for op in message["ops"] if "name" in op["update"]]
-    assert [u["name"] for u in restyled] == ["step 40, pruned now to each sparsity"]
+    assert [u["name"] for u in restyled] == ["main: step 40, pruned now to each sparsity"]
     moved = analysis.pruning_curve(walker(at), levels)
     np.testing.assert_allclose(restyled[0]["y"], 100 * moved, atol=1e-4)
     assert not np.allclose(moved, start_curve)  # the walk has changed how the network prunes
+    # a branch is the walk that steps now: its curve, in its colour, from the point it branched from
+    at.number_input(key="branch_at").set_value(10).run()
+    button(at, "Branch").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    branched = curves()
+    label = at.session_state["geodesic"].branches[1].label
+    assert list(branched) == ["start, pruned now to each sparsity", f"{label}: step 10, pruned now to each sparsity"]
+    np.testing.assert_allclose(branched[f"{label}: step 10, pruned now to each sparsity"]["y"],
+                               100 * analysis.pruning_curve(walker(at), levels), atol=1e-4)
 
 
 def test_a_slow_models_pruning_curve_is_measured_a_slice_per_refresh(monkeypatch):

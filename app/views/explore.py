@@ -106,7 +106,8 @@ def _overview(s, runs) -> None:
         pruning = _pruning_curves(s)
         # the curves' shape in the signature; the current point's curve, as it moves, is restyled (side), not redrawn
         shape = pruning and (tuple(pruning["levels"]), pruning["target"], pruning["examples"], pruning["color"],
-                             None if pruning["start"] is None else tuple(pruning["start"]), pruning["now"] is None)
+                             pruning["label"], None if pruning["start"] is None else tuple(pruning["start"]),
+                             pruning["now"] is None)
         _runs_chart(lambda: charts.sparsity_and_distance(runs, pruning), runs, "sparsity", shape,
                     pruning and pruning["now"] is not None and {charts.PRUNING_NOW: charts.pruning_now(pruning)})
     elif goal == "new-task":
@@ -168,7 +169,7 @@ def _pruning_curves(s) -> dict | None:
         s.pruning = None
         st.caption(f"The pruning curves could not be measured: {err}")
         return None
-    return {**kept, "color": s.active}
+    return {**kept, "color": s.active, "label": s.branches[s.active].label}
 
 
 def _measuring(s) -> bool:
