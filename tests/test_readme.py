@@ -18,5 +18,7 @@ def test_the_python_api_example_in_the_readme_runs(capsys):
     walker, walkers = scope["walker"], scope["walkers"]
     assert walker.is_done and walker.stop_reason == "goal reached"
     assert len(scope["frame"]) == walker.n_steps + 1
+    before, after = scope["before"], scope["after"]
+    assert len(before) == len(after) == 20 and after[10] == walker.record.last.accuracy["A"]  # 50%: where it ended
     assert all(w.is_done for w in walkers) and len({w.n_steps for w in walkers}) > 1  # ε changes the walk
     assert capsys.readouterr().out.count("\n") == walker.n_steps  # the loop printed every point
