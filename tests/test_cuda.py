@@ -77,6 +77,22 @@ def test_a_walk_on_cuda_keeps_accuracy_and_its_weights_load_on_the_cpu(tmp_path)
     assert last.step == 40 or walker.is_done
     assert last.goal_distance < 0.7 * start.goal_distance  # on its way to the sparse target
     assert last.accuracy["A"] >= start.accuracy["A"] - 0.03
+    # the Overview's pruning curve, on the GPU's weights (a lone walk there steps through CUDA graphs' buffers):
+    # the goal's own magnitude pruning, level by level
+    from geodesic.analysis import PruningCurve, pruning_levels
+    from geodesic.measures import evaluate, magnitude_prune
+
+    levels = pruning_levels(0.9)
+    curve = PruningCurve(walker, levels)
+    if not walker.is_done:
+        walker.step()  # the walk moves on; the curve is of the point it was made at
+    while not curve.advance(0):
+        pass
+    test = walker.tasks["A"].test
+    at_40 = walker.params_at(curve.step)
+    for level, value in zip(levels, curve.values, strict=True):
+        pruned = magnitude_prune(at_40, walker.goal.prunable, level)
+        assert value == pytest.approx(evaluate(walker.model_fn, pruned, test.x, test.y)[1], abs=1e-6)
     save_weights(walker.params, tmp_path / "w.safetensors")
     loaded = read_tensors(tmp_path / "w.safetensors")
     for k, v in walker.params.items():
