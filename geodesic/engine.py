@@ -480,18 +480,20 @@ class Engine:
                     for _, future in self._jobs:
                         future.set_exception(RuntimeError("the engine has stopped"))
                     return
-            if self._run_jobs():
-                continue
+            self._run_jobs()
             self._round()
 
-    def _run_jobs(self) -> bool:
-        ran = False
-        while True:
+    def _run_jobs(self) -> None:
+        """The calls queued now, not those queued while they run: pages that each make a call at every refresh
+        (a pruning curve measured a slice at a time) kept the queue from ever being empty, and no walk stepped
+        until they stopped."""
+        with self._cond:
+            n = len(self._jobs)
+        for _ in range(n):
             with self._cond:
                 if not self._jobs:
-                    return ran
+                    return
                 fn, future = self._jobs.popleft()
-            ran = True
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn())

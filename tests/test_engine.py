@@ -89,6 +89,50 @@ def test_sessions_walk_at_once_through_one_engine(engine):
     assert engine.n_errors == 0
 
 
+def test_pages_measuring_pruning_curves_while_their_walks_run_at_once(engine):
+    """Six sessions on their own threads, as the sparsify Overview does: each runs its walk and, between reads,
+    makes a pruning curve of its current point on the engine's thread and advances it a slice at a time. No error,
+    every walk advanced, and each curve is that of the point it was made at (a copy: the walk moved on). The engine
+    used to serve calls until none was queued: six pages calling back to back kept every walk at step 1."""
+    import numpy as np
+
+    from geodesic.analysis import PruningCurve, pruning_curve, pruning_levels
+
+    walkers = [_walker(seed=i % 2, n_steps=5000) for i in range(6)]
+    levels = pruning_levels(0.9)
+    errors, curves = [], [[] for _ in walkers]
+    barrier = threading.Barrier(len(walkers))
+
+    def session(i):
+        handle = engine.open(walkers[i], session=f"s{i}")
+        try:
+            handle.run()
+            barrier.wait()
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 4:
+                handle.touch()
+                curve = handle.call(PruningCurve, walkers[i], levels)
+                while not handle.call(curve.advance, 0.0):  # one level per call: a slow model's slices
+                    pass
+                curves[i].append(curve)
+            handle.pause()
+            if handle.error:
+                errors.append(handle.error)
+        except Exception as err:  # noqa: BLE001 - what the test counts
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(walkers))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == [] and engine.n_errors == 0
+    assert all(len(c) >= 2 for c in curves), [len(c) for c in curves]
+    for walker, made in zip(walkers, curves, strict=True):
+        steps = [c.step for c in made]
+        assert walker.n_steps > steps[0] and steps[-1] > steps[0], steps  # the walk ran while its curves were made
+        for curve in (made[0], made[-1]):
+            np.testing.assert_allclose(curve.values, pruning_curve(walker, levels, step=curve.step), atol=1e-7)
+
+
 def test_every_running_walk_gets_steps_in_turn():
     """fair_share 'steps': two batchable walks, a penalty walk and a CG walk (never batched), equal steps per
     round."""
