@@ -155,8 +155,15 @@ def _pruning_curves(s) -> dict | None:
                 start is None or start.step != walker.n_steps):  # at step 0 the start's curve is the current one
             measuring["now"] = runner.call(analysis.PruningCurve, walker, kept["levels"])
         for name, curve in list(measuring.items()):
+            # While the walk runs, a slice per refresh. Otherwise no refresh comes (restarting the page's timer for
+            # it reran the page and lost that run's toast): measured now, still a slice per call, so that the
+            # server's other walks step between two slices.
             if not curve.done:
                 runner.call(curve.advance, PRUNING_SLICE_SECONDS)
+            if not curve.done and not runner.is_running:
+                with st.spinner("Measuring the pruning curves: a pass over the test examples for each sparsity"):
+                    while not curve.done and not runner.is_running:
+                        runner.call(curve.advance, PRUNING_SLICE_SECONDS)
             if curve.done:
                 del measuring[name]
                 if name == "start":
@@ -170,11 +177,6 @@ def _pruning_curves(s) -> dict | None:
         st.caption(f"The pruning curves could not be measured: {err}")
         return None
     return {**kept, "color": s.active, "label": s.branches[s.active].label}
-
-
-def _measuring(s) -> bool:
-    """A pruning curve of the Overview on show is being measured: the page refreshes until it is drawn."""
-    return bool(s.pruning and s.pruning["measuring"]) and st.session_state.get("view") == "Overview"
 
 
 METRIC_WIDTH = 140  # pixels: three to a row at 820 px with the sidebar open, five from about 1,000 px
@@ -613,10 +615,6 @@ def _live(s) -> None:
         st.session_state["_baselines_pending"] = False
         if not s.runner.is_running:
             st.rerun(scope="app")
-    # A slow model's pruning curve is measured a slice per refresh: start the timer for it, or stop it once drawn.
-    if _measuring(s) != st.session_state.get("_pruning_pending", False) and not (
-            s.runner.is_running or session.fan_running() or pending):
-        st.rerun(scope="app")
 
 
 def _draw(s) -> None:
@@ -813,9 +811,7 @@ def render() -> None:
     # required: clicking the view on show keeps it (it used to deselect it, and the page fell through to Data)
     st.segmented_control("View", available, key="view", required=True, label_visibility="collapsed")
     st.session_state["_baselines_pending"] = session.baselines_pending()
-    st.session_state["_pruning_pending"] = _measuring(s)
-    live = (s.runner.is_running or st.session_state["_baselines_pending"] or session.fan_running()
-            or st.session_state["_pruning_pending"])
+    live = s.runner.is_running or st.session_state["_baselines_pending"] or session.fan_running()
     # What the live refresh compares with to see a walk stop by itself. Set here as well as by Run: a walk running
     # when its tab was reloaded (session.follow_tab) was started by another session, whose flags went with it.
     if s.runner.is_running:
