@@ -32,6 +32,26 @@ def _wait(predicate, seconds=60.0):
         time.sleep(0.02)
 
 
+def _sessions_at_once(n: int, session) -> list[str]:
+    """session(i) on n threads at once, as Streamlit runs browser sessions; what went wrong in any of them (an
+    exception, or the error its walk stopped with: session returns its handle, paused)."""
+    errors = []
+
+    def run(i):
+        try:
+            handle = session(i)
+            handle.pause()
+            if handle.error:
+                errors.append(handle.error)
+        except Exception as err:  # noqa: BLE001 - what the tests count
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return errors
+
+
 def test_threads_stepping_walks_at_once_do_not_crash():
     """Eight threads each stepping its own walk (what every browser session did before the engine): forward-mode
     AD used to fail here ('no level exists' / 'invalid index', 7 of 8 threads in 5 s)."""
@@ -60,31 +80,23 @@ def test_sessions_walk_at_once_through_one_engine(engine):
     kinds = [(g, s) for g in ("sparsify", "new-task", "connect") for s in ("constrained", "penalty")]
     kinds += [("sparsify", "constrained")] * 2
     walkers = [_walker(g, s) for g, s in kinds]
-    errors, points = [], [0] * len(walkers)
+    points = [0] * len(walkers)
 
     def session(i):
         handle = engine.open(walkers[i], session=f"s{i}")
-        try:
-            if i % 4 == 3:  # a user clicking Step repeatedly
-                for _ in range(5):
-                    assert handle.step_once() is not None, handle.error
-            handle.run()
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 4:
-                handle.touch()
-                frame = handle.walker.record.to_frame()  # what the page reads while the engine appends
-                points[i] = len(frame)
-                time.sleep(0.1)
-            handle.pause()
-            if handle.error:
-                errors.append(handle.error)
-        except Exception as err:  # noqa: BLE001 - what the test counts
-            errors.append(repr(err))
+        if i % 4 == 3:  # a user clicking Step repeatedly
+            for _ in range(5):
+                assert handle.step_once() is not None, handle.error
+        handle.run()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4:
+            handle.touch()
+            frame = handle.walker.record.to_frame()  # what the page reads while the engine appends
+            points[i] = len(frame)
+            time.sleep(0.1)
+        return handle
 
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(walkers))]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert errors == []
+    assert _sessions_at_once(len(walkers), session) == []
     assert all(w.n_steps > 1 for w in walkers), [w.n_steps for w in walkers]
     assert engine.n_errors == 0
 
@@ -100,31 +112,23 @@ def test_pages_measuring_pruning_curves_while_their_walks_run_at_once(engine):
 
     walkers = [_walker(seed=i % 2, n_steps=5000) for i in range(6)]
     levels = pruning_levels(0.9)
-    errors, curves = [], [[] for _ in walkers]
+    curves = [[] for _ in walkers]
     barrier = threading.Barrier(len(walkers))
 
     def session(i):
         handle = engine.open(walkers[i], session=f"s{i}")
-        try:
-            handle.run()
-            barrier.wait()
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 4:
-                handle.touch()
-                curve = handle.call(PruningCurve, walkers[i], levels)
-                while not handle.call(curve.advance, 0.0):  # one level per call: a slow model's slices
-                    pass
-                curves[i].append(curve)
-            handle.pause()
-            if handle.error:
-                errors.append(handle.error)
-        except Exception as err:  # noqa: BLE001 - what the test counts
-            errors.append(repr(err))
+        handle.run()
+        barrier.wait()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4:
+            handle.touch()
+            curve = handle.call(PruningCurve, walkers[i], levels)
+            while not handle.call(curve.advance, 0.0):  # one level per call: a slow model's slices
+                pass
+            curves[i].append(curve)
+        return handle
 
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(walkers))]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert errors == [] and engine.n_errors == 0
+    assert _sessions_at_once(len(walkers), session) == [] and engine.n_errors == 0
     assert all(len(c) >= 2 for c in curves), [len(c) for c in curves]
     for walker, made in zip(walkers, curves, strict=True):
         steps = [c.step for c in made]
